@@ -1,0 +1,334 @@
+"""The `poller` command: parses arguments, calls the library, maps errors to exit codes.
+
+Exit codes: 0 success, 1 a poll or the database failed, 2 a usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import stat
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, NoReturn
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from poller import __version__
+from poller.config import ConfigError, Settings, find_config, load_settings, parse_duration
+from poller.logs import setup_logging
+from poller.pipeline import iso, printable
+from poller.store import StoreError
+
+log = logging.getLogger("poller")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A bad command line or config: exit 2 with this one-paragraph message."""
+
+
+class RuntimeFailure(Exception):
+    """Something outside the config failed (database, network): exit 1 with this message."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"poller: error: {message}\n")
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+def _settings(args: argparse.Namespace) -> tuple[Path, Settings]:
+    path = find_config(args.config)
+    settings = load_settings(path)
+    _warn_if_exposed(path)
+    return path, settings
+
+
+def _warn_if_exposed(path: Path) -> None:
+    """Warn when a config that holds credentials can be read by other users."""
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text("utf-8", "replace").lower()
+    except OSError:
+        return
+    if mode & (stat.S_IRGRP | stat.S_IROTH) and any(
+        marker in text for marker in ("aws_secret_access_key", "secret_access_key", "aws_session_token", "secret =")
+    ):
+        log.warning(
+            "%s looks like it holds credentials and is readable by other users; run `chmod 600 %s` "
+            "(or better, keep credentials in the AWS credential chain, not in the poller config)",
+            path,
+            path,
+        )
+
+
+def _open_store(settings: Settings, *, readonly: bool) -> Any:
+    from poller.store import Store, StoreError, describe_db_error, open_engine
+
+    try:
+        store = Store(open_engine(settings.database.url, readonly=readonly))
+        if readonly and not store.has_schema():
+            raise StoreError(
+                f"database {settings.database.url} has no poller tables yet: run `poller db upgrade` "
+                "or start the daemon"
+            )
+    except StoreError as exc:
+        raise RuntimeFailure(str(exc)) from None
+    except SQLAlchemyError as exc:
+        raise RuntimeFailure(describe_db_error(exc, settings.database.url)) from None
+    return store
+
+
+def _parse_since(text: str) -> datetime:
+    try:
+        return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
+    except ValueError:
+        pass
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(
+            f"--since {text!r}: expected a duration such as 24h or 7d, or a time such as 2026-11-24T10:00:00Z"
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if value.microsecond else iso(value)
+    if isinstance(value, float):
+        return round(value, 1)
+    return value
+
+
+def _emit(rows: list[dict[str, Any]], columns: Sequence[str], fmt: str) -> None:
+    out = sys.stdout
+    cooked = [{c: _cell(row.get(c)) for c in columns} for row in rows]
+    if fmt == "json":
+        json.dump(cooked, out, indent=2, ensure_ascii=False)
+        out.write("\n")
+        return
+    if fmt == "csv":
+        writer = csv.DictWriter(out, fieldnames=list(columns), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(cooked)
+        return
+    text = [[printable("" if v is None else str(v)) for v in row.values()] for row in cooked]
+    widths = [max([len(c)] + [len(r[i]) for r in text]) for i, c in enumerate(columns)]
+    out.write("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip() + "\n")
+    for r in text:
+        out.write("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() + "\n")
+
+
+# --- commands -------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the daemon: migrate, schedule every watch, poll until SIGTERM; SIGHUP reloads the watch list."""
+    from poller.daemon import run_daemon
+
+    path, settings = _settings(args)
+    return run_daemon(path, settings)
+
+
+def cmd_once(args: argparse.Namespace) -> int:
+    """Poll every watch once, record the outcomes, print them; exit 1 if any poll failed."""
+    from poller.pipeline import PollService, Recorder, describe_result, poll_all
+    from poller.probe import Prober, make_client
+    from poller.store import migrate
+    from poller.watchlist import specs_from_settings
+
+    _, settings = _settings(args)
+    store = _open_store(settings, readonly=False)
+    try:
+        migrate(store.engine)
+        specs = specs_from_settings(settings)
+        synced = store.sync_watches(list(specs.values()), datetime.now(UTC))
+        recorder = Recorder(store, settings.database.url)
+        prober = Prober(make_client(settings.s3, settings.schedule.concurrency), settings.s3.conditional)
+        service = PollService(store, prober, recorder, settings.database.url, log_polls=False)
+        results = poll_all(service, list(synced.watches.values()), settings.schedule.concurrency)
+        recorder.close()
+    finally:
+        store.close()
+    failed = 0
+    for result in results:
+        if result is None:
+            failed += 1
+            continue
+        print(describe_result(result))
+        failed += result.outcome == "error"
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate the config; with --probe also send one unconditional HEAD per watch (nothing is written)."""
+    from poller.pipeline import describe_result, probe_all_unrecorded
+    from poller.probe import Prober, Watch, make_client
+
+    path, settings = _settings(args)
+    print(f"{path}: configuration OK, {len(settings.watch)} watches")
+    if not args.probe:
+        return EXIT_OK
+    prober = Prober(make_client(settings.s3, settings.schedule.concurrency), settings.s3.conditional)
+    targets = [Watch(0, w.name, w.bucket, w.key) for w in settings.watch]
+    results = probe_all_unrecorded(prober, targets, settings.schedule.concurrency)
+    for result in results:
+        print(describe_result(result))
+    return EXIT_FAILED if any(r.outcome == "error" for r in results) else EXIT_OK
+
+
+STATUS_COLUMNS = (
+    "name",
+    "bucket",
+    "key",
+    "last_outcome",
+    "etag",
+    "last_modified",
+    "last_polled_at",
+    "consecutive_errors",
+    "last_error",
+)
+POLL_COLUMNS = ("time", "watch", "key", "outcome", "http_status", "etag", "last_modified", "duration_ms", "error")
+CHANGE_COLUMNS = ("time", "watch", "key", "event", "etag", "previous_etag", "last_modified", "version_id", "size")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """One row per watch: last outcome, ETag, Last-Modified, last polled, consecutive errors."""
+    _, settings = _settings(args)
+    store = _open_store(settings, readonly=True)
+    try:
+        rows = store.status()
+    finally:
+        store.close()
+    _emit(rows, STATUS_COLUMNS, args.format)
+    return EXIT_OK
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    """Poll outcomes (or, with --changes, ETag history events), newest first."""
+    _, settings = _settings(args)
+    since = _parse_since(args.since) if args.since else None
+    if args.limit is not None and args.limit < 0:
+        raise UsageError("--limit must be zero or more (0 means no limit)")
+    store = _open_store(settings, readonly=True)
+    try:
+        rows = store.history(watch=args.watch, since=since, changes=args.changes, limit=args.limit or None)
+    finally:
+        store.close()
+    _emit(rows, CHANGE_COLUMNS if args.changes else POLL_COLUMNS, args.format)
+    return EXIT_OK
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    """Create or upgrade the database schema to the newest revision."""
+    from poller.store import migrate
+
+    _, settings = _settings(args)
+    store = _open_store(settings, readonly=False)
+    try:
+        migrate(store.engine)
+    finally:
+        store.close()
+    print(f"database {settings.database.url} is up to date")
+    return EXIT_OK
+
+
+# --- parser ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; each command's docstring is its help."""
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--config",
+        "-c",
+        metavar="PATH",
+        help="config file (default: $POLLER_CONFIG, ./poller.toml, /etc/poller/config.toml)",
+    )
+    common.add_argument(
+        "--log-level",
+        default=os.environ.get("POLLER_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="logging threshold on stderr (default INFO; DEBUG shows every unchanged poll)",
+    )
+    fmt = _Parser(add_help=False)
+    fmt.add_argument("--format", choices=["table", "json", "csv"], default="table", help="output format")
+
+    parser = _Parser(prog="poller", description="Watch S3 objects for changes with conditional HEAD requests.")
+    parser.add_argument("--version", action="version", version=f"poller {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], parents: list[_Parser]) -> Any:
+        doc = (func.__doc__ or "").strip()
+        p = sub.add_parser(name, parents=parents, help=doc.splitlines()[0], description=doc)
+        p.set_defaults(func=func)
+        return p
+
+    add("run", cmd_run, [common])
+    add("once", cmd_once, [common])
+    check = add("check", cmd_check, [common])
+    check.add_argument("--probe", action="store_true", help="also send one HEAD per watch")
+    add("status", cmd_status, [common, fmt])
+    history = add("history", cmd_history, [common, fmt])
+    history.add_argument("watch", nargs="?", metavar="WATCH", help="watch name, or a glob such as 'app-*'")
+    history.add_argument("--since", metavar="WHEN", help="only rows newer than a duration ago (24h, 7d) or a time")
+    history.add_argument(
+        "--changes", action="store_true", help="ETag history events only (first_seen, modified, deleted, created)"
+    )
+    history.add_argument("--limit", type=int, default=100, help="at most this many rows (default 100; 0 = all)")
+    db = sub.add_parser("db", help="database maintenance", description="Database maintenance.")
+    db_sub = db.add_subparsers(dest="db_command", metavar="COMMAND", parser_class=_Parser)
+    db_sub.required = True
+    up = db_sub.add_parser(
+        "upgrade",
+        parents=[common],
+        help=(cmd_db_upgrade.__doc__ or "").strip(),
+        description=(cmd_db_upgrade.__doc__ or "").strip(),
+    )
+    up.set_defaults(func=cmd_db_upgrade)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return int(args.func(args))
+    except (ConfigError, UsageError) as exc:
+        print(f"poller: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except RuntimeFailure as exc:
+        print(f"poller: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except StoreError as exc:
+        print(f"poller: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    except SQLAlchemyError as exc:
+        from poller.store import describe_db_error
+
+        print(f"poller: {describe_db_error(exc, '')}", file=sys.stderr)
+        return EXIT_FAILED
+    except BrokenPipeError:
+        # `poller history | head`: the reader left; that is not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The path of one poll: probe -> batched commit -> (only then) state cache, log line, counters.
+
+A change counts as seen only once its transaction has committed: the in-memory state that
+feeds the next conditional request is updated after the commit, never before, so a failed
+commit means the next poll detects the change again.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from datetime import UTC, datetime
+
+from poller.probe import ObjectState, PollResult, Prober, Watch
+from poller.store import Store, describe_db_error
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 1000
+
+
+class Recorder:
+    """A single writer thread that commits many poll results per transaction."""
+
+    def __init__(self, store: Store, url: str, max_batch: int = MAX_BATCH) -> None:
+        self._store = store
+        self._url = url
+        self._max_batch = max_batch
+        self._queue: queue.SimpleQueue[tuple[PollResult, Future[None]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="poller-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, result: PollResult) -> Future[None]:
+        """Queue a result; the future completes once it is committed (or fails with the reason)."""
+        future: Future[None] = Future()
+        self._queue.put((result, future))
+        return future
+
+    def close(self) -> None:
+        """Commit what is queued, then stop the writer thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            batch: list[tuple[PollResult, Future[None]]] = []
+            if item is None:
+                stopping = True
+            else:
+                batch.append(item)
+            while len(batch) < self._max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            if batch:
+                self._commit(batch)
+
+    def _commit(self, batch: list[tuple[PollResult, Future[None]]]) -> None:
+        try:
+            self._store.record([r for r, _ in batch])
+        except Exception as exc:
+            if len(batch) > 1:
+                # One bad row must not sink the others: retry each on its own.
+                for pair in batch:
+                    self._commit([pair])
+                return
+            batch[0][1].set_exception(exc)
+            return
+        for _, future in batch:
+            future.set_result(None)
+
+
+class Stats:
+    """Outcome counts over the last minute, in one-second buckets (for systemd STATUS=)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._buckets: dict[int, Counter[str]] = {}
+        self._lock = threading.Lock()
+        self.last_error = ""
+
+    def add(self, outcome: str) -> None:
+        second = int(self._clock())
+        with self._lock:
+            self._buckets.setdefault(second, Counter())[outcome] += 1
+
+    def last_minute(self) -> Counter[str]:
+        horizon = int(self._clock()) - 60
+        total: Counter[str] = Counter()
+        with self._lock:
+            for second in [s for s in self._buckets if s <= horizon]:
+                del self._buckets[second]
+            for counts in self._buckets.values():
+                total.update(counts)
+        return total
+
+
+class PollService:
+    """Polls a watch against its committed state and records the result; shared by `run` and `once`."""
+
+    def __init__(self, store: Store, prober: Prober, recorder: Recorder, url: str, log_polls: bool = True) -> None:
+        self.store = store
+        self.log_polls = log_polls
+        self.prober = prober
+        self.recorder = recorder
+        self.url = url
+        self.states: dict[int, ObjectState] = store.load_states()
+        self.stats = Stats()
+
+    def forget(self, watch_id: int) -> None:
+        """Drop the cached state of a watch that was removed or now points at another object."""
+        self.states.pop(watch_id, None)
+
+    def poll(self, watch: Watch) -> PollResult | None:
+        """Probe, commit, then report; returns None when the result could not be committed."""
+        result = self.prober.probe(watch, self.states.get(watch.id))
+        try:
+            self.recorder.submit(result).result()
+        except Exception as exc:
+            reason = describe_db_error(exc, self.url)
+            self.stats.add("error")
+            self.stats.last_error = f"database: {reason}"
+            log.error(
+                "%s %s poll result NOT recorded (%s); any change will be detected again on the next poll",
+                watch.name,
+                printable(watch.url),
+                reason,
+            )
+            return None
+        if result.state is not None:
+            self.states[watch.id] = result.state
+        self.stats.add(result.outcome)
+        if not self.log_polls:
+            return result
+        if result.outcome == "error":
+            self.stats.last_error = f"{watch.name}: {result.error}"
+            log.warning("%s", describe_result(result))
+        elif result.event is not None:
+            log.info("%s", describe_result(result))
+        else:
+            log.debug("%s", describe_result(result))
+        return result
+
+
+def printable(text: str) -> str:
+    """Escape control characters so an S3 key cannot forge or split log lines."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def iso(value: datetime | None) -> str:
+    """UTC ISO-8601 with a Z, seconds precision (for logs and CLI output)."""
+    if value is None:
+        return "-"
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def describe_result(r: PollResult) -> str:
+    """The one-line description of a poll used in logs and by `poller once`."""
+    head = f"{r.watch.name} {printable(r.watch.url)}"
+    ms = f"{r.duration_ms:.0f}ms"
+    if r.outcome == "error":
+        status = f" ({r.http_status})" if r.http_status else ""
+        return f"{head} error{status}: {r.error} {ms}"
+    state = r.state or ObjectState()
+    previous = r.previous or ObjectState()
+    note = f" [{r.note}]" if r.note else ""
+    if r.outcome == "unchanged":
+        return f"{head} unchanged ({r.http_status}) etag={state.etag} {ms}"
+    if r.outcome == "missing":
+        if r.event == "deleted":
+            return f"{head} missing (deleted; was etag {previous.etag}) {ms}"
+        return f"{head} missing (404) {ms}"
+    version = f" version {state.version_id}" if state.version_id else ""
+    tail = f"last-modified {iso(state.last_modified)}{version}{note} {ms}"
+    if r.event == "modified":
+        return f"{head} modified etag {previous.etag} -> {state.etag} {tail}"
+    return f"{head} modified ({r.event.replace('_', ' ') if r.event else 'changed'}) etag {state.etag} {tail}"
+
+
+def poll_all(service: PollService, watches: Sequence[Watch], concurrency: int) -> list[PollResult | None]:
+    """Poll every watch once with ``concurrency`` threads, in the order given."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(watches) or 1))) as pool:
+        return list(pool.map(service.poll, watches))
+
+
+def probe_all_unrecorded(prober: Prober, watches: Sequence[Watch], concurrency: int) -> list[PollResult]:
+    """One unconditional HEAD per watch, nothing recorded (for `poller check --probe`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(watches) or 1))) as pool:
+        return list(pool.map(lambda w: prober.probe(w, None), watches))

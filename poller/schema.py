@@ -1,0 +1,123 @@
+"""Table definitions (design.md section 4): the public schema users query with SQL.
+
+The Alembic revisions in ``migrations/`` create and evolve these tables; this module is the
+SQLAlchemy Core view the code queries through.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.engine import Dialect
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+def to_text(value: datetime) -> str:
+    """ISO-8601 in UTC with offset and fixed precision, so text order is time order."""
+    if value.tzinfo is None:
+        raise ValueError("naive datetime: poller stores only timezone-aware UTC times")
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime stored as ISO-8601 text, readable with plain sqlite3."""
+
+    impl = String(32)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> str | None:
+        return None if value is None else to_text(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        parsed = datetime.fromisoformat(value)
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+watches = Table(
+    "watches",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", Text, nullable=False, unique=True),
+    Column("bucket", Text, nullable=False),
+    Column("key", Text, nullable=False),
+    Column("interval_seconds", Float),
+    Column("cron", Text),
+    Column("active", Boolean, nullable=False, default=True),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+object_state = Table(
+    "object_state",
+    metadata,
+    Column("watch_id", Integer, ForeignKey("watches.id"), primary_key=True),
+    Column("key", Text, primary_key=True),
+    Column("etag", Text),
+    Column("last_modified", UTCDateTime),
+    Column("observed_server_date", UTCDateTime),
+    Column("version_id", Text),
+    Column("size", Integer),
+    Column("present", Boolean),
+    Column("last_polled_at", UTCDateTime),
+    Column("last_outcome", String(16)),
+    Column("consecutive_errors", Integer, nullable=False, default=0),
+    Column("last_error", Text),
+    Column("last_changed_at", UTCDateTime),
+)
+
+polls = Table(
+    "polls",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("watch_id", Integer, ForeignKey("watches.id"), nullable=False),
+    Column("key", Text, nullable=False),
+    Column("polled_at", UTCDateTime, nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("http_status", Integer),
+    Column("etag", Text),
+    Column("last_modified", UTCDateTime),
+    Column("duration_ms", Float),
+    Column("error", Text),
+    Index("ix_polls_watch_id_polled_at", "watch_id", "polled_at"),
+    Index("ix_polls_polled_at", "polled_at"),
+)
+
+etag_history = Table(
+    "etag_history",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("watch_id", Integer, ForeignKey("watches.id"), nullable=False),
+    Column("key", Text, nullable=False),
+    Column("detected_at", UTCDateTime, nullable=False),
+    Column("event", String(16), nullable=False),
+    Column("etag", Text),
+    Column("previous_etag", Text),
+    Column("last_modified", UTCDateTime),
+    Column("version_id", Text),
+    Column("size", Integer),
+    Index("ix_etag_history_watch_id_detected_at", "watch_id", "detected_at"),
+    Index("ix_etag_history_detected_at", "detected_at"),
+)

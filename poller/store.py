@@ -1,0 +1,453 @@
+"""All SQL lives here: open the database, migrate it, and a few verbs over the tables.
+
+Verbs: sync the watch list, load object states, record poll results (one transaction per
+batch, each result all-or-nothing), prune old polls, and read status and history.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, create_engine, event, func, inspect, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+
+from poller.probe import ObjectState, PollResult, Watch
+from poller.schema import etag_history, object_state, polls, watches
+from poller.watchlist import WatchSpec
+
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_MS = 5000
+PRUNE_CHUNK = 5000
+
+
+class StoreError(Exception):
+    """The database cannot be used; the message says what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResult:
+    watches: dict[str, Watch]
+    retargeted: frozenset[int]  # watch ids whose bucket or key changed: their old state was dropped
+
+
+def migrations_dir() -> Path:
+    """The Alembic script directory: packaged in the wheel, or ``migrations/`` beside a checkout."""
+    packaged = Path(str(resources.files("poller"))) / "_migrations"
+    if (packaged / "env.py").is_file():
+        return packaged
+    checkout = Path(__file__).resolve().parent.parent / "migrations"
+    if (checkout / "env.py").is_file():
+        return checkout
+    raise StoreError("the database migrations are missing from this installation; reinstall poller")
+
+
+def open_engine(url: str, *, readonly: bool = False) -> Engine:
+    """An engine with poller's SQLite settings (WAL, busy timeout, foreign keys, explicit BEGIN)."""
+    parsed = make_url(url)
+    is_sqlite = parsed.get_backend_name() == "sqlite"
+    if is_sqlite and parsed.database and parsed.database != ":memory:":
+        path = Path(parsed.database)
+        if readonly and not path.exists():
+            raise StoreError(
+                f"database {path} does not exist yet: start the daemon (poller run) or run "
+                "`poller db upgrade` first, or point [database] url at the daemon's database"
+            )
+        if not path.parent.exists():
+            raise StoreError(f"cannot create database {path}: directory {path.parent} does not exist")
+    engine = create_engine(url, pool_pre_ping=not is_sqlite)
+    if is_sqlite:
+        _configure_sqlite(engine, readonly=readonly)
+    return engine
+
+
+def _configure_sqlite(engine: Engine, *, readonly: bool) -> None:
+    # pysqlite's own transaction handling would make DDL non-transactional and defer BEGIN;
+    # take control of BEGIN (SQLAlchemy's pysqlite docs) and use IMMEDIATE for writers so a
+    # busy database waits busy_timeout instead of failing on lock upgrade.
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        dbapi_conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        dbapi_conn.execute("PRAGMA foreign_keys = ON")
+        if readonly:
+            dbapi_conn.execute("PRAGMA query_only = ON")
+        else:
+            dbapi_conn.execute("PRAGMA journal_mode = WAL")
+            dbapi_conn.execute("PRAGMA synchronous = NORMAL")
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest revision (idempotent)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    with engine.connect() as conn:
+        is_sqlite = conn.dialect.name == "sqlite"
+        if is_sqlite:
+            # A batch migration's DROP would cascade with foreign keys on; the pragma is a no-op
+            # inside a transaction, so set it on the raw connection before BEGIN.
+            conn.connection.driver_connection.execute("PRAGMA foreign_keys = OFF")  # type: ignore[union-attr]
+        try:
+            with conn.begin():
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+                if is_sqlite:
+                    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise StoreError(f"migration left {len(broken)} rows violating foreign keys; rolled back")
+        finally:
+            if is_sqlite:
+                conn.connection.driver_connection.execute("PRAGMA foreign_keys = ON")  # type: ignore[union-attr]
+
+
+def describe_db_error(exc: BaseException, url: str) -> str:
+    """Turn a database exception into a sentence for the operator."""
+    text = str(getattr(exc, "orig", exc))
+    where = _safe_url(url)
+    if "readonly database" in text or "attempt to write" in text:
+        return (
+            f"database {where} is read-only for this user ({text}): a WAL database needs write access to "
+            "its directory even to read; run the command as the daemon's user (e.g. sudo -u poller) "
+            "or grant the group write access to the directory"
+        )
+    if "database is locked" in text:
+        return f"database {where} is locked by another writer ({text}); will retry"
+    if "no such table" in text:
+        return f"database {where} has no poller tables yet: run `poller db upgrade` (or start the daemon)"
+    if "unable to open" in text:
+        return f"cannot open database {where} ({text}): check the path and its directory permissions"
+    if "disk" in text and ("full" in text or "I/O" in text):
+        return f"database {where}: {text}; free space on the disk holding it"
+    return f"database {where}: {text}"
+
+
+def _safe_url(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "(unparseable URL)"
+
+
+class Store:
+    """The verbs the daemon and the CLI use; every SQL statement of poller is in this class."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- watch list -------------------------------------------------------------------
+
+    def sync_watches(self, specs: Sequence[WatchSpec], now: datetime) -> SyncResult:
+        """Make ``watches`` match the config: insert new, update changed, deactivate removed."""
+        wanted = {spec.name: spec for spec in specs}
+        retargeted: set[int] = set()
+        with self._tx() as conn:
+            existing = {row.name: row for row in conn.execute(select(watches))}
+            new_rows = [
+                {
+                    "name": s.name,
+                    "bucket": s.bucket,
+                    "key": s.key,
+                    "interval_seconds": s.interval_seconds,
+                    "cron": s.cron,
+                    "active": True,
+                    "created_at": now,
+                }
+                for name, s in wanted.items()
+                if name not in existing
+            ]
+            if new_rows:
+                conn.execute(watches.insert(), new_rows)
+            for name, row in existing.items():
+                spec = wanted.get(name)
+                if spec is None:
+                    if row.active:
+                        conn.execute(update(watches).where(watches.c.id == row.id).values(active=False))
+                    continue
+                values = {
+                    "bucket": spec.bucket,
+                    "key": spec.key,
+                    "interval_seconds": spec.interval_seconds,
+                    "cron": spec.cron,
+                    "active": True,
+                }
+                if any(getattr(row, k) != v for k, v in values.items()):
+                    conn.execute(update(watches).where(watches.c.id == row.id).values(**values))
+                if (row.bucket, row.key) != (spec.bucket, spec.key):
+                    # Another object now: its old state must not feed conditional requests.
+                    conn.execute(object_state.delete().where(object_state.c.watch_id == row.id))
+                    retargeted.add(row.id)
+            ids = {
+                row.name: row.id
+                for row in conn.execute(select(watches.c.id, watches.c.name).where(watches.c.active.is_(True)))
+            }
+        result = {name: Watch(ids[name], name, s.bucket, s.key) for name, s in wanted.items()}
+        return SyncResult(result, frozenset(retargeted))
+
+    def load_states(self) -> dict[int, ObjectState]:
+        """The committed state of every watched object, keyed by watch id."""
+        query = (
+            select(object_state)
+            .join(watches, watches.c.id == object_state.c.watch_id)
+            .where(object_state.c.key == watches.c.key)
+        )
+        with self.engine.connect() as conn:
+            return {
+                row.watch_id: ObjectState(
+                    etag=row.etag,
+                    last_modified=row.last_modified,
+                    observed_server_date=row.observed_server_date,
+                    version_id=row.version_id,
+                    size=row.size,
+                    present=row.present,
+                )
+                for row in conn.execute(query)
+            }
+
+    # --- recording ------------------------------------------------------------------
+
+    def record(self, results: Sequence[PollResult]) -> None:
+        """Commit poll rows, object states and history events of ``results`` in one transaction."""
+        if not results:
+            return
+        poll_rows, history_rows, ok_states, error_states = [], [], [], []
+        for r in results:
+            state = r.state
+            poll_rows.append(
+                {
+                    "watch_id": r.watch.id,
+                    "key": r.watch.key,
+                    "polled_at": r.polled_at,
+                    "outcome": r.outcome,
+                    "http_status": r.http_status,
+                    "etag": (state or r.previous or ObjectState()).etag,
+                    "last_modified": (state or r.previous or ObjectState()).last_modified,
+                    "duration_ms": round(r.duration_ms, 3),
+                    "error": r.error,
+                }
+            )
+            if state is None:
+                error_states.append(
+                    {
+                        "watch_id": r.watch.id,
+                        "key": r.watch.key,
+                        "last_polled_at": r.polled_at,
+                        "last_outcome": "error",
+                        "consecutive_errors": 1,
+                        "last_error": r.error,
+                    }
+                )
+                continue
+            ok_states.append(
+                {
+                    "watch_id": r.watch.id,
+                    "key": r.watch.key,
+                    "etag": state.etag,
+                    "last_modified": state.last_modified,
+                    "observed_server_date": state.observed_server_date,
+                    "version_id": state.version_id,
+                    "size": state.size,
+                    "present": state.present,
+                    "last_polled_at": r.polled_at,
+                    "last_outcome": r.outcome,
+                    "consecutive_errors": 0,
+                    "last_error": None,
+                    "last_changed_at": r.polled_at if r.event else None,
+                }
+            )
+            if r.event:
+                history_rows.append(
+                    {
+                        "watch_id": r.watch.id,
+                        "key": r.watch.key,
+                        "detected_at": r.polled_at,
+                        "event": r.event,
+                        "etag": state.etag,
+                        "previous_etag": r.previous.etag if r.previous else None,
+                        "last_modified": state.last_modified,
+                        "version_id": state.version_id if state.present else None,
+                        "size": state.size,
+                    }
+                )
+        with self._tx() as conn:
+            conn.execute(polls.insert(), poll_rows)
+            if history_rows:
+                conn.execute(etag_history.insert(), history_rows)
+            if ok_states:
+                stmt = self._insert(object_state)
+                conn.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=[object_state.c.watch_id, object_state.c.key],
+                        set_={
+                            **{
+                                c: stmt.excluded[c]
+                                for c in (
+                                    "etag",
+                                    "last_modified",
+                                    "observed_server_date",
+                                    "version_id",
+                                    "size",
+                                    "present",
+                                    "last_polled_at",
+                                    "last_outcome",
+                                    "consecutive_errors",
+                                    "last_error",
+                                )
+                            },
+                            "last_changed_at": func.coalesce(
+                                stmt.excluded.last_changed_at, object_state.c.last_changed_at
+                            ),
+                        },
+                    ),
+                    ok_states,
+                )
+            if error_states:
+                stmt = self._insert(object_state)
+                conn.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=[object_state.c.watch_id, object_state.c.key],
+                        set_={
+                            "last_polled_at": stmt.excluded.last_polled_at,
+                            "last_outcome": stmt.excluded.last_outcome,
+                            "last_error": stmt.excluded.last_error,
+                            "consecutive_errors": object_state.c.consecutive_errors + 1,
+                        },
+                    ),
+                    error_states,
+                )
+
+    def prune_polls(self, before: datetime) -> int:
+        """Delete poll rows older than ``before`` in short transactions; return how many went."""
+        total = 0
+        while True:
+            with self._tx() as conn:
+                ids = select(polls.c.id).where(polls.c.polled_at < before).limit(PRUNE_CHUNK).scalar_subquery()
+                deleted = conn.execute(polls.delete().where(polls.c.id.in_(ids))).rowcount
+            total += deleted
+            if deleted < PRUNE_CHUNK:
+                return total
+
+    # --- reading --------------------------------------------------------------------
+
+    def status(self) -> list[dict[str, Any]]:
+        """One row per active watch with its latest state."""
+        query = (
+            select(
+                watches.c.name,
+                watches.c.bucket,
+                watches.c.key,
+                object_state.c.last_outcome,
+                object_state.c.etag,
+                object_state.c.last_modified,
+                object_state.c.last_polled_at,
+                object_state.c.consecutive_errors,
+                object_state.c.last_error,
+                object_state.c.last_changed_at,
+            )
+            .select_from(watches)
+            .outerjoin(
+                object_state,
+                and_(object_state.c.watch_id == watches.c.id, object_state.c.key == watches.c.key),
+            )
+            .where(watches.c.active.is_(True))
+            .order_by(watches.c.name)
+        )
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def history(
+        self,
+        *,
+        watch: str | None = None,
+        since: datetime | None = None,
+        changes: bool = False,
+        limit: int | None = 100,
+    ) -> list[dict[str, Any]]:
+        """Poll rows, or ETag history events with ``changes``, newest first."""
+        table = etag_history if changes else polls
+        ts = table.c.detected_at if changes else table.c.polled_at
+        cols = (
+            [
+                ts.label("time"),
+                watches.c.name.label("watch"),
+                watches.c.bucket,
+                table.c.key,
+                table.c.event,
+                table.c.etag,
+                table.c.previous_etag,
+                table.c.last_modified,
+                table.c.version_id,
+                table.c.size,
+            ]
+            if changes
+            else [
+                ts.label("time"),
+                watches.c.name.label("watch"),
+                watches.c.bucket,
+                table.c.key,
+                table.c.outcome,
+                table.c.http_status,
+                table.c.etag,
+                table.c.last_modified,
+                table.c.duration_ms,
+                table.c.error,
+            ]
+        )
+        query = select(*cols).select_from(table).join(watches, watches.c.id == table.c.watch_id)
+        if watch is not None:
+            query = query.where(_name_filter(watch, self.engine.dialect.name))
+        if since is not None:
+            query = query.where(ts >= since)
+        query = query.order_by(ts.desc(), table.c.id.desc())
+        if limit is not None:
+            query = query.limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def counts(self) -> dict[str, int]:
+        """Row counts of the main tables (for status summaries)."""
+        with self.engine.connect() as conn:
+            return {
+                "watches": conn.scalar(select(func.count()).select_from(watches).where(watches.c.active.is_(True)))
+                or 0,
+                "history": conn.scalar(select(func.count()).select_from(etag_history)) or 0,
+            }
+
+    def has_schema(self) -> bool:
+        with self.engine.connect() as conn:
+            return inspect(conn).has_table("watches")
+
+
+def _name_filter(pattern: str, dialect: str) -> Any:
+    """Exact name, or a shell-style glob (``*``, ``?``), always as a bound parameter."""
+    if not any(ch in pattern for ch in "*?"):
+        return watches.c.name == pattern
+    if dialect == "sqlite":
+        # GLOB is case-sensitive, unlike SQLite's LIKE; only "[" needs escaping.
+        return watches.c.name.op("GLOB")(pattern.replace("[", "[[]"))
+    escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return watches.c.name.like(escaped.replace("*", "%").replace("?", "_"), escape="\\")

@@ -1,0 +1,68 @@
+"""The watch list as plain data: build it from settings and diff two versions of it (for reloads)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from poller.config import Settings, watch_interval
+
+
+@dataclass(frozen=True, slots=True)
+class WatchSpec:
+    """A watch as the config describes it: identity (name), target and schedule."""
+
+    name: str
+    bucket: str
+    key: str
+    interval_seconds: float | None
+    cron: str | None
+
+    @property
+    def schedule(self) -> tuple[float | None, str | None]:
+        return (self.interval_seconds, self.cron)
+
+    @property
+    def target(self) -> tuple[str, str]:
+        return (self.bucket, self.key)
+
+
+@dataclass(frozen=True, slots=True)
+class WatchListDiff:
+    """What a reload must do: names to add, remove, reschedule, or point at another object."""
+
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    rescheduled: list[str] = field(default_factory=list)
+    retargeted: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.removed or self.rescheduled or self.retargeted)
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.added)} added, {len(self.removed)} removed, "
+            f"{len(self.rescheduled)} rescheduled, {len(self.retargeted)} retargeted"
+        )
+
+
+def specs_from_settings(settings: Settings) -> dict[str, WatchSpec]:
+    """The configured watches by name, with the default interval applied."""
+    return {w.name: WatchSpec(w.name, w.bucket, w.key, watch_interval(settings, w), w.cron) for w in settings.watch}
+
+
+def diff_watch_lists(old: Mapping[str, WatchSpec], new: Mapping[str, WatchSpec]) -> WatchListDiff:
+    """Compare two watch lists by name; unchanged watches appear in no list (they keep running)."""
+    diff = WatchListDiff()
+    for name, spec in new.items():
+        before = old.get(name)
+        if before is None:
+            diff.added.append(name)
+            continue
+        if before.target != spec.target:
+            diff.retargeted.append(name)
+        if before.schedule != spec.schedule:
+            diff.rescheduled.append(name)
+    diff.removed.extend(name for name in old if name not in new)
+    return diff
