@@ -196,7 +196,8 @@ def make_client(settings: S3Settings, concurrency: int) -> S3Client:
         region_name=settings.region,
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
-        retries={"mode": "standard", "max_attempts": settings.max_attempts},
+        # max_attempts counts every attempt, as in ~/.aws/config; botocore's own key of that name counts retries.
+        retries={"mode": "standard", "total_max_attempts": settings.max_attempts},
         max_pool_connections=max(concurrency + 4, 10),
         s3={"addressing_style": settings.addressing_style},
         user_agent_extra="poller",

@@ -1,0 +1,169 @@
+"""Shared fixtures: a real moto S3 server process on a free loopback port, a bucket per test,
+config files in tmp_path, and helpers that wait on conditions with deadlines (never fixed sleeps)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+
+# A marker secret: tests assert it never reaches logs, the database or CLI output.
+SECRET = "poller-TEST-SECRET-d0n0tl3ak-7f3a9c"
+ACCESS_KEY = "AKIAPOLLERTESTKEY01"
+
+os.environ.update(
+    {
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+)
+for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "POLLER_CONFIG", "NOTIFY_SOCKET", "JOURNAL_STREAM", "WATCHDOG_USEC"):
+    os.environ.pop(_var, None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05, what: str = "") -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A moto server subprocess in server mode on 127.0.0.1."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    endpoint = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"moto server exited: {log.read_text()}")
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    wait_for(up, timeout=30, what="moto server")
+    yield endpoint
+    proc.terminate()
+    proc.wait(10)
+
+
+def make_client(endpoint: str) -> Any:
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}, retries={"mode": "standard", "max_attempts": 1}),
+    )
+
+
+@pytest.fixture(scope="session")
+def s3(s3_endpoint: str) -> Any:
+    return make_client(s3_endpoint)
+
+
+@pytest.fixture
+def bucket(s3: Any) -> str:
+    name = f"t-{uuid.uuid4().hex[:20]}"
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def render_config(sections: dict[str, dict[str, Any]], watches: list[dict[str, Any]]) -> str:
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    for watch in watches:
+        lines.append("[[watch]]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in watch.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+class ConfigFile:
+    """A poller config in tmp_path pointing at the test S3 server and a fresh SQLite file."""
+
+    def __init__(self, path: Path, endpoint: str) -> None:
+        self.path = path
+        self.db = path.parent / "poller.db"
+        self.sections: dict[str, dict[str, Any]] = {
+            "s3": {"endpoint_url": endpoint, "addressing_style": "path", "connect_timeout": "2s",
+                   "read_timeout": "5s", "max_attempts": 2},
+            "database": {"url": f"sqlite:///{self.db}"},
+            "schedule": {"interval": "1s", "concurrency": 8},
+        }
+        self.watches: list[dict[str, Any]] = []
+
+    def write(self, watches: list[dict[str, Any]] | None = None, **sections: dict[str, Any]) -> ConfigFile:
+        if watches is not None:
+            self.watches = watches
+        for name, values in sections.items():
+            self.sections.setdefault(name, {}).update(values)
+        self.path.write_text(render_config(self.sections, self.watches), encoding="utf-8")
+        return self
+
+    @property
+    def url(self) -> str:
+        return str(self.sections["database"]["url"])
+
+
+@pytest.fixture
+def config(tmp_path: Path, s3_endpoint: str) -> ConfigFile:
+    return ConfigFile(tmp_path / "poller.toml", s3_endpoint)
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 60) -> Any:
+    """Run the real `python -m poller` entry point as a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "poller", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )

@@ -1,0 +1,143 @@
+"""Pure logic, no I/O: classification table, request conditions, durations, watch-list diff, trigger."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from poller.config import format_duration, parse_duration
+from poller.daemon import PhasedIntervalTrigger, phase_of
+from poller.probe import Answer, ObjectState, classify, request_conditions
+from poller.watchlist import WatchSpec, diff_watch_lists
+
+T0 = datetime(2026, 11, 24, 10, 0, 3, tzinfo=UTC)
+E1, E2 = '"aaa"', '"bbb"'
+SEEN = ObjectState(etag=E1, last_modified=T0, observed_server_date=T0 + timedelta(seconds=30), size=3, present=True)
+GONE = ObjectState(present=False, observed_server_date=T0)
+
+
+# (name, stored state, answer, outcome, event, needs_full_head) -- design.md section 1, row for row.
+CLASSIFICATION = [
+    ("304 without ETag", SEEN, Answer(304), "unchanged", None, False),
+    ("304 with equal ETag", SEEN, Answer(304, etag=E1), "unchanged", None, False),
+    ("304 with another ETag (same-second overwrite)", SEEN, Answer(304, etag=E2), "modified", "modified", True),
+    ("200 with equal ETag (condition ignored)", SEEN, Answer(200, etag=E1, last_modified=T0), "unchanged", None, False),
+    ("200 with no stored state", None, Answer(200, etag=E1, last_modified=T0), "modified", "first_seen", False),
+    ("200 with another ETag", SEEN, Answer(200, etag=E2, last_modified=T0), "modified", "modified", False),
+    ("200 after a stored 404", GONE, Answer(200, etag=E2, last_modified=T0), "modified", "created", False),
+    ("404, object was present", SEEN, Answer(404), "missing", "deleted", False),
+    ("404, object already absent", GONE, Answer(404), "missing", None, False),
+    ("404, never seen", None, Answer(404), "missing", None, False),
+]
+
+
+@pytest.mark.parametrize(("state", "answer", "outcome", "event", "full"), [c[1:] for c in CLASSIFICATION],
+                         ids=[c[0] for c in CLASSIFICATION])
+def test_classification_table(state, answer, outcome, event, full):
+    verdict = classify(state, answer)
+    assert (verdict.outcome, verdict.event, verdict.needs_full_head) == (outcome, event, full)
+
+
+def test_304_keeps_stored_values_and_advances_the_confirming_date():
+    later = T0 + timedelta(minutes=5)
+    verdict = classify(SEEN, Answer(304, server_date=later))
+    assert verdict.state.etag == E1 and verdict.state.last_modified == T0
+    assert verdict.state.observed_server_date == later
+
+
+def test_200_with_new_state_records_metadata():
+    answer = Answer(200, etag=E2, last_modified=T0, server_date=T0, version_id="v2", size=9)
+    state = classify(SEEN, answer).state
+    assert state == ObjectState(E2, T0, T0, "v2", 9, True)
+
+
+def test_304_to_an_unconditional_request_is_rejected():
+    with pytest.raises(ValueError):
+        classify(None, Answer(304))
+
+
+def test_deleted_state_forgets_the_etag():
+    assert classify(SEEN, Answer(404)).state.etag is None
+
+
+@pytest.mark.parametrize(
+    ("state", "mode", "expected"),
+    [
+        (None, "both", {}),
+        (GONE, "both", {}),
+        (SEEN, "both", {"IfNoneMatch": E1, "IfModifiedSince": T0}),
+        (SEEN, "etag", {"IfNoneMatch": E1}),
+        (SEEN, "timestamp", {"IfModifiedSince": T0}),
+        # Same-second guard: Date within 2 s of Last-Modified -> the timestamp is not safe.
+        (ObjectState(E1, T0, T0 + timedelta(seconds=1), present=True), "both", {"IfNoneMatch": E1}),
+        (ObjectState(E1, T0, T0 + timedelta(seconds=1), present=True), "timestamp", {}),
+        (ObjectState(E1, T0, None, present=True), "both", {"IfNoneMatch": E1}),
+        (ObjectState(E1, T0, T0 + timedelta(seconds=2), present=True), "both", {"IfNoneMatch": E1, "IfModifiedSince": T0}),
+    ],
+)
+def test_request_conditions(state, mode, expected):
+    assert request_conditions(state, mode) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30s", 30), ("5m", 300), ("1h", 3600), ("1d", 86400), ("1h30m", 5400), ("250ms", 0.25), (15, 15), ("2.5s", 2.5)],
+)
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "5", "-5s", "5 s", "5x", "s", "1e999s", True, None, [1]])
+def test_parse_duration_rejects(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_format_duration_round_trips():
+    for seconds in (1, 59, 60, 90, 3600, 86400 + 61):
+        assert parse_duration(format_duration(seconds)) == seconds
+
+
+def spec(name, bucket="b", key="k", interval=60.0, cron=None):
+    return WatchSpec(name, bucket, key, interval, cron)
+
+
+def test_diff_watch_lists():
+    old = {n: spec(n) for n in ("keep", "gone", "slower", "moved")}
+    new = {"keep": spec("keep"), "slower": spec("slower", interval=120.0), "moved": spec("moved", key="k2"),
+           "fresh": spec("fresh")}
+    diff = diff_watch_lists(old, new)
+    assert diff.added == ["fresh"]
+    assert diff.removed == ["gone"]
+    assert diff.rescheduled == ["slower"]
+    assert diff.retargeted == ["moved"]
+    assert diff_watch_lists(new, dict(new)).empty
+
+
+def test_phase_is_stable_and_spread():
+    phases = [phase_of(f"watch-{i}", 60.0) for i in range(1000)]
+    assert phases == [phase_of(f"watch-{i}", 60.0) for i in range(1000)]
+    assert all(0 <= p < 60 for p in phases)
+    # Spread over the interval, not bunched at the start.
+    assert len({int(p) for p in phases}) == 60
+
+
+def test_jitter_never_accumulates():
+    trigger = PhasedIntervalTrigger(60.0, phase=7.0, jitter=10.0)
+    now = datetime(2026, 11, 24, tzinfo=UTC)
+    fire = trigger.get_next_fire_time(None, now)
+    first = fire
+    for _ in range(1000):
+        fire = trigger.get_next_fire_time(fire, fire)
+    drift = (fire - first).total_seconds() - 1000 * 60
+    assert -10 <= drift <= 10
+    assert (first - now).total_seconds() < 60 + 10
+
+
+def test_trigger_without_jitter_is_on_grid():
+    trigger = PhasedIntervalTrigger(30.0, phase=3.0)
+    now = datetime(2026, 11, 24, 0, 0, 4, tzinfo=UTC)
+    fire = trigger.get_next_fire_time(None, now)
+    assert fire == datetime(2026, 11, 24, 0, 0, 33, tzinfo=UTC)
+    assert trigger.get_next_fire_time(fire, fire) == fire + timedelta(seconds=30)
