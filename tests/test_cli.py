@@ -1,0 +1,194 @@
+"""Every command through its real entry point (`python -m poller`) against moto and a real SQLite file."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+from conftest import SECRET, ConfigFile, free_port, run_cli
+
+from poller.cli import build_parser
+
+COMMANDS = [["run"], ["once"], ["check"], ["status"], ["history"], ["db", "upgrade"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_has_help(command):
+    proc = run_cli(*command, "--help")
+    assert proc.returncode == 0
+    assert "--config" in proc.stdout
+    text = proc.stdout.split("options:")[0]
+    assert len(text.strip().splitlines()) >= 3, "the command's docstring is its help"
+
+
+def test_parser_lists_every_documented_command():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    parser = build_parser()
+    choices = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for name in choices:
+        assert f"poller {name}" in readme, f"README does not document `poller {name}`"
+
+
+def test_python_dash_m_and_version():
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("poller ")
+
+
+def test_once_records_and_exit_codes(config: ConfigFile, s3, bucket):
+    s3.put_object(Bucket=bucket, Key="a b+c%.json", Body=b"1")
+    config.write([{"name": "app", "bucket": bucket, "key": "a b+c%.json"}])
+    first = run_cli("once", "--config", str(config.path))
+    assert first.returncode == 0, first.stderr
+    assert "app s3://" in first.stdout and "modified (first seen)" in first.stdout
+    second = run_cli("once", "--config", str(config.path))
+    assert second.returncode == 0 and "unchanged (304)" in second.stdout
+    s3.put_object(Bucket=bucket, Key="a b+c%.json", Body=b"2")
+    third = run_cli("once", "--config", str(config.path))
+    assert third.returncode == 0 and " -> " in third.stdout
+    rows = sqlite3.connect(config.db).execute("SELECT event FROM etag_history ORDER BY id").fetchall()
+    assert rows == [("first_seen",), ("modified",)]
+
+
+def test_once_exits_1_when_a_poll_fails(config: ConfigFile, s3, bucket):
+    s3.put_object(Bucket=bucket, Key="k", Body=b"1")
+    config.write([{"name": "good", "bucket": bucket, "key": "k"},
+                  {"name": "bad", "bucket": "no-such-bucket-here", "key": "k"}])
+    proc = run_cli("once", "--config", str(config.path))
+    assert proc.returncode == 1
+    assert "good" in proc.stdout and "bucket not found" in proc.stdout
+    status = run_cli("status", "--config", str(config.path), "--format", "json")
+    by_name = {r["name"]: r for r in json.loads(status.stdout)}
+    assert by_name["bad"]["consecutive_errors"] == 1 and by_name["good"]["last_outcome"] == "modified"
+
+
+def test_once_against_unreachable_endpoint(config: ConfigFile, tmp_path):
+    config.write([{"name": "x", "bucket": "b", "key": "k"}],
+                 s3={"endpoint_url": f"http://127.0.0.1:{free_port()}", "max_attempts": 1})
+    proc = run_cli("once", "--config", str(config.path))
+    assert proc.returncode == 1 and "cannot connect" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_history_formats_and_filters(config: ConfigFile, s3, bucket):
+    s3.put_object(Bucket=bucket, Key="k", Body=b"1")
+    config.write([{"name": "app-config", "bucket": bucket, "key": "k"},
+                  {"name": "other", "bucket": bucket, "key": "missing"}])
+    assert run_cli("once", "--config", str(config.path)).returncode == 0
+    args = ["--config", str(config.path)]
+    table = run_cli("history", *args)
+    assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:4] == ["time", "watch", "key", "outcome"]
+    as_json = json.loads(run_cli("history", "app-config", "--format", "json", *args).stdout)
+    assert [r["watch"] for r in as_json] == ["app-config"]
+    assert as_json[0]["time"].endswith("Z") and as_json[0]["outcome"] == "modified"
+    changes = list(csv.DictReader(io.StringIO(run_cli("history", "--changes", "--format", "csv", *args).stdout)))
+    assert [(r["watch"], r["event"]) for r in changes] == [("app-config", "first_seen")]
+    assert json.loads(run_cli("history", "app-*", "--since", "1h", "--format", "json", *args).stdout)
+    assert json.loads(run_cli("history", "--since", "2999-01-01T00:00:00Z", "--format", "json", *args).stdout) == []
+    assert len(json.loads(run_cli("history", "--limit", "1", "--format", "json", *args).stdout)) == 1
+    bad = run_cli("history", "--since", "yesterday", *args)
+    assert bad.returncode == 2 and "--since" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_status_and_history_before_any_database(config: ConfigFile):
+    config.write([{"name": "x", "bucket": "b", "key": "k"}])
+    proc = run_cli("status", "--config", str(config.path))
+    assert proc.returncode == 1 and "poller db upgrade" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_db_upgrade(config: ConfigFile):
+    config.write([])
+    proc = run_cli("db", "upgrade", "--config", str(config.path))
+    assert proc.returncode == 0, proc.stderr
+    tables = {r[0] for r in sqlite3.connect(config.db).execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"watches", "object_state", "polls", "etag_history", "alembic_version"} <= tables
+
+
+def test_check_and_probe(config: ConfigFile, s3, bucket):
+    s3.put_object(Bucket=bucket, Key="k", Body=b"1")
+    config.write([{"name": "x", "bucket": bucket, "key": "k"}])
+    ok = run_cli("check", "--config", str(config.path))
+    assert ok.returncode == 0 and "configuration OK, 1 watches" in ok.stdout
+    probe = run_cli("check", "--probe", "--config", str(config.path))
+    assert probe.returncode == 0 and '"' in probe.stdout
+    assert not config.db.exists(), "check must not write history"
+
+
+def test_config_env_lookup_and_override(config: ConfigFile, s3, bucket, tmp_path):
+    s3.put_object(Bucket=bucket, Key="k", Body=b"1")
+    config.write([{"name": "x", "bucket": bucket, "key": "k"}])
+    other_db = tmp_path / "env.db"
+    proc = run_cli("once", env={"POLLER_CONFIG": str(config.path), "POLLER_DATABASE__URL": f"sqlite:///{other_db}"})
+    assert proc.returncode == 0, proc.stderr
+    assert other_db.exists() and not config.db.exists()
+
+
+CONFIG_ERRORS = [
+    # (toml, expected fragments)
+    ('[[watch]]\nbucket = "b"\nkey = "k"\nbogus = 1\n', ["watch #1", "'b/k'", "bogus", "unknown key"]),
+    ('[[watch]]\nname = "a"\nbucket = "b"\nkey = "k"\n[[watch]]\nname = "a"\nbucket = "b"\nkey = "k2"\n',
+     ["watch #2", "'a'", "name", "duplicate"]),
+    ('[[watch]]\nname = "neg"\nbucket = "b"\nkey = "k"\ninterval = "-5s"\n', ["watch #1", "'neg'", "interval"]),
+    ('[[watch]]\nname = "zero"\nbucket = "b"\nkey = "k"\ninterval = 0\n', ["watch #1", "'zero'", "interval",
+                                                                          "greater than zero"]),
+    ('[[watch]]\nname = "e"\nbucket = ""\nkey = "k"\n', ["watch #1", "'e'", "bucket", "empty"]),
+    ('[[watch]]\nname = "e"\nbucket = "b"\nkey = ""\n', ["watch #1", "'e'", "key", "empty"]),
+    ('[[watch]]\nname = "c"\nbucket = "b"\nkey = "k"\ncron = "61 * * * *"\n', ["watch #1", "'c'", "cron"]),
+    ('[[watch]]\nname = "m"\nbucket = "b"\n', ["watch #1", "'m'", "key", "missing"]),
+    ('[s3]\nconditional = "maybe"\n', ["[s3]", "conditional"]),
+    ('[schedule]\nconcurrency = 0\n', ["[schedule]", "concurrency"]),
+    ('[schedul]\ninterval = "1s"\n', ["schedul", "unknown key"]),
+    ('[[watch]\nbucket = "b"\n', ["TOML syntax error", "line 1"]),
+]
+
+
+@pytest.mark.parametrize(("text", "fragments"), CONFIG_ERRORS)
+def test_config_errors_exit_2_and_name_the_field(tmp_path, text, fragments):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    proc = run_cli("check", "--config", str(path))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    message = proc.stderr.strip()
+    assert len(message.splitlines()) == 1, message
+    assert str(path) in message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
+
+def test_missing_config_file(tmp_path):
+    proc = run_cli("status", "--config", str(tmp_path / "absent.toml"))
+    assert proc.returncode == 2 and "not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_no_config_anywhere(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "POLLER_CONFIG"}
+    proc = run_cli("status", cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and "--config" in proc.stderr
+
+
+def test_non_utf8_config(tmp_path):
+    path = tmp_path / "bin.toml"
+    path.write_bytes(b'[s3]\nregion = "\xff\xfe"\n')
+    proc = run_cli("check", "--config", str(path))
+    assert proc.returncode == 2 and "UTF-8" in proc.stderr and "line 2" in proc.stderr
+
+
+def test_usage_error_exit_2():
+    proc = run_cli("frobnicate")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_world_readable_config_with_credentials_warns(tmp_path):
+    path = tmp_path / "creds.toml"
+    path.write_text(f'# aws_secret_access_key = "{SECRET}"\n')
+    path.chmod(0o644)
+    proc = run_cli("check", "--config", str(path))
+    assert proc.returncode == 0 and "chmod 600" in proc.stderr
+    assert SECRET not in proc.stderr + proc.stdout
+    path.chmod(0o600)
+    assert "chmod 600" not in run_cli("check", "--config", str(path)).stderr
