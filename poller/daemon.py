@@ -111,9 +111,8 @@ class Daemon:
 
     # --- lifecycle ------------------------------------------------------------------
 
-    def run(self) -> int:
-        """Poll until SIGTERM/SIGINT; return the exit code."""
-        self._install_signals()
+    def start(self, *, paused: bool = False) -> None:
+        """Schedule every watch and the pruning job, then start the scheduler."""
         for name, watch in self.current.watches.items():
             self._add_job(self.current.specs[name], watch)
         self.scheduler.add_job(
@@ -123,19 +122,23 @@ class Daemon:
             name="prune old polls",
             next_run_time=datetime.now(UTC) + timedelta(seconds=5),
         )
-        self.scheduler.start()
+        self.scheduler.start(paused=paused)
+
+    def run(self) -> int:
+        """Poll until SIGTERM/SIGINT; return the exit code."""
+        self._install_signals()
+        self.start()
         log.info(
-            "watching %d keys (config %s, database %s, %d workers)",
+            "watching %d keys (config %s, %d workers)",
             len(self.current.watches),
             self.config_path,
-            self.current.settings.database.url,
             self.current.settings.schedule.concurrency,
         )
         self.notifier.ready(self.status_line())
         try:
             self._main_loop()
         finally:
-            self._shutdown()
+            self.shutdown()
         return 0
 
     def request_stop(self) -> None:
@@ -172,7 +175,7 @@ class Daemon:
                 self.notifier.watchdog()
             self.notifier.status(self.status_line())
 
-    def _shutdown(self) -> None:
+    def shutdown(self) -> None:
         log.info("stopping: waiting for polls in flight")
         self.notifier.stopping("stopping: finishing polls in flight")
         self.scheduler.shutdown(wait=True)

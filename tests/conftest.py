@@ -132,8 +132,13 @@ class ConfigFile:
         self.path = path
         self.db = path.parent / "poller.db"
         self.sections: dict[str, dict[str, Any]] = {
-            "s3": {"endpoint_url": endpoint, "addressing_style": "path", "connect_timeout": "2s",
-                   "read_timeout": "5s", "max_attempts": 2},
+            "s3": {
+                "endpoint_url": endpoint,
+                "addressing_style": "path",
+                "connect_timeout": "2s",
+                "read_timeout": "5s",
+                "max_attempts": 2,
+            },
             "database": {"url": f"sqlite:///{self.db}"},
             "schedule": {"interval": "1s", "concurrency": 8},
         }

@@ -56,8 +56,9 @@ def test_once_records_and_exit_codes(config: ConfigFile, s3, bucket):
 
 def test_once_exits_1_when_a_poll_fails(config: ConfigFile, s3, bucket):
     s3.put_object(Bucket=bucket, Key="k", Body=b"1")
-    config.write([{"name": "good", "bucket": bucket, "key": "k"},
-                  {"name": "bad", "bucket": "no-such-bucket-here", "key": "k"}])
+    config.write(
+        [{"name": "good", "bucket": bucket, "key": "k"}, {"name": "bad", "bucket": "no-such-bucket-here", "key": "k"}]
+    )
     proc = run_cli("once", "--config", str(config.path))
     assert proc.returncode == 1
     assert "good" in proc.stdout and "bucket not found" in proc.stdout
@@ -67,8 +68,10 @@ def test_once_exits_1_when_a_poll_fails(config: ConfigFile, s3, bucket):
 
 
 def test_once_against_unreachable_endpoint(config: ConfigFile, tmp_path):
-    config.write([{"name": "x", "bucket": "b", "key": "k"}],
-                 s3={"endpoint_url": f"http://127.0.0.1:{free_port()}", "max_attempts": 1})
+    config.write(
+        [{"name": "x", "bucket": "b", "key": "k"}],
+        s3={"endpoint_url": f"http://127.0.0.1:{free_port()}", "max_attempts": 1},
+    )
     proc = run_cli("once", "--config", str(config.path))
     assert proc.returncode == 1 and "cannot connect" in proc.stdout
     assert "Traceback" not in proc.stderr
@@ -76,8 +79,9 @@ def test_once_against_unreachable_endpoint(config: ConfigFile, tmp_path):
 
 def test_history_formats_and_filters(config: ConfigFile, s3, bucket):
     s3.put_object(Bucket=bucket, Key="k", Body=b"1")
-    config.write([{"name": "app-config", "bucket": bucket, "key": "k"},
-                  {"name": "other", "bucket": bucket, "key": "missing"}])
+    config.write(
+        [{"name": "app-config", "bucket": bucket, "key": "k"}, {"name": "other", "bucket": bucket, "key": "missing"}]
+    )
     assert run_cli("once", "--config", str(config.path)).returncode == 0
     args = ["--config", str(config.path)]
     table = run_cli("history", *args)
@@ -130,17 +134,21 @@ def test_config_env_lookup_and_override(config: ConfigFile, s3, bucket, tmp_path
 CONFIG_ERRORS = [
     # (toml, expected fragments)
     ('[[watch]]\nbucket = "b"\nkey = "k"\nbogus = 1\n', ["watch #1", "'b/k'", "bogus", "unknown key"]),
-    ('[[watch]]\nname = "a"\nbucket = "b"\nkey = "k"\n[[watch]]\nname = "a"\nbucket = "b"\nkey = "k2"\n',
-     ["watch #2", "'a'", "name", "duplicate"]),
+    (
+        '[[watch]]\nname = "a"\nbucket = "b"\nkey = "k"\n[[watch]]\nname = "a"\nbucket = "b"\nkey = "k2"\n',
+        ["watch #2", "'a'", "name", "duplicate"],
+    ),
     ('[[watch]]\nname = "neg"\nbucket = "b"\nkey = "k"\ninterval = "-5s"\n', ["watch #1", "'neg'", "interval"]),
-    ('[[watch]]\nname = "zero"\nbucket = "b"\nkey = "k"\ninterval = 0\n', ["watch #1", "'zero'", "interval",
-                                                                          "greater than zero"]),
+    (
+        '[[watch]]\nname = "zero"\nbucket = "b"\nkey = "k"\ninterval = 0\n',
+        ["watch #1", "'zero'", "interval", "greater than zero"],
+    ),
     ('[[watch]]\nname = "e"\nbucket = ""\nkey = "k"\n', ["watch #1", "'e'", "bucket", "empty"]),
     ('[[watch]]\nname = "e"\nbucket = "b"\nkey = ""\n', ["watch #1", "'e'", "key", "empty"]),
     ('[[watch]]\nname = "c"\nbucket = "b"\nkey = "k"\ncron = "61 * * * *"\n', ["watch #1", "'c'", "cron"]),
     ('[[watch]]\nname = "m"\nbucket = "b"\n', ["watch #1", "'m'", "key", "missing"]),
     ('[s3]\nconditional = "maybe"\n', ["[s3]", "conditional"]),
-    ('[schedule]\nconcurrency = 0\n', ["[schedule]", "concurrency"]),
+    ("[schedule]\nconcurrency = 0\n", ["[schedule]", "concurrency"]),
     ('[schedul]\ninterval = "1s"\n', ["schedul", "unknown key"]),
     ('[[watch]\nbucket = "b"\n', ["TOML syntax error", "line 1"]),
 ]
@@ -192,3 +200,15 @@ def test_world_readable_config_with_credentials_warns(tmp_path):
     assert SECRET not in proc.stderr + proc.stdout
     path.chmod(0o600)
     assert "chmod 600" not in run_cli("check", "--config", str(path)).stderr
+
+
+def test_example_config_is_valid_and_complete():
+    from poller.config import DatabaseSettings, S3Settings, ScheduleSettings, WatchSettings, load_settings
+
+    path = Path(__file__).parent.parent / "config.example.toml"
+    settings = load_settings(path)
+    assert len(settings.watch) == 3
+    text = path.read_text()
+    for model in (S3Settings, DatabaseSettings, ScheduleSettings, WatchSettings):
+        for field in model.model_fields:
+            assert f"\n{field} = " in text, f"config.example.toml does not show {model.__name__}.{field}"

@@ -32,8 +32,9 @@ CLASSIFICATION = [
 ]
 
 
-@pytest.mark.parametrize(("state", "answer", "outcome", "event", "full"), [c[1:] for c in CLASSIFICATION],
-                         ids=[c[0] for c in CLASSIFICATION])
+@pytest.mark.parametrize(
+    ("state", "answer", "outcome", "event", "full"), [c[1:] for c in CLASSIFICATION], ids=[c[0] for c in CLASSIFICATION]
+)
 def test_classification_table(state, answer, outcome, event, full):
     verdict = classify(state, answer)
     assert (verdict.outcome, verdict.event, verdict.needs_full_head) == (outcome, event, full)
@@ -73,7 +74,11 @@ def test_deleted_state_forgets_the_etag():
         (ObjectState(E1, T0, T0 + timedelta(seconds=1), present=True), "both", {"IfNoneMatch": E1}),
         (ObjectState(E1, T0, T0 + timedelta(seconds=1), present=True), "timestamp", {}),
         (ObjectState(E1, T0, None, present=True), "both", {"IfNoneMatch": E1}),
-        (ObjectState(E1, T0, T0 + timedelta(seconds=2), present=True), "both", {"IfNoneMatch": E1, "IfModifiedSince": T0}),
+        (
+            ObjectState(E1, T0, T0 + timedelta(seconds=2), present=True),
+            "both",
+            {"IfNoneMatch": E1, "IfModifiedSince": T0},
+        ),
     ],
 )
 def test_request_conditions(state, mode, expected):
@@ -105,8 +110,12 @@ def spec(name, bucket="b", key="k", interval=60.0, cron=None):
 
 def test_diff_watch_lists():
     old = {n: spec(n) for n in ("keep", "gone", "slower", "moved")}
-    new = {"keep": spec("keep"), "slower": spec("slower", interval=120.0), "moved": spec("moved", key="k2"),
-           "fresh": spec("fresh")}
+    new = {
+        "keep": spec("keep"),
+        "slower": spec("slower", interval=120.0),
+        "moved": spec("moved", key="k2"),
+        "fresh": spec("fresh"),
+    }
     diff = diff_watch_lists(old, new)
     assert diff.added == ["fresh"]
     assert diff.removed == ["gone"]

@@ -118,8 +118,14 @@ def test_same_second_overwrite_is_modified_via_cross_check(wire, s3, bucket):
     _same_second_pair(s3, bucket, "k")
     head = s3.head_object(Bucket=bucket, Key="k")
     # A stored state from the first PUT of that second, wrongly believed safe (Date long after).
-    stale = ObjectState('"0123456789abcdef0123456789abcdef"', head["LastModified"],
-                        head["LastModified"] + timedelta(seconds=10), None, 5, True)
+    stale = ObjectState(
+        '"0123456789abcdef0123456789abcdef"',
+        head["LastModified"],
+        head["LastModified"] + timedelta(seconds=10),
+        None,
+        5,
+        True,
+    )
     result = wire.poll(watch, stale)
     assert (result.outcome, result.event) == ("modified", "modified")
     assert result.note == "304 with a new ETag"
@@ -167,8 +173,18 @@ def test_missing_bucket_is_an_error(wire):
     assert result.state is None  # stored state untouched
 
 
-@pytest.mark.parametrize("key", ["with space/and more.txt", "unicodé/日本語/ü.json", "plus+sign", "per%cent%20x",
-                                 "q?uery&amp=1#frag", "~tilde/!*'();:@=$,[]", "a//double/slash"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "with space/and more.txt",
+        "unicodé/日本語/ü.json",
+        "plus+sign",
+        "per%cent%20x",
+        "q?uery&amp=1#frag",
+        "~tilde/!*'();:@=$,[]",
+        "a//double/slash",
+    ],
+)
 def test_key_classes_round_trip(wire, s3, bucket, key):
     s3.put_object(Bucket=bucket, Key=key, Body=b"one")
     watch = Watch(1, "k", bucket, key)
@@ -194,7 +210,7 @@ class _Fixed(http.server.BaseHTTPRequestHandler):
     code = "AccessDenied"
     hits = 0
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         type(self).hits += 1
         self.send_response(self.status)
         self.send_header("x-amz-error-code", self.code)
@@ -216,7 +232,7 @@ def fixed_server() -> Iterator[tuple[str, type[_Fixed]]]:
 
 
 def test_403_is_an_error_that_explains_listbucket(fixed_server):
-    endpoint, handler = fixed_server
+    endpoint, _ = fixed_server
     wire = Wire(endpoint)
     state = ObjectState('"x"', None, None, None, 1, True)
     result = wire.poll(Watch(1, "k", "bucket", "k"), state)

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import IntegrityError
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
@@ -86,7 +87,7 @@ def test_history_event_is_committed_with_its_poll(store: Store):
 def test_failed_batch_commits_nothing(store: Store):
     watch = store.sync_watches(specs("a"), NOW).watches["a"]
     ghost = Watch(9999, "ghost", "bucket", "k")  # violates the foreign key
-    with pytest.raises(Exception):
+    with pytest.raises(IntegrityError):
         store.record([result(watch), result(ghost)])
     assert store.history() == [] and store.history(changes=True) == []
 

@@ -1,0 +1,314 @@
+"""`poller run` as a real subprocess with a NOTIFY_SOCKET bound by the test, plus in-process reload checks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ACCESS_KEY, SECRET, ConfigFile, run_cli, wait_for
+
+from poller.config import load_settings
+from poller.daemon import Daemon, job_id
+from poller.sdnotify import Notifier
+
+
+class NotifySocket:
+    """The systemd side of sd_notify: a datagram socket the daemon writes its state lines to."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
+        self.messages: list[str] = []
+
+    def drain(self) -> list[str]:
+        while True:
+            try:
+                self.messages.append(self.sock.recv(65536).decode())
+            except (TimeoutError, BlockingIOError):
+                return self.messages
+
+    def wait(self, needle: str, timeout: float = 20.0, after: int = 0) -> str:
+        def seen() -> str | None:
+            for msg in self.drain()[after:]:
+                if needle in msg.split("\n") or any(line.startswith(needle) for line in msg.split("\n")):
+                    return msg
+            return None
+
+        return str(wait_for(seen, timeout, what=f"sd_notify {needle!r}"))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class DaemonProcess:
+    def __init__(self, config: ConfigFile, tmp: Path, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.notify = NotifySocket(tmp / "notify.sock")
+        self.log_path = tmp / "daemon.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "poller", "run", "--config", str(config.path), "--log-level", "DEBUG"],
+            stdout=self._log,
+            stderr=self._log,
+            env={**os.environ, "NOTIFY_SOCKET": str(self.notify.path), **(env or {})},
+        )
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(20)
+        finally:
+            self._log.close()
+            self.notify.close()
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Any]:
+    started: list[DaemonProcess] = []
+
+    def start(config: ConfigFile, env: dict[str, str] | None = None) -> DaemonProcess:
+        d = DaemonProcess(config, tmp_path, env)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+
+
+def query(db: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(db, timeout=10)
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+
+
+def events(db: Path, watch: str) -> list[str]:
+    return [
+        r[0]
+        for r in query(
+            db,
+            "SELECT h.event FROM etag_history h JOIN watches w ON w.id = h.watch_id WHERE w.name = ? ORDER BY h.id",
+            watch,
+        )
+    ]
+
+
+def poll_count(db: Path, watch: str) -> int:
+    if not db.exists():
+        return 0
+    try:
+        return int(
+            query(db, "SELECT count(*) FROM polls p JOIN watches w ON w.id = p.watch_id WHERE w.name = ?", watch)[0][0]
+        )
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_daemon_lifecycle_detects_changes_and_stops_cleanly(config: ConfigFile, s3, bucket, start_daemon):
+    s3.put_object(Bucket=bucket, Key="conf/app.json", Body=b"v1")
+    config.write([{"name": "app", "bucket": bucket, "key": "conf/app.json"}])
+    daemon = start_daemon(config)
+    ready = daemon.notify.wait("READY=1")
+    assert "STATUS=watching 1 keys" in ready
+    wait_for(lambda: events(config.db, "app") == ["first_seen"], what="first_seen recorded")
+    wait_for(lambda: poll_count(config.db, "app") >= 2, what="a second poll")
+    s3.put_object(Bucket=bucket, Key="conf/app.json", Body=b"v2")
+    wait_for(lambda: events(config.db, "app") == ["first_seen", "modified"], what="modified recorded")
+    s3.delete_object(Bucket=bucket, Key="conf/app.json")
+    wait_for(lambda: events(config.db, "app")[-1:] == ["deleted"], what="deleted recorded")
+    s3.put_object(Bucket=bucket, Key="conf/app.json", Body=b"v3")
+    wait_for(lambda: events(config.db, "app")[-1:] == ["created"], what="created recorded")
+
+    # The CLI reads while the daemon writes.
+    for _ in range(3):
+        hist = run_cli("history", "app", "--changes", "--config", str(config.path))
+        assert hist.returncode == 0, hist.stderr
+        assert "modified" in hist.stdout
+        status = run_cli("status", "--config", str(config.path))
+        assert status.returncode == 0 and "app" in status.stdout
+
+    assert "unchanged (304)" in daemon.log
+    assert 'modified etag "' in daemon.log and " -> " in daemon.log
+    daemon.signal(signal.SIGTERM)
+    assert daemon.proc.wait(20) == 0
+    daemon.notify.wait("STOPPING=1")
+    assert query(config.db, "PRAGMA integrity_check") == [("ok",)]
+    assert events(config.db, "app") == ["first_seen", "modified", "deleted", "created"]
+
+
+def test_status_line_counts_outcomes(config: ConfigFile, s3, bucket, start_daemon):
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
+    config.write([{"name": "a", "bucket": bucket, "key": "k"}])
+    daemon = start_daemon(config, env={"WATCHDOG_USEC": "1000000"})
+    daemon.notify.wait("READY=1")
+    daemon.notify.wait("WATCHDOG=1")
+    msg = daemon.notify.wait("STATUS=watching 1 keys; last minute: ", timeout=30)
+    wait_for(
+        lambda: any("unchanged," in m and " 0 unchanged" not in m for m in daemon.notify.drain()),
+        timeout=30,
+        what="a STATUS= with unchanged polls counted",
+    )
+    assert "errors" in msg
+    assert daemon.stop() == 0
+
+
+def test_sighup_adds_removes_and_survives_a_bad_config(config: ConfigFile, s3, bucket, start_daemon):
+    for key in ("a", "b", "c"):
+        s3.put_object(Bucket=bucket, Key=key, Body=key.encode())
+    config.write([{"name": "a", "bucket": bucket, "key": "a"}, {"name": "b", "bucket": bucket, "key": "b"}])
+    daemon = start_daemon(config)
+    daemon.notify.wait("READY=1")
+    wait_for(lambda: poll_count(config.db, "a") and poll_count(config.db, "b"), what="a and b polled")
+
+    config.write([{"name": "a", "bucket": bucket, "key": "a"}, {"name": "c", "bucket": bucket, "key": "c"}])
+    mark = len(daemon.notify.drain())
+    daemon.signal(signal.SIGHUP)
+    reloading = daemon.notify.wait("RELOADING=1", after=mark)
+    assert "MONOTONIC_USEC=" in reloading
+    daemon.notify.wait("READY=1", after=mark)
+    wait_for(lambda: events(config.db, "c") == ["first_seen"], what="c polled after reload")
+    assert query(config.db, "SELECT name, active FROM watches ORDER BY name") == [("a", 1), ("b", 0), ("c", 1)]
+    b_polls = poll_count(config.db, "b")
+    a_polls = poll_count(config.db, "a")
+    wait_for(lambda: poll_count(config.db, "a") >= a_polls + 2, what="a keeps polling")
+    assert poll_count(config.db, "b") == b_polls, "a removed watch is no longer polled"
+
+    # A broken config: the old list keeps running, the error is logged and shown in STATUS=.
+    config.path.write_text('[[watch]]\nname = "a"\nbucket = "x"\nkey = "k"\nbogus = 1\n')
+    mark = len(daemon.notify.drain())
+    daemon.signal(signal.SIGHUP)
+    ready = daemon.notify.wait("READY=1", after=mark)
+    assert "reload failed" in ready and "bogus" in ready
+    assert "reload failed, keeping the running watch list" in daemon.log
+    a_polls = poll_count(config.db, "a")
+    wait_for(
+        lambda: poll_count(config.db, "a") >= a_polls + 2 and poll_count(config.db, "c") > 1,
+        what="old watch list still polled",
+    )
+    config.path.write_text("[[watch]\n")  # TOML syntax error
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: "TOML syntax error" in daemon.log, what="syntax error logged")
+    assert daemon.stop() == 0
+    assert "Traceback" not in daemon.log
+
+
+def test_bad_config_at_start_exits_2(config: ConfigFile, tmp_path):
+    config.path.write_text('[[watch]]\nbucket = "b"\n')
+    proc = run_cli("run", "--config", str(config.path))
+    assert proc.returncode == 2 and "watch #1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_no_secret_in_logs_or_database(config: ConfigFile, s3, bucket, start_daemon):
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
+    config.write(
+        [
+            {"name": "a", "bucket": bucket, "key": "k"},
+            {"name": "denied", "bucket": "no-such-bucket-secret-test", "key": "k"},
+        ]
+    )
+    daemon = start_daemon(config)
+    daemon.notify.wait("READY=1")
+    wait_for(lambda: poll_count(config.db, "a") >= 2 and poll_count(config.db, "denied") >= 1, what="polls")
+    outputs = [run_cli(cmd, "--config", str(config.path), "--format", "json") for cmd in ("status", "history")]
+    assert daemon.stop() == 0
+    files = [p for p in config.db.parent.iterdir() if p.name.startswith("poller.db")]
+    blobs = (
+        [p.read_bytes() for p in files]
+        + [daemon.log.encode()]
+        + [o.stdout.encode() + o.stderr.encode() for o in outputs]
+    )
+    blobs += [m.encode() for m in daemon.notify.messages]
+    for blob in blobs:
+        assert SECRET.encode() not in blob
+        assert ACCESS_KEY.encode() not in blob
+
+
+def test_journald_format(config: ConfigFile, s3, bucket, tmp_path):
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
+    config.write([{"name": "a", "bucket": bucket, "key": "k"}])
+    log_path = tmp_path / "journal.log"
+    with log_path.open("wb") as out:
+        st = os.fstat(out.fileno())
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "poller", "run", "--config", str(config.path)],
+            stderr=out,
+            stdout=out,
+            env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
+        )
+        try:
+            wait_for(lambda: events(config.db, "a") if config.db.exists() else False, what="first poll")
+            wait_for(lambda: "first seen" in log_path.read_text(), what="log line")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+    lines = log_path.read_text().splitlines()
+    assert lines and all(line[:3] in ("<6>", "<4>", "<3>", "<7>") for line in lines), lines
+    assert not any(time.strftime("%Y-") in line for line in lines if "last-modified" not in line)
+
+
+# --- in-process reload: exactly which jobs change ------------------------------------------
+
+
+def test_reload_reschedules_only_what_changed(config: ConfigFile, s3, bucket):
+    watches = [{"name": f"w{i}", "bucket": bucket, "key": f"k{i}", "interval": "1h"} for i in range(50)]
+    config.write(watches)
+    daemon = Daemon(config.path, load_settings(config.path), Notifier(""))
+    daemon.start(paused=True)
+    try:
+        before = {job.id: (job.next_run_time, job.trigger) for job in daemon.scheduler.get_jobs()}
+        changed = [dict(w) for w in watches]
+        changed[3]["interval"] = "2h"  # rescheduled
+        changed[7]["key"] = "elsewhere"  # retargeted
+        del changed[9]  # removed
+        changed.append({"name": "new", "bucket": bucket, "key": "new"})
+        config.write(changed)
+        assert daemon.reload()
+        after = {job.id: (job.next_run_time, job.trigger) for job in daemon.scheduler.get_jobs()}
+        assert set(after) == set(before) - {job_id("w9")} | {job_id("new")}
+        different = {jid for jid in before if jid in after and after[jid] != before[jid]}
+        assert different == {job_id("w3")}
+        assert daemon.scheduler.get_job(job_id("w7")).args[0].key == "elsewhere"
+        assert daemon.scheduler.get_job(job_id("w0")).args[0].key == "k0"
+        # A bad config leaves every job as it was.
+        config.path.write_text("[[watch]]\nbogus = 1\n")
+        assert not daemon.reload()
+        assert {job.id for job in daemon.scheduler.get_jobs()} == set(after)
+    finally:
+        daemon.shutdown()
+
+
+def test_first_runs_are_spread_over_the_interval(config: ConfigFile, bucket):
+    config.write([{"name": f"w{i}", "bucket": bucket, "key": f"k{i}", "interval": "60s"} for i in range(200)])
+    daemon = Daemon(config.path, load_settings(config.path), Notifier(""))
+    daemon.start(paused=True)
+    try:
+        times = sorted(j.next_run_time for j in daemon.scheduler.get_jobs() if j.id.startswith("watch:"))
+        span = (times[-1] - times[0]).total_seconds()
+        assert span > 45, "first runs must spread over the interval, not bunch at start"
+        seconds = {t.replace(microsecond=0) for t in times}
+        assert len(seconds) > 40
+    finally:
+        daemon.shutdown()
