@@ -86,13 +86,18 @@ class _Running:
 class Daemon:
     """The long-running process; signals only set flags, the main thread does the work."""
 
-    def __init__(self, config_path: Path, settings: Settings, notifier: Notifier | None = None) -> None:
+    def __init__(
+        self, config_path: Path, settings: Settings, notifier: Notifier | None = None, *, signals: bool = False
+    ) -> None:
         self.config_path = config_path
         self.notifier = notifier or Notifier()
         self._wake = threading.Event()
         self._stop = False
         self._reload = False
         self._status_note = ""
+        if signals:
+            # Before the slow start-up (migrations, watch sync): a SIGTERM then still ends cleanly.
+            self._install_signals()
         engine = open_engine(settings.database.url)
         migrate(engine)
         self.store = Store(engine)
@@ -126,7 +131,6 @@ class Daemon:
 
     def run(self) -> int:
         """Poll until SIGTERM/SIGINT; return the exit code."""
-        self._install_signals()
         self.start()
         log.info(
             "watching %d keys (config %s, %d workers)",
@@ -274,4 +278,4 @@ class Daemon:
 
 def run_daemon(config_path: Path, settings: Settings) -> int:
     """Entry point of `poller run`."""
-    return Daemon(config_path, settings).run()
+    return Daemon(config_path, settings, signals=True).run()

@@ -172,3 +172,7 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
         env={**os.environ, **(env or {})},
         timeout=timeout,
     )
+
+
+# The daemon-as-a-subprocess fixture lives with its helpers; imported last (it imports from here).
+from daemonproc import start_daemon  # noqa: E402, F401
