@@ -50,6 +50,7 @@ class _Parser(argparse.ArgumentParser):
 def _settings(args: argparse.Namespace) -> tuple[Path, Settings]:
     path = find_config(args.config)
     settings = load_settings(path)
+    args.db_url = settings.database.url  # for database errors raised later
     _warn_if_exposed(path)
     return path, settings
 
@@ -322,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SQLAlchemyError as exc:
         from poller.store import describe_db_error
 
-        print(f"poller: {describe_db_error(exc, '')}", file=sys.stderr)
+        print(f"poller: {describe_db_error(exc, getattr(args, 'db_url', ''))}", file=sys.stderr)
         return EXIT_FAILED
     except BrokenPipeError:
         # `poller history | head`: the reader left; that is not an error.

@@ -7,6 +7,7 @@ batch, each result all-or-nothing), prune old polls, and read status and history
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -120,7 +121,7 @@ def describe_db_error(exc: BaseException, url: str) -> str:
     """Turn a database exception into a sentence for the operator."""
     text = str(getattr(exc, "orig", exc))
     where = _safe_url(url)
-    if "readonly database" in text or "attempt to write" in text:
+    if "readonly database" in text or "attempt to write" in text or _read_only_dir(url):
         return (
             f"database {where} is read-only for this user ({text}): a WAL database needs write access to "
             "its directory even to read; run the command as the daemon's user (e.g. sudo -u poller) "
@@ -137,7 +138,28 @@ def describe_db_error(exc: BaseException, url: str) -> str:
     return f"database {where}: {text}"
 
 
+def _read_only_dir(url: str) -> bool:
+    """True when the SQLite database's directory cannot be written (WAL needs it, even to read)."""
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return False
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return False
+    directory = Path(parsed.database).parent
+    return (directory.exists() and not os.access(directory, os.W_OK)) or _on_read_only_fs(directory)
+
+
+def _on_read_only_fs(directory: Path) -> bool:
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def _safe_url(url: str) -> str:
+    if not url:
+        return "(database)"
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:

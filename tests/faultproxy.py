@@ -156,8 +156,7 @@ class FaultProxy:
         code, reason = ("SlowDown", "Slow Down") if status == 503 else ("InternalError", "Internal Server Error")
         body = f"<?xml version='1.0'?><Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
         head = (
-            f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\nContent-Length: {len(body)}\r\n\r\n"
         ).encode()
         return head if method == "HEAD" else head + body
 

@@ -1,0 +1,250 @@
+"""Fault injection: the daemon survives outages, hangs, throttling and database trouble with nothing lost.
+
+The S3 traffic of the daemon goes through FaultProxy (tests/faultproxy.py) in front of the moto
+server; each test asserts on the database and on the daemon's liveness.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+from conftest import ConfigFile, wait_for
+from daemonproc import events, poll_count, query
+from faultproxy import FaultProxy
+
+
+@pytest.fixture
+def proxy(s3_endpoint: str) -> Iterator[FaultProxy]:
+    p = FaultProxy(int(urlparse(s3_endpoint).port or 0))
+    yield p
+    p.close()
+
+
+def via(config: ConfigFile, proxy: FaultProxy, watches: list[dict[str, Any]], **s3: Any) -> ConfigFile:
+    return config.write(watches, s3={"endpoint_url": proxy.endpoint, **s3})
+
+
+def state(db: Path, watch: str) -> tuple[Any, ...]:
+    (row,) = query(
+        db,
+        "SELECT s.last_outcome, s.consecutive_errors, s.etag, s.last_error FROM object_state s "
+        "JOIN watches w ON w.id = s.watch_id WHERE w.name = ?",
+        watch,
+    )
+    return row
+
+
+def outcomes(db: Path, watch: str) -> list[str]:
+    try:
+        return [
+            r[0]
+            for r in query(
+                db,
+                "SELECT p.outcome FROM polls p JOIN watches w ON w.id = p.watch_id WHERE w.name = ? ORDER BY p.id",
+                watch,
+            )
+        ]
+    except sqlite3.OperationalError:
+        return []
+
+
+def errors_of(db: Path, watch: str) -> list[str]:
+    return [
+        r[0]
+        for r in query(
+            db,
+            "SELECT p.error FROM polls p JOIN watches w ON w.id = p.watch_id "
+            "WHERE w.name = ? AND p.outcome = 'error' ORDER BY p.id",
+            watch,
+        )
+    ]
+
+
+def test_endpoint_down_at_start_and_mid_run(config, s3, bucket, proxy, start_daemon):
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
+    via(config, proxy, [{"name": "a", "bucket": bucket, "key": "k"}], max_attempts=1)
+    proxy.set("refuse")
+    daemon = start_daemon(config)
+    daemon.notify.wait("READY=1")
+    wait_for(lambda: outcomes(config.db, "a")[-3:] == ["error"] * 3, what="errors while the endpoint is down")
+    assert "cannot connect" in errors_of(config.db, "a")[0]
+    assert state(config.db, "a")[1] >= 3  # consecutive_errors rising
+    wait_for(
+        lambda: "errors" in daemon.notify.wait("STATUS=") and any("last error: a:" in m for m in daemon.notify.drain()),
+        what="error shown in STATUS=",
+    )
+
+    proxy.set("pass")
+    wait_for(lambda: events(config.db, "a") == ["first_seen"], what="recovery")
+    wait_for(lambda: outcomes(config.db, "a")[-2:] == ["unchanged", "unchanged"], what="unchanged polls")
+    assert state(config.db, "a")[1] == 0
+
+    proxy.set("refuse")  # down again, mid-run
+    wait_for(lambda: outcomes(config.db, "a")[-2:] == ["error", "error"], what="errors mid-run")
+    proxy.set("pass")
+    wait_for(lambda: outcomes(config.db, "a")[-2:] == ["unchanged", "unchanged"], what="second recovery")
+    assert events(config.db, "a") == ["first_seen"], "recovery must not invent a change"
+    assert daemon.stop() == 0
+
+
+def test_hung_bucket_does_not_block_the_others(config, s3, proxy, start_daemon):
+    healthy, hung = [f"t-iso-{n}-{id(proxy) % 10000}" for n in ("ok", "hang")]
+    for b in (healthy, hung):
+        s3.create_bucket(Bucket=b)
+        s3.put_object(Bucket=b, Key="k", Body=b"v")
+    watches = [{"name": f"{b}-{i}", "bucket": b, "key": "k"} for b in (healthy, hung) for i in range(3)]
+    via(config, proxy, watches, read_timeout="1s", max_attempts=1)
+    config.write(schedule={"concurrency": 4})
+    proxy.set("hang", prefix=f"/{hung}/")
+    daemon = start_daemon(config)
+    daemon.notify.wait("READY=1")
+    wait_for(
+        lambda: all(outcomes(config.db, f"{hung}-{i}").count("error") >= 2 for i in range(3)),
+        what="hung polls time out",
+    )
+    assert "read timeout" in errors_of(config.db, f"{hung}-0")[0]
+    # Three hung watches hold three of four workers for a second at a time; the healthy ones keep going.
+    before = poll_count(config.db, f"{healthy}-0")
+    wait_for(lambda: poll_count(config.db, f"{healthy}-0") >= before + 3, what="healthy watch keeps polling")
+    assert all(o != "error" for i in range(3) for o in outcomes(config.db, f"{healthy}-{i}"))
+    assert daemon.stop() == 0
+
+
+def test_503_burst_is_retried_with_a_bounded_request_count(config, s3, bucket, proxy, start_daemon):
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
+    via(config, proxy, [{"name": "a", "bucket": bucket, "key": "k"}], max_attempts=3)
+    daemon = start_daemon(config)
+    daemon.notify.wait("READY=1")
+    wait_for(lambda: events(config.db, "a") == ["first_seen"], what="first poll")
+
+    proxy.set("error", prefix=f"/{bucket}/", status=503, fraction=1.0)
+    wait_for(lambda: outcomes(config.db, "a").count("error") >= 3, what="errors after retries")
+    daemon.signal(signal.SIGSTOP)  # freeze it to read a consistent request count
+    try:
+        failed_polls = outcomes(config.db, "a").count("error")
+        # Every failed poll is exactly max_attempts requests: retried, but no storm.
+        assert proxy.failed[bucket] in range(failed_polls * 3, failed_polls * 3 + 4)
+        assert "throttled" in errors_of(config.db, "a")[0]
+    finally:
+        daemon.signal(signal.SIGCONT)
+
+    # Half the requests fail: retries absorb it, and nothing is invented.
+    proxy.set("error", prefix=f"/{bucket}/", status=500, fraction=0.5)
+    start = len(outcomes(config.db, "a"))
+    wait_for(lambda: len(outcomes(config.db, "a")) >= start + 8, what="polls under a 50% error rate")
+    recent = outcomes(config.db, "a")[start:]
+    assert recent.count("unchanged") > recent.count("error")
+    proxy.set("pass")
+    assert events(config.db, "a") == ["first_seen"]
+    assert daemon.stop() == 0
+
+
+def test_connection_reset_mid_response(config, s3, bucket, proxy, start_daemon):
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
+    via(config, proxy, [{"name": "a", "bucket": bucket, "key": "k"}], max_attempts=1)
+    proxy.set("reset", prefix=f"/{bucket}/")
+    daemon = start_daemon(config)
+    daemon.notify.wait("READY=1")
+    wait_for(lambda: outcomes(config.db, "a").count("error") >= 2, what="errors on reset")
+    proxy.set("pass")
+    wait_for(lambda: events(config.db, "a") == ["first_seen"], what="recovery after resets")
+    assert daemon.stop() == 0
+
+
+def test_database_locked_by_another_writer(config, s3, bucket, start_daemon):
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
+    config.write([{"name": "a", "bucket": bucket, "key": "k"}])
+    daemon = start_daemon(config)
+    daemon.notify.wait("READY=1")
+    wait_for(lambda: events(config.db, "a") == ["first_seen"], what="first poll")
+
+    blocker = sqlite3.connect(config.db, isolation_level=None, timeout=30)
+    blocker.execute("BEGIN IMMEDIATE")  # holds the write lock longer than the daemon's busy_timeout
+    try:
+        s3.put_object(Bucket=bucket, Key="k", Body=b"v2")  # a change while nothing can be committed
+        wait_for(lambda: "NOT recorded" in daemon.log, timeout=30, what="a clear error about the lock")
+        assert "database" in daemon.log and "locked" in daemon.log
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    wait_for(lambda: events(config.db, "a") == ["first_seen", "modified"], what="change recorded after the lock")
+    wait_for(lambda: outcomes(config.db, "a")[-2:] == ["unchanged", "unchanged"], what="polling goes on")
+    assert events(config.db, "a") == ["first_seen", "modified"], "exactly once"
+    assert daemon.stop() == 0
+
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    import subprocess
+
+    path.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.decode().strip()}")
+
+
+def _umount(path: Path) -> None:
+    import subprocess
+
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_disk_full_mid_run(config, s3, bucket, tmp_path, start_daemon):
+    import subprocess
+
+    mnt = tmp_path / "mnt"
+    _mount_tmpfs(mnt, "4m")
+    try:
+        db = mnt / "poller.db"
+        s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
+        config.write([{"name": "a", "bucket": bucket, "key": "k"}], database={"url": f"sqlite:///{db}"})
+        config.db = db
+        daemon = start_daemon(config)
+        daemon.notify.wait("READY=1")
+        wait_for(lambda: events(db, "a") == ["first_seen"], what="first poll")
+        wait_for(lambda: "unchanged" in outcomes(db, "a"), what="steady polling")
+        filler = mnt / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)
+        s3.put_object(Bucket=bucket, Key="k", Body=b"v2")  # a change that cannot be committed
+        wait_for(lambda: "NOT recorded" in daemon.log, timeout=30, what="a clear error")
+        assert re.search(r"disk|full", daemon.log), daemon.log[-2000:]
+        assert daemon.proc.poll() is None, "the daemon keeps running"
+        # Nothing was marked as seen: once there is space again, the change is recorded, once.
+        filler.unlink()
+        wait_for(lambda: events(db, "a") == ["first_seen", "modified"], timeout=30, what="change recorded after")
+        wait_for(lambda: outcomes(db, "a")[-1:] == ["unchanged"], what="polling goes on")
+        assert events(db, "a") == ["first_seen", "modified"]
+        assert daemon.stop() == 0
+        assert query(db, "PRAGMA integrity_check") == [("ok",)]
+    finally:
+        _umount(mnt)
+
+
+@pytest.mark.slow
+def test_read_only_database_at_start_is_a_clear_error(config, s3, bucket, tmp_path):
+    import subprocess
+
+    from conftest import run_cli
+
+    mnt = tmp_path / "mnt"
+    _mount_tmpfs(mnt, "4m")
+    try:
+        db = mnt / "poller.db"
+        s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
+        config.write([{"name": "a", "bucket": bucket, "key": "k"}], database={"url": f"sqlite:///{db}"})
+        assert run_cli("once", "--config", str(config.path)).returncode == 0
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        proc = run_cli("once", "--config", str(config.path))
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert "read-only" in proc.stderr, proc.stderr
+        status = run_cli("status", "--config", str(config.path))
+        assert "Traceback" not in status.stderr
+    finally:
+        _umount(mnt)
