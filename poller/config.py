@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from poller.redact import redact
+
 DEFAULT_PATHS = (Path("poller.toml"), Path("/etc/poller/config.toml"))
 MAX_KEY_BYTES = 1024
 MAX_DURATION_SECONDS = 366 * 86400
@@ -26,6 +28,10 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message is written for the operator."""
+
+    def __init__(self, message: str) -> None:
+        # A value quoted back to the operator may be a URL with credentials in it.
+        super().__init__(redact(message))
 
 
 def parse_duration(value: object) -> float:

@@ -6,7 +6,6 @@ I/O edge that sends the HEAD with boto3 and turns whatever happens into a ``Poll
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -24,6 +23,8 @@ from botocore.exceptions import (
     NoCredentialsError,
     ReadTimeoutError,
 )
+
+from poller.redact import redact
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -289,14 +290,6 @@ class Prober:
             state=None,
             error=redact(msg),
         )
-
-
-_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
-
-
-def redact(text: str) -> str:
-    """Hide credentials embedded in URLs (``https://user:secret@host``) before text is logged or stored."""
-    return _USERINFO.sub("***@", text)
 
 
 def _status_of(exc: ClientError) -> int | None:

@@ -20,8 +20,10 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, create_engine, event, func, inspect, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from poller.probe import ObjectState, PollResult, Watch
+from poller.redact import redact
 from poller.schema import etag_history, object_state, polls, watches
 from poller.watchlist import WatchSpec
 
@@ -54,7 +56,10 @@ def migrations_dir() -> Path:
 
 def open_engine(url: str, *, readonly: bool = False) -> Engine:
     """An engine with poller's SQLite settings (WAL, busy timeout, foreign keys, explicit BEGIN)."""
-    parsed = make_url(url)
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise StoreError("[database] url is not a valid SQLAlchemy URL (e.g. sqlite:///poller.db)") from None
     is_sqlite = parsed.get_backend_name() == "sqlite"
     if is_sqlite and parsed.database and parsed.database != ":memory:":
         path = Path(parsed.database)
@@ -65,7 +70,12 @@ def open_engine(url: str, *, readonly: bool = False) -> Engine:
             )
         if not path.parent.exists():
             raise StoreError(f"cannot create database {path}: directory {path.parent} does not exist")
-    engine = create_engine(url, pool_pre_ping=not is_sqlite)
+    try:
+        engine = create_engine(url, pool_pre_ping=not is_sqlite)
+    except ImportError as exc:
+        raise StoreError(f"cannot use database {_safe_url(url)}: its driver is not installed ({exc})") from None
+    except ArgumentError:
+        raise StoreError(f"cannot use database {_safe_url(url)}: not a valid SQLAlchemy URL") from None
     if is_sqlite:
         _configure_sqlite(engine, readonly=readonly)
     return engine
@@ -119,7 +129,7 @@ def migrate(engine: Engine) -> None:
 
 def describe_db_error(exc: BaseException, url: str) -> str:
     """Turn a database exception into a sentence for the operator."""
-    text = str(getattr(exc, "orig", exc))
+    text = redact(str(getattr(exc, "orig", exc)))
     where = _safe_url(url)
     if "readonly database" in text or "attempt to write" in text or _read_only_dir(url):
         return (
@@ -162,7 +172,7 @@ def _safe_url(url: str) -> str:
         return "(database)"
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:
+    except ArgumentError:
         return "(unparseable URL)"
 
 

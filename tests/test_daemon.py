@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import ACCESS_KEY, SECRET, ConfigFile, run_cli, wait_for
 from daemonproc import events, poll_count, query
 
@@ -199,5 +200,25 @@ def test_first_runs_are_spread_over_the_interval(config: ConfigFile, bucket):
         assert span > 45, "first runs must spread over the interval, not bunch at start"
         seconds = {t.replace(microsecond=0) for t in times}
         assert len(seconds) > 40
+    finally:
+        daemon.shutdown()
+
+
+@pytest.mark.slow
+def test_fifty_thousand_watches_load_and_one_change_reschedules_one(config: ConfigFile):
+    watches = [{"name": f"w{i}", "bucket": "bucket", "key": f"keys/{i}.json", "interval": "1h"} for i in range(50_000)]
+    config.write(watches)
+    daemon = Daemon(config.path, load_settings(config.path), Notifier(""))
+    daemon.start(paused=True)
+    try:
+        before = {job.id: (job.next_run_time, job.trigger) for job in daemon.scheduler.get_jobs()}
+        assert len(before) == 50_001  # plus the pruning job
+        watches[12345]["interval"] = "2h"
+        config.write(watches)
+        assert daemon.reload()
+        after = {job.id: (job.next_run_time, job.trigger) for job in daemon.scheduler.get_jobs()}
+        assert set(after) == set(before)
+        assert {jid for jid in before if after[jid] != before[jid]} == {job_id("w12345")}
+        assert query(config.db, "SELECT count(*) FROM watches WHERE active") == [(50_000,)]
     finally:
         daemon.shutdown()

@@ -1,0 +1,132 @@
+"""Property-based config input: every input is either a valid config or a one-paragraph ConfigError."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from conftest import render_config
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from poller.config import ConfigError, Settings, load_settings
+
+KNOWN = {
+    "s3": [
+        "region",
+        "endpoint_url",
+        "addressing_style",
+        "profile",
+        "conditional",
+        "connect_timeout",
+        "read_timeout",
+        "max_attempts",
+    ],
+    "database": ["url", "poll_retention"],
+    "schedule": ["interval", "jitter", "concurrency"],
+}
+WATCH_KEYS = ["name", "bucket", "key", "interval", "cron"]
+
+# Every class of character S3 allows in a key, up to and past its 1,024-byte limit.
+s3_keys = st.one_of(
+    st.text(min_size=0, max_size=40),
+    st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=1100),
+    st.sampled_from(["a b", "ü/日本", "+%20", "x" * 1024, "é" * 513, "\t", "\x7f", "q?u&e=r#y", "../..", "a\\b"]),
+)
+values = st.one_of(
+    st.text(max_size=20),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.lists(st.integers(), max_size=2),
+    st.sampled_from(
+        [
+            "30s",
+            "5m",
+            "1h",
+            "1d",
+            "0s",
+            "-1s",
+            "1e9s",
+            "999999999d",
+            "1h30m",
+            "250ms",
+            "",
+            "path",
+            "both",
+            "etag",
+            "timestamp",
+            "*/5 * * * *",
+            "61 * * * *",
+            "http://127.0.0.1:9000",
+        ]
+    ),
+)
+names = st.one_of(st.sampled_from(["a", "b", "", "dup"]), st.text(max_size=12))
+
+
+@st.composite
+def configs(draw: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for section, keys in KNOWN.items():
+        if draw(st.booleans()):
+            chosen = draw(st.lists(st.sampled_from([*keys, "bogus"]), unique=True, max_size=4))
+            data[section] = {k: draw(values) for k in chosen}
+    watches = []
+    for _ in range(draw(st.integers(0, 3))):
+        watch: dict[str, Any] = {
+            "bucket": draw(st.one_of(st.just("bucket"), st.text(max_size=8))),
+            "key": draw(s3_keys),
+        }
+        for extra in draw(st.lists(st.sampled_from([*WATCH_KEYS, "unknown"]), unique=True, max_size=3)):
+            watch[extra] = draw(names) if extra == "name" else draw(values)
+        watches.append(watch)
+    return {"sections": data, "watches": watches}
+
+
+def check(path: Path) -> None:
+    try:
+        result = load_settings(path)
+    except ConfigError as exc:
+        message = str(exc)
+        assert message.startswith(str(path)), message
+        assert "\n" not in message.strip() or "TOML syntax error" in message, message
+        assert "Traceback" not in message
+        assert any(w in message for w in ("field", "[", "watch #", "TOML", "UTF-8")), message
+        return
+    assert isinstance(result, Settings)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(configs())
+def test_generated_configs_are_valid_or_a_clear_error(cfg: dict[str, Any]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "poller.toml"
+        path.write_text(render_config(cfg["sections"], cfg["watches"]), encoding="utf-8", errors="surrogatepass")
+        check(path)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes(blob: bytes) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "poller.toml"
+        path.write_bytes(blob)
+        check(path)
+
+
+def test_bad_environment_override_names_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "poller.toml"
+    path.write_text("[schedule]\nconcurrency = 4\n")
+    os.environ["POLLER_SCHEDULE__CONCURRENCY"] = "lots"
+    try:
+        try:
+            load_settings(path)
+        except ConfigError as exc:
+            assert "concurrency" in str(exc) and "[schedule]" in str(exc)
+        else:
+            raise AssertionError("a non-integer concurrency must be refused")
+    finally:
+        del os.environ["POLLER_SCHEDULE__CONCURRENCY"]
