@@ -101,6 +101,12 @@ def test_sighup_adds_removes_and_survives_a_bad_config(config: ConfigFile, s3, b
     config.path.write_text("[[watch]\n")  # TOML syntax error
     daemon.signal(signal.SIGHUP)
     wait_for(lambda: "TOML syntax error" in daemon.log, what="syntax error logged")
+    config.write([{"name": "a", "bucket": bucket, "key": "a"}, {"name": "a", "bucket": bucket, "key": "c"}])
+    mark = len(daemon.notify.drain())
+    daemon.signal(signal.SIGHUP)
+    assert "duplicate name" in daemon.notify.wait("READY=1", after=mark)
+    c_polls = poll_count(config.db, "c")
+    wait_for(lambda: poll_count(config.db, "c") >= c_polls + 2, what="old watch list still polled")
     assert daemon.stop() == 0
     assert "Traceback" not in daemon.log
 
