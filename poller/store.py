@@ -30,6 +30,18 @@ from poller.watchlist import WatchSpec
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 5000
+_STATE_COLUMNS = (
+    "etag",
+    "last_modified",
+    "observed_server_date",
+    "version_id",
+    "size",
+    "present",
+    "last_polled_at",
+    "last_outcome",
+    "consecutive_errors",
+    "last_error",
+)
 PRUNE_CHUNK = 5000
 
 
@@ -330,47 +342,33 @@ class Store:
             if history_rows:
                 conn.execute(etag_history.insert(), history_rows)
             if ok_states:
-                stmt = self._insert(object_state)
-                conn.execute(
-                    stmt.on_conflict_do_update(
-                        index_elements=[object_state.c.watch_id, object_state.c.key],
-                        set_={
-                            **{
-                                c: stmt.excluded[c]
-                                for c in (
-                                    "etag",
-                                    "last_modified",
-                                    "observed_server_date",
-                                    "version_id",
-                                    "size",
-                                    "present",
-                                    "last_polled_at",
-                                    "last_outcome",
-                                    "consecutive_errors",
-                                    "last_error",
-                                )
-                            },
-                            "last_changed_at": func.coalesce(
-                                stmt.excluded.last_changed_at, object_state.c.last_changed_at
-                            ),
-                        },
-                    ),
+                self._upsert_states(
+                    conn,
                     ok_states,
+                    lambda new: {
+                        **{c: new[c] for c in _STATE_COLUMNS},
+                        "last_changed_at": func.coalesce(new.last_changed_at, object_state.c.last_changed_at),
+                    },
                 )
             if error_states:
-                stmt = self._insert(object_state)
-                conn.execute(
-                    stmt.on_conflict_do_update(
-                        index_elements=[object_state.c.watch_id, object_state.c.key],
-                        set_={
-                            "last_polled_at": stmt.excluded.last_polled_at,
-                            "last_outcome": stmt.excluded.last_outcome,
-                            "last_error": stmt.excluded.last_error,
-                            "consecutive_errors": object_state.c.consecutive_errors + 1,
-                        },
-                    ),
+                # An error touches only the bookkeeping columns: the object's state stays as committed.
+                self._upsert_states(
+                    conn,
                     error_states,
+                    lambda new: {
+                        "last_polled_at": new.last_polled_at,
+                        "last_outcome": new.last_outcome,
+                        "last_error": new.last_error,
+                        "consecutive_errors": object_state.c.consecutive_errors + 1,
+                    },
                 )
+
+    def _upsert_states(self, conn: Connection, rows: list[dict[str, Any]], updates: Any) -> None:
+        stmt = self._insert(object_state)
+        conflict = stmt.on_conflict_do_update(
+            index_elements=[object_state.c.watch_id, object_state.c.key], set_=updates(stmt.excluded)
+        )
+        conn.execute(conflict, rows)
 
     def prune_polls(self, before: datetime) -> int:
         """Delete poll rows older than ``before`` in short transactions; return how many went."""

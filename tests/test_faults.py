@@ -181,74 +181,65 @@ def test_database_locked_by_another_writer(config, s3, bucket, start_daemon):
     assert daemon.stop() == 0
 
 
-def _mount_tmpfs(path: Path, size: str) -> None:
-    import subprocess
-
-    path.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.decode().strip()}")
-
-
-def _umount(path: Path) -> None:
-    import subprocess
-
-    subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
-@pytest.mark.slow
-def test_disk_full_mid_run(config, s3, bucket, tmp_path, start_daemon):
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MB tmpfs (needs root): a real filesystem that can fill up or turn read-only."""
     import subprocess
 
     mnt = tmp_path / "mnt"
-    _mount_tmpfs(mnt, "4m")
-    try:
-        db = mnt / "poller.db"
-        s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
-        config.write([{"name": "a", "bucket": bucket, "key": "k"}], database={"url": f"sqlite:///{db}"})
-        config.db = db
-        daemon = start_daemon(config)
-        daemon.notify.wait("READY=1")
-        wait_for(lambda: events(db, "a") == ["first_seen"], what="first poll")
-        wait_for(lambda: "unchanged" in outcomes(db, "a"), what="steady polling")
-        filler = mnt / "filler"
-        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)
-        s3.put_object(Bucket=bucket, Key="k", Body=b"v2")  # a change that cannot be committed
-        wait_for(lambda: "NOT recorded" in daemon.log, timeout=30, what="a clear error")
-        assert re.search(r"disk|full", daemon.log), daemon.log[-2000:]
-        assert daemon.proc.poll() is None, "the daemon keeps running"
-        # Nothing was marked as seen: once there is space again, the change is recorded, once.
-        filler.unlink()
-        wait_for(lambda: events(db, "a") == ["first_seen", "modified"], timeout=30, what="change recorded after")
-        wait_for(lambda: outcomes(db, "a")[-1:] == ["unchanged"], what="polling goes on")
-        assert events(db, "a") == ["first_seen", "modified"]
-        assert daemon.stop() == 0
-        assert query(db, "PRAGMA integrity_check") == [("ok",)]
-    finally:
-        _umount(mnt)
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 @pytest.mark.slow
-def test_read_only_database_at_start_is_a_clear_error(config, s3, bucket, tmp_path):
+def test_disk_full_mid_run(config, s3, bucket, tmpfs, start_daemon):
+    import subprocess
+
+    mnt = tmpfs
+    db = mnt / "poller.db"
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
+    config.write([{"name": "a", "bucket": bucket, "key": "k"}], database={"url": f"sqlite:///{db}"})
+    config.db = db
+    daemon = start_daemon(config)
+    daemon.notify.wait("READY=1")
+    wait_for(lambda: events(db, "a") == ["first_seen"], what="first poll")
+    wait_for(lambda: "unchanged" in outcomes(db, "a"), what="steady polling")
+    filler = mnt / "filler"
+    subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v2")  # a change that cannot be committed
+    wait_for(lambda: "NOT recorded" in daemon.log, timeout=30, what="a clear error")
+    assert re.search(r"disk|full", daemon.log), daemon.log[-2000:]
+    assert daemon.proc.poll() is None, "the daemon keeps running"
+    # Nothing was marked as seen: once there is space again, the change is recorded, once.
+    filler.unlink()
+    wait_for(lambda: events(db, "a") == ["first_seen", "modified"], timeout=30, what="change recorded after")
+    wait_for(lambda: outcomes(db, "a")[-1:] == ["unchanged"], what="polling goes on")
+    assert events(db, "a") == ["first_seen", "modified"]
+    assert daemon.stop() == 0
+    assert query(db, "PRAGMA integrity_check") == [("ok",)]
+
+
+@pytest.mark.slow
+def test_read_only_database_at_start_is_a_clear_error(config, s3, bucket, tmpfs):
     import subprocess
 
     from conftest import run_cli
 
-    mnt = tmp_path / "mnt"
-    _mount_tmpfs(mnt, "4m")
-    try:
-        db = mnt / "poller.db"
-        s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
-        config.write([{"name": "a", "bucket": bucket, "key": "k"}], database={"url": f"sqlite:///{db}"})
-        assert run_cli("once", "--config", str(config.path)).returncode == 0
-        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
-        proc = run_cli("once", "--config", str(config.path))
-        assert proc.returncode == 1 and "Traceback" not in proc.stderr
-        assert "read-only" in proc.stderr, proc.stderr
-        status = run_cli("status", "--config", str(config.path))
-        assert "Traceback" not in status.stderr
-    finally:
-        _umount(mnt)
+    mnt = tmpfs
+    db = mnt / "poller.db"
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
+    config.write([{"name": "a", "bucket": bucket, "key": "k"}], database={"url": f"sqlite:///{db}"})
+    assert run_cli("once", "--config", str(config.path)).returncode == 0
+    subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+    proc = run_cli("once", "--config", str(config.path))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "read-only" in proc.stderr, proc.stderr
+    status = run_cli("status", "--config", str(config.path))
+    assert "Traceback" not in status.stderr
 
 
 @pytest.mark.slow
