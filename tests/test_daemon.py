@@ -228,3 +228,14 @@ def test_fifty_thousand_watches_load_and_one_change_reschedules_one(config: Conf
         assert query(config.db, "SELECT count(*) FROM watches WHERE active") == [(50_000,)]
     finally:
         daemon.shutdown()
+
+
+def test_scheduled_pruning_bounds_the_polls_table(config: ConfigFile, s3, bucket, start_daemon):
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v")
+    config.write([{"name": "a", "bucket": bucket, "key": "k"}], database={"poll_retention": "2s"})
+    daemon = start_daemon(config)
+    daemon.notify.wait("READY=1")
+    wait_for(lambda: "pruned" in daemon.log, timeout=30, what="the pruning job to run")
+    assert query(config.db, "SELECT min(id) FROM polls")[0][0] > 1, "the oldest polls are gone"
+    assert events(config.db, "a") == ["first_seen"], "ETag history is kept forever"
+    assert daemon.stop() == 0
