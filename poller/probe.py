@@ -150,7 +150,8 @@ def classify(state: ObjectState | None, answer: Answer) -> Verdict:
             return Verdict("modified", "created", new)
         return Verdict("modified", "modified", new)
     if answer.status == 404:
-        gone = ObjectState(present=False, observed_server_date=answer.server_date)
+        # On a versioned bucket the 404 carries the delete marker's version id: keep it for the event.
+        gone = ObjectState(present=False, observed_server_date=answer.server_date, version_id=answer.version_id)
         if known:
             return Verdict("missing", "deleted", gone)
         return Verdict("missing", None, gone)

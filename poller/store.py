@@ -333,7 +333,7 @@ class Store:
                         "etag": state.etag,
                         "previous_etag": r.previous.etag if r.previous else None,
                         "last_modified": state.last_modified,
-                        "version_id": state.version_id if state.present else None,
+                        "version_id": state.version_id,
                         "size": state.size,
                     }
                 )

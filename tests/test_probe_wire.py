@@ -249,3 +249,17 @@ def test_throttling_is_retried_then_an_error(fixed_server):
     assert result.outcome == "error" and result.http_status == 503
     assert "throttled" in result.error
     assert handler.hits == 3  # botocore standard retries, bounded by max_attempts
+
+
+def test_versioned_bucket_records_version_ids(wire, s3, bucket):
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    watch = Watch(1, "k", bucket, "k")
+    v1 = s3.put_object(Bucket=bucket, Key="k", Body=b"one")["VersionId"]
+    first = wire.poll(watch, None)
+    assert (first.event, first.state.version_id) == ("first_seen", v1)
+    v2 = s3.put_object(Bucket=bucket, Key="k", Body=b"two")["VersionId"]
+    second = wire.poll(watch, first.state)
+    assert (second.event, second.state.version_id) == ("modified", v2)
+    marker = s3.delete_object(Bucket=bucket, Key="k")["VersionId"]
+    gone = wire.poll(watch, second.state)
+    assert (gone.event, gone.state.version_id) == ("deleted", marker)
