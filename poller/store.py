@@ -458,16 +458,8 @@ class Store:
         with self.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
 
-    def counts(self) -> dict[str, int]:
-        """Row counts of the main tables (for status summaries)."""
-        with self.engine.connect() as conn:
-            return {
-                "watches": conn.scalar(select(func.count()).select_from(watches).where(watches.c.active.is_(True)))
-                or 0,
-                "history": conn.scalar(select(func.count()).select_from(etag_history)) or 0,
-            }
-
     def has_schema(self) -> bool:
+        """True once migrations have created poller's tables."""
         with self.engine.connect() as conn:
             return inspect(conn).has_table("watches")
 
