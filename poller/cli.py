@@ -189,6 +189,24 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_FAILED if any(r.outcome == "error" for r in results) else EXIT_OK
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Measure how the endpoint answers conditional HEADs and recommend [s3] conditional.
+
+    Writes a temporary object under .poller-doctor/ in the scratch bucket, overwrites it within one
+    second, and deletes it afterwards.
+    """
+    from poller.doctor import DoctorError, render, run_doctor
+    from poller.probe import make_client
+
+    _, settings = _settings(args)
+    try:
+        report = run_doctor(make_client(settings.s3, 1), args.bucket)
+    except DoctorError as exc:
+        raise RuntimeFailure(str(exc)) from None
+    print(render(report))
+    return EXIT_OK
+
+
 STATUS_COLUMNS = (
     "name",
     "bucket",
@@ -282,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("once", cmd_once, [common])
     check = add("check", cmd_check, [common])
     check.add_argument("--probe", action="store_true", help="also send one HEAD per watch")
+    doctor = add("doctor", cmd_doctor, [common])
+    doctor.add_argument("--bucket", required=True, metavar="SCRATCH", help="a bucket doctor may write to")
     add("status", cmd_status, [common, fmt])
     history = add("history", cmd_history, [common, fmt])
     history.add_argument("watch", nargs="?", metavar="WATCH", help="watch name, or a glob such as 'app-*'")

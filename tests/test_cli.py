@@ -212,3 +212,49 @@ def test_example_config_is_valid_and_complete():
     for model in (S3Settings, DatabaseSettings, ScheduleSettings, WatchSettings):
         for field in model.model_fields:
             assert f"\n{field} = " in text, f"config.example.toml does not show {model.__name__}.{field}"
+
+
+def test_doctor_against_moto(config: ConfigFile, s3, bucket):
+    config.write([])
+    proc = run_cli("doctor", "--bucket", bucket, "--config", str(config.path))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "If-None-Match, same ETag" in out and "If-Modified-Since = Last-Modified" in out
+    assert "both headers after a same-second overwrite" in out
+    # moto lets the timestamp win after a same-second overwrite but sends the new ETag on the 304.
+    assert 'recommended: [s3] conditional = "both"' in out
+    assert "cross-check" in out
+    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0, "doctor deletes what it wrote"
+
+
+def test_doctor_on_a_versioned_bucket_leaves_nothing(config: ConfigFile, s3, bucket):
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    config.write([])
+    proc = run_cli("doctor", "--bucket", bucket, "--config", str(config.path))
+    assert proc.returncode == 0 and "versioned bucket: yes" in proc.stdout
+    listing = s3.list_object_versions(Bucket=bucket)
+    assert not listing.get("Versions") and not listing.get("DeleteMarkers")
+
+
+def test_doctor_missing_bucket(config: ConfigFile):
+    config.write([])
+    proc = run_cli("doctor", "--bucket", "no-such-bucket-doctor", "--config", str(config.path))
+    assert proc.returncode == 1 and "s3://no-such-bucket-doctor" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_doctor_recommendations():
+    from poller.doctor import Check, recommend
+    from poller.probe import Answer
+
+    def checks(inm: int, ims: int, combo: Answer | None) -> dict[str, Check]:
+        out = {"inm-match": Check("", "", "304", Answer(inm)), "ims-same": Check("", "", "304", Answer(ims))}
+        if combo is not None:
+            out["both-after-overwrite"] = Check("", "", "200", combo)
+        return out
+
+    assert recommend(checks(304, 304, Answer(200)))[0] == "both"
+    assert recommend(checks(304, 304, Answer(304, etag='"new"')))[0] == "both"
+    assert recommend(checks(304, 304, Answer(304)))[0] == "etag"
+    assert recommend(checks(304, 200, Answer(200)))[0] == "etag"
+    assert recommend(checks(200, 304, None))[0] == "timestamp"
+    assert recommend(checks(200, 200, None))[0] == "etag"
