@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from poller.probe import Answer, answer_from_headers
+from poller.probe import Answer, answer_from_headers, describe_transport_error
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -82,7 +82,7 @@ def recommend(checks: dict[str, Check]) -> tuple[str, list[str]]:
     if not ims_ok:
         reasons.append("If-Modified-Since is ignored: poller relies on If-None-Match")
         return "etag", reasons
-    reasons.append("both headers behave; the same-second guard and the ETag cross-check cover the rest")
+    reasons.append("both headers are honoured; the same-second guard and the ETag cross-check cover the rest")
     return "both", reasons
 
 
@@ -98,7 +98,7 @@ def run_doctor(client: S3Client, bucket: str) -> Report:
             "it may write to and delete from (s3:PutObject, s3:DeleteObject, s3:GetObject)"
         ) from None
     except BotoCoreError as exc:
-        raise DoctorError(f"s3://{bucket}: cannot reach the endpoint ({exc})") from None
+        raise DoctorError(f"s3://{bucket}: {describe_transport_error(exc)}") from None
     finally:
         _clean_up(client, bucket, key)
 

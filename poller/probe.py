@@ -236,9 +236,9 @@ class Prober:
                 verdict = classify(state, answer)
         except ClientError as exc:
             code = _status_of(exc)
-            return self._error(watch, polled_at, started, state, code, describe_client_error(watch, exc))
+            return self._error(watch, polled_at, started, state, code, describe_client_error(exc))
         except (BotoCoreError, OSError, ValueError) as exc:
-            return self._error(watch, polled_at, started, state, status, describe_transport_error(watch, exc))
+            return self._error(watch, polled_at, started, state, status, describe_transport_error(exc))
         return PollResult(
             watch=watch,
             polled_at=polled_at,
@@ -309,7 +309,7 @@ def _bucket_missing(watch: Watch) -> str:
     )
 
 
-def describe_client_error(watch: Watch, exc: ClientError) -> str:
+def describe_client_error(exc: ClientError) -> str:
     """An operator-facing reason for an S3 error answer."""
     status = _status_of(exc)
     code = exc.response.get("Error", {}).get("Code", "") or str(status)
@@ -327,7 +327,7 @@ def describe_client_error(watch: Watch, exc: ClientError) -> str:
     return f"S3 answered {status} {code} after retries"
 
 
-def describe_transport_error(watch: Watch, exc: BaseException) -> str:
+def describe_transport_error(exc: BaseException) -> str:
     """An operator-facing reason for a failure below HTTP (network, timeout, credentials)."""
     if isinstance(exc, ReadTimeoutError):
         return "read timeout: the endpoint accepted the connection but did not answer in [s3] read_timeout"
