@@ -149,7 +149,8 @@ class PollService:
             log.warning("%s", describe_result(result))
         elif result.event is not None:
             log.info("%s", describe_result(result))
-        else:
+        elif log.isEnabledFor(logging.DEBUG):
+            # Most polls are unchanged: do not format their line unless it will be shown.
             log.debug("%s", describe_result(result))
         return result
 
