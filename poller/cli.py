@@ -145,7 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_once(args: argparse.Namespace) -> int:
     """Poll every watch once, record the outcomes, print them; exit 1 if any poll failed."""
     from poller.pipeline import PollService, Recorder, describe_result, poll_all
-    from poller.probe import Prober, make_client
+    from poller.probe import prober_for
     from poller.store import migrate
     from poller.watchlist import specs_from_settings
 
@@ -156,7 +156,7 @@ def cmd_once(args: argparse.Namespace) -> int:
         specs = specs_from_settings(settings)
         synced = store.sync_watches(list(specs.values()), datetime.now(UTC))
         recorder = Recorder(store, settings.database.url)
-        prober = Prober(make_client(settings.s3, settings.schedule.concurrency), settings.s3.conditional)
+        prober = prober_for(settings.s3, settings.schedule.concurrency)
         service = PollService(store, prober, recorder, settings.database.url, log_polls=False)
         results = poll_all(service, list(synced.watches.values()), settings.schedule.concurrency)
         recorder.close()
@@ -175,13 +175,13 @@ def cmd_once(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate the config; with --probe also send one unconditional HEAD per watch (nothing is written)."""
     from poller.pipeline import describe_result, probe_all_unrecorded
-    from poller.probe import Prober, Watch, make_client
+    from poller.probe import Watch, prober_for
 
     path, settings = _settings(args)
     print(f"{path}: configuration OK, {len(settings.watch)} watches")
     if not args.probe:
         return EXIT_OK
-    prober = Prober(make_client(settings.s3, settings.schedule.concurrency), settings.s3.conditional)
+    prober = prober_for(settings.s3, settings.schedule.concurrency)
     targets = [Watch(0, w.name, w.bucket, w.key) for w in settings.watch]
     results = probe_all_unrecorded(prober, targets, settings.schedule.concurrency)
     for result in results:

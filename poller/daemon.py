@@ -20,7 +20,7 @@ from apscheduler.triggers.cron import CronTrigger
 
 from poller.config import ConfigError, Settings, format_duration, load_settings
 from poller.pipeline import PollService, Recorder
-from poller.probe import Prober, Watch, make_client
+from poller.probe import Watch, prober_for
 from poller.sdnotify import Notifier, watchdog_interval
 from poller.store import Store, describe_db_error, migrate, open_engine
 from poller.watchlist import WatchSpec, diff_watch_lists, specs_from_settings
@@ -104,7 +104,7 @@ class Daemon:
         specs = specs_from_settings(settings)
         synced = self.store.sync_watches(list(specs.values()), datetime.now(UTC))
         self.recorder = Recorder(self.store, settings.database.url)
-        prober = Prober(make_client(settings.s3, settings.schedule.concurrency), settings.s3.conditional)
+        prober = prober_for(settings.s3, settings.schedule.concurrency)
         self.service = PollService(self.store, prober, self.recorder, settings.database.url)
         self.current = _Running(settings, specs, synced.watches)
         self.scheduler = BackgroundScheduler(
@@ -233,7 +233,7 @@ class Daemon:
             return False
         self._warn_restart_only(old.settings, new)
         if new.s3 != old.settings.s3:
-            self.service.prober = Prober(make_client(new.s3, old.settings.schedule.concurrency), new.s3.conditional)
+            self.service.prober = prober_for(new.s3, old.settings.schedule.concurrency)
             log.info("reload: [s3] settings changed; new client in use")
         self.current = _Running(new, specs, synced.watches)
         for name in diff.removed:

@@ -10,11 +10,11 @@ import contextlib
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from poller.probe import Answer, answer_from_headers, describe_transport_error
+from poller.probe import Answer, describe_transport_error, head
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -42,21 +42,8 @@ class Check:
 class Report:
     checks: list[Check]
     versioned: bool
-    same_second: bool  # whether two PUTs landed in one server second (needed for the key check)
     recommendation: str
     reasons: list[str]
-
-
-def _head(client: S3Client, bucket: str, key: str, **conditions: Any) -> Answer:
-    try:
-        response = client.head_object(Bucket=bucket, Key=key, **conditions)
-    except ClientError as exc:
-        meta = exc.response.get("ResponseMetadata", {})
-        status = int(meta.get("HTTPStatusCode", 0))
-        if status in (304, 404):
-            return answer_from_headers(status, meta.get("HTTPHeaders", {}))
-        raise
-    return answer_from_headers(200, response["ResponseMetadata"]["HTTPHeaders"])
 
 
 def recommend(checks: dict[str, Check]) -> tuple[str, list[str]]:
@@ -116,59 +103,55 @@ def _clean_up(client: S3Client, bucket: str, key: str) -> None:
 
 def _measure(client: S3Client, bucket: str, key: str) -> Report:
     put = client.put_object(Bucket=bucket, Key=key, Body=b"poller doctor 1")
-    first = _head(client, bucket, key)
+    first = head(client, bucket, key)
     assert first.etag is not None and first.last_modified is not None
     checks = {
         "inm-match": Check(
             "If-None-Match, same ETag",
             f"If-None-Match: {first.etag}",
             "304",
-            _head(client, bucket, key, IfNoneMatch=first.etag),
+            head(client, bucket, key, IfNoneMatch=first.etag),
         ),
         "inm-unquoted": Check(
             "If-None-Match, unquoted ETag",
             f"If-None-Match: {first.etag.strip(chr(34))}",
             "304",
-            _head(client, bucket, key, IfNoneMatch=first.etag.strip('"')),
+            head(client, bucket, key, IfNoneMatch=first.etag.strip('"')),
         ),
         "ims-same": Check(
             "If-Modified-Since = Last-Modified",
             "If-Modified-Since: Last-Modified",
             "304",
-            _head(client, bucket, key, IfModifiedSince=first.last_modified),
+            head(client, bucket, key, IfModifiedSince=first.last_modified),
         ),
         "ims-future": Check(
             "If-Modified-Since in the future",
             "If-Modified-Since: +1 day",
             "304",
-            _head(client, bucket, key, IfModifiedSince=first.last_modified + timedelta(days=1)),
+            head(client, bucket, key, IfModifiedSince=first.last_modified + timedelta(days=1)),
         ),
     }
-    same_second = False
     for _ in range(SAME_SECOND_TRIES):
         client.put_object(Bucket=bucket, Key=key, Body=b"poller doctor 1")
-        before = _head(client, bucket, key)
+        before = head(client, bucket, key)
         client.put_object(Bucket=bucket, Key=key, Body=b"poller doctor 2, overwritten")
-        after = _head(client, bucket, key)
+        after = head(client, bucket, key)
         if before.last_modified == after.last_modified and before.etag != after.etag:
-            same_second = True
             assert before.etag is not None and before.last_modified is not None
             checks["both-after-overwrite"] = Check(
                 "both headers after a same-second overwrite",
                 "If-None-Match: old ETag + If-Modified-Since",
                 "200",
-                _head(client, bucket, key, IfNoneMatch=before.etag, IfModifiedSince=before.last_modified),
+                head(client, bucket, key, IfNoneMatch=before.etag, IfModifiedSince=before.last_modified),
             )
             break
     mode, reasons = recommend(checks)
-    if not same_second:
+    if "both-after-overwrite" not in checks:
         reasons.append(
             f"could not fit two PUTs into one server second in {SAME_SECOND_TRIES} tries; "
             "the same-second check was not measured"
         )
-    return Report(
-        list(checks.values()), bool(put.get("VersionId")) or first.version_id is not None, same_second, mode, reasons
-    )
+    return Report(list(checks.values()), bool(put.get("VersionId")) or first.version_id is not None, mode, reasons)
 
 
 def render(report: Report) -> str:

@@ -207,6 +207,23 @@ def make_client(settings: S3Settings, concurrency: int) -> S3Client:
     return session.client("s3", endpoint_url=settings.endpoint_url or None, config=config)
 
 
+def prober_for(settings: S3Settings, concurrency: int) -> Prober:
+    """A Prober with its own client, built from the [s3] settings."""
+    return Prober(make_client(settings, concurrency), settings.conditional)
+
+
+def head(client: S3Client, bucket: str, key: str, **conditions: Any) -> Answer:
+    """One HeadObject; a 304 or 404 is an Answer (botocore raises them as ClientError), anything else raises."""
+    try:
+        response = client.head_object(Bucket=bucket, Key=key, **conditions)
+    except ClientError as exc:
+        status = _status_of(exc)
+        if status in (304, 404):
+            return answer_from_headers(status, exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}))
+        raise
+    return answer_from_headers(200, response["ResponseMetadata"]["HTTPHeaders"])
+
+
 class Prober:
     """Sends the conditional HEAD for a watch and classifies the answer; never raises for S3 trouble."""
 
@@ -252,14 +269,7 @@ class Prober:
         )
 
     def _head(self, watch: Watch, conditions: dict[str, Any]) -> Answer:
-        try:
-            response = self.client.head_object(Bucket=watch.bucket, Key=watch.key, **conditions)
-        except ClientError as exc:
-            status = _status_of(exc)
-            if status in (304, 404):
-                return answer_from_headers(status, exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}))
-            raise
-        return answer_from_headers(200, response["ResponseMetadata"]["HTTPHeaders"])
+        return head(self.client, watch.bucket, watch.key, **conditions)
 
     def _bucket_exists(self, bucket: str) -> bool:
         """HeadBucket once per bucket and TTL: a HEAD's 404 cannot tell a missing key from a missing bucket."""
