@@ -144,22 +144,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_once(args: argparse.Namespace) -> int:
     """Poll every watch once, record the outcomes, print them; exit 1 if any poll failed."""
-    from poller.pipeline import PollService, Recorder, describe_result, poll_all
-    from poller.probe import prober_for
-    from poller.store import migrate
-    from poller.watchlist import specs_from_settings
+    from poller.pipeline import describe_result, poll_all, prepare
 
     _, settings = _settings(args)
     store = _open_store(settings, readonly=False)
     try:
-        migrate(store.engine)
-        specs = specs_from_settings(settings)
-        synced = store.sync_watches(list(specs.values()), datetime.now(UTC))
-        recorder = Recorder(store, settings.database.url)
-        prober = prober_for(settings.s3, settings.schedule.concurrency)
-        service = PollService(store, prober, recorder, settings.database.url, log_polls=False)
+        service, _, synced = prepare(settings, store, log_polls=False)
         results = poll_all(service, list(synced.watches.values()), settings.schedule.concurrency)
-        recorder.close()
+        service.recorder.close()
     finally:
         store.close()
     failed = 0

@@ -19,10 +19,10 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 
 from poller.config import ConfigError, Settings, format_duration, load_settings
-from poller.pipeline import PollService, Recorder
+from poller.pipeline import prepare
 from poller.probe import Watch, prober_for
 from poller.sdnotify import Notifier, watchdog_interval
-from poller.store import Store, describe_db_error, migrate, open_engine
+from poller.store import Store, describe_db_error, open_engine
 from poller.watchlist import WatchSpec, diff_watch_lists, specs_from_settings
 
 log = logging.getLogger(__name__)
@@ -98,14 +98,9 @@ class Daemon:
         if signals:
             # Before the slow start-up (migrations, watch sync): a SIGTERM then still ends cleanly.
             self._install_signals()
-        engine = open_engine(settings.database.url)
-        migrate(engine)
-        self.store = Store(engine)
-        specs = specs_from_settings(settings)
-        synced = self.store.sync_watches(list(specs.values()), datetime.now(UTC))
-        self.recorder = Recorder(self.store, settings.database.url)
-        prober = prober_for(settings.s3, settings.schedule.concurrency)
-        self.service = PollService(self.store, prober, self.recorder, settings.database.url)
+        self.store = Store(open_engine(settings.database.url))
+        self.service, specs, synced = prepare(settings, self.store)
+        self.recorder = self.service.recorder
         self.current = _Running(settings, specs, synced.watches)
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(settings.schedule.concurrency)},

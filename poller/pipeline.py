@@ -16,8 +16,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from datetime import UTC, datetime
 
-from poller.probe import ObjectState, PollResult, Prober, Watch
-from poller.store import Store, describe_db_error
+from poller.config import Settings
+from poller.probe import ObjectState, PollResult, Prober, Watch, prober_for
+from poller.store import Store, SyncResult, describe_db_error, migrate
+from poller.watchlist import WatchSpec, specs_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +155,18 @@ class PollService:
             # Most polls are unchanged: do not format their line unless it will be shown.
             log.debug("%s", describe_result(result))
         return result
+
+
+def prepare(
+    settings: Settings, store: Store, *, log_polls: bool = True
+) -> tuple[PollService, dict[str, WatchSpec], SyncResult]:
+    """What `run` and `once` both do before polling: migrate, sync the watch list, start the writer."""
+    migrate(store.engine)
+    specs = specs_from_settings(settings)
+    synced = store.sync_watches(list(specs.values()), datetime.now(UTC))
+    recorder = Recorder(store, settings.database.url)
+    prober = prober_for(settings.s3, settings.schedule.concurrency)
+    return PollService(store, prober, recorder, settings.database.url, log_polls=log_polls), specs, synced
 
 
 def printable(text: str) -> str:
