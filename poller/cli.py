@@ -10,6 +10,7 @@ import csv
 import json
 import logging
 import os
+import re
 import stat
 import sys
 from collections.abc import Callable, Sequence
@@ -55,6 +56,10 @@ def _settings(args: argparse.Namespace) -> tuple[Path, Settings]:
     return path, settings
 
 
+# An AWS key name, or a non-empty `secret = "..."` (a webhook's HMAC key).
+_CREDENTIALS = re.compile(r"aws_secret_access_key|aws_session_token|^\s*secret\s*=\s*[\"'][^\"']", re.MULTILINE)
+
+
 def _warn_if_exposed(path: Path) -> None:
     """Warn when a config that holds credentials can be read by other users."""
     try:
@@ -62,9 +67,7 @@ def _warn_if_exposed(path: Path) -> None:
         text = path.read_text("utf-8", "replace").lower()
     except OSError:
         return
-    if mode & (stat.S_IRGRP | stat.S_IROTH) and any(
-        marker in text for marker in ("aws_secret_access_key", "secret_access_key", "aws_session_token", "secret =")
-    ):
+    if mode & (stat.S_IRGRP | stat.S_IROTH) and _CREDENTIALS.search(text):
         log.warning(
             "%s looks like it holds credentials and is readable by other users; run `chmod 600 %s` "
             "(or better, keep credentials in the AWS credential chain, not in the poller config)",
@@ -144,6 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_once(args: argparse.Namespace) -> int:
     """Poll every watch once, record the outcomes, print them; exit 1 if any poll failed."""
+    from poller.notify import Dispatcher
     from poller.pipeline import describe_result, poll_all, prepare
 
     _, settings = _settings(args)
@@ -152,6 +156,11 @@ def cmd_once(args: argparse.Namespace) -> int:
         service, _, synced = prepare(settings, store, log_polls=False)
         results = poll_all(service, list(synced.watches.values()), settings.schedule.concurrency)
         service.recorder.close()
+        if settings.notify:
+            # One attempt at each due delivery; what fails stays queued for the next run or the daemon.
+            dispatcher = Dispatcher(store, settings.notify, settings.database.url)
+            dispatcher.run_once()
+            dispatcher.stop()
     finally:
         store.close()
     failed = 0
@@ -220,9 +229,54 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = _open_store(settings, readonly=True)
     try:
         rows = store.status()
+        deliveries = store.notification_counts()
     finally:
         store.close()
     _emit(rows, STATUS_COLUMNS, args.format)
+    if args.format == "table" and any(deliveries.values()):
+        hint = "; `poller notify retry` re-queues failed ones" if deliveries["failed"] else ""
+        print(
+            f"\nnotifications: {deliveries['pending']} pending, {deliveries['failed']} failed, "
+            f"{deliveries['delivered']} delivered{hint}"
+        )
+    return EXIT_OK
+
+
+NOTIFY_COLUMNS = (
+    "id",
+    "sink",
+    "status",
+    "attempts",
+    "watch",
+    "event",
+    "etag",
+    "created_at",
+    "delivered_at",
+    "last_error",
+)
+
+
+def cmd_notify_list(args: argparse.Namespace) -> int:
+    """List notification deliveries, newest first: sink, status, attempts, last error."""
+    _, settings = _settings(args)
+    store = _open_store(settings, readonly=True)
+    try:
+        rows = store.notification_rows(args.status, args.limit or 1_000_000)
+    finally:
+        store.close()
+    _emit(rows, NOTIFY_COLUMNS, args.format)
+    return EXIT_OK
+
+
+def cmd_notify_retry(args: argparse.Namespace) -> int:
+    """Re-queue failed notification deliveries (all, or one sink's); the daemon delivers them."""
+    _, settings = _settings(args)
+    store = _open_store(settings, readonly=False)
+    try:
+        count = store.retry_failed(datetime.now(UTC), args.sink)
+    finally:
+        store.close()
+    print(f"re-queued {count} failed deliveries")
     return EXIT_OK
 
 
@@ -302,6 +356,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--changes", action="store_true", help="ETag history events only (first_seen, modified, deleted, created)"
     )
     history.add_argument("--limit", type=int, default=100, help="at most this many rows (default 100; 0 = all)")
+    notify = sub.add_parser("notify", help="notification deliveries", description="Notification deliveries.")
+    notify_sub = notify.add_subparsers(dest="notify_command", metavar="COMMAND", parser_class=_Parser)
+    notify_sub.required = True
+    for name, func in (("list", cmd_notify_list), ("retry", cmd_notify_retry)):
+        doc = (func.__doc__ or "").strip()
+        p = notify_sub.add_parser(
+            name, parents=[common, fmt] if name == "list" else [common], help=doc, description=doc
+        )
+        p.set_defaults(func=func)
+        if name == "list":
+            p.add_argument("--status", choices=["pending", "delivered", "failed"], help="only this status")
+            p.add_argument("--limit", type=int, default=100, help="at most this many rows (default 100; 0 = all)")
+        else:
+            p.add_argument("--sink", metavar="NAME", help="only this sink's failed deliveries")
     db = sub.add_parser("db", help="database maintenance", description="Database maintenance.")
     db_sub = db.add_subparsers(dest="db_command", metavar="COMMAND", parser_class=_Parser)
     db_sub.required = True

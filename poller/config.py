@@ -163,6 +163,40 @@ def _check_cron(expr: str) -> None:
         raise ValueError(f"cron {expr!r} is not a valid crontab expression ({exc})") from None
 
 
+EVENTS = ("first_seen", "modified", "deleted", "created")
+
+
+class NotifySettings(_Section):
+    """One notification sink: a command (argv, no shell) or a webhook (HTTP POST of JSON)."""
+
+    name: str = ""
+    type: Literal["command", "webhook"]
+    command: list[str] = Field(default_factory=list)
+    url: str = ""
+    secret: str = ""  # HMAC-SHA256 key for webhooks; never logged or stored
+    timeout: Duration = 10.0
+    watches: list[str] = Field(default_factory=lambda: ["*"])
+    events: list[str] = Field(default_factory=lambda: list(EVENTS))
+    backoff: Duration = 5.0  # first retry delay; doubles per attempt, capped at one hour
+    max_age: Duration = 86400.0  # give up (status "failed") when undelivered for this long
+
+    @model_validator(mode="after")
+    def _check(self) -> NotifySettings:
+        _positive("timeout", self.timeout)
+        _positive("backoff", self.backoff)
+        _positive("max_age", self.max_age)
+        if self.type == "command" and (not self.command or not self.command[0]):
+            raise ValueError('a command sink needs command = ["program", "arg", ...]')
+        if self.type == "webhook" and not re.match(r"^https?://[^/\s]+", self.url):
+            raise ValueError('a webhook sink needs url = "http(s)://host/..."')
+        unknown = [e for e in self.events if e not in EVENTS]
+        if unknown:
+            raise ValueError(f"events: unknown event {unknown[0]!r}; choose from {', '.join(EVENTS)}")
+        if not self.watches:
+            raise ValueError('watches must name at least one glob (default ["*"])')
+        return self
+
+
 class Settings(BaseSettings):
     """The whole configuration; the TOML data is passed in, environment variables override it."""
 
@@ -174,6 +208,7 @@ class Settings(BaseSettings):
     database: DatabaseSettings = DatabaseSettings()
     schedule: ScheduleSettings = ScheduleSettings()
     watch: list[WatchSettings] = Field(default_factory=list)
+    notify: list[NotifySettings] = Field(default_factory=list)
 
     @classmethod
     def settings_customise_sources(
@@ -186,6 +221,17 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment first so that it overrides the TOML data handed in as init kwargs.
         return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _name_sinks(self) -> Settings:
+        seen: set[str] = set()
+        for index, sink in enumerate(self.notify):
+            if not sink.name:
+                object.__setattr__(sink, "name", f"{sink.type}-{index + 1}")
+            if sink.name in seen:
+                raise ValueError(f"notify #{index + 1} ({sink.name!r}): field 'name': duplicate sink name")
+            seen.add(sink.name)
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:
@@ -271,7 +317,12 @@ def describe_validation_error(exc: ValidationError, data: Mapping[str, Any]) -> 
             msg = "unknown key (check the spelling; config.example.toml lists every key)"
         elif err["type"] == "missing":
             msg = "required field is missing"
-        elif "input" in err and err["type"] not in ("value_error",) and not isinstance(err["input"], dict | list):
+        elif (
+            "input" in err
+            and err["type"] not in ("value_error",)
+            and not isinstance(err["input"], dict | list)
+            and loc[-1:] not in (["secret"], ["url"])  # may carry tokens: never echo them
+        ):
             msg = f"{msg} (got {_short(err['input'])})"
         parts.append(f"{where}: {msg}" if where else msg)
     return "; ".join(parts) + "."
@@ -281,16 +332,16 @@ def _describe_location(loc: list[int | str], data: Mapping[str, Any]) -> str:
     if not loc:
         return ""
     head = loc[0]
-    if head == "watch" and len(loc) >= 2 and isinstance(loc[1], int):
+    if head in ("watch", "notify") and len(loc) >= 2 and isinstance(loc[1], int):
         index = loc[1]
-        watches = data.get("watch")
-        entry = watches[index] if isinstance(watches, list) and index < len(watches) else {}
+        entries = data.get(str(head))
+        entry = entries[index] if isinstance(entries, list) and index < len(entries) else {}
         name = _watch_name(entry)
         field = ".".join(str(p) for p in loc[2:])
-        label = f"watch #{index + 1} ({name!r})" if name else f"watch #{index + 1}"
+        label = f"{head} #{index + 1} ({name!r})" if name else f"{head} #{index + 1}"
         return f"{label}: field {field!r}" if field else label
     if len(loc) == 1:
-        return f"field {head!r}" if head not in ("s3", "database", "schedule", "watch") else f"[{head}]"
+        return f"field {head!r}" if head not in ("s3", "database", "schedule", "watch", "notify") else f"[{head}]"
     return f"[{head}] field {'.'.join(str(p) for p in loc[1:])!r}"
 
 

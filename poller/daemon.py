@@ -19,6 +19,7 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 
 from poller.config import ConfigError, Settings, format_duration, load_settings
+from poller.notify import Dispatcher, make_route
 from poller.pipeline import prepare
 from poller.probe import Watch, prober_for
 from poller.sdnotify import Notifier, watchdog_interval
@@ -101,6 +102,8 @@ class Daemon:
         self.store = Store(open_engine(settings.database.url))
         self.service, specs, synced = prepare(settings, self.store)
         self.recorder = self.service.recorder
+        self.dispatcher = Dispatcher(self.store, settings.notify, settings.database.url)
+        self.recorder.on_events = self.dispatcher.wake
         self.current = _Running(settings, specs, synced.watches)
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(settings.schedule.concurrency)},
@@ -123,6 +126,8 @@ class Daemon:
             next_run_time=datetime.now(UTC) + timedelta(seconds=5),
         )
         self.scheduler.start(paused=paused)
+        if not paused:
+            self.dispatcher.start()
 
     def run(self) -> int:
         """Poll until SIGTERM/SIGINT; return the exit code."""
@@ -179,6 +184,7 @@ class Daemon:
         self.notifier.stopping("stopping: finishing polls in flight")
         self.scheduler.shutdown(wait=True)
         self.recorder.close()
+        self.dispatcher.stop()
         self.store.close()
         log.info("stopped")
 
@@ -231,6 +237,8 @@ class Daemon:
             self.service.prober = prober_for(new.s3, old.settings.schedule.concurrency)
             log.info("reload: [s3] settings changed; new client in use")
         self.current = _Running(new, specs, synced.watches)
+        self.recorder.route = make_route(new.notify) if new.notify else None
+        self.dispatcher.set_sinks(new.notify)
         for name in diff.removed:
             self.scheduler.remove_job(job_id(name))
             self.service.forget(old.watches[name].id)

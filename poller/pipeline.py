@@ -17,8 +17,9 @@ from concurrent.futures import Future
 from datetime import UTC, datetime
 
 from poller.config import Settings
+from poller.notify import make_route
 from poller.probe import ObjectState, PollResult, Prober, Watch, prober_for
-from poller.store import Store, SyncResult, describe_db_error, migrate
+from poller.store import Route, Store, SyncResult, describe_db_error, migrate
 from poller.watchlist import WatchSpec, specs_from_settings
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,10 @@ MAX_BATCH = 1000
 class Recorder:
     """A single writer thread that commits many poll results per transaction."""
 
-    def __init__(self, store: Store, url: str, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, store: Store, route: Route | None = None, max_batch: int = MAX_BATCH) -> None:
         self._store = store
-        self._url = url
+        self.route = route  # replaced on reload; read once per batch
+        self.on_events: Callable[[], None] | None = None  # e.g. wake the notification dispatcher
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[tuple[PollResult, Future[None]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="poller-writer", daemon=True)
@@ -71,7 +73,7 @@ class Recorder:
 
     def _commit(self, batch: list[tuple[PollResult, Future[None]]]) -> None:
         try:
-            self._store.record([r for r, _ in batch])
+            self._store.record([r for r, _ in batch], self.route)
         except Exception as exc:
             if len(batch) > 1:
                 # One bad row must not sink the others: retry each on its own.
@@ -82,6 +84,8 @@ class Recorder:
             return
         for _, future in batch:
             future.set_result(None)
+        if self.on_events is not None and any(r.event for r, _ in batch):
+            self.on_events()
 
 
 class Stats:
@@ -164,7 +168,7 @@ def prepare(
     migrate(store.engine)
     specs = specs_from_settings(settings)
     synced = store.sync_watches(list(specs.values()), datetime.now(UTC))
-    recorder = Recorder(store, settings.database.url)
+    recorder = Recorder(store, make_route(settings.notify) if settings.notify else None)
     prober = prober_for(settings.s3, settings.schedule.concurrency)
     return PollService(store, prober, recorder, settings.database.url, log_polls=log_polls), specs, synced
 

@@ -121,3 +121,19 @@ etag_history = Table(
     Index("ix_etag_history_watch_id_detected_at", "watch_id", "detected_at"),
     Index("ix_etag_history_detected_at", "detected_at"),
 )
+
+notifications = Table(
+    "notifications",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("history_id", Integer, ForeignKey("etag_history.id"), nullable=False),
+    Column("sink", Text, nullable=False),
+    Column("status", String(16), nullable=False),  # pending | delivered | failed
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("queued_at", UTCDateTime, nullable=False),  # max_age counts from here; `notify retry` resets it
+    Column("next_attempt_at", UTCDateTime, nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text),
+    Column("delivered_at", UTCDateTime),
+    Index("ix_notifications_status_next_attempt_at", "status", "next_attempt_at"),
+)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,7 +24,7 @@ from sqlalchemy.exc import ArgumentError
 
 from poller.probe import ObjectState, PollResult, Watch
 from poller.redact import redact
-from poller.schema import etag_history, object_state, polls, watches
+from poller.schema import etag_history, notifications, object_state, polls, watches
 from poller.watchlist import WatchSpec
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,9 @@ _STATE_COLUMNS = (
     "last_error",
 )
 PRUNE_CHUNK = 5000
+
+
+Route = Callable[[str, str], list[str]]  # (watch name, event) -> notification sink names
 
 
 class StoreError(Exception):
@@ -274,11 +277,18 @@ class Store:
 
     # --- recording ------------------------------------------------------------------
 
-    def record(self, results: Sequence[PollResult]) -> None:
-        """Commit poll rows, object states and history events of ``results`` in one transaction."""
+    def record(self, results: Sequence[PollResult], route: Route | None = None) -> None:
+        """Commit poll rows, object states and history events of ``results`` in one transaction.
+
+        ``route(watch_name, event)`` names the notification sinks of an event; their outbox rows
+        are written in the same transaction, so a committed change is never without its delivery.
+        """
         if not results:
             return
-        poll_rows, history_rows, ok_states, error_states = [], [], [], []
+        poll_rows: list[dict[str, Any]] = []
+        history_rows: list[tuple[dict[str, Any], str]] = []
+        ok_states: list[dict[str, Any]] = []
+        error_states: list[dict[str, Any]] = []
         for r in results:
             state = r.state
             poll_rows.append(
@@ -325,22 +335,46 @@ class Store:
             )
             if r.event:
                 history_rows.append(
-                    {
-                        "watch_id": r.watch.id,
-                        "key": r.watch.key,
-                        "detected_at": r.polled_at,
-                        "event": r.event,
-                        "etag": state.etag,
-                        "previous_etag": r.previous.etag if r.previous else None,
-                        "last_modified": state.last_modified,
-                        "version_id": state.version_id,
-                        "size": state.size,
-                    }
+                    (
+                        {
+                            "watch_id": r.watch.id,
+                            "key": r.watch.key,
+                            "detected_at": r.polled_at,
+                            "event": r.event,
+                            "etag": state.etag,
+                            "previous_etag": r.previous.etag if r.previous else None,
+                            "last_modified": state.last_modified,
+                            "version_id": state.version_id,
+                            "size": state.size,
+                        },
+                        r.watch.name,
+                    )
                 )
         with self._tx() as conn:
             conn.execute(polls.insert(), poll_rows)
-            if history_rows:
-                conn.execute(etag_history.insert(), history_rows)
+            outbox: list[dict[str, Any]] = []
+            for row, name in history_rows:
+                sinks = route(name, row["event"]) if route else []
+                if not sinks:
+                    conn.execute(etag_history.insert(), row)
+                    continue
+                key = conn.execute(etag_history.insert().values(**row)).inserted_primary_key
+                assert key is not None
+                history_id = key[0]
+                outbox += [
+                    {
+                        "history_id": history_id,
+                        "sink": sink,
+                        "status": "pending",
+                        "created_at": row["detected_at"],
+                        "queued_at": row["detected_at"],
+                        "next_attempt_at": row["detected_at"],
+                        "attempts": 0,
+                    }
+                    for sink in sinks
+                ]
+            if outbox:
+                conn.execute(notifications.insert(), outbox)
             if ok_states:
                 self._upsert_states(
                     conn,
@@ -455,6 +489,103 @@ class Store:
         query = query.order_by(ts.desc(), table.c.id.desc())
         if limit is not None:
             query = query.limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    # --- notification outbox ----------------------------------------------------------
+
+    def due_notifications(self, now: datetime, limit: int = 100) -> list[dict[str, Any]]:
+        """Pending deliveries whose next attempt is due, with the event they carry, oldest first."""
+        query = (
+            select(
+                notifications.c.id,
+                notifications.c.sink,
+                notifications.c.attempts,
+                notifications.c.queued_at,
+                etag_history.c.id.label("history_id"),
+                etag_history.c.event,
+                etag_history.c.detected_at,
+                etag_history.c.key,
+                etag_history.c.etag,
+                etag_history.c.previous_etag,
+                etag_history.c.last_modified,
+                etag_history.c.version_id,
+                etag_history.c.size,
+                watches.c.name.label("watch"),
+                watches.c.bucket,
+            )
+            .join(etag_history, etag_history.c.id == notifications.c.history_id)
+            .join(watches, watches.c.id == etag_history.c.watch_id)
+            .where(notifications.c.status == "pending", notifications.c.next_attempt_at <= now)
+            .order_by(notifications.c.next_attempt_at, notifications.c.id)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def delivered(self, notification_id: int, now: datetime) -> None:
+        self._update_notification(
+            notification_id,
+            status="delivered",
+            delivered_at=now,
+            attempts=notifications.c.attempts + 1,
+            last_error=None,
+        )
+
+    def attempt_failed(self, notification_id: int, error: str, retry_at: datetime | None) -> None:
+        """Record a failed attempt: retry at ``retry_at``, or give up (status failed) when it is None."""
+        values: dict[str, Any] = {"attempts": notifications.c.attempts + 1, "last_error": error}
+        if retry_at is None:
+            values["status"] = "failed"
+        else:
+            values["next_attempt_at"] = retry_at
+        self._update_notification(notification_id, **values)
+
+    def give_up(self, notification_id: int, error: str) -> None:
+        self._update_notification(notification_id, status="failed", last_error=error)
+
+    def _update_notification(self, notification_id: int, **values: Any) -> None:
+        with self._tx() as conn:
+            conn.execute(update(notifications).where(notifications.c.id == notification_id).values(**values))
+
+    def retry_failed(self, now: datetime, sink: str | None = None) -> int:
+        """Re-queue failed deliveries (all, or one sink's); max_age counts again from now."""
+        stmt = update(notifications).where(notifications.c.status == "failed")
+        if sink is not None:
+            stmt = stmt.where(notifications.c.sink == sink)
+        with self._tx() as conn:
+            return int(conn.execute(stmt.values(status="pending", queued_at=now, next_attempt_at=now)).rowcount)
+
+    def notification_counts(self) -> dict[str, int]:
+        """Deliveries by status: pending, delivered, failed."""
+        query = select(notifications.c.status, func.count()).group_by(notifications.c.status)
+        counts = {"pending": 0, "delivered": 0, "failed": 0}
+        with self.engine.connect() as conn:
+            counts.update({status: int(n) for status, n in conn.execute(query)})
+        return counts
+
+    def notification_rows(self, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Deliveries with their event, newest first (for `poller notify list`)."""
+        query = (
+            select(
+                notifications.c.id,
+                notifications.c.sink,
+                notifications.c.status,
+                notifications.c.attempts,
+                notifications.c.last_error,
+                notifications.c.created_at,
+                notifications.c.delivered_at,
+                watches.c.name.label("watch"),
+                etag_history.c.event,
+                etag_history.c.etag,
+            )
+            .join(etag_history, etag_history.c.id == notifications.c.history_id)
+            .join(watches, watches.c.id == etag_history.c.watch_id)
+            .order_by(notifications.c.id.desc())
+            .limit(limit)
+        )
+        if status is not None:
+            query = query.where(notifications.c.status == status)
         with self.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
 

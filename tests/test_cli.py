@@ -14,7 +14,17 @@ from conftest import SECRET, ConfigFile, free_port, run_cli
 
 from poller.cli import build_parser
 
-COMMANDS = [["run"], ["once"], ["check"], ["status"], ["history"], ["db", "upgrade"]]
+COMMANDS = [
+    ["run"],
+    ["once"],
+    ["check"],
+    ["status"],
+    ["history"],
+    ["db", "upgrade"],
+    ["doctor"],
+    ["notify", "list"],
+    ["notify", "retry"],
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
@@ -200,16 +210,29 @@ def test_world_readable_config_with_credentials_warns(tmp_path):
     assert SECRET not in proc.stderr + proc.stdout
     path.chmod(0o600)
     assert "chmod 600" not in run_cli("check", "--config", str(path)).stderr
+    hook = tmp_path / "hook.toml"
+    hook.write_text('[[notify]]\ntype = "webhook"\nurl = "http://h/"\nsecret = "s3cr3t"\n')
+    hook.chmod(0o644)
+    assert "chmod 600" in run_cli("check", "--config", str(hook)).stderr
+    example = Path(__file__).parent.parent / "config.example.toml"
+    assert "chmod 600" not in run_cli("check", "--config", str(example)).stderr  # secret = "" holds nothing
 
 
 def test_example_config_is_valid_and_complete():
-    from poller.config import DatabaseSettings, S3Settings, ScheduleSettings, WatchSettings, load_settings
+    from poller.config import (
+        DatabaseSettings,
+        NotifySettings,
+        S3Settings,
+        ScheduleSettings,
+        WatchSettings,
+        load_settings,
+    )
 
     path = Path(__file__).parent.parent / "config.example.toml"
     settings = load_settings(path)
     assert len(settings.watch) == 3
     text = path.read_text()
-    for model in (S3Settings, DatabaseSettings, ScheduleSettings, WatchSettings):
+    for model in (S3Settings, DatabaseSettings, ScheduleSettings, WatchSettings, NotifySettings):
         for field in model.model_fields:
             assert f"\n{field} = " in text, f"config.example.toml does not show {model.__name__}.{field}"
 

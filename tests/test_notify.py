@@ -1,0 +1,249 @@
+"""Notifications: real local HTTP receivers and a real command, the durable outbox across kills."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ConfigFile, free_port, run_cli, wait_for
+from daemonproc import events, query
+
+from poller.config import NotifySettings
+from poller.notify import backoff_delay, make_route, sign
+
+WEBHOOK_SECRET = "poller-TEST-WEBHOOK-SECRET-hmac"
+URL_TOKEN = "poller-TEST-URL-TOKEN-t0k"
+
+
+class Receiver:
+    """A real HTTP server on 127.0.0.1 that records POSTs; it can fail the first N with a 500."""
+
+    def __init__(self, port: int = 0, fail_first: int = 0) -> None:
+        self.received: list[tuple[dict[str, str], dict[str, Any]]] = []
+        self.fail_first = fail_first
+        self.attempts = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.attempts += 1
+                if outer.attempts <= outer.fail_first:
+                    self.send_response(500)
+                    self.end_headers()
+                    return
+                outer.received.append((dict(self.headers), {"raw": body.decode(), **json.loads(body)}))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def events(self) -> list[tuple[str, str]]:
+        return [(body["watch"], body["event"]) for _, body in self.received]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def outbox(db: Path) -> list[tuple[Any, ...]]:
+    return query(db, "SELECT sink, status, attempts, last_error FROM notifications ORDER BY id")
+
+
+def sink(**kw: Any) -> NotifySettings:
+    return NotifySettings(**{"type": "webhook", "url": "http://x/", **kw})
+
+
+def test_route_filters_by_watch_glob_and_event():
+    route = make_route([sink(name="all"), sink(name="apps", watches=["app-*"], events=["modified", "deleted"])])
+    assert route("app-config", "modified") == ["all", "apps"]
+    assert route("app-config", "first_seen") == ["all"]
+    assert route("other", "deleted") == ["all"]
+    assert make_route([sink(name="x", watches=["App*"])])("app", "modified") == []
+
+
+def test_backoff_doubles_and_is_capped():
+    assert [backoff_delay(5, n) for n in (1, 2, 3, 4)] == [5, 10, 20, 40]
+    assert backoff_delay(5, 40) == 3600
+
+
+def test_webhook_delivered_with_signature_and_env_free_of_secrets(
+    config: ConfigFile, s3, bucket, receiver, start_daemon
+):
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
+    config.write([{"name": "app", "bucket": bucket, "key": "k"}])
+    config.path.write_text(
+        config.path.read_text()
+        + (
+            f'\n[[notify]]\nname = "hook"\ntype = "webhook"\nurl = "{receiver.url("/" + URL_TOKEN)}"\n'
+            f'secret = "{WEBHOOK_SECRET}"\n'
+        )
+    )
+    daemon = start_daemon(config)
+    daemon.notify.wait("READY=1")
+    wait_for(lambda: receiver.events() == [("app", "first_seen")], what="first_seen delivered")
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v2")
+    wait_for(lambda: receiver.events() == [("app", "first_seen"), ("app", "modified")], what="modified delivered")
+    headers, body = receiver.received[1]
+    assert headers["X-Poller-Signature"] == sign(WEBHOOK_SECRET, body["raw"].encode())
+    assert headers["X-Poller-Event"] == "modified"
+    assert body["bucket"] == bucket and body["key"] == "k" and body["previous_etag"] == receiver.received[0][1]["etag"]
+    assert body["detected_at"].endswith("Z")
+    wait_for(lambda: outbox(config.db) == [("hook", "delivered", 1, None)] * 2, what="outbox rows delivered")
+    assert daemon.stop() == 0
+    leaked = daemon.log + "".join(p.read_bytes().decode("latin-1") for p in config.db.parent.glob("poller.db*"))
+    assert WEBHOOK_SECRET not in leaked and URL_TOKEN not in leaked
+
+
+def test_receiver_outage_then_delivery_with_backoff(config: ConfigFile, s3, bucket, start_daemon):
+    flaky = Receiver(fail_first=3)
+    try:
+        s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
+        config.write([{"name": "app", "bucket": bucket, "key": "k"}])
+        config.path.write_text(
+            config.path.read_text()
+            + (f'\n[[notify]]\nname = "flaky"\ntype = "webhook"\nurl = "{flaky.url()}"\nbackoff = "0.2s"\n')
+        )
+        daemon = start_daemon(config)
+        daemon.notify.wait("READY=1")
+        wait_for(lambda: flaky.events() == [("app", "first_seen")], timeout=30, what="delivery after 3 failures")
+        assert flaky.attempts == 4
+        wait_for(lambda: outbox(config.db) == [("flaky", "delivered", 4, None)], what="attempts recorded")
+        assert "attempt 1 failed: webhook answered HTTP 500" in daemon.log
+        assert daemon.stop() == 0
+    finally:
+        flaky.close()
+
+
+def test_event_delivered_after_kill_between_commit_and_delivery(config: ConfigFile, s3, bucket, start_daemon):
+    port = free_port()  # nothing listens yet: deliveries fail and stay pending
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
+    config.write([{"name": "app", "bucket": bucket, "key": "k"}])
+    config.path.write_text(
+        config.path.read_text()
+        + (f'\n[[notify]]\nname = "hook"\ntype = "webhook"\nurl = "http://127.0.0.1:{port}/"\nbackoff = "0.2s"\n')
+    )
+    daemon = start_daemon(config)
+    daemon.notify.wait("READY=1")
+    wait_for(lambda: events(config.db, "app") == ["first_seen"], what="event committed")
+    wait_for(lambda: outbox(config.db) and outbox(config.db)[0][2] >= 1, what="a failed attempt")
+    assert outbox(config.db)[0][1] == "pending" and "unreachable" in outbox(config.db)[0][3]
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait(10)
+    receiver = Receiver(port=port)
+    try:
+        restarted = start_daemon(config)
+        restarted.notify.wait("READY=1")
+        wait_for(lambda: receiver.events() == [("app", "first_seen")], what="delivered after restart")
+        wait_for(lambda: outbox(config.db)[0][1] == "delivered", what="marked delivered")
+        assert restarted.stop() == 0
+    finally:
+        receiver.close()
+
+
+def test_command_sink_with_filters_via_once(config: ConfigFile, s3, bucket, tmp_path: Path):
+    out = tmp_path / "events.jsonl"
+    script = (
+        "import json, os, sys; event = json.load(sys.stdin); "
+        f"open({str(out)!r}, 'a').write(json.dumps({{'env': {{k: v for k, v in os.environ.items() "
+        "if k.startswith('POLLER_') and k not in ('POLLER_CONFIG',)}, 'stdin': event}) + '\\n')"
+    )
+    for key in ("a", "b"):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"v1")
+    config.write([{"name": "app-a", "bucket": bucket, "key": "a"}, {"name": "other", "bucket": bucket, "key": "b"}])
+    config.path.write_text(
+        config.path.read_text()
+        + (
+            f'\n[[notify]]\nname = "cmd"\ntype = "command"\ncommand = {json.dumps([sys.executable, "-c", script])}\n'
+            'watches = ["app-*"]\nevents = ["first_seen", "deleted"]\n'
+        )
+    )
+    assert run_cli("once", "--config", str(config.path)).returncode == 0
+    s3.delete_object(Bucket=bucket, Key="a")
+    s3.put_object(Bucket=bucket, Key="b", Body=b"v2")
+    assert run_cli("once", "--config", str(config.path)).returncode == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(d["env"]["POLLER_WATCH"], d["env"]["POLLER_EVENT"]) for d in lines] == [
+        ("app-a", "first_seen"),
+        ("app-a", "deleted"),
+    ]
+    first = lines[0]
+    assert first["env"]["POLLER_BUCKET"] == bucket and first["env"]["POLLER_KEY"] == "a"
+    assert first["env"]["POLLER_ETAG"] == first["stdin"]["etag"] and first["env"]["POLLER_PREVIOUS_ETAG"] == ""
+    assert lines[1]["env"]["POLLER_PREVIOUS_ETAG"] == first["stdin"]["etag"]
+
+
+def test_failed_command_gives_up_after_max_age_and_retry_requeues(config: ConfigFile, s3, bucket, tmp_path: Path):
+    flag = tmp_path / "ok"
+    script = f"import os, sys; sys.exit(0 if os.path.exists({str(flag)!r}) else 3)"
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
+    config.write([{"name": "app", "bucket": bucket, "key": "k"}])
+    base = config.path.read_text()
+    config.path.write_text(
+        base
+        + (
+            f'\n[[notify]]\nname = "cmd"\ntype = "command"\ncommand = {json.dumps([sys.executable, "-c", script])}\n'
+            'max_age = "1ms"\nbackoff = "1ms"\n'
+        )
+    )
+    run_cli("once", "--config", str(config.path))
+    assert outbox(config.db) == [("cmd", "pending", 1, "command exited 3")]
+    run_cli("once", "--config", str(config.path))  # max_age is over: give up
+    assert outbox(config.db)[0][1] == "failed"
+    status = run_cli("status", "--config", str(config.path))
+    assert "notifications: 0 pending, 1 failed" in status.stdout and "poller notify retry" in status.stdout
+    listing = json.loads(
+        run_cli("notify", "list", "--status", "failed", "--format", "json", "--config", str(config.path)).stdout
+    )
+    assert [(r["sink"], r["event"]) for r in listing] == [("cmd", "first_seen")]
+    flag.touch()
+    config.path.write_text(
+        base
+        + (f'\n[[notify]]\nname = "cmd"\ntype = "command"\ncommand = {json.dumps([sys.executable, "-c", script])}\n')
+    )
+    retry = run_cli("notify", "retry", "--config", str(config.path))
+    assert retry.returncode == 0 and "re-queued 1" in retry.stdout
+    run_cli("once", "--config", str(config.path))
+    assert outbox(config.db)[0][:2] == ("cmd", "delivered")
+
+
+@pytest.mark.parametrize(
+    ("entry", "fragments"),
+    [
+        ('type = "webhook"', ["notify #1", "url"]),
+        ('type = "command"', ["notify #1", "command"]),
+        ('type = "email"\nurl = "x"', ["notify #1", "type"]),
+        ('type = "webhook"\nurl = "http://h/"\nevents = ["changed"]', ["notify #1", "changed"]),
+        (f'type = "webhook"\nurl = "http://h/"\nsecret = 12345{URL_TOKEN[:0]}\nbogus = 1', ["notify #1", "bogus"]),
+    ],
+)
+def test_bad_notify_config_exit_2(tmp_path: Path, entry: str, fragments: list[str]):
+    path = tmp_path / "c.toml"
+    path.write_text(f"[[notify]]\n{entry}\n")
+    proc = run_cli("check", "--config", str(path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in proc.stderr, (fragment, proc.stderr)
+    assert "12345" not in proc.stderr  # a secret of the wrong type is still not echoed
