@@ -163,6 +163,18 @@ def _check_cron(expr: str) -> None:
         raise ValueError(f"cron {expr!r} is not a valid crontab expression ({exc})") from None
 
 
+class MetricsSettings(_Section):
+    listen: str = ""  # "127.0.0.1:9464" serves Prometheus metrics; empty = off; ":9464" = 127.0.0.1:9464
+
+    @model_validator(mode="after")
+    def _check(self) -> MetricsSettings:
+        if self.listen:
+            _, sep, port = self.listen.rpartition(":")
+            if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"listen must be HOST:PORT such as 127.0.0.1:9464, got {self.listen!r}")
+        return self
+
+
 EVENTS = ("first_seen", "modified", "deleted", "created")
 
 
@@ -207,6 +219,7 @@ class Settings(BaseSettings):
     s3: S3Settings = S3Settings()
     database: DatabaseSettings = DatabaseSettings()
     schedule: ScheduleSettings = ScheduleSettings()
+    metrics: MetricsSettings = MetricsSettings()
     watch: list[WatchSettings] = Field(default_factory=list)
     notify: list[NotifySettings] = Field(default_factory=list)
 
@@ -341,7 +354,11 @@ def _describe_location(loc: list[int | str], data: Mapping[str, Any]) -> str:
         label = f"{head} #{index + 1} ({name!r})" if name else f"{head} #{index + 1}"
         return f"{label}: field {field!r}" if field else label
     if len(loc) == 1:
-        return f"field {head!r}" if head not in ("s3", "database", "schedule", "watch", "notify") else f"[{head}]"
+        return (
+            f"field {head!r}"
+            if head not in ("s3", "database", "schedule", "metrics", "watch", "notify")
+            else f"[{head}]"
+        )
     return f"[{head}] field {'.'.join(str(p) for p in loc[1:])!r}"
 
 

@@ -13,15 +13,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 
+from apscheduler.events import EVENT_JOB_EXECUTED, JobExecutionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 
 from poller.config import ConfigError, Settings, format_duration, load_settings
+from poller.metrics import Metrics
 from poller.notify import Dispatcher, make_route
 from poller.pipeline import prepare
-from poller.probe import Watch, prober_for
+from poller.probe import PollResult, Watch, prober_for
 from poller.sdnotify import Notifier, watchdog_interval
 from poller.store import Store, describe_db_error, open_engine
 from poller.watchlist import WatchSpec, diff_watch_lists, specs_from_settings
@@ -104,6 +106,11 @@ class Daemon:
         self.recorder = self.service.recorder
         self.dispatcher = Dispatcher(self.store, settings.notify, settings.database.url)
         self.recorder.on_events = self.dispatcher.wake
+        self.metrics: Metrics | None = None
+        if settings.metrics.listen:
+            self.metrics = Metrics()
+            self.metrics.add_gauges(self._watch_outcomes, self.store.notification_counts)
+            self.service.metrics = self.metrics
         self.current = _Running(settings, specs, synced.watches)
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(settings.schedule.concurrency)},
@@ -128,6 +135,9 @@ class Daemon:
         self.scheduler.start(paused=paused)
         if not paused:
             self.dispatcher.start()
+            if self.metrics is not None:
+                self.scheduler.add_listener(self._on_executed, EVENT_JOB_EXECUTED)
+                self.metrics.serve(self.current.settings.metrics.listen)
 
     def run(self) -> int:
         """Poll until SIGTERM/SIGINT; return the exit code."""
@@ -185,10 +195,24 @@ class Daemon:
         self.scheduler.shutdown(wait=True)
         self.recorder.close()
         self.dispatcher.stop()
+        if self.metrics is not None:
+            self.metrics.close()
         self.store.close()
         log.info("stopped")
 
     # --- jobs -----------------------------------------------------------------------
+
+    def _on_executed(self, event: JobExecutionEvent) -> None:
+        result = event.retval
+        if self.metrics is not None and isinstance(result, PollResult):
+            self.metrics.lateness.observe(max((result.polled_at - event.scheduled_run_time).total_seconds(), 0.0))
+
+    def _watch_outcomes(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for watch in self.current.watches.values():
+            state = self.service.last_outcome.get(watch.id, "unpolled")
+            counts[state] = counts.get(state, 0) + 1
+        return counts
 
     def _add_job(self, spec: WatchSpec, watch: Watch) -> None:
         self.scheduler.add_job(
@@ -262,6 +286,8 @@ class Daemon:
     def _warn_restart_only(self, old: Settings, new: Settings) -> None:
         if new.database != old.database:
             log.warning("reload: [database] changes take effect only after a restart")
+        if new.metrics != old.metrics:
+            log.warning("reload: [metrics] changes take effect only after a restart")
         if new.schedule.concurrency != old.schedule.concurrency:
             log.warning("reload: [schedule] concurrency changes take effect only after a restart")
 

@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from datetime import UTC, datetime
 
 from poller.config import Settings
+from poller.metrics import Metrics
 from poller.notify import make_route
 from poller.probe import ObjectState, PollResult, Prober, Watch, prober_for
 from poller.store import Route, Store, SyncResult, describe_db_error, migrate
@@ -123,7 +124,9 @@ class PollService:
         self.recorder = recorder
         self.url = url
         self.states: dict[int, ObjectState] = store.load_states()
+        self.last_outcome: dict[int, str] = {}
         self.stats = Stats()
+        self.metrics: Metrics | None = None
 
     def forget(self, watch_id: int) -> None:
         """Drop the cached state of a watch that was removed or now points at another object."""
@@ -138,6 +141,8 @@ class PollService:
             reason = describe_db_error(exc, self.url)
             self.stats.add("error")
             self.stats.last_error = f"database: {reason}"
+            if self.metrics is not None:
+                self.metrics.observe_unrecorded()
             log.error(
                 "%s %s poll result NOT recorded (%s); any change will be detected again on the next poll",
                 watch.name,
@@ -148,6 +153,9 @@ class PollService:
         if result.state is not None:
             self.states[watch.id] = result.state
         self.stats.add(result.outcome)
+        self.last_outcome[watch.id] = result.outcome
+        if self.metrics is not None:
+            self.metrics.observe(result)
         if not self.log_polls:
             return result
         if result.outcome == "error":

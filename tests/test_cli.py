@@ -221,6 +221,7 @@ def test_world_readable_config_with_credentials_warns(tmp_path):
 def test_example_config_is_valid_and_complete():
     from poller.config import (
         DatabaseSettings,
+        MetricsSettings,
         NotifySettings,
         S3Settings,
         ScheduleSettings,
@@ -232,7 +233,7 @@ def test_example_config_is_valid_and_complete():
     settings = load_settings(path)
     assert len(settings.watch) == 3
     text = path.read_text()
-    for model in (S3Settings, DatabaseSettings, ScheduleSettings, WatchSettings, NotifySettings):
+    for model in (S3Settings, DatabaseSettings, ScheduleSettings, MetricsSettings, WatchSettings, NotifySettings):
         for field in model.model_fields:
             assert f"\n{field} = " in text, f"config.example.toml does not show {model.__name__}.{field}"
 
