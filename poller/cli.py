@@ -176,14 +176,15 @@ def cmd_once(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate the config; with --probe also send one unconditional HEAD per watch (nothing is written)."""
     from poller.pipeline import describe_result, probe_all_unrecorded
-    from poller.probe import Watch, prober_for
+    from poller.probe import prober_for
+    from poller.watchlist import specs_from_settings
 
     path, settings = _settings(args)
     print(f"{path}: configuration OK, {len(settings.watch)} watches")
     if not args.probe:
         return EXIT_OK
     prober = prober_for(settings.s3, settings.schedule.concurrency)
-    targets = [Watch(0, w.name, w.bucket, w.key) for w in settings.watch]
+    targets = [spec.as_watch(0) for spec in specs_from_settings(settings).values()]
     results = probe_all_unrecorded(prober, targets, settings.schedule.concurrency)
     for result in results:
         print(describe_result(result))

@@ -131,7 +131,11 @@ class ScheduleSettings(_Section):
 class WatchSettings(_Section):
     name: str = ""
     bucket: str
-    key: str
+    key: str = ""
+    prefix: str | None = None  # watch every key under a prefix with ListObjectsV2 (exclusive with key)
+    include: list[str] = Field(default_factory=list)  # prefix watches: globs a key must match (any)
+    exclude: list[str] = Field(default_factory=list)  # prefix watches: globs that drop a key
+    max_keys: int = Field(default=100_000, ge=1, le=10_000_000)  # prefix watches: refuse larger listings
     interval: Duration | None = None
     cron: str | None = None
 
@@ -139,9 +143,14 @@ class WatchSettings(_Section):
     def _check(self) -> WatchSettings:
         if not self.bucket.strip():
             raise ValueError("bucket must not be empty")
-        if not self.key:
-            raise ValueError("key must not be empty")
-        if len(self.key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        if self.prefix is None and not self.key:
+            raise ValueError("key is missing or empty: set key, or prefix to watch every key under a prefix")
+        if self.prefix is not None and self.key:
+            raise ValueError("set either key or prefix, not both")
+        if self.prefix is None and (self.include or self.exclude):
+            raise ValueError("include and exclude apply to prefix watches only")
+        target = self.key if self.prefix is None else self.prefix
+        if len(target.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
             raise ValueError(f"key is longer than S3's limit of {MAX_KEY_BYTES} bytes")
         if self.interval is not None:
             _positive("interval", self.interval)
@@ -150,7 +159,7 @@ class WatchSettings(_Section):
         if self.cron is not None:
             _check_cron(self.cron)
         if not self.name:
-            object.__setattr__(self, "name", f"{self.bucket}/{self.key}")
+            object.__setattr__(self, "name", f"{self.bucket}/{target}" + ("*" if self.prefix is not None else ""))
         return self
 
 

@@ -266,9 +266,10 @@ class Daemon:
         for name in diff.removed:
             self.scheduler.remove_job(job_id(name))
             self.service.forget(old.watches[name].id)
-        for name in set(diff.retargeted):
+        for name in diff.retargeted:
             watch = synced.watches[name]
-            self.service.forget(watch.id)
+            if watch.id in synced.retargeted:  # another object or prefix: the store dropped its state
+                self.service.forget(watch.id)
             self.scheduler.modify_job(job_id(name), args=[watch])
         for name in diff.rescheduled:
             self.scheduler.reschedule_job(job_id(name), trigger=trigger_for(specs[name], new.schedule.jitter))

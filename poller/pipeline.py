@@ -17,9 +17,10 @@ from concurrent.futures import Future
 from datetime import UTC, datetime
 
 from poller.config import Settings
+from poller.listing import KeyChange, PrefixState, poll_prefix
 from poller.metrics import Metrics
 from poller.notify import make_route
-from poller.probe import ObjectState, PollResult, Prober, Watch, prober_for
+from poller.probe import ObjectState, Outcome, PollResult, Prober, Watch, prober_for
 from poller.store import Route, Store, SyncResult, describe_db_error, migrate
 from poller.watchlist import WatchSpec, specs_from_settings
 
@@ -124,6 +125,7 @@ class PollService:
         self.recorder = recorder
         self.url = url
         self.states: dict[int, ObjectState] = store.load_states()
+        self.prefix_states: dict[int, PrefixState] = store.load_prefix_states()
         self.last_outcome: dict[int, str] = {}
         self.stats = Stats()
         self.metrics: Metrics | None = None
@@ -131,10 +133,15 @@ class PollService:
     def forget(self, watch_id: int) -> None:
         """Drop the cached state of a watch that was removed or now points at another object."""
         self.states.pop(watch_id, None)
+        self.prefix_states.pop(watch_id, None)
 
     def poll(self, watch: Watch) -> PollResult | None:
         """Probe, commit, then report; returns None when the result could not be committed."""
-        result = self.prober.probe(watch, self.states.get(watch.id))
+        if watch.prefix:
+            listed = self.prefix_states.get(watch.id, PrefixState())
+            result = poll_prefix(self.prober, watch, listed)
+        else:
+            result = self.prober.probe(watch, self.states.get(watch.id))
         try:
             self.recorder.submit(result).result()
         except Exception as exc:
@@ -150,7 +157,10 @@ class PollService:
                 reason,
             )
             return None
-        if result.state is not None:
+        if watch.prefix:
+            if result.outcome != "error":
+                self.prefix_states[watch.id] = listed.apply(result.changes)
+        elif result.state is not None:
             self.states[watch.id] = result.state
         self.stats.add(result.outcome)
         self.last_outcome[watch.id] = result.outcome
@@ -163,6 +173,11 @@ class PollService:
             log.warning("%s", describe_result(result))
         elif result.event is not None:
             log.info("%s", describe_result(result))
+        elif result.changes:
+            log.info("%s", describe_result(result))
+            for change in result.changes:
+                if change.event is not None:
+                    log.info("%s", describe_change(watch, change, result.duration_ms))
         elif log.isEnabledFor(logging.DEBUG):
             # Most polls are unchanged: do not format their line unless it will be shown.
             log.debug("%s", describe_result(result))
@@ -202,6 +217,13 @@ def describe_result(r: PollResult) -> str:
     if r.outcome == "error":
         status = f" ({r.http_status})" if r.http_status else ""
         return f"{head} error{status}: {r.error} {ms}"
+    if r.watch.prefix:
+        counts: dict[str, int] = {}
+        for c in r.changes:
+            if c.event:
+                counts[c.event] = counts.get(c.event, 0) + 1
+        summary = ", ".join(f"{n} {e.replace('_', ' ')}" for e, n in sorted(counts.items()))
+        return f"{head} {r.outcome} (list: {r.note}{'; ' + summary if summary else ''}) {ms}"
     state = r.state or ObjectState()
     previous = r.previous or ObjectState()
     note = f" [{r.note}]" if r.note else ""
@@ -218,6 +240,16 @@ def describe_result(r: PollResult) -> str:
     return f"{head} modified ({r.event.replace('_', ' ') if r.event else 'changed'}) etag {state.etag} {tail}"
 
 
+def describe_change(watch: Watch, change: KeyChange, duration_ms: float) -> str:
+    """The line of one key's change inside a prefix watch, in the same words as a key watch's."""
+    as_key = Watch(watch.id, watch.name, watch.bucket, change.key)
+    outcome: Outcome = "missing" if change.event == "deleted" else "modified"
+    status = 404 if change.event == "deleted" else 200
+    return describe_result(
+        PollResult(as_key, datetime.now(UTC), outcome, status, duration_ms, change.previous, change.state, change.event)
+    )
+
+
 def poll_all(service: PollService, watches: Sequence[Watch], concurrency: int) -> list[PollResult | None]:
     """Poll every watch once with ``concurrency`` threads, in the order given."""
     from concurrent.futures import ThreadPoolExecutor
@@ -231,4 +263,6 @@ def probe_all_unrecorded(prober: Prober, watches: Sequence[Watch], concurrency: 
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(watches) or 1))) as pool:
-        return list(pool.map(lambda w: prober.probe(w, None), watches))
+        return list(
+            pool.map(lambda w: poll_prefix(prober, w, PrefixState()) if w.prefix else prober.probe(w, None), watches)
+        )

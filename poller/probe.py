@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
     from poller.config import S3Settings
+    from poller.listing import KeyChange
 
 Outcome = Literal["unchanged", "modified", "missing", "error"]
 Event = Literal["first_seen", "modified", "deleted", "created"]
@@ -80,11 +81,15 @@ class Watch:
     id: int
     name: str
     bucket: str
-    key: str
+    key: str  # the object key, or the prefix of a prefix watch
+    prefix: bool = False
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    max_keys: int = 100_000
 
     @property
     def url(self) -> str:
-        return f"s3://{self.bucket}/{self.key}"
+        return f"s3://{self.bucket}/{self.key}" + ("*" if self.prefix else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +106,7 @@ class PollResult:
     event: Event | None = None
     error: str | None = None
     note: str = ""
+    changes: tuple[KeyChange, ...] = ()  # prefix watches: the per-key changes of this list pass
 
 
 def request_conditions(state: ObjectState | None, mode: Conditional) -> dict[str, Any]:
@@ -217,7 +223,7 @@ def head(client: S3Client, bucket: str, key: str, **conditions: Any) -> Answer:
     try:
         response = client.head_object(Bucket=bucket, Key=key, **conditions)
     except ClientError as exc:
-        status = _status_of(exc)
+        status = status_of(exc)
         if status in (304, 404):
             return answer_from_headers(status, exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}))
         raise
@@ -230,13 +236,13 @@ class Prober:
     def __init__(self, client: S3Client, mode: Conditional, clock: Any = None) -> None:
         self.client = client
         self.mode: Conditional = mode
-        self._now = clock or (lambda: datetime.now(UTC))
+        self.now = clock or (lambda: datetime.now(UTC))
         self._bucket_cache: dict[str, tuple[float, bool]] = {}
         self._bucket_lock = threading.Lock()
 
     def probe(self, watch: Watch, state: ObjectState | None) -> PollResult:
         """Poll one watch against its stored state."""
-        polled_at = self._now()
+        polled_at = self.now()
         started = time.perf_counter()
         status: int | None = None
         try:
@@ -244,7 +250,7 @@ class Prober:
             status = answer.status
             note = ""
             if answer.status == 404 and not self._bucket_exists(watch.bucket):
-                return self._error(watch, polled_at, started, state, 404, _bucket_missing(watch))
+                return error_result(watch, polled_at, started, state, 404, bucket_missing(watch))
             verdict = classify(state, answer)
             if verdict.needs_full_head:
                 note = "304 with a new ETag"
@@ -252,10 +258,10 @@ class Prober:
                 status = answer.status
                 verdict = classify(state, answer)
         except ClientError as exc:
-            code = _status_of(exc)
-            return self._error(watch, polled_at, started, state, code, describe_client_error(exc))
+            code = status_of(exc)
+            return error_result(watch, polled_at, started, state, code, describe_client_error(exc))
         except (BotoCoreError, OSError, ValueError) as exc:
-            return self._error(watch, polled_at, started, state, status, describe_transport_error(exc))
+            return error_result(watch, polled_at, started, state, status, describe_transport_error(exc))
         return PollResult(
             watch=watch,
             polled_at=polled_at,
@@ -283,27 +289,29 @@ class Prober:
             exists = True
         except ClientError as exc:
             # 403 means the bucket exists but we may not list it; only a 404 proves it is gone.
-            exists = _status_of(exc) != 404
+            exists = status_of(exc) != 404
         with self._bucket_lock:
             self._bucket_cache[bucket] = (now, exists)
         return exists
 
-    def _error(
-        self, watch: Watch, polled_at: datetime, started: float, state: ObjectState | None, status: int | None, msg: str
-    ) -> PollResult:
-        return PollResult(
-            watch=watch,
-            polled_at=polled_at,
-            outcome="error",
-            http_status=status,
-            duration_ms=(time.perf_counter() - started) * 1000,
-            previous=state,
-            state=None,
-            error=redact(msg),
-        )
+
+def error_result(
+    watch: Watch, polled_at: datetime, started: float, state: ObjectState | None, status: int | None, msg: str
+) -> PollResult:
+    """A failed poll: the reason (credentials redacted), and no new state."""
+    return PollResult(
+        watch=watch,
+        polled_at=polled_at,
+        outcome="error",
+        http_status=status,
+        duration_ms=(time.perf_counter() - started) * 1000,
+        previous=state,
+        state=None,
+        error=redact(msg),
+    )
 
 
-def _status_of(exc: ClientError) -> int | None:
+def status_of(exc: ClientError) -> int | None:
     meta = exc.response.get("ResponseMetadata", {})
     status = meta.get("HTTPStatusCode")
     if isinstance(status, int):
@@ -312,7 +320,7 @@ def _status_of(exc: ClientError) -> int | None:
     return int(code) if code.isdigit() else None
 
 
-def _bucket_missing(watch: Watch) -> str:
+def bucket_missing(watch: Watch) -> str:
     return (
         f"bucket not found: s3://{watch.bucket} does not exist on this endpoint "
         "(check the watch's bucket name and [s3] endpoint_url/region)"
@@ -321,7 +329,7 @@ def _bucket_missing(watch: Watch) -> str:
 
 def describe_client_error(exc: ClientError) -> str:
     """An operator-facing reason for an S3 error answer."""
-    status = _status_of(exc)
+    status = status_of(exc)
     code = exc.response.get("Error", {}).get("Code", "") or str(status)
     if status == 403:
         return (

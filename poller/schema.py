@@ -63,7 +63,8 @@ watches = Table(
     Column("id", Integer, primary_key=True),
     Column("name", Text, nullable=False, unique=True),
     Column("bucket", Text, nullable=False),
-    Column("key", Text, nullable=False),
+    Column("key", Text, nullable=False),  # the object key, or the prefix of a prefix watch
+    Column("kind", String(8), nullable=False, server_default="key"),  # key | prefix
     Column("interval_seconds", Float),
     Column("cron", Text),
     Column("active", Boolean, nullable=False, default=True),

@@ -22,6 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from poller.listing import PrefixState
 from poller.probe import ObjectState, PollResult, Watch
 from poller.redact import redact
 from poller.schema import etag_history, notifications, object_state, polls, watches
@@ -219,6 +220,7 @@ class Store:
                     "name": s.name,
                     "bucket": s.bucket,
                     "key": s.key,
+                    "kind": s.kind,
                     "interval_seconds": s.interval_seconds,
                     "cron": s.cron,
                     "active": True,
@@ -238,21 +240,22 @@ class Store:
                 values = {
                     "bucket": spec.bucket,
                     "key": spec.key,
+                    "kind": spec.kind,
                     "interval_seconds": spec.interval_seconds,
                     "cron": spec.cron,
                     "active": True,
                 }
                 if any(getattr(row, k) != v for k, v in values.items()):
                     conn.execute(update(watches).where(watches.c.id == row.id).values(**values))
-                if (row.bucket, row.key) != (spec.bucket, spec.key):
-                    # Another object now: its old state must not feed conditional requests.
+                if (row.bucket, row.key, row.kind) != (spec.bucket, spec.key, spec.kind):
+                    # Another object (or prefix) now: its old state must not feed the next poll.
                     conn.execute(object_state.delete().where(object_state.c.watch_id == row.id))
                     retargeted.add(row.id)
             ids = {
                 row.name: row.id
                 for row in conn.execute(select(watches.c.id, watches.c.name).where(watches.c.active.is_(True)))
             }
-        result = {name: Watch(ids[name], name, s.bucket, s.key) for name, s in wanted.items()}
+        result = {name: s.as_watch(ids[name]) for name, s in wanted.items()}
         return SyncResult(result, frozenset(retargeted))
 
     def load_states(self) -> dict[int, ObjectState]:
@@ -260,7 +263,7 @@ class Store:
         query = (
             select(object_state)
             .join(watches, watches.c.id == object_state.c.watch_id)
-            .where(object_state.c.key == watches.c.key)
+            .where(object_state.c.key == watches.c.key, watches.c.kind == "key")
         )
         with self.engine.connect() as conn:
             return {
@@ -274,6 +277,27 @@ class Store:
                 )
                 for row in conn.execute(query)
             }
+
+    def load_prefix_states(self) -> dict[int, PrefixState]:
+        """The committed per-key states of every prefix watch, keyed by watch id."""
+        rows = (
+            select(object_state, watches.c.key.label("watch_key"))
+            .join(watches, watches.c.id == object_state.c.watch_id)
+            .where(watches.c.kind == "prefix")
+        )
+        found: dict[int, PrefixState] = {}
+        with self.engine.connect() as conn:
+            for row in conn.execute(rows):
+                entry = found.setdefault(row.watch_id, PrefixState())
+                if row.key == row.watch_key:
+                    # The list pass's own row: a successful pass means the prefix was listed.
+                    if row.last_outcome in ("unchanged", "modified"):
+                        found[row.watch_id] = PrefixState(True, entry.objects)
+                    continue
+                entry.objects[row.key] = ObjectState(
+                    etag=row.etag, last_modified=row.last_modified, size=row.size, present=row.present
+                )
+        return found
 
     # --- recording ------------------------------------------------------------------
 
@@ -316,40 +340,51 @@ class Store:
                     }
                 )
                 continue
-            ok_states.append(
-                {
-                    "watch_id": r.watch.id,
-                    "key": r.watch.key,
-                    "etag": state.etag,
-                    "last_modified": state.last_modified,
-                    "observed_server_date": state.observed_server_date,
-                    "version_id": state.version_id,
-                    "size": state.size,
-                    "present": state.present,
-                    "last_polled_at": r.polled_at,
-                    "last_outcome": r.outcome,
-                    "consecutive_errors": 0,
-                    "last_error": None,
-                    "last_changed_at": r.polled_at if r.event else None,
-                }
-            )
-            if r.event:
-                history_rows.append(
-                    (
-                        {
-                            "watch_id": r.watch.id,
-                            "key": r.watch.key,
-                            "detected_at": r.polled_at,
-                            "event": r.event,
-                            "etag": state.etag,
-                            "previous_etag": r.previous.etag if r.previous else None,
-                            "last_modified": state.last_modified,
-                            "version_id": state.version_id,
-                            "size": state.size,
-                        },
-                        r.watch.name,
-                    )
+            # (key, event, previous, new state, outcome): one entry for a key watch; for a prefix
+            # watch, the list pass's own row (keyed by the prefix) plus one per changed key.
+            entries: list[tuple[str, str | None, ObjectState | None, ObjectState, str, bool]]
+            if r.watch.prefix:
+                entries = [(r.watch.key, None, None, state, r.outcome, any(c.event for c in r.changes))]
+                entries += [
+                    (c.key, c.event, c.previous, c.state, _key_outcome(c.event), c.event is not None) for c in r.changes
+                ]
+            else:
+                entries = [(r.watch.key, r.event, r.previous, state, r.outcome, r.event is not None)]
+            for key, change, previous, new, outcome, changed in entries:
+                ok_states.append(
+                    {
+                        "watch_id": r.watch.id,
+                        "key": key,
+                        "etag": new.etag,
+                        "last_modified": new.last_modified,
+                        "observed_server_date": new.observed_server_date,
+                        "version_id": new.version_id,
+                        "size": new.size,
+                        "present": new.present,
+                        "last_polled_at": r.polled_at,
+                        "last_outcome": outcome,
+                        "consecutive_errors": 0,
+                        "last_error": None,
+                        "last_changed_at": r.polled_at if changed else None,
+                    }
                 )
+                if change:
+                    history_rows.append(
+                        (
+                            {
+                                "watch_id": r.watch.id,
+                                "key": key,
+                                "detected_at": r.polled_at,
+                                "event": change,
+                                "etag": new.etag,
+                                "previous_etag": previous.etag if previous else None,
+                                "last_modified": new.last_modified,
+                                "version_id": new.version_id,
+                                "size": new.size,
+                            },
+                            r.watch.name,
+                        )
+                    )
         with self._tx() as conn:
             conn.execute(polls.insert(), poll_rows)
             outbox: list[dict[str, Any]] = []
@@ -358,9 +393,9 @@ class Store:
                 if not sinks:
                     conn.execute(etag_history.insert(), row)
                     continue
-                key = conn.execute(etag_history.insert().values(**row)).inserted_primary_key
-                assert key is not None
-                history_id = key[0]
+                pk = conn.execute(etag_history.insert().values(**row)).inserted_primary_key
+                assert pk is not None
+                history_id = pk[0]
                 outbox += [
                     {
                         "history_id": history_id,
@@ -593,6 +628,11 @@ class Store:
         """True once migrations have created poller's tables."""
         with self.engine.connect() as conn:
             return inspect(conn).has_table("watches")
+
+
+def _key_outcome(event: str | None) -> str:
+    """The last_outcome of one key of a prefix watch after a list pass."""
+    return "missing" if event == "deleted" else "modified" if event else "unchanged"
 
 
 def _name_filter(pattern: str, dialect: str) -> Any:

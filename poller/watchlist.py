@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from poller.config import Settings, watch_interval
+from poller.probe import Watch
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,17 +15,29 @@ class WatchSpec:
 
     name: str
     bucket: str
-    key: str
+    key: str  # the object key, or the prefix of a prefix watch
     interval_seconds: float | None
     cron: str | None
+    prefix: bool = False
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    max_keys: int = 100_000
 
     @property
     def schedule(self) -> tuple[float | None, str | None]:
         return (self.interval_seconds, self.cron)
 
     @property
-    def target(self) -> tuple[str, str]:
-        return (self.bucket, self.key)
+    def target(self) -> tuple[object, ...]:
+        return (self.bucket, self.key, self.prefix, self.include, self.exclude, self.max_keys)
+
+    def as_watch(self, watch_id: int) -> Watch:
+        """The Watch the scheduler and store use, under the given database id."""
+        return Watch(watch_id, self.name, self.bucket, self.key, self.prefix, self.include, self.exclude, self.max_keys)
+
+    @property
+    def kind(self) -> str:
+        return "prefix" if self.prefix else "key"
 
 
 @dataclass(frozen=True, slots=True)

@@ -231,7 +231,7 @@ def test_example_config_is_valid_and_complete():
 
     path = Path(__file__).parent.parent / "config.example.toml"
     settings = load_settings(path)
-    assert len(settings.watch) == 3
+    assert len(settings.watch) == 4
     text = path.read_text()
     for model in (S3Settings, DatabaseSettings, ScheduleSettings, MetricsSettings, WatchSettings, NotifySettings):
         for field in model.model_fields:

@@ -1,0 +1,135 @@
+"""Prefix watches: list a prefix with ListObjectsV2 and diff it against the stored object states.
+
+One list page covers up to 1,000 keys, for the price of about 12 HEADs on AWS. ``diff_listing``
+is a pure function; ``list_prefix`` is the I/O edge.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from poller.probe import (
+    Event,
+    ObjectState,
+    PollResult,
+    Prober,
+    Watch,
+    bucket_missing,
+    describe_client_error,
+    describe_transport_error,
+    error_result,
+    status_of,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+
+@dataclass(frozen=True, slots=True)
+class KeyChange:
+    """One key's new state after a list pass; ``event`` is None for a silent refresh (same ETag)."""
+
+    key: str
+    event: Event | None
+    previous: ObjectState | None
+    state: ObjectState
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixState:
+    """What is committed for a prefix watch: whether it was ever listed, and every key's state."""
+
+    listed: bool = False
+    objects: dict[str, ObjectState] = field(default_factory=dict)
+
+    def apply(self, changes: tuple[KeyChange, ...]) -> PrefixState:
+        """The state after ``changes`` were committed."""
+        objects = dict(self.objects)
+        objects.update((c.key, c.state) for c in changes)
+        return PrefixState(True, objects)
+
+
+class PrefixTooLarge(Exception):
+    """The listing passed the watch's max_keys bound."""
+
+
+def matches(key: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
+    """Whether a key passes the watch's include globs (any; none = all) and exclude globs (none)."""
+    if include and not any(fnmatchcase(key, g) for g in include):
+        return False
+    return not any(fnmatchcase(key, g) for g in exclude)
+
+
+def diff_listing(stored: PrefixState, listed: dict[str, ObjectState]) -> list[KeyChange]:
+    """Compare a listing with the stored states: first_seen, created, modified, deleted, per key."""
+    changes = []
+    for key, now in listed.items():
+        before = stored.objects.get(key)
+        if before is None or not before.present:
+            event: Event = "created" if stored.listed else "first_seen"
+            changes.append(KeyChange(key, event, before, now))
+        elif before.etag != now.etag or before.size != now.size:
+            changes.append(KeyChange(key, "modified", before, now))
+        elif before.last_modified != now.last_modified:
+            changes.append(KeyChange(key, None, before, now))  # same content, rewritten: keep the new time
+    for key, before in stored.objects.items():
+        if before.present and key not in listed:
+            changes.append(KeyChange(key, "deleted", before, ObjectState(present=False)))
+    return changes
+
+
+def list_prefix(client: S3Client, watch: Watch) -> tuple[dict[str, ObjectState], int]:
+    """Every key under the watch's prefix that passes its filters, and the number of pages it took."""
+    listed: dict[str, ObjectState] = {}
+    pages = 0
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=watch.bucket, Prefix=watch.key):
+        pages += 1
+        for item in page.get("Contents", []):
+            key = item["Key"]
+            # The prefix itself (a "folder" marker) shares the watch's own row in object_state.
+            if key == watch.key or not matches(key, watch.include, watch.exclude):
+                continue
+            listed[key] = ObjectState(
+                etag=item.get("ETag"), last_modified=item.get("LastModified"), size=item.get("Size"), present=True
+            )
+            if len(listed) > watch.max_keys:
+                raise PrefixTooLarge(
+                    f"the prefix holds more than max_keys = {watch.max_keys} matching keys; "
+                    "narrow it with include/exclude or raise max_keys"
+                )
+    return listed, pages
+
+
+def poll_prefix(prober: Prober, watch: Watch, stored: PrefixState) -> PollResult:
+    """One list pass of a prefix watch: a PollResult carrying the per-key changes, or an error."""
+    polled_at = prober.now()
+    started = time.perf_counter()
+    try:
+        listed, pages = list_prefix(prober.client, watch)
+    except ClientError as exc:
+        status = status_of(exc)
+        if status == 404:
+            return error_result(watch, polled_at, started, None, 404, bucket_missing(watch))
+        return error_result(watch, polled_at, started, None, status, describe_client_error(exc))
+    except PrefixTooLarge as exc:
+        return error_result(watch, polled_at, started, None, 200, str(exc))
+    except (BotoCoreError, OSError, ValueError) as exc:
+        return error_result(watch, polled_at, started, None, None, describe_transport_error(exc))
+    changes = tuple(diff_listing(stored, listed))
+    return PollResult(
+        watch=watch,
+        polled_at=polled_at,
+        outcome="modified" if any(c.event for c in changes) else "unchanged",
+        http_status=200,
+        duration_ms=(time.perf_counter() - started) * 1000,
+        previous=None,
+        state=ObjectState(),
+        note=f"{len(listed)} keys, {pages} list pages",
+        changes=changes,
+    )
