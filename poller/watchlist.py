@@ -62,7 +62,20 @@ class WatchListDiff:
 
 def specs_from_settings(settings: Settings) -> dict[str, WatchSpec]:
     """The configured watches by name, with the default interval applied."""
-    return {w.name: WatchSpec(w.name, w.bucket, w.key, watch_interval(settings, w), w.cron) for w in settings.watch}
+    return {
+        w.name: WatchSpec(
+            w.name,
+            w.bucket,
+            w.key if w.prefix is None else w.prefix,
+            watch_interval(settings, w),
+            w.cron,
+            prefix=w.prefix is not None,
+            include=tuple(w.include),
+            exclude=tuple(w.exclude),
+            max_keys=w.max_keys,
+        )
+        for w in settings.watch
+    }
 
 
 def diff_watch_lists(old: Mapping[str, WatchSpec], new: Mapping[str, WatchSpec]) -> WatchListDiff:

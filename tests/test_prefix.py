@@ -1,0 +1,160 @@
+"""Prefix watches: ListObjectsV2 passes over real HTTP, each change detected once, request counts measured."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+from conftest import ConfigFile, run_cli
+from faultproxy import FaultProxy
+
+from poller.listing import PrefixState, diff_listing, matches
+from poller.probe import ObjectState
+
+T = datetime(2026, 11, 24, tzinfo=UTC)
+
+
+def obj(etag: str, size: int = 1) -> ObjectState:
+    return ObjectState(etag=etag, last_modified=T, size=size, present=True)
+
+
+def test_diff_listing_events():
+    stored = PrefixState(
+        True, {"same": obj('"a"'), "changed": obj('"b"'), "gone": obj('"c"'), "back": ObjectState(present=False)}
+    )
+    listed = {"same": obj('"a"'), "changed": obj('"B"'), "back": obj('"d"'), "new": obj('"e"')}
+    events = {c.key: c.event for c in diff_listing(stored, listed)}
+    assert events == {"changed": "modified", "back": "created", "new": "created", "gone": "deleted"}
+    first = {c.key: c.event for c in diff_listing(PrefixState(), {"x": obj('"x"')})}
+    assert first == {"x": "first_seen"}
+
+
+def test_same_etag_new_time_is_a_silent_refresh():
+    stored = PrefixState(True, {"k": obj('"a"')})
+    later = ObjectState(etag='"a"', last_modified=T.replace(hour=1), size=1, present=True)
+    (change,) = diff_listing(stored, {"k": later})
+    assert change.event is None and change.state.last_modified == later.last_modified
+
+
+def test_include_exclude():
+    assert matches("drops/a.csv", ("*.csv",), ())
+    assert not matches("drops/a.json", ("*.csv",), ())
+    assert not matches("drops/tmp/a.csv", ("*.csv",), ("*/tmp/*",))
+    assert matches("anything", (), ())
+
+
+@pytest.fixture
+def proxy(s3_endpoint: str) -> Iterator[FaultProxy]:
+    p = FaultProxy(int(urlparse(s3_endpoint).port or 0))
+    yield p
+    p.close()
+
+
+def events(db: Path) -> list[tuple[str, str]]:
+    conn = sqlite3.connect(db)
+    try:
+        return [(k, e) for k, e in conn.execute("SELECT key, event FROM etag_history ORDER BY id")]
+    finally:
+        conn.close()
+
+
+def put_many(s3: Any, bucket: str, keys: list[str], body: bytes) -> None:
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: s3.put_object(Bucket=bucket, Key=k, Body=body), keys))
+
+
+@pytest.mark.slow
+def test_five_thousand_keys_each_change_once(config: ConfigFile, s3, bucket, proxy):
+    keys = [f"drops/2026/{i:05d}.csv" for i in range(5000)]
+    put_many(s3, bucket, keys, b"v1")
+    s3.put_object(Bucket=bucket, Key="drops/2026/tmp/skip.csv", Body=b"x")
+    s3.put_object(Bucket=bucket, Key="other/outside.csv", Body=b"x")
+    config.write(
+        [{"name": "drops", "bucket": bucket, "prefix": "drops/2026/", "exclude": ["*/tmp/*"]}],
+        s3={"endpoint_url": proxy.endpoint},
+    )
+    args = ("once", "--config", str(config.path))
+
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    # 5,001 keys under the prefix (one excluded client-side): 6 pages of up to 1,000.
+    assert "5000 keys, 6 list pages" in first.stdout and "5000 first seen" in first.stdout
+    assert proxy.count(bucket) == 6, "5,000 keys cost 6 list requests (5,000 HEADs as key watches)"
+    assert len(events(config.db)) == 5000 and {e for _, e in events(config.db)} == {"first_seen"}
+
+    overwritten, deleted, added = keys[:10], keys[10:15], [f"drops/2026/new-{i}.csv" for i in range(7)]
+    put_many(s3, bucket, overwritten, b"v2")
+    for key in deleted:
+        s3.delete_object(Bucket=bucket, Key=key)
+    put_many(s3, bucket, added, b"v1")
+    second = run_cli(*args)
+    assert second.returncode == 0, second.stderr
+    new_events = events(config.db)[5000:]
+    assert sorted(new_events) == sorted(
+        [(k, "modified") for k in overwritten] + [(k, "deleted") for k in deleted] + [(k, "created") for k in added]
+    )
+
+    third = run_cli(*args)
+    assert "unchanged (list: 5002 keys" in third.stdout
+    assert len(events(config.db)) == 5000 + 22, "nothing is reported twice"
+    conn = sqlite3.connect(config.db)
+    polls = conn.execute("SELECT count(*), min(key), max(key) FROM polls").fetchone()
+    assert polls == (3, "drops/2026/", "drops/2026/"), "one polls row per list pass, not per key"
+    gone = conn.execute("SELECT present, last_outcome FROM object_state WHERE key = ?", (deleted[0],)).fetchone()
+    assert gone == (0, "missing")
+    history = run_cli("history", "drops", "--changes", "--limit", "3", "--format", "json", "--config", str(config.path))
+    assert history.returncode == 0 and '"watch": "drops"' in history.stdout
+
+
+def test_prefix_watch_in_the_daemon_with_max_keys_and_missing_bucket(config: ConfigFile, s3, bucket, start_daemon):
+    from conftest import wait_for
+    from daemonproc import query
+
+    put_many(s3, bucket, [f"p/{i}" for i in range(30)], b"v1")
+    config.write(
+        [
+            {"name": "p", "bucket": bucket, "prefix": "p/"},
+            {"name": "small", "bucket": bucket, "prefix": "p/", "max_keys": 10},
+            {"name": "nob", "bucket": "no-such-bucket-prefix", "prefix": "x/"},
+        ]
+    )
+    daemon = start_daemon(config)
+    daemon.notify.wait("READY=1")
+
+    def outcome(name: str) -> list[tuple[Any, ...]]:
+        try:
+            return query(
+                config.db,
+                "SELECT p.outcome, p.error FROM polls p JOIN watches w ON w.id = p.watch_id "
+                "WHERE w.name = ? ORDER BY p.id",
+                name,
+            )
+        except sqlite3.OperationalError:
+            return []
+
+    wait_for(lambda: len(outcome("p")) >= 2 and outcome("small") and outcome("nob"), what="list passes")
+    assert [o for o, _ in outcome("p")][:2] == ["modified", "unchanged"]
+    assert outcome("small")[0][0] == "error" and "max_keys = 10" in outcome("small")[0][1]
+    assert outcome("nob")[0][0] == "error" and "bucket not found" in outcome("nob")[0][1]
+    s3.put_object(Bucket=bucket, Key="p/3", Body=b"v2")
+    wait_for(lambda: ("p/3", "modified") in events(config.db), what="overwrite in the prefix detected")
+    assert "p s3://" in daemon.log and "p/3 modified etag" in daemon.log
+    status = run_cli("status", "--config", str(config.path), "--format", "json")
+    assert '"name": "small"' in status.stdout and '"consecutive_errors": ' in status.stdout
+    assert daemon.stop() == 0
+
+
+def test_key_and_prefix_are_exclusive(tmp_path: Path):
+    path = tmp_path / "c.toml"
+    path.write_text('[[watch]]\nname = "x"\nbucket = "b"\nkey = "k"\nprefix = "p/"\n')
+    proc = run_cli("check", "--config", str(path))
+    assert proc.returncode == 2 and "watch #1" in proc.stderr and "either key or prefix" in proc.stderr
+    path.write_text('[[watch]]\nname = "x"\nbucket = "b"\nkey = "k"\ninclude = ["*"]\n')
+    proc = run_cli("check", "--config", str(path))
+    assert proc.returncode == 2 and "prefix watches only" in proc.stderr
