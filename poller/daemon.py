@@ -192,6 +192,7 @@ class Daemon:
     def shutdown(self) -> None:
         log.info("stopping: waiting for polls in flight")
         self.notifier.stopping("stopping: finishing polls in flight")
+        self.service.stop()
         self.scheduler.shutdown(wait=True)
         self.recorder.close()
         self.dispatcher.stop()

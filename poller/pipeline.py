@@ -129,6 +129,12 @@ class PollService:
         self.last_outcome: dict[int, str] = {}
         self.stats = Stats()
         self.metrics: Metrics | None = None
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Refuse new polls: under overload the scheduler's pool holds a queue of submitted ones,
+        and shutdown must not wait for all of them to run."""
+        self._stopping.set()
 
     def forget(self, watch_id: int) -> None:
         """Drop the cached state of a watch that was removed or now points at another object."""
@@ -137,6 +143,8 @@ class PollService:
 
     def poll(self, watch: Watch) -> PollResult | None:
         """Probe, commit, then report; returns None when the result could not be committed."""
+        if self._stopping.is_set():
+            return None
         if watch.prefix:
             listed = self.prefix_states.get(watch.id, PrefixState())
             result = poll_prefix(self.prober, watch, listed)

@@ -299,3 +299,27 @@ def test_kill_9_during_heavy_polling(config, s3, bucket, start_daemon):
         history = events(config.db, key)
         assert history == ["first_seen"] + ["modified"] * writes.get(key, 0), (key, history)
     assert runs == ["ok"] * 20
+
+
+def test_sigterm_under_overload_does_not_drain_the_backlog(config, s3, bucket, proxy, start_daemon):
+    """Far more polls due than workers can run: SIGTERM ends the polls in flight, not the whole queue."""
+    import time
+
+    for i in range(3):
+        s3.put_object(Bucket=bucket, Key=f"k{i}", Body=b"v")
+    watches = [{"name": f"w{i}", "bucket": bucket, "key": f"k{i % 3}"} for i in range(60)]
+    via(config, proxy, watches, read_timeout="1s", max_attempts=1)
+    config.write(schedule={"concurrency": 2, "interval": "1s"})
+    proxy.set("hang")  # every poll takes the full read timeout: a backlog of ~60 queued polls builds up
+    daemon = start_daemon(config)
+    daemon.notify.wait("READY=1")
+    wait_for(
+        lambda: len(outcomes(config.db, "w0") + outcomes(config.db, "w1")) >= 1 or poll_count(config.db, "w2"),
+        timeout=30,
+        what="the first timed-out polls",
+    )
+    started = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.proc.wait(20) == 0
+    # In-flight polls end within the read timeout; the ~58 queued ones are dropped, not run (would be ~30 s).
+    assert time.monotonic() - started < 8
