@@ -7,13 +7,14 @@ import math
 import random
 import signal
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 
-from apscheduler.events import EVENT_JOB_EXECUTED, JobExecutionEvent
+from apscheduler.events import EVENT_JOB_EXECUTED, EVENT_JOB_MAX_INSTANCES, JobExecutionEvent, JobSubmissionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
@@ -132,6 +133,7 @@ class Daemon:
             name="prune old polls",
             next_run_time=datetime.now(UTC) + timedelta(seconds=5),
         )
+        self.scheduler.add_listener(self._on_skipped, EVENT_JOB_MAX_INSTANCES)
         self.scheduler.start(paused=paused)
         if not paused:
             self.dispatcher.start()
@@ -174,9 +176,19 @@ class Daemon:
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
 
+    def _warn_if_overloaded(self) -> None:
+        skipped = self.service.stats.last_minute()["skipped"]
+        if skipped:
+            log.warning(
+                "overloaded: %d polls skipped in the last minute because the watch's previous poll had not "
+                "run yet; raise [schedule] concurrency or the intervals",
+                skipped,
+            )
+
     def _main_loop(self) -> None:
         ping = watchdog_interval()
         tick = min(STATUS_EVERY, ping) if ping else STATUS_EVERY
+        next_overload_check = time.monotonic() + 60
         while not self._stop:
             self._wake.wait(tick)
             self._wake.clear()
@@ -187,6 +199,9 @@ class Daemon:
                 self.reload()
             if ping:
                 self.notifier.watchdog()
+            if time.monotonic() >= next_overload_check:
+                next_overload_check = time.monotonic() + 60
+                self._warn_if_overloaded()
             self.notifier.status(self.status_line())
 
     def shutdown(self) -> None:
@@ -202,6 +217,12 @@ class Daemon:
         log.info("stopped")
 
     # --- jobs -----------------------------------------------------------------------
+
+    def _on_skipped(self, event: JobSubmissionEvent) -> None:
+        # A watch's previous poll is still queued or running: the pool is overloaded.
+        self.service.stats.add("skipped")
+        if self.metrics is not None:
+            self.metrics.skipped.inc()
 
     def _on_executed(self, event: JobExecutionEvent) -> None:
         result = event.retval
@@ -300,6 +321,11 @@ class Daemon:
             f"watching {len(self.current.watches)} keys; last minute: {counts['unchanged']} unchanged, "
             f"{counts['modified']} modified, {counts['missing']} missing, {counts['error']} errors"
         )
+        if counts["skipped"]:
+            line += (
+                f"; {counts['skipped']} polls skipped: more due than {self.current.settings.schedule.concurrency} "
+                "workers can run (raise concurrency or intervals)"
+            )
         if self._status_note:
             line += f"; {self._status_note}"
         elif counts["error"] and self.service.stats.last_error:

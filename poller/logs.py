@@ -49,5 +49,8 @@ def setup_logging(level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # boto's own debug output can carry request headers; keep it quiet whatever our level.
-    for name in ("botocore", "boto3", "urllib3", "s3transfer", "apscheduler", "alembic"):
+    for name in ("botocore", "boto3", "urllib3", "s3transfer", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # APScheduler warns once per skipped run: under overload that floods the journal. The daemon
+    # counts skipped runs itself (STATUS=, metrics) and logs one summary per minute instead.
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)

@@ -75,6 +75,11 @@ class Metrics:
         )
         self.changes = Counter("poller_changes", "ETag history events by kind", ["event"], registry=self.registry)
         self.errors = Counter("poller_errors", "Failed polls by kind", ["kind"], registry=self.registry)
+        self.skipped = Counter(
+            "poller_skipped_polls",
+            "Scheduled polls skipped because the previous one had not run yet (overload)",
+            registry=self.registry,
+        )
         self.lateness = Histogram(
             "poller_schedule_lateness_seconds",
             "Actual start of a poll minus its scheduled time",
