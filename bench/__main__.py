@@ -384,7 +384,10 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"machine: {result['machine']}; concurrency {result['concurrency']}")
     for label, f in result["regimes"].items():
         print(f"\n[{label}] {f['server']}")
-        wrk = f"{f['wrk_per_s']:.0f}" if f.get("wrk_per_s") else "n/a (install wrk)"
+        if f.get("wrk_per_s"):
+            wrk = f"{f['wrk_per_s']:.0f}/s"
+        else:
+            wrk = "not measured (client-bound regime only; needs Debian's wrk)"
         print(
             f"  peers: sequential boto3 {f['sequential_boto3_per_s']:.0f}/s, boto3 pool {f['boto3_pool_per_s']:.0f}/s,"
             f" wrk {wrk}/s"
