@@ -112,16 +112,19 @@ def toml_value(value: Any) -> str:
     return f'"{text}"'
 
 
-def render_config(sections: dict[str, dict[str, Any]], watches: list[dict[str, Any]]) -> str:
+def render_config(
+    sections: dict[str, dict[str, Any]], watches: list[dict[str, Any]], notify: list[dict[str, Any]] | None = None
+) -> str:
     lines = []
     for section, values in sections.items():
         lines.append(f"[{section}]")
         lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
         lines.append("")
-    for watch in watches:
-        lines.append("[[watch]]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in watch.items()]
-        lines.append("")
+    for table, entries in (("watch", watches), ("notify", notify or [])):
+        for entry in entries:
+            lines.append(f"[[{table}]]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in entry.items()]
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -143,13 +146,21 @@ class ConfigFile:
             "schedule": {"interval": "1s", "concurrency": 8},
         }
         self.watches: list[dict[str, Any]] = []
+        self.notify: list[dict[str, Any]] = []
 
-    def write(self, watches: list[dict[str, Any]] | None = None, **sections: dict[str, Any]) -> ConfigFile:
+    def write(
+        self,
+        watches: list[dict[str, Any]] | None = None,
+        notify: list[dict[str, Any]] | None = None,
+        **sections: dict[str, Any],
+    ) -> ConfigFile:
         if watches is not None:
             self.watches = watches
+        if notify is not None:
+            self.notify = notify
         for name, values in sections.items():
             self.sections.setdefault(name, {}).update(values)
-        self.path.write_text(render_config(self.sections, self.watches), encoding="utf-8")
+        self.path.write_text(render_config(self.sections, self.watches, self.notify), encoding="utf-8")
         return self
 
     @property

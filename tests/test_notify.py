@@ -93,13 +93,9 @@ def test_webhook_delivered_with_signature_and_env_free_of_secrets(
     config: ConfigFile, s3, bucket, receiver, start_daemon
 ):
     s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
-    config.write([{"name": "app", "bucket": bucket, "key": "k"}])
-    config.path.write_text(
-        config.path.read_text()
-        + (
-            f'\n[[notify]]\nname = "hook"\ntype = "webhook"\nurl = "{receiver.url("/" + URL_TOKEN)}"\n'
-            f'secret = "{WEBHOOK_SECRET}"\n'
-        )
+    config.write(
+        [{"name": "app", "bucket": bucket, "key": "k"}],
+        notify=[{"name": "hook", "type": "webhook", "url": receiver.url("/" + URL_TOKEN), "secret": WEBHOOK_SECRET}],
     )
     daemon = start_daemon(config)
     daemon.notify.wait("READY=1")
@@ -121,10 +117,9 @@ def test_receiver_outage_then_delivery_with_backoff(config: ConfigFile, s3, buck
     flaky = Receiver(fail_first=3)
     try:
         s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
-        config.write([{"name": "app", "bucket": bucket, "key": "k"}])
-        config.path.write_text(
-            config.path.read_text()
-            + (f'\n[[notify]]\nname = "flaky"\ntype = "webhook"\nurl = "{flaky.url()}"\nbackoff = "0.2s"\n')
+        config.write(
+            [{"name": "app", "bucket": bucket, "key": "k"}],
+            notify=[{"name": "flaky", "type": "webhook", "url": flaky.url(), "backoff": "0.2s"}],
         )
         daemon = start_daemon(config)
         daemon.notify.wait("READY=1")
@@ -140,10 +135,9 @@ def test_receiver_outage_then_delivery_with_backoff(config: ConfigFile, s3, buck
 def test_event_delivered_after_kill_between_commit_and_delivery(config: ConfigFile, s3, bucket, start_daemon):
     port = free_port()  # nothing listens yet: deliveries fail and stay pending
     s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
-    config.write([{"name": "app", "bucket": bucket, "key": "k"}])
-    config.path.write_text(
-        config.path.read_text()
-        + (f'\n[[notify]]\nname = "hook"\ntype = "webhook"\nurl = "http://127.0.0.1:{port}/"\nbackoff = "0.2s"\n')
+    config.write(
+        [{"name": "app", "bucket": bucket, "key": "k"}],
+        notify=[{"name": "hook", "type": "webhook", "url": f"http://127.0.0.1:{port}/", "backoff": "0.2s"}],
     )
     daemon = start_daemon(config)
     daemon.notify.wait("READY=1")
@@ -172,13 +166,17 @@ def test_command_sink_with_filters_via_once(config: ConfigFile, s3, bucket, tmp_
     )
     for key in ("a", "b"):
         s3.put_object(Bucket=bucket, Key=key, Body=b"v1")
-    config.write([{"name": "app-a", "bucket": bucket, "key": "a"}, {"name": "other", "bucket": bucket, "key": "b"}])
-    config.path.write_text(
-        config.path.read_text()
-        + (
-            f'\n[[notify]]\nname = "cmd"\ntype = "command"\ncommand = {json.dumps([sys.executable, "-c", script])}\n'
-            'watches = ["app-*"]\nevents = ["first_seen", "deleted"]\n'
-        )
+    config.write(
+        [{"name": "app-a", "bucket": bucket, "key": "a"}, {"name": "other", "bucket": bucket, "key": "b"}],
+        notify=[
+            {
+                "name": "cmd",
+                "type": "command",
+                "command": [sys.executable, "-c", script],
+                "watches": ["app-*"],
+                "events": ["first_seen", "deleted"],
+            }
+        ],
     )
     assert run_cli("once", "--config", str(config.path)).returncode == 0
     s3.delete_object(Bucket=bucket, Key="a")
@@ -199,14 +197,10 @@ def test_failed_command_gives_up_after_max_age_and_retry_requeues(config: Config
     flag = tmp_path / "ok"
     script = f"import os, sys; sys.exit(0 if os.path.exists({str(flag)!r}) else 3)"
     s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
-    config.write([{"name": "app", "bucket": bucket, "key": "k"}])
-    base = config.path.read_text()
-    config.path.write_text(
-        base
-        + (
-            f'\n[[notify]]\nname = "cmd"\ntype = "command"\ncommand = {json.dumps([sys.executable, "-c", script])}\n'
-            'max_age = "1ms"\nbackoff = "1ms"\n'
-        )
+    command_sink = {"name": "cmd", "type": "command", "command": [sys.executable, "-c", script]}
+    config.write(
+        [{"name": "app", "bucket": bucket, "key": "k"}],
+        notify=[{**command_sink, "max_age": "1ms", "backoff": "1ms"}],
     )
     run_cli("once", "--config", str(config.path))
     assert outbox(config.db) == [("cmd", "pending", 1, "command exited 3")]
@@ -219,10 +213,7 @@ def test_failed_command_gives_up_after_max_age_and_retry_requeues(config: Config
     )
     assert [(r["sink"], r["event"]) for r in listing] == [("cmd", "first_seen")]
     flag.touch()
-    config.path.write_text(
-        base
-        + (f'\n[[notify]]\nname = "cmd"\ntype = "command"\ncommand = {json.dumps([sys.executable, "-c", script])}\n')
-    )
+    config.write(notify=[command_sink])
     retry = run_cli("notify", "retry", "--config", str(config.path))
     assert retry.returncode == 0 and "re-queued 1" in retry.stdout
     run_cli("once", "--config", str(config.path))
