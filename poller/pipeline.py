@@ -86,7 +86,7 @@ class Recorder:
             return
         for _, future in batch:
             future.set_result(None)
-        if self.on_events is not None and any(r.event for r, _ in batch):
+        if self.on_events is not None and any(r.event or r.changes for r, _ in batch):
             self.on_events()
 
 
