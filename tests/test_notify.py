@@ -238,3 +238,17 @@ def test_bad_notify_config_exit_2(tmp_path: Path, entry: str, fragments: list[st
     for fragment in fragments:
         assert fragment in proc.stderr, (fragment, proc.stderr)
     assert "12345" not in proc.stderr  # a secret of the wrong type is still not echoed
+
+
+def test_prefix_watch_events_are_notified_per_key(config: ConfigFile, s3, bucket, receiver):
+    for key in ("drops/a", "drops/b"):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"v1")
+    config.write(
+        [{"name": "drops", "bucket": bucket, "prefix": "drops/"}],
+        notify=[{"name": "hook", "type": "webhook", "url": receiver.url()}],
+    )
+    assert run_cli("once", "--config", str(config.path)).returncode == 0
+    s3.delete_object(Bucket=bucket, Key="drops/b")
+    assert run_cli("once", "--config", str(config.path)).returncode == 0
+    got = sorted((body["key"], body["event"]) for _, body in receiver.received)
+    assert got == [("drops/a", "first_seen"), ("drops/b", "deleted"), ("drops/b", "first_seen")]
