@@ -130,6 +130,6 @@ def poll_prefix(prober: Prober, watch: Watch, stored: PrefixState) -> PollResult
         duration_ms=(time.perf_counter() - started) * 1000,
         previous=None,
         state=ObjectState(),
-        note=f"{len(listed)} keys, {pages} list pages",
+        note=f"{len(listed)} keys, {pages} list page{'' if pages == 1 else 's'}",
         changes=changes,
     )
