@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
     from poller.config import S3Settings
+    from poller.lean import LeanHead
     from poller.listing import KeyChange
 
 Outcome = Literal["unchanged", "modified", "missing", "error"]
@@ -197,9 +198,11 @@ def _http_date(value: str | None) -> datetime | None:
     return parsed.astimezone(UTC)
 
 
-def make_client(settings: S3Settings, concurrency: int) -> S3Client:
+def make_client(
+    settings: S3Settings, concurrency: int, session: boto3.session.Session | None = None, **extra: Any
+) -> S3Client:
     """One thread-safe S3 client sized for ``concurrency`` polls in flight."""
-    session = boto3.session.Session(profile_name=settings.profile or None)
+    session = session or boto3.session.Session(profile_name=settings.profile or None)
     config = BotoConfig(
         region_name=settings.region,
         connect_timeout=settings.connect_timeout,
@@ -209,13 +212,22 @@ def make_client(settings: S3Settings, concurrency: int) -> S3Client:
         max_pool_connections=max(concurrency + 4, 10),
         s3={"addressing_style": settings.addressing_style},
         user_agent_extra="poller",
+        **extra,
     )
     return session.client("s3", endpoint_url=settings.endpoint_url or None, config=config)
 
 
 def prober_for(settings: S3Settings, concurrency: int) -> Prober:
-    """A Prober with its own client, built from the [s3] settings."""
-    return Prober(make_client(settings, concurrency), settings.conditional)
+    """A Prober with its own client, built from the [s3] settings (lean HEAD path unless turned off)."""
+    session = boto3.session.Session(profile_name=settings.profile or None)
+    client = make_client(settings, concurrency, session)
+    if settings.http_client == "boto3":
+        return Prober(client, settings.conditional)
+    from poller.lean import LeanHead
+
+    resolver = make_client(settings, 1, session, signature_version="s3v4")
+    lean = LeanHead(session, client, resolver, settings.connect_timeout, settings.read_timeout, settings.max_attempts)
+    return Prober(client, settings.conditional, lean=lean)
 
 
 def head(client: S3Client, bucket: str, key: str, **conditions: Any) -> Answer:
@@ -233,8 +245,9 @@ def head(client: S3Client, bucket: str, key: str, **conditions: Any) -> Answer:
 class Prober:
     """Sends the conditional HEAD for a watch and classifies the answer; never raises for S3 trouble."""
 
-    def __init__(self, client: S3Client, mode: Conditional, clock: Any = None) -> None:
+    def __init__(self, client: S3Client, mode: Conditional, clock: Any = None, lean: LeanHead | None = None) -> None:
         self.client = client
+        self.lean = lean
         self.mode: Conditional = mode
         self.now = clock or (lambda: datetime.now(UTC))
         self._bucket_cache: dict[str, tuple[float, bool]] = {}
@@ -275,6 +288,8 @@ class Prober:
         )
 
     def _head(self, watch: Watch, conditions: dict[str, Any]) -> Answer:
+        if self.lean is not None:
+            return self.lean.head(watch.bucket, watch.key, conditions)
         return head(self.client, watch.bucket, watch.key, **conditions)
 
     def _bucket_exists(self, bucket: str) -> bool:

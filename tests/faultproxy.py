@@ -15,7 +15,7 @@ import random
 import socket
 import struct
 import threading
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 
 
@@ -34,6 +34,8 @@ class FaultProxy:
         self.fault = Fault()
         self.requests: Counter[str] = Counter()  # by first path segment
         self.failed: Counter[str] = Counter()
+        # The headers of the latest requests, names lower-cased: what really went over the wire.
+        self.heads: deque[dict[str, str]] = deque(maxlen=1000)
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.base_events.Server | None = None
@@ -92,6 +94,7 @@ class FaultProxy:
                 bucket = path.lstrip("/").split("/", 1)[0].split("?", 1)[0]
                 with self._lock:
                     self.requests[bucket] += 1
+                    self.heads.append(self._headers(head))
                 fault = self.fault
                 applies = path.startswith(fault.prefix)
                 if applies and fault.mode == "hang":
@@ -125,6 +128,15 @@ class FaultProxy:
     def _request_line(head: bytes) -> tuple[str, str]:
         parts = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
         return (parts[0], parts[1] if len(parts) > 1 else "/")
+
+    @staticmethod
+    def _headers(head: bytes) -> dict[str, str]:
+        fields = {}
+        for line in head.decode("latin-1").split("\r\n")[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                fields[name.strip().lower()] = value.strip()
+        return fields
 
     @staticmethod
     def _content_length(head: bytes) -> int:

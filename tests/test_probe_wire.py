@@ -5,15 +5,16 @@ from __future__ import annotations
 import http.server
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from conftest import free_port
+from faultproxy import FaultProxy
 
 from poller.config import S3Settings
-from poller.probe import ObjectState, Prober, Watch, make_client
+from poller.probe import ObjectState, Watch, prober_for
 
 
 def settings(endpoint: str, **kw: Any) -> S3Settings:
@@ -21,25 +22,45 @@ def settings(endpoint: str, **kw: Any) -> S3Settings:
 
 
 class Wire:
-    """A prober plus a record of the request headers boto3 actually sent (observed, not patched)."""
+    """A prober, plus the request headers that reached the server (recorded by a proxy on the way)."""
 
-    def __init__(self, endpoint: str, mode: str = "both", **kw: Any) -> None:
-        self.client = make_client(settings(endpoint, conditional=mode, **kw), concurrency=4)
-        self.prober = Prober(self.client, mode)  # type: ignore[arg-type]
-        self.sent: list[dict[str, str]] = []
-        self.client.meta.events.register("before-send.s3.HeadObject", self._capture)
+    def __init__(self, endpoint: str, http_client: str, mode: str = "both", observe: bool = True, **kw: Any) -> None:
+        self.proxy = FaultProxy(int(endpoint.rsplit(":", 1)[1])) if observe else None
+        url = self.proxy.endpoint if self.proxy else endpoint
+        self.prober = prober_for(settings(url, conditional=mode, http_client=http_client, **kw), concurrency=4)
+        self.seen = 0
 
-    def _capture(self, request: Any, **_: Any) -> None:
-        self.sent.append({k.lower(): v.decode() if isinstance(v, bytes) else v for k, v in request.headers.items()})
+    @property
+    def sent(self) -> list[dict[str, str]]:
+        assert self.proxy is not None
+        return list(self.proxy.heads)[self.seen :]
 
     def poll(self, watch: Watch, state: ObjectState | None):
-        self.sent.clear()
+        self.seen = len(self.proxy.heads) if self.proxy else 0
         return self.prober.probe(watch, state)
+
+    def close(self) -> None:
+        if self.proxy is not None:
+            self.proxy.close()
+
+
+@pytest.fixture(params=["lean", "boto3"])
+def make_wire(request: pytest.FixtureRequest) -> Iterator[Callable[..., Wire]]:
+    """Every test here runs on both request paths: the lean HEAD and plain boto3."""
+    made: list[Wire] = []
+
+    def make(endpoint: str, **kw: Any) -> Wire:
+        made.append(Wire(endpoint, request.param, **kw))
+        return made[-1]
+
+    yield make
+    for wire in made:
+        wire.close()
 
 
 @pytest.fixture
-def wire(s3_endpoint: str) -> Wire:
-    return Wire(s3_endpoint)
+def wire(s3_endpoint: str, make_wire: Callable[..., Wire]) -> Wire:
+    return make_wire(s3_endpoint)
 
 
 def test_first_seen_then_304_unchanged(wire, s3, bucket):
@@ -136,8 +157,8 @@ def test_same_second_overwrite_is_modified_via_cross_check(wire, s3, bucket):
     assert "if-none-match" not in wire.sent[1] and "if-modified-since" not in wire.sent[1]
 
 
-def test_timestamp_mode_with_risky_state_sends_unconditional_and_compares_etag(s3_endpoint, s3, bucket):
-    wire = Wire(s3_endpoint, mode="timestamp")
+def test_timestamp_mode_with_risky_state_sends_unconditional_and_compares_etag(s3_endpoint, make_wire, s3, bucket):
+    wire = make_wire(s3_endpoint, mode="timestamp")
     s3.put_object(Bucket=bucket, Key="k", Body=b"one")
     watch = Watch(1, "k", bucket, "k")
     seen = wire.poll(watch, None)
@@ -196,9 +217,9 @@ def test_key_classes_round_trip(wire, s3, bucket, key):
     assert (changed.outcome, changed.event) == ("modified", "modified")
 
 
-def test_unreachable_endpoint_is_an_error():
+def test_unreachable_endpoint_is_an_error(make_wire):
     port = free_port()  # nothing listens here
-    wire = Wire(f"http://127.0.0.1:{port}", max_attempts=1)
+    wire = make_wire(f"http://127.0.0.1:{port}", max_attempts=1, observe=False)
     result = wire.poll(Watch(1, "k", "bucket", "k"), None)
     assert result.outcome == "error" and "cannot connect" in result.error
 
@@ -231,9 +252,9 @@ def fixed_server() -> Iterator[tuple[str, type[_Fixed]]]:
     server.shutdown()
 
 
-def test_403_is_an_error_that_explains_listbucket(fixed_server):
+def test_403_is_an_error_that_explains_listbucket(fixed_server, make_wire):
     endpoint, _ = fixed_server
-    wire = Wire(endpoint)
+    wire = make_wire(endpoint, observe=False)
     state = ObjectState('"x"', None, None, None, 1, True)
     result = wire.poll(Watch(1, "k", "bucket", "k"), state)
     assert result.outcome == "error" and result.http_status == 403
@@ -241,10 +262,10 @@ def test_403_is_an_error_that_explains_listbucket(fixed_server):
     assert result.state is None
 
 
-def test_throttling_is_retried_then_an_error(fixed_server):
+def test_throttling_is_retried_then_an_error(fixed_server, make_wire):
     endpoint, handler = fixed_server
     handler.status, handler.code = 503, "SlowDown"
-    wire = Wire(endpoint, max_attempts=3)
+    wire = make_wire(endpoint, max_attempts=3, observe=False)
     result = wire.poll(Watch(1, "k", "bucket", "k"), None)
     assert result.outcome == "error" and result.http_status == 503
     assert "throttled" in result.error

@@ -1,0 +1,333 @@
+"""The lean HeadObject: SigV4-signed here, sent over one keep-alive connection per worker thread.
+
+boto3 spends about 750 µs of CPU on one HeadObject (request pipeline, event hooks, signer,
+urllib3, response parser); under the GIL that is the daemon's ceiling. This path spends about
+150 µs (measured: `python -m bench`). It sends the request boto3 would send, byte for byte in
+everything signed (tests/test_lean.py proves it per key class and addressing style): the endpoint,
+addressing style, signing region and credentials are still resolved by boto3/botocore, once per
+bucket. A bucket it cannot serve the same way (an ARN, S3 Express, a proxy, a redirect to another
+region) goes through boto3 instead, and ``[s3] http_client = "boto3"`` turns it off entirely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.client
+import os
+import random
+import socket
+import ssl
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from datetime import UTC
+from email.utils import format_datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, quote, urlsplit
+
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+)
+
+from poller import __version__
+from poller.probe import Answer, answer_from_headers, head
+
+if TYPE_CHECKING:
+    import boto3
+    from mypy_boto3_s3 import S3Client
+
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()  # a HEAD has no body; botocore signs its hash, even on https
+SENTINEL_KEY = "poller-sentinel"
+# botocore's standard retry mode: these statuses are transient; the backoff base is 50 ms (1 s when throttled).
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+MAX_BACKOFF = 20.0
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where and how boto3 sends a bucket's HeadObject: connection, Host header, path prefix, signing scope."""
+
+    scheme: str
+    host: str
+    port: int
+    host_header: str
+    prefix: str  # the request path up to the key: "/bucket/" (path style) or "/" (virtual host)
+    region: str
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.scheme}://{self.host_header}"
+
+
+def target_from_presigned(url: str) -> Target | None:
+    """Read the Target from boto3's SigV4 presigned HeadObject URL for SENTINEL_KEY; None if not plain S3 SigV4."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    scope = (query.get("X-Amz-Credential") or [""])[0].split("/")
+    if parts.scheme not in _DEFAULT_PORTS or len(scope) != 5 or scope[3] != "s3" or scope[4] != "aws4_request":
+        return None  # another signing service (S3 Express, Outposts, Object Lambda) or signer
+    if not parts.path.endswith("/" + SENTINEL_KEY) or parts.hostname is None:
+        return None
+    port = parts.port or _DEFAULT_PORTS[parts.scheme]
+    # botocore leaves the default port out of the Host header.
+    host_header = parts.hostname if port == _DEFAULT_PORTS[parts.scheme] else f"{parts.hostname}:{port}"
+    if ":" in parts.hostname:  # IPv6 literal
+        host_header = f"[{parts.hostname}]" + ("" if port == _DEFAULT_PORTS[parts.scheme] else f":{port}")
+    prefix = parts.path[: -len(SENTINEL_KEY)]
+    return Target(parts.scheme, parts.hostname, port, host_header, prefix, scope[2])
+
+
+def request_path(target: Target, key: str) -> str:
+    """The request path of a key, percent-encoded as botocore does (``/`` and ``~`` kept)."""
+    return target.prefix + quote(key, safe="/~")
+
+
+def header_conditions(conditions: dict[str, Any]) -> dict[str, str]:
+    """HeadObject condition kwargs (``IfNoneMatch``, ``IfModifiedSince``) as botocore puts them on the wire."""
+    out: dict[str, str] = {}
+    etag = conditions.get("IfNoneMatch")
+    if etag is not None:
+        out["if-none-match"] = etag
+    since = conditions.get("IfModifiedSince")
+    if since is not None:
+        out["if-modified-since"] = format_datetime(since.astimezone(UTC).replace(microsecond=0), usegmt=True)
+    return out
+
+
+class Signer:
+    """SigV4 for one HEAD with no body, as botocore's S3SigV4Auth computes it; signing keys cached per day."""
+
+    __slots__ = ("_keys",)
+
+    def __init__(self) -> None:
+        self._keys: dict[tuple[str, str, str], bytes] = {}
+
+    def _signing_key(self, secret: str, day: str, region: str) -> bytes:
+        cache_key = (secret, day, region)
+        key = self._keys.get(cache_key)
+        if key is None:
+            key = ("AWS4" + secret).encode()
+            for part in (day, region, "s3", "aws4_request"):
+                key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+            if len(self._keys) > 16:  # a day and credentials rotate: keep the cache small
+                self._keys.clear()
+            self._keys[cache_key] = key
+        return key
+
+    def headers(
+        self,
+        target: Target,
+        path: str,
+        conditions: dict[str, str],
+        access_key: str,
+        secret_key: str,
+        token: str | None,
+        amz_date: str,
+    ) -> dict[str, str]:
+        """The headers of the signed request (lower-case names), Authorization included."""
+        signed = {"host": target.host_header, **conditions}
+        signed["x-amz-content-sha256"] = EMPTY_SHA256
+        signed["x-amz-date"] = amz_date
+        if token:
+            signed["x-amz-security-token"] = token
+        names = sorted(signed)
+        canonical = "".join(f"{n}:{' '.join(signed[n].split())}\n" for n in names)
+        signed_names = ";".join(names)
+        request = f"HEAD\n{path}\n\n{canonical}\n{signed_names}\n{EMPTY_SHA256}"
+        day = amz_date[:8]
+        scope = f"{day}/{target.region}/s3/aws4_request"
+        to_sign = f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{hashlib.sha256(request.encode()).hexdigest()}"
+        signature = hmac.new(self._signing_key(secret_key, day, target.region), to_sign.encode(), hashlib.sha256)
+        signed["authorization"] = (
+            f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, SignedHeaders={signed_names}, "
+            f"Signature={signature.hexdigest()}"
+        )
+        return signed
+
+
+def _amz_date() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+class _Fallback(Exception):
+    """This bucket needs boto3 (e.g. a redirect to its region)."""
+
+
+class LeanHead:
+    """Conditional HeadObject on the lean path; answers and raises exactly like ``probe.head``."""
+
+    def __init__(
+        self,
+        session: boto3.session.Session,
+        client: S3Client,
+        resolver: S3Client,
+        connect_timeout: float,
+        read_timeout: float,
+        max_attempts: int,
+    ) -> None:
+        self._session = session
+        self._client = client  # the boto3 fallback, and the resolver of everything but the HEAD itself
+        self._resolver = resolver  # same settings, SigV4 presigning: tells where and how to sign
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._max_attempts = max_attempts
+        self._signer = Signer()
+        self._targets: dict[str, Target | None] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._user_agent = f"poller/{__version__} (lean HeadObject; botocore signing scope)"
+        self._ssl: ssl.SSLContext | None = None
+
+    # --- resolution ------------------------------------------------------------------
+
+    def target(self, bucket: str) -> Target | None:
+        """Where boto3 would send this bucket's HEAD, or None to use boto3 itself."""
+        try:
+            return self._targets[bucket]
+        except KeyError:
+            pass
+        found: Target | None = None
+        if ":" not in bucket:  # access point and Outposts ARNs: boto3's own machinery
+            url = self._resolver.generate_presigned_url("head_object", Params={"Bucket": bucket, "Key": SENTINEL_KEY})
+            found = target_from_presigned(url)
+            if found is not None and _proxied(found):
+                found = None
+        with self._lock:
+            self._targets[bucket] = found
+        return found
+
+    def _fall_back(self, bucket: str) -> None:
+        with self._lock:
+            self._targets[bucket] = None
+
+    # --- the request -----------------------------------------------------------------
+
+    def head(self, bucket: str, key: str, conditions: dict[str, Any]) -> Answer:
+        """One HeadObject; a 304 or 404 is an Answer, anything else raises as boto3 would."""
+        target = self.target(bucket)
+        if target is None:
+            return head(self._client, bucket, key, **conditions)
+        try:
+            return self._head(target, request_path(target, key), header_conditions(conditions))
+        except _Fallback:
+            self._fall_back(bucket)
+            return head(self._client, bucket, key, **conditions)
+
+    def _head(self, target: Target, path: str, conditions: dict[str, str]) -> Answer:
+        attempt = 0
+        while True:
+            attempt += 1
+            credentials = self._session.get_credentials()
+            if credentials is None:
+                raise NoCredentialsError()
+            frozen = credentials.get_frozen_credentials()
+            if not frozen.access_key or not frozen.secret_key:
+                raise NoCredentialsError()
+            headers = self._signer.headers(
+                target, path, conditions, frozen.access_key, frozen.secret_key, frozen.token, _amz_date()
+            )
+            headers["accept-encoding"] = "identity"
+            headers["user-agent"] = self._user_agent
+            try:
+                status, reason, answer_headers = self._send(target, path, headers)
+            except (ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError, ConnectionClosedError):
+                if attempt >= self._max_attempts:
+                    raise
+                time.sleep(random.random() * min(0.05 * 2 ** (attempt - 1), MAX_BACKOFF))
+                continue
+            if status in (200, 304, 404):
+                return answer_from_headers(status, answer_headers)
+            if status in (301, 307, 400) and "x-amz-bucket-region" in answer_headers:
+                raise _Fallback()  # the bucket lives in another region: boto3 follows that redirect
+            if status in RETRY_STATUSES and attempt < self._max_attempts:
+                base = 1.0 if status == 429 else 0.05
+                time.sleep(random.random() * min(base * 2 ** (attempt - 1), MAX_BACKOFF))
+                continue
+            raise ClientError(
+                {
+                    "Error": {"Code": str(status), "Message": reason},
+                    "ResponseMetadata": {
+                        "HTTPStatusCode": status,
+                        "HTTPHeaders": answer_headers,
+                        "RetryAttempts": attempt - 1,
+                        "RequestId": answer_headers.get("x-amz-request-id", ""),
+                        "HostId": answer_headers.get("x-amz-id-2", ""),
+                    },
+                },
+                "HeadObject",
+            )
+
+    def _send(self, target: Target, path: str, headers: dict[str, str]) -> tuple[int, str, dict[str, str]]:
+        """Send on this thread's kept-alive connection; a stale one is replaced once, silently."""
+        connections: dict[Target, http.client.HTTPConnection] = self._local.__dict__.setdefault("connections", {})
+        conn = connections.get(target)
+        reused = conn is not None
+        while True:
+            if conn is None:
+                conn = self._connect(target)
+                connections[target] = conn
+            try:
+                conn.request("HEAD", path, headers=headers)
+                response = conn.getresponse()
+                response.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+                conn.close()
+                del connections[target]
+                if reused:  # the server closed an idle keep-alive connection: not an attempt
+                    conn, reused = None, False
+                    continue
+                raise ConnectionClosedError(endpoint_url=target.endpoint + path) from exc
+            except TimeoutError as exc:
+                conn.close()
+                del connections[target]
+                raise ReadTimeoutError(endpoint_url=target.endpoint + path) from exc
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                del connections[target]
+                raise ConnectionClosedError(endpoint_url=target.endpoint + path) from exc
+            if response.will_close:
+                conn.close()
+                del connections[target]
+            return response.status, response.reason, {k.lower(): v for k, v in response.getheaders()}
+
+    def _connect(self, target: Target) -> http.client.HTTPConnection:
+        conn: http.client.HTTPConnection
+        if target.scheme == "https":
+            conn = http.client.HTTPSConnection(
+                target.host, target.port, timeout=self._connect_timeout, context=self._ssl_context()
+            )
+        else:
+            conn = http.client.HTTPConnection(target.host, target.port, timeout=self._connect_timeout)
+        try:
+            conn.connect()
+        except TimeoutError as exc:
+            conn.close()
+            raise ConnectTimeoutError(endpoint_url=target.endpoint) from exc
+        except OSError as exc:
+            conn.close()
+            raise EndpointConnectionError(endpoint_url=target.endpoint) from exc
+        assert conn.sock is not None
+        conn.sock.settimeout(self._read_timeout)
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            from botocore.httpsession import get_cert_path
+
+            self._ssl = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True))
+        return self._ssl
+
+
+def _proxied(target: Target) -> bool:
+    """True when an HTTP(S)_PROXY applies to this host: boto3 honours it, the lean path does not speak it."""
+    proxies = urllib.request.getproxies()
+    return target.scheme in proxies and not urllib.request.proxy_bypass(target.host)

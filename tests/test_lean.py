@@ -1,0 +1,208 @@
+"""The lean HEAD path sends what boto3 sends: same host, path and signed headers, same signature.
+
+For every key class and addressing style, boto3's HeadObject is captured (over the wire where the
+endpoint is local, else through botocore's ``before-send`` event, before anything is sent) and the
+lean request is built for the same bucket, key, conditions, credentials and X-Amz-Date: the
+Authorization headers must be equal byte for byte, which proves the canonical requests are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import boto3
+import pytest
+from botocore.awsrequest import AWSResponse
+
+from poller.config import S3Settings
+from poller.lean import LeanHead, Signer, header_conditions, request_path, target_from_presigned
+from poller.probe import make_client
+
+KEYS = [
+    "plain.json",
+    "with space/and more.txt",
+    "unicodé/日本語/ü.json",
+    "plus+sign=equals",
+    "per%cent%20x",
+    "q?uery&amp=1#frag",
+    "~tilde/!*'();:@=$,[]",
+    "a//double/slash",
+    "/leading-slash",
+    "trailing/",
+    "..",
+]
+CONDITIONS: list[dict[str, Any]] = [
+    {},
+    {"IfNoneMatch": '"9b2cf535f27731c974343645a3985328"'},
+    {
+        "IfNoneMatch": '"9b2cf535f27731c974343645a3985328-3"',
+        "IfModifiedSince": datetime(2026, 11, 24, 10, 0, 3, 500, UTC),
+    },
+]
+UNSIGNED_BY_BOTOCORE = {"user-agent", "amz-sdk-invocation-id", "amz-sdk-request", "accept-encoding"}
+
+
+class _Stream:
+    def stream(self) -> Iterator[bytes]:
+        return iter([b""])
+
+
+def lean_for(settings: S3Settings) -> tuple[LeanHead, Any]:
+    session = boto3.session.Session()
+    client = make_client(settings, 1, session)
+    resolver = make_client(settings, 1, session, signature_version="s3v4")
+    return LeanHead(session, client, resolver, 1.0, 1.0, 1), client
+
+
+def boto3_request(client: Any, bucket: str, key: str, conditions: dict[str, Any]) -> tuple[str, dict[str, str]]:
+    """The URL and headers of boto3's HeadObject, captured at before-send (answered 304 locally, never sent)."""
+    captured: list[tuple[str, dict[str, str]]] = []
+
+    def capture(request: Any, **_: Any) -> AWSResponse:
+        headers = {k.lower(): v.decode() if isinstance(v, bytes) else v for k, v in request.headers.items()}
+        captured.append((request.url, headers))
+        return AWSResponse(request.url, 304, {}, _Stream())
+
+    client.meta.events.register("before-send.s3.HeadObject", capture)
+    try:
+        client.head_object(Bucket=bucket, Key=key, **conditions)
+    except client.exceptions.ClientError:
+        pass
+    finally:
+        client.meta.events.unregister("before-send.s3.HeadObject", capture)
+    return captured[0]
+
+
+@pytest.fixture(params=[None, "session-token/with+chars=="], ids=["keys", "keys+token"])
+def credentials(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str, str | None]:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("HTTP_PROXY", raising=False)
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    if request.param:
+        monkeypatch.setenv("AWS_SESSION_TOKEN", request.param)
+    else:
+        monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    return "AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", request.param
+
+
+ENDPOINTS = [
+    # (endpoint_url, region, addressing_style, bucket)
+    ("http://localhost:9000", "us-east-1", "path", "my-bucket"),
+    ("http://localhost:9000", "eu-west-1", "virtual", "my-bucket"),
+    ("http://127.0.0.1:9000", "us-east-1", "auto", "my-bucket"),
+    ("https://s3.example.test:8443", "eu-central-1", "path", "my-bucket"),
+    ("https://s3.example.test", "eu-central-1", "virtual", "my-bucket"),
+    ("", "us-east-1", "auto", "my-bucket"),
+    ("", "eu-west-1", "virtual", "my-bucket"),
+    ("", "eu-west-1", "path", "my-bucket"),
+    ("", "ap-southeast-2", "auto", "dotted.bucket.name"),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "region", "style", "bucket"), ENDPOINTS)
+def test_lean_request_equals_boto3_for_every_key_class_and_addressing_style(
+    credentials: tuple[str, str, str | None], endpoint: str, region: str, style: str, bucket: str
+) -> None:
+    access, secret, token = credentials
+    settings = S3Settings(endpoint_url=endpoint, region=region, addressing_style=style)  # type: ignore[arg-type]
+    lean, client = lean_for(settings)
+    target = lean.target(bucket)
+    assert target is not None
+    signer = Signer()
+    for key in KEYS:
+        for conditions in CONDITIONS:
+            url, sent = boto3_request(client, bucket, key, conditions)
+            parts = urlsplit(url)
+            path = request_path(target, key)
+            assert f"{parts.scheme}://{parts.netloc}" == target.endpoint, (key, url)
+            assert parts.path == path and not parts.query, (key, url)
+            ours = signer.headers(
+                target, path, header_conditions(conditions), access, secret, token, sent["x-amz-date"]
+            )
+            # Same headers, same values; the signature covers the Host header boto3's HTTP layer adds.
+            assert {k: v for k, v in sent.items() if k not in UNSIGNED_BY_BOTOCORE} == {
+                k: v for k, v in ours.items() if k != "host"
+            }, (key, conditions)
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    seen: list[tuple[str, dict[str, str]]] = []
+
+    def do_HEAD(self) -> None:
+        self.seen.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
+        self.send_response(304)
+        self.send_header("ETag", '"9b2cf535f27731c974343645a3985328"')
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def recorder() -> Iterator[tuple[str, list[tuple[str, dict[str, str]]]]]:
+    handler = type("Handler", (_Recorder,), {"seen": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", handler.seen
+    server.shutdown()
+    server.server_close()
+
+
+def test_on_the_wire_both_paths_send_the_same_request(credentials, recorder) -> None:
+    access, secret, token = credentials
+    endpoint, seen = recorder
+    settings = S3Settings(endpoint_url=endpoint, addressing_style="path")
+    lean, client = lean_for(settings)
+    target = lean.target("bkt")
+    assert target is not None
+    for key in KEYS:
+        for conditions in CONDITIONS:
+            seen.clear()
+            with contextlib.suppress(client.exceptions.ClientError):
+                client.head_object(Bucket="bkt", Key=key, **conditions)
+            answer = lean.head("bkt", key, conditions)
+            assert answer.status == 304
+            (boto_path, boto_headers), (lean_path, lean_headers) = seen
+            assert boto_path == lean_path
+            assert lean_headers["host"] == boto_headers["host"]
+            for name in ("if-none-match", "if-modified-since", "x-amz-content-sha256", "x-amz-security-token"):
+                assert lean_headers.get(name) == boto_headers.get(name), name
+            # Re-signed at boto3's X-Amz-Date, the lean request carries boto3's exact signature.
+            resigned = Signer().headers(
+                target, lean_path, header_conditions(conditions), access, secret, token, boto_headers["x-amz-date"]
+            )
+            assert resigned["authorization"] == boto_headers["authorization"]
+
+
+def test_targets_the_lean_path_does_not_serve() -> None:
+    v2 = "https://b.s3.amazonaws.com/poller-sentinel?AWSAccessKeyId=x&Signature=y&Expires=1"
+    express = (
+        "https://b--use1-az4--x-s3.s3express-use1-az4.us-east-1.amazonaws.com/poller-sentinel?"
+        "X-Amz-Credential=AKID%2F20261125%2Fus-east-1%2Fs3express%2Faws4_request&X-Amz-Signature=z"
+    )
+    assert target_from_presigned(v2) is None
+    assert target_from_presigned(express) is None
+    plain = target_from_presigned(
+        "http://127.0.0.1:80/b/poller-sentinel?X-Amz-Credential=AKID%2F20261125%2Feu-west-1%2Fs3%2Faws4_request"
+    )
+    assert plain is not None
+    assert (plain.host_header, plain.prefix, plain.region) == ("127.0.0.1", "/b/", "eu-west-1")
+
+
+def test_an_access_point_arn_and_a_proxy_go_through_boto3(credentials, monkeypatch) -> None:
+    lean, _ = lean_for(S3Settings(endpoint_url="http://127.0.0.1:9000", addressing_style="path"))
+    assert lean.target("arn:aws:s3:us-east-1:123456789012:accesspoint/ap") is None
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example.test:3128")
+    monkeypatch.setenv("NO_PROXY", "")
+    lean, _ = lean_for(S3Settings(endpoint_url="http://s3.example.test:9000", addressing_style="path"))
+    assert lean.target("bkt") is None
