@@ -7,6 +7,7 @@ commit means the next poll detects the change again.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 1000
 
 
+# Called in the writer thread once a result is committed (None) or could not be (the exception).
+Committed = Callable[[BaseException | None], None]
+
+
 class Recorder:
     """A single writer thread that commits many poll results per transaction."""
 
@@ -37,15 +42,28 @@ class Recorder:
         self.route = route  # replaced on reload; read once per batch
         self.on_events: Callable[[], None] | None = None  # e.g. wake the notification dispatcher
         self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[tuple[PollResult, Future[None]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[PollResult, Committed] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="poller-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, result: PollResult) -> Future[None]:
-        """Queue a result; the future completes once it is committed (or fails with the reason)."""
+    def submit(self, result: PollResult, then: Committed | None = None) -> Future[None]:
+        """Queue a result; the future completes (and ``then`` runs) once it is committed or has failed."""
         future: Future[None] = Future()
-        self._queue.put((result, future))
+
+        def done(exc: BaseException | None) -> None:
+            if then is not None:
+                then(exc)
+            if exc is None:
+                future.set_result(None)
+            else:
+                future.set_exception(exc)
+
+        self._queue.put((result, done))
         return future
+
+    def submit_nowait(self, result: PollResult, then: Committed) -> None:
+        """Queue a result; ``then`` runs in the writer thread after the commit (or its failure)."""
+        self._queue.put((result, then))
 
     def close(self) -> None:
         """Commit what is queued, then stop the writer thread."""
@@ -56,7 +74,7 @@ class Recorder:
         stopping = False
         while not stopping:
             item = self._queue.get()
-            batch: list[tuple[PollResult, Future[None]]] = []
+            batch: list[tuple[PollResult, Committed]] = []
             if item is None:
                 stopping = True
             else:
@@ -73,7 +91,7 @@ class Recorder:
             if batch:
                 self._commit(batch)
 
-    def _commit(self, batch: list[tuple[PollResult, Future[None]]]) -> None:
+    def _commit(self, batch: list[tuple[PollResult, Committed]]) -> None:
         try:
             self._store.record([r for r, _ in batch], self.route)
         except Exception as exc:
@@ -82,12 +100,20 @@ class Recorder:
                 for pair in batch:
                     self._commit([pair])
                 return
-            batch[0][1].set_exception(exc)
+            _call(batch[0][1], exc)
             return
-        for _, future in batch:
-            future.set_result(None)
+        for _, then in batch:
+            _call(then, None)
         if self.on_events is not None and any(r.event or r.changes for r, _ in batch):
             self.on_events()
+
+
+def _call(then: Committed, exc: BaseException | None) -> None:
+    try:
+        then(exc)
+    except Exception:
+        # A bug after the commit must not stop the writer: the row is safe, say what broke.
+        log.exception("after recording a poll result")
 
 
 class Stats:
@@ -99,10 +125,10 @@ class Stats:
         self._lock = threading.Lock()
         self.last_error = ""
 
-    def add(self, outcome: str) -> None:
+    def add(self, outcome: str, count: int = 1) -> None:
         second = int(self._clock())
         with self._lock:
-            self._buckets.setdefault(second, Counter())[outcome] += 1
+            self._buckets.setdefault(second, Counter())[outcome] += count
 
     def last_minute(self) -> Counter[str]:
         horizon = int(self._clock()) - 60
@@ -145,27 +171,58 @@ class PollService:
         """Probe, commit, then report; returns None when the result could not be committed."""
         if self._stopping.is_set():
             return None
-        if watch.prefix:
-            listed = self.prefix_states.get(watch.id, PrefixState())
-            result = poll_prefix(self.prober, watch, listed)
-        else:
-            result = self.prober.probe(watch, self.states.get(watch.id))
+        result, listed = self._probe(watch)
         try:
             self.recorder.submit(result).result()
         except Exception as exc:
-            reason = describe_db_error(exc, self.url)
-            self.stats.add("error")
-            self.stats.last_error = f"database: {reason}"
-            if self.metrics is not None:
-                self.metrics.observe_unrecorded()
-            log.error(
-                "%s %s poll result NOT recorded (%s); any change will be detected again on the next poll",
-                watch.name,
-                printable(watch.url),
-                reason,
-            )
+            self._unrecorded(result, exc)
             return None
+        self._recorded(result, listed)
+        return result
+
+    def start_poll(self, watch: Watch, done: Callable[[], None]) -> None:
+        """Probe, queue the commit and return: ``done`` runs once the result is committed (or failed),
+        so the caller can keep the watch from being polled again against a state not yet committed."""
+        if self._stopping.is_set():
+            done()
+            return
+        result, listed = self._probe(watch)
+
+        def then(exc: BaseException | None) -> None:
+            try:
+                if exc is None:
+                    self._recorded(result, listed)
+                else:
+                    self._unrecorded(result, exc)
+            finally:
+                done()
+
+        self.recorder.submit_nowait(result, then)
+
+    def _probe(self, watch: Watch) -> tuple[PollResult, PrefixState | None]:
         if watch.prefix:
+            listed = self.prefix_states.get(watch.id, PrefixState())
+            return poll_prefix(self.prober, watch, listed), listed
+        return self.prober.probe(watch, self.states.get(watch.id)), None
+
+    def _unrecorded(self, result: PollResult, exc: BaseException) -> None:
+        watch = result.watch
+        reason = describe_db_error(exc, self.url)
+        self.stats.add("error")
+        self.stats.last_error = f"database: {reason}"
+        if self.metrics is not None:
+            self.metrics.observe_unrecorded()
+        log.error(
+            "%s %s poll result NOT recorded (%s); any change will be detected again on the next poll",
+            watch.name,
+            printable(watch.url),
+            reason,
+        )
+
+    def _recorded(self, result: PollResult, listed: PrefixState | None) -> None:
+        """After the commit, and only then: the state the next poll conditions on, counters, the log line."""
+        watch = result.watch
+        if listed is not None:
             if result.outcome != "error":
                 self.prefix_states[watch.id] = listed.apply(result.changes)
         elif result.state is not None:
@@ -175,7 +232,7 @@ class PollService:
         if self.metrics is not None:
             self.metrics.observe(result)
         if not self.log_polls:
-            return result
+            return
         if result.outcome == "error":
             self.stats.last_error = f"{watch.name}: {result.error}"
             log.warning("%s", describe_result(result))
@@ -189,7 +246,66 @@ class PollService:
         elif log.isEnabledFor(logging.DEBUG):
             # Most polls are unchanged: do not format their line unless it will be shown.
             log.debug("%s", describe_result(result))
-        return result
+
+
+class Workers:
+    """The pool that runs due polls: at most one poll per watch in flight or queued."""
+
+    def __init__(
+        self,
+        service: PollService,
+        threads: int,
+        on_start: Callable[[float], None] | None = None,
+    ) -> None:
+        self.service = service
+        self._on_start = on_start  # gets the lateness (seconds after the scheduled time) of each poll
+        self._queue: queue.SimpleQueue[tuple[Watch, datetime] | None] = queue.SimpleQueue()
+        self._busy: set[int] = set()
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"poller-worker-{i}", daemon=True) for i in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, watch: Watch, scheduled: datetime) -> bool:
+        """Queue a due poll; False (skipped) if this watch's previous poll is still queued or not committed."""
+        with self._lock:
+            if watch.id in self._busy:
+                return False
+            self._busy.add(watch.id)
+        self._queue.put((watch, scheduled))
+        return True
+
+    def busy(self) -> int:
+        return len(self._busy)
+
+    def stop(self) -> None:
+        """Let running polls finish; queued ones are dropped (the service refuses them once stopped)."""
+        self.service.stop()
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            watch, scheduled = item
+            if self._on_start is not None:
+                self._on_start(time.time() - scheduled.timestamp())
+            try:
+                self.service.start_poll(watch, functools.partial(self._done, watch.id))
+            except Exception:
+                # The probe never raises for S3 trouble; anything else is a bug, but the pool goes on.
+                log.exception("%s: poll failed", watch.name)
+                self._done(watch.id)
+
+    def _done(self, watch_id: int) -> None:
+        with self._lock:
+            self._busy.discard(watch_id)
 
 
 def prepare(

@@ -13,7 +13,7 @@ from conftest import ACCESS_KEY, SECRET, ConfigFile, run_cli, wait_for
 from daemonproc import events, poll_count, query
 
 from poller.config import load_settings
-from poller.daemon import Daemon, job_id
+from poller.daemon import Daemon
 from poller.sdnotify import Notifier
 
 
@@ -165,7 +165,7 @@ def test_journald_format(config: ConfigFile, s3, bucket, tmp_path):
     assert not any(time.strftime("%Y-") in line for line in lines if "last-modified" not in line)
 
 
-# --- in-process reload: exactly which jobs change ------------------------------------------
+# --- in-process reload: exactly which timetable entries change ------------------------------------------
 
 
 def test_reload_reschedules_only_what_changed(config: ConfigFile, s3, bucket):
@@ -174,7 +174,7 @@ def test_reload_reschedules_only_what_changed(config: ConfigFile, s3, bucket):
     daemon = Daemon(config.path, load_settings(config.path), Notifier(""))
     daemon.start(paused=True)
     try:
-        before = {job.id: (job.next_run_time, job.trigger) for job in daemon.scheduler.get_jobs()}
+        before = {name: (due, trigger) for name, (due, trigger, _) in daemon.timetable.snapshot().items()}
         changed = [dict(w) for w in watches]
         changed[3]["interval"] = "2h"  # rescheduled
         changed[7]["key"] = "elsewhere"  # retargeted
@@ -182,16 +182,17 @@ def test_reload_reschedules_only_what_changed(config: ConfigFile, s3, bucket):
         changed.append({"name": "new", "bucket": bucket, "key": "new"})
         config.write(changed)
         assert daemon.reload()
-        after = {job.id: (job.next_run_time, job.trigger) for job in daemon.scheduler.get_jobs()}
-        assert set(after) == set(before) - {job_id("w9")} | {job_id("new")}
-        different = {jid for jid in before if jid in after and after[jid] != before[jid]}
-        assert different == {job_id("w3")}
-        assert daemon.scheduler.get_job(job_id("w7")).args[0].key == "elsewhere"
-        assert daemon.scheduler.get_job(job_id("w0")).args[0].key == "k0"
-        # A bad config leaves every job as it was.
+        snapshot = daemon.timetable.snapshot()
+        after = {name: (due, trigger) for name, (due, trigger, _) in snapshot.items()}
+        assert set(after) == set(before) - {"w9"} | {"new"}
+        different = {name for name in before if name in after and after[name] != before[name]}
+        assert different == {"w3"}
+        assert snapshot["w7"][2].key == "elsewhere"
+        assert snapshot["w0"][2].key == "k0"
+        # A bad config leaves every entry as it was.
         config.path.write_text("[[watch]]\nbogus = 1\n")
         assert not daemon.reload()
-        assert {job.id for job in daemon.scheduler.get_jobs()} == set(after)
+        assert daemon.timetable.snapshot() == snapshot
     finally:
         daemon.shutdown()
 
@@ -201,7 +202,7 @@ def test_first_runs_are_spread_over_the_interval(config: ConfigFile, bucket):
     daemon = Daemon(config.path, load_settings(config.path), Notifier(""))
     daemon.start(paused=True)
     try:
-        times = sorted(j.next_run_time for j in daemon.scheduler.get_jobs() if j.id.startswith("watch:"))
+        times = sorted(due for due, _, _ in daemon.timetable.snapshot().values())
         span = (times[-1] - times[0]).total_seconds()
         assert span > 45, "first runs must spread over the interval, not bunch at start"
         seconds = {t.replace(microsecond=0) for t in times}
@@ -217,14 +218,14 @@ def test_fifty_thousand_watches_load_and_one_change_reschedules_one(config: Conf
     daemon = Daemon(config.path, load_settings(config.path), Notifier(""))
     daemon.start(paused=True)
     try:
-        before = {job.id: (job.next_run_time, job.trigger) for job in daemon.scheduler.get_jobs()}
-        assert len(before) == 50_001  # plus the pruning job
+        before = {name: (due, trigger) for name, (due, trigger, _) in daemon.timetable.snapshot().items()}
+        assert len(before) == 50_000
         watches[12345]["interval"] = "2h"
         config.write(watches)
         assert daemon.reload()
-        after = {job.id: (job.next_run_time, job.trigger) for job in daemon.scheduler.get_jobs()}
+        after = {name: (due, trigger) for name, (due, trigger, _) in daemon.timetable.snapshot().items()}
         assert set(after) == set(before)
-        assert {jid for jid in before if after[jid] != before[jid]} == {job_id("w12345")}
+        assert {name for name in before if after[name] != before[name]} == {"w12345"}
         assert query(config.db, "SELECT count(*) FROM watches WHERE active") == [(50_000,)]
     finally:
         daemon.shutdown()

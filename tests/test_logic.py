@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from poller.config import format_duration, parse_duration
-from poller.daemon import PhasedIntervalTrigger, phase_of
 from poller.probe import Answer, ObjectState, classify, request_conditions
+from poller.timetable import PhasedIntervalTrigger, phase_of
 from poller.watchlist import WatchSpec, diff_watch_lists
 
 T0 = datetime(2026, 11, 24, 10, 0, 3, tzinfo=UTC)
@@ -150,3 +150,38 @@ def test_trigger_without_jitter_is_on_grid():
     fire = trigger.get_next_fire_time(None, now)
     assert fire == datetime(2026, 11, 24, 0, 0, 33, tzinfo=UTC)
     assert trigger.get_next_fire_time(fire, fire) == fire + timedelta(seconds=30)
+
+
+def test_timetable_hands_out_due_watches_in_order_and_coalesces_missed_slots():
+    from poller.probe import Watch
+    from poller.timetable import Timetable
+
+    skipped: list[int] = []
+    table = Timetable(lambda watch, scheduled: True, skipped.append)
+    start = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
+    for i, phase in enumerate([5.0, 1.0, 3.0]):
+        table.add(f"w{i}", Watch(i, f"w{i}", "b", f"k{i}"), PhasedIntervalTrigger(10.0, phase), start)
+    due = table._take_due((start + timedelta(seconds=4)).timestamp())
+    assert [(w.name, s.second) for w, s in due] == [("w1", 1), ("w2", 3)]
+    assert table.get("w1").due == start + timedelta(seconds=11)
+    # At 40 s each watch runs once for its oldest due slot; the slots that passed meanwhile are skipped.
+    due = table._take_due((start + timedelta(seconds=40)).timestamp())
+    assert sorted(w.name for w, _ in due) == ["w0", "w1", "w2"]
+    assert all(e.due > start + timedelta(seconds=40) for e in (table.get(n) for n in ("w0", "w1", "w2")))
+    assert sum(skipped) == 3 + 2 + 2  # counted, not run in a late burst
+
+
+def test_timetable_replace_and_remove_leave_no_stale_run():
+    from poller.probe import Watch
+    from poller.timetable import Timetable
+
+    table = Timetable(lambda watch, scheduled: True)
+    start = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
+    table.add("a", Watch(1, "a", "b", "k"), PhasedIntervalTrigger(10.0, 1.0), start)
+    table.add("a", Watch(1, "a", "b", "k"), PhasedIntervalTrigger(10.0, 6.0), start)  # rescheduled
+    table.add("gone", Watch(2, "gone", "b", "k"), PhasedIntervalTrigger(10.0, 2.0), start)
+    table.remove("gone")
+    table.retarget("a", Watch(1, "a", "b", "elsewhere"))
+    due = table._take_due((start + timedelta(seconds=9)).timestamp())
+    assert [(w.key, s.second) for w, s in due] == [("elsewhere", 6)]
+    assert len(table) == 1

@@ -1,0 +1,201 @@
+"""When each watch is due: one heap for all watches, one thread handing due polls to the workers.
+
+APScheduler keeps a Job, a trigger and a jobstore round trip per watch, and its main loop walks
+them under a lock: at 100,000 watches that was most of the daemon's memory and a large share of its
+CPU (bench/, README "Benchmarks"). Here a watch is one heap entry. The times still come from
+triggers: APScheduler's CronTrigger for cron watches, PhasedIntervalTrigger for intervals.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+
+from poller.config import format_duration
+from poller.probe import Watch
+from poller.watchlist import WatchSpec
+
+EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+MAX_BATCH = 1000  # due polls handed over per lock hold, so a reload never waits long
+
+
+def phase_of(name: str, interval: float) -> float:
+    """A stable offset in [0, interval) per watch name, so first runs spread out and survive reloads."""
+    return (zlib.crc32(name.encode("utf-8", "surrogatepass")) / 2**32) * interval
+
+
+class PhasedIntervalTrigger(BaseTrigger):  # type: ignore[misc]
+    """Fires at ``EPOCH + phase + k*interval``, plus an optional jitter that never accumulates.
+
+    APScheduler's IntervalTrigger adds jitter to a fire time that already holds jitter, so the
+    schedule drifts (design.md section 7); here every run is anchored to the unjittered grid.
+    """
+
+    __slots__ = ("anchor", "interval", "jitter")
+
+    def __init__(self, interval: float, phase: float, jitter: float = 0.0) -> None:
+        self.interval = interval
+        self.anchor = EPOCH + timedelta(seconds=phase)
+        self.jitter = min(jitter, interval * 0.5)
+
+    def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> datetime:
+        if previous_fire_time is None:
+            slot = math.ceil((now - self.anchor).total_seconds() / self.interval)
+        else:
+            slot = math.floor((previous_fire_time - self.anchor).total_seconds() / self.interval) + 1
+        base = self.anchor + timedelta(seconds=slot * self.interval)
+        return base + timedelta(seconds=random.uniform(0, self.jitter)) if self.jitter else base
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, PhasedIntervalTrigger)
+            and (self.interval, self.anchor, self.jitter) == (other.interval, other.anchor, other.jitter)
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.interval, self.anchor, self.jitter))
+
+    def __str__(self) -> str:
+        return f"every {format_duration(self.interval)}"
+
+
+def trigger_for(spec: WatchSpec, jitter: float) -> BaseTrigger:
+    """The trigger of a watch: phased interval, or crontab in UTC."""
+    if spec.cron is not None:
+        return CronTrigger.from_crontab(spec.cron, timezone=UTC)
+    assert spec.interval_seconds is not None
+    return PhasedIntervalTrigger(spec.interval_seconds, phase_of(spec.name, spec.interval_seconds), jitter)
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    """One watch in the timetable; a replaced entry is marked dead and skipped when its heap slot pops."""
+
+    watch: Watch
+    trigger: BaseTrigger
+    due: datetime
+    alive: bool = True
+
+
+# Hands a due watch to the workers with its scheduled time; False if its previous poll is not done yet.
+Submit = Callable[[Watch, datetime], bool]
+
+
+class Timetable:
+    """Every watch's next due time; a thread submits each when due and computes its next time."""
+
+    def __init__(self, submit: Submit, on_skipped: Callable[[int], None] | None = None) -> None:
+        self._submit = submit
+        self._on_skipped = on_skipped or (lambda n: None)
+        self._entries: dict[str, Entry] = {}
+        self._heap: list[tuple[float, int, Entry]] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # --- the watch list ---------------------------------------------------------------
+
+    def add(self, name: str, watch: Watch, trigger: BaseTrigger, now: datetime | None = None) -> None:
+        """Schedule a watch (replacing any entry of that name) at its trigger's next time."""
+        due = trigger.get_next_fire_time(None, now or datetime.now(UTC))
+        with self._cond:
+            old = self._entries.get(name)
+            if old is not None:
+                old.alive = False
+            if due is None:  # a trigger that never fires again
+                self._entries.pop(name, None)
+                return
+            entry = Entry(watch, trigger, due)
+            self._entries[name] = entry
+            heapq.heappush(self._heap, (due.timestamp(), next(self._seq), entry))
+            self._cond.notify()
+
+    def remove(self, name: str) -> None:
+        with self._cond:
+            entry = self._entries.pop(name, None)
+            if entry is not None:
+                entry.alive = False
+
+    def retarget(self, name: str, watch: Watch) -> None:
+        """Point a watch at another object or id; its schedule stays as it is."""
+        with self._cond:
+            self._entries[name].watch = watch
+
+    def get(self, name: str) -> Entry | None:
+        return self._entries.get(name)
+
+    def snapshot(self) -> dict[str, tuple[datetime, BaseTrigger, Watch]]:
+        """Each watch's next due time, trigger and target (for tests and status)."""
+        with self._cond:
+            return {name: (e.due, e.trigger, e.watch) for name, e in self._entries.items()}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # --- the thread ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="poller-timetable", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping:
+                    if not self._heap:
+                        self._cond.wait()
+                        continue
+                    delay = self._heap[0][0] - time.time()
+                    if delay <= 0:
+                        break
+                    self._cond.wait(delay)
+                if self._stopping:
+                    return
+                due = self._take_due(time.time())
+            for watch, scheduled in due:
+                if not self._submit(watch, scheduled):
+                    self._on_skipped(1)
+
+    def _take_due(self, now_ts: float) -> list[tuple[Watch, datetime]]:
+        """Pop what is due (under the lock) and push each watch's next time."""
+        now = datetime.fromtimestamp(now_ts, UTC)
+        out: list[tuple[Watch, datetime]] = []
+        while self._heap and self._heap[0][0] <= now_ts and len(out) < MAX_BATCH:
+            _, _, entry = heapq.heappop(self._heap)
+            if not entry.alive:
+                continue
+            scheduled = entry.due
+            out.append((entry.watch, scheduled))
+            following = entry.trigger.get_next_fire_time(scheduled, now)
+            missed = 0
+            # Behind by more than an interval: run once now, not once per missed slot (coalesce).
+            while following is not None and following <= now:
+                missed += 1
+                following = entry.trigger.get_next_fire_time(following, now)
+            if missed:
+                self._on_skipped(missed)
+            if following is None:
+                entry.alive = False
+                continue
+            entry.due = following
+            heapq.heappush(self._heap, (following.timestamp(), next(self._seq), entry))
+        return out
