@@ -1,7 +1,7 @@
-"""The lean HeadObject: SigV4-signed here, sent over one keep-alive connection per worker thread.
+"""The lean HeadObject: SigV4-signed here, sent on one keep-alive socket per worker thread.
 
 boto3 spends about 750 µs of CPU on one HeadObject (request pipeline, event hooks, signer,
-urllib3, response parser); under the GIL that is the daemon's ceiling. This path spends about
+urllib3, response parser); under the GIL that is the daemon's ceiling. This path spends well under
 150 µs (measured: `python -m bench`). It sends the request boto3 would send, byte for byte in
 everything signed (tests/test_lean.py proves it per key class and addressing style): the endpoint,
 addressing style, signing region and credentials are still resolved by boto3/botocore, once per
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import http.client
 import os
 import random
 import socket
@@ -157,6 +156,53 @@ def _amz_date() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
 
+def _request_bytes(path: str, headers: dict[str, str]) -> bytes:
+    """The HTTP/1.1 request; a header value with a line break (never from a sane server) is refused."""
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    if "\n" in lines.replace("\r\n", "") or "\r" in lines.replace("\r\n", ""):
+        raise ValueError("refusing a header value with a line break")
+    return f"HEAD {path} HTTP/1.1\r\n{lines}\r\n".encode("latin-1")
+
+
+MAX_HEAD = 64 * 1024
+
+
+def _read_head(sock: socket.socket) -> tuple[bytes, bytes]:
+    """Read up to the end of the response head (a HEAD answer has no body); return it and any excess."""
+    buf = b""
+    while True:
+        chunk = sock.recv(MAX_HEAD)
+        if not chunk:
+            raise ConnectionError("the server closed the connection before answering")
+        buf += chunk
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            head, rest = buf[:end], buf[end + 4 :]
+            if head.startswith((b"HTTP/1.1 1", b"HTTP/1.0 1")):  # an interim 1xx answer: the real one follows
+                buf = rest
+                continue
+            return head, rest
+        if len(buf) > MAX_HEAD:
+            raise ValueError("response head too large")
+
+
+def _parse_head(head: bytes) -> tuple[int, str, dict[str, str], bool]:
+    """Status, reason, lower-cased headers, and whether the connection may be kept alive."""
+    lines = head.decode("latin-1").split("\r\n")
+    version, _, rest = lines[0].partition(" ")
+    code, _, reason = rest.partition(" ")
+    if not version.startswith("HTTP/1.") or not code.isdigit():
+        raise ValueError(f"not an HTTP response: {lines[0][:80]!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    connection = headers.get("connection", "").lower()
+    keep = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
+    return int(code), reason, headers, keep
+
+
 class _Fallback(Exception):
     """This bucket needs boto3 (e.g. a redirect to its region)."""
 
@@ -267,57 +313,47 @@ class LeanHead:
 
     def _send(self, target: Target, path: str, headers: dict[str, str]) -> tuple[int, str, dict[str, str]]:
         """Send on this thread's kept-alive connection; a stale one is replaced once, silently."""
-        connections: dict[Target, http.client.HTTPConnection] = self._local.__dict__.setdefault("connections", {})
-        conn = connections.get(target)
-        reused = conn is not None
+        request = _request_bytes(path, headers)
+        connections: dict[Target, socket.socket] = self._local.__dict__.setdefault("connections", {})
+        sock = connections.pop(target, None)
+        reused = sock is not None
         while True:
-            if conn is None:
-                conn = self._connect(target)
-                connections[target] = conn
+            if sock is None:
+                sock = self._connect(target)
+            received = False
             try:
-                conn.request("HEAD", path, headers=headers)
-                response = conn.getresponse()
-                response.read()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
-                conn.close()
-                del connections[target]
-                if reused:  # the server closed an idle keep-alive connection: not an attempt
-                    conn, reused = None, False
+                sock.sendall(request)
+                head, rest = _read_head(sock)
+                received = True
+                status, reason, answer_headers, keep = _parse_head(head)
+            except TimeoutError as exc:
+                sock.close()
+                raise ReadTimeoutError(endpoint_url=target.endpoint + path) from exc
+            except (OSError, ValueError) as exc:
+                sock.close()
+                sock = None
+                if reused and not received:  # the server closed an idle keep-alive connection: not an attempt
+                    reused = False
                     continue
                 raise ConnectionClosedError(endpoint_url=target.endpoint + path) from exc
-            except TimeoutError as exc:
-                conn.close()
-                del connections[target]
-                raise ReadTimeoutError(endpoint_url=target.endpoint + path) from exc
-            except (OSError, http.client.HTTPException) as exc:
-                conn.close()
-                del connections[target]
-                raise ConnectionClosedError(endpoint_url=target.endpoint + path) from exc
-            if response.will_close:
-                conn.close()
-                del connections[target]
-            return response.status, response.reason, {k.lower(): v for k, v in response.getheaders()}
+            if keep and not rest:  # a HEAD answer has no body: anything after the head means trouble
+                connections[target] = sock
+            else:
+                sock.close()
+            return status, reason, answer_headers
 
-    def _connect(self, target: Target) -> http.client.HTTPConnection:
-        conn: http.client.HTTPConnection
-        if target.scheme == "https":
-            conn = http.client.HTTPSConnection(
-                target.host, target.port, timeout=self._connect_timeout, context=self._ssl_context()
-            )
-        else:
-            conn = http.client.HTTPConnection(target.host, target.port, timeout=self._connect_timeout)
+    def _connect(self, target: Target) -> socket.socket:
         try:
-            conn.connect()
+            sock = socket.create_connection((target.host, target.port), timeout=self._connect_timeout)
+            if target.scheme == "https":
+                sock = self._ssl_context().wrap_socket(sock, server_hostname=target.host)
         except TimeoutError as exc:
-            conn.close()
             raise ConnectTimeoutError(endpoint_url=target.endpoint) from exc
         except OSError as exc:
-            conn.close()
             raise EndpointConnectionError(endpoint_url=target.endpoint) from exc
-        assert conn.sock is not None
-        conn.sock.settimeout(self._read_timeout)
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn
+        sock.settimeout(self._read_timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:

@@ -198,6 +198,7 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        self._upsert_ok, self._upsert_error = self._upserts()
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
@@ -411,33 +412,32 @@ class Store:
             if outbox:
                 conn.execute(notifications.insert(), outbox)
             if ok_states:
-                self._upsert_states(
-                    conn,
-                    ok_states,
-                    lambda new: {
-                        **{c: new[c] for c in _STATE_COLUMNS},
-                        "last_changed_at": func.coalesce(new.last_changed_at, object_state.c.last_changed_at),
-                    },
-                )
+                conn.execute(self._upsert_ok, ok_states)
             if error_states:
-                # An error touches only the bookkeeping columns: the object's state stays as committed.
-                self._upsert_states(
-                    conn,
-                    error_states,
-                    lambda new: {
-                        "last_polled_at": new.last_polled_at,
-                        "last_outcome": new.last_outcome,
-                        "last_error": new.last_error,
-                        "consecutive_errors": object_state.c.consecutive_errors + 1,
-                    },
-                )
+                conn.execute(self._upsert_error, error_states)
 
-    def _upsert_states(self, conn: Connection, rows: list[dict[str, Any]], updates: Any) -> None:
-        stmt = self._insert(object_state)
-        conflict = stmt.on_conflict_do_update(
-            index_elements=[object_state.c.watch_id, object_state.c.key], set_=updates(stmt.excluded)
+    def _upserts(self) -> tuple[Any, Any]:
+        """The two object_state upserts, built once: building ``excluded`` costs more than the rows."""
+        ok = self._insert(object_state)
+        ok = ok.on_conflict_do_update(
+            index_elements=[object_state.c.watch_id, object_state.c.key],
+            set_={
+                **{c: ok.excluded[c] for c in _STATE_COLUMNS},
+                "last_changed_at": func.coalesce(ok.excluded.last_changed_at, object_state.c.last_changed_at),
+            },
         )
-        conn.execute(conflict, rows)
+        error = self._insert(object_state)
+        # An error touches only the bookkeeping columns: the object's state stays as committed.
+        error = error.on_conflict_do_update(
+            index_elements=[object_state.c.watch_id, object_state.c.key],
+            set_={
+                "last_polled_at": error.excluded.last_polled_at,
+                "last_outcome": error.excluded.last_outcome,
+                "last_error": error.excluded.last_error,
+                "consecutive_errors": object_state.c.consecutive_errors + 1,
+            },
+        )
+        return ok, error
 
     def prune_polls(self, before: datetime) -> int:
         """Delete poll rows older than ``before`` in short transactions; return how many went."""

@@ -58,9 +58,10 @@ class PhasedIntervalTrigger(BaseTrigger):  # type: ignore[misc]
         return base + timedelta(seconds=random.uniform(0, self.jitter)) if self.jitter else base
 
     def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, PhasedIntervalTrigger)
-            and (self.interval, self.anchor, self.jitter) == (other.interval, other.anchor, other.jitter)
+        return isinstance(other, PhasedIntervalTrigger) and (self.interval, self.anchor, self.jitter) == (
+            other.interval,
+            other.anchor,
+            other.jitter,
         )
 
     def __hash__(self) -> int:
