@@ -114,7 +114,8 @@ def _configure_sqlite(engine: Engine, *, readonly: bool) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+        read = readonly or conn.get_execution_options().get("poller_read", False)
+        conn.exec_driver_sql("BEGIN" if read else "BEGIN IMMEDIATE")
 
 
 def migrate(engine: Engine) -> None:
@@ -205,6 +206,12 @@ class Store:
         with self.engine.begin() as conn:
             yield conn
 
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        """A read-only transaction: on SQLite a plain BEGIN, so it never queues for the writer's lock."""
+        with self.engine.connect() as conn:
+            yield conn.execution_options(poller_read=True)
+
     def close(self) -> None:
         self.engine.dispose()
 
@@ -266,7 +273,7 @@ class Store:
             .join(watches, watches.c.id == object_state.c.watch_id)
             .where(object_state.c.key == watches.c.key, watches.c.kind == "key")
         )
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return {
                 row.watch_id: ObjectState(
                     etag=row.etag,
@@ -287,7 +294,7 @@ class Store:
             .where(watches.c.kind == "prefix")
         )
         found: dict[int, PrefixState] = {}
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             for row in conn.execute(rows):
                 entry = found.setdefault(row.watch_id, PrefixState())
                 if row.key == row.watch_key:
@@ -475,7 +482,7 @@ class Store:
             .where(watches.c.active.is_(True))
             .order_by(watches.c.name)
         )
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
 
     def history(
@@ -524,7 +531,7 @@ class Store:
         query = query.order_by(ts.desc(), table.c.id.desc())
         if limit is not None:
             query = query.limit(limit)
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
 
     # --- notification outbox ----------------------------------------------------------
@@ -555,7 +562,7 @@ class Store:
             .order_by(notifications.c.next_attempt_at, notifications.c.id)
             .limit(limit)
         )
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
 
     def delivered(self, notification_id: int, now: datetime) -> None:
@@ -595,7 +602,7 @@ class Store:
         """Deliveries by status: pending, delivered, failed."""
         query = select(notifications.c.status, func.count()).group_by(notifications.c.status)
         counts = {"pending": 0, "delivered": 0, "failed": 0}
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             counts.update({status: int(n) for status, n in conn.execute(query)})
         return counts
 
@@ -621,12 +628,12 @@ class Store:
         )
         if status is not None:
             query = query.where(notifications.c.status == status)
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
 
     def has_schema(self) -> bool:
         """True once migrations have created poller's tables."""
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return inspect(conn).has_table("watches")
 
 

@@ -151,3 +151,16 @@ def test_readonly_open_of_missing_database_says_what_to_do(tmp_path: Path):
 def test_missing_directory_is_reported(tmp_path: Path):
     with pytest.raises(StoreError, match="does not exist"):
         open_engine(f"sqlite:///{tmp_path / 'no' / 'dir' / 'p.db'}")
+
+
+def test_reads_do_not_queue_behind_the_writer(store: Store, tmp_path: Path) -> None:
+    # The notification dispatcher and `poller status` read while the writer commits batch after batch.
+    writer = sqlite3.connect(tmp_path / "p.db", isolation_level=None)
+    writer.execute("PRAGMA busy_timeout = 0")
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        assert store.status() == []
+        assert store.due_notifications(datetime.now(UTC)) == []
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
