@@ -31,6 +31,7 @@ from poller.watchlist import WatchSpec
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 5000
+SYNC_CHUNK = 5000
 _STATE_COLUMNS = (
     "etag",
     "last_modified",
@@ -223,22 +224,25 @@ class Store:
         retargeted: set[int] = set()
         with self._tx() as conn:
             existing = {row.name: row for row in conn.execute(select(watches))}
-            new_rows = [
-                {
-                    "name": s.name,
-                    "bucket": s.bucket,
-                    "key": s.key,
-                    "kind": s.kind,
-                    "interval_seconds": s.interval_seconds,
-                    "cron": s.cron,
-                    "active": True,
-                    "created_at": now,
-                }
-                for name, s in wanted.items()
-                if name not in existing
-            ]
-            if new_rows:
-                conn.execute(watches.insert(), new_rows)
+            added = [s for name, s in wanted.items() if name not in existing]
+            # In chunks: 100,000 parameter dicts at once would double the daemon's peak memory.
+            for start in range(0, len(added), SYNC_CHUNK):
+                conn.execute(
+                    watches.insert(),
+                    [
+                        {
+                            "name": s.name,
+                            "bucket": s.bucket,
+                            "key": s.key,
+                            "kind": s.kind,
+                            "interval_seconds": s.interval_seconds,
+                            "cron": s.cron,
+                            "active": True,
+                            "created_at": now,
+                        }
+                        for s in added[start : start + SYNC_CHUNK]
+                    ],
+                )
             for name, row in existing.items():
                 spec = wanted.get(name)
                 if spec is None:
