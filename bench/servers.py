@@ -82,8 +82,12 @@ def key_name(i: int) -> str:
     return f"objects/{i // 1000:03d}/key-{i:06d}.json"
 
 
-def start_rclone(workdir: Path, n_keys: int) -> Server:
-    """rclone serve s3 over a directory holding ``n_keys`` small files (written directly: fast)."""
+def start_rclone(workdir: Path, n_keys: int, auth: tuple[str, str] | None = None) -> Server:
+    """rclone serve s3 over a directory holding ``n_keys`` small files (written directly: fast).
+
+    With ``auth`` (access key, secret) rclone checks every request's SigV4 signature; without it,
+    it serves anonymous requests too, which wrk needs.
+    """
     binary = shutil.which("rclone") or str(Path(sys.executable).with_name("rclone"))
     root = workdir / "rclone"
     keys, etags = [], {}
@@ -91,16 +95,16 @@ def start_rclone(workdir: Path, n_keys: int) -> Server:
         key = key_name(i)
         body = f'{{"n": {i}}}'.encode()
         path = root / BUCKET / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(body)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(body)
         keys.append(key)
         etags[key] = f'"{hashlib.md5(body).hexdigest()}"'
     port = free_port()
-    proc = subprocess.Popen(
-        [binary, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--config", "/dev/null", str(root)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    argv = [binary, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--config", "/dev/null", str(root)]
+    if auth is not None:
+        argv += ["--auth-key", ",".join(auth)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     wait_http(endpoint + "/")
     return Server("rclone serve s3 (client-bound)", endpoint, keys, etags, [proc])

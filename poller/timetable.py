@@ -53,7 +53,9 @@ class PhasedIntervalTrigger(BaseTrigger):  # type: ignore[misc]
         if previous_fire_time is None:
             slot = math.ceil((now - self.anchor).total_seconds() / self.interval)
         else:
-            slot = math.floor((previous_fire_time - self.anchor).total_seconds() / self.interval) + 1
+            # floor() drops the jitter; the epsilon absorbs the microsecond rounding of a fire time
+            # ~10^9 slots after the anchor, which would otherwise return the same time again.
+            slot = math.floor((previous_fire_time - self.anchor).total_seconds() / self.interval + 1e-4) + 1
         base = self.anchor + timedelta(seconds=slot * self.interval)
         return base + timedelta(seconds=random.uniform(0, self.jitter)) if self.jitter else base
 
@@ -191,7 +193,10 @@ class Timetable:
             # Behind by more than an interval: run once now, not once per missed slot (coalesce).
             while following is not None and following <= now:
                 missed += 1
-                following = entry.trigger.get_next_fire_time(following, now)
+                after = entry.trigger.get_next_fire_time(following, now)
+                if after is not None and after <= following:  # a trigger that fails to advance must not spin
+                    after = entry.trigger.get_next_fire_time(None, now + timedelta(microseconds=1))
+                following = after
             if missed:
                 self._on_skipped(missed)
             if following is None:

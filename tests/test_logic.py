@@ -185,3 +185,14 @@ def test_timetable_replace_and_remove_leave_no_stale_run():
     due = table._take_due((start + timedelta(seconds=9)).timestamp())
     assert [(w.key, s.second) for w, s in due] == [("elsewhere", 6)]
     assert len(table) == 1
+
+
+@pytest.mark.parametrize("interval", [0.2, 0.3, 0.7, 1.1, 59.9])
+def test_trigger_always_advances_even_with_tiny_intervals(interval):
+    # Regression: 10^9 slots after the anchor, float rounding returned the same fire time forever.
+    trigger = PhasedIntervalTrigger(interval, phase=phase_of("w1", interval))
+    fire = trigger.get_next_fire_time(None, datetime(2026, 11, 25, 12, 0, 0, 123456, tzinfo=UTC))
+    for _ in range(20_000):
+        following = trigger.get_next_fire_time(fire, fire)
+        assert timedelta(seconds=interval * 0.99) < following - fire < timedelta(seconds=interval * 1.01)
+        fire = following
