@@ -156,7 +156,7 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 def run_poller(
-    server: Server, n_watches: int, seconds: float, workdir: Path, rate: float = TARGET_RATE
+    server: Server, n_watches: int, seconds: float, workdir: Path, rate: float = TARGET_RATE, saturated: bool = False
 ) -> dict[str, Any]:
     """Run `poller run` with ``n_watches`` watches at a dense schedule (``rate`` polls/s demanded) and measure."""
     interval = max(n_watches / rate, 0.2)
@@ -230,7 +230,7 @@ def run_poller(
         "peak_rss_mb": round(rss, 1),
         "startup_s": round(startup, 2),
         "errors": int(errors),
-        "saturation": rate > TARGET_RATE,
+        "saturation": saturated or rate > TARGET_RATE,
         "db": str(db),
     }
 
@@ -388,7 +388,8 @@ def main() -> None:
                 figures["wrk_per_s"] = wrk_ceiling(server, window, regime_dir) if label == "client_bound" else None
                 runs = []
                 for n in sizes if label == "client_bound" else [len(server.keys)]:
-                    runs.append(run_poller(server, n, window, regime_dir))
+                    # moto answers at most ~600/s here: 1,667/s demanded saturates the latency-bound regime.
+                    runs.append(run_poller(server, n, window, regime_dir, saturated=label == "latency_bound"))
                 if label == "client_bound":
                     # The ceiling: more demanded than the poller can do, so polls/s is its maximum.
                     n = min(sizes[-1], 10_000)
@@ -421,7 +422,7 @@ def print_table(result: dict[str, Any]) -> None:
             wrk = "not measured (client-bound regime only; needs Debian's wrk)"
         print(
             f"  peers: sequential boto3 {f['sequential_boto3_per_s']:.0f}/s, boto3 pool {f['boto3_pool_per_s']:.0f}/s,"
-            f" wrk {wrk}/s"
+            f" wrk {wrk}"
         )
         print(
             f"  {'watches':>8} {'demand/s':>9} {'polls/s':>8} {'cpu s/1k':>8} {'late p50':>8} {'late p99':>8}"
