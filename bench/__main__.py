@@ -51,6 +51,29 @@ def sequential_loop(server: Server, seconds: float) -> float:
     return done / (time.monotonic() - start)
 
 
+def head_cpu_us(server: Server, seconds: float) -> dict[str, float]:
+    """CPU µs per conditional HEAD, one thread, boto3 against the lean path (same keys, same server)."""
+    from poller.config import S3Settings
+    from poller.probe import prober_for
+
+    s3 = client(server.endpoint, 1)
+    lean = prober_for(S3Settings(endpoint_url=server.endpoint, addressing_style="path", max_attempts=1), 1).lean
+    assert lean is not None
+
+    def measure(one: Any) -> float:
+        done, i = 0, 0
+        cpu0, deadline = time.process_time(), time.monotonic() + seconds / 2
+        while time.monotonic() < deadline:
+            one(server.keys[i % len(server.keys)])
+            done, i = done + 1, i + 1
+        return round((time.process_time() - cpu0) / done * 1e6, 1)
+
+    return {
+        "boto3_head_cpu_us": measure(lambda key: _conditional_head(s3, server, key)),
+        "lean_head_cpu_us": measure(lambda key: lean.head(BUCKET, key, {"IfNoneMatch": server.etags[key]})),
+    }
+
+
 def thread_pool(server: Server, seconds: float, threads: int = CONCURRENCY) -> float:
     """The raw ceiling: a bare boto3 thread pool, no scheduling, no storage."""
     s3 = client(server.endpoint, threads + 4)
@@ -385,6 +408,8 @@ def main() -> None:
                 figures: dict[str, Any] = {"server": server.name}
                 figures["sequential_boto3_per_s"] = round(sequential_loop(server, window / 2), 1)
                 figures["boto3_pool_per_s"] = round(thread_pool(server, window), 1)
+                if label == "client_bound":
+                    figures.update(head_cpu_us(server, window / 2))
                 figures["wrk_per_s"] = wrk_ceiling(server, window, regime_dir) if label == "client_bound" else None
                 runs = []
                 for n in sizes if label == "client_bound" else [len(server.keys)]:
@@ -434,6 +459,11 @@ def print_table(result: dict[str, Any]) -> None:
                 f"{r['polls_per_s']:>8} "
                 f"{r['cpu_s_per_1000_polls']!s:>8} {r['lateness_p50_s']!s:>8} {r['lateness_p99_s']!s:>8} "
                 f"{r['peak_rss_mb']:>7} {r['startup_s']:>7} {r['errors']:>6}"
+            )
+        if "lean_head_cpu_us" in f:
+            print(
+                f"  CPU per conditional HEAD, one thread: boto3 {f['boto3_head_cpu_us']} µs, "
+                f"lean path {f['lean_head_cpu_us']} µs"
             )
         ratios = f"poller/pool {f['poller_vs_pool']}, poller/sequential {f['poller_vs_sequential']}"
         if f.get("poller_vs_wrk"):

@@ -1,8 +1,8 @@
 """The lean HeadObject: SigV4-signed here, sent on one keep-alive socket per worker thread.
 
-boto3 spends about 750 µs of CPU on one HeadObject (request pipeline, event hooks, signer,
-urllib3, response parser); under the GIL that is the daemon's ceiling. This path spends well under
-150 µs (measured: `python -m bench`). It sends the request boto3 would send, byte for byte in
+boto3 spends about 720 µs of CPU on one HeadObject (request pipeline, event hooks, signer,
+urllib3, response parser); under the GIL that is the daemon's ceiling. This path spends about
+85 µs (`python -m bench`, "CPU per conditional HEAD"). It sends the request boto3 would send, byte for byte in
 everything signed (tests/test_lean.py proves it per key class and addressing style): the endpoint,
 addressing style, signing region and credentials are still resolved by boto3/botocore, once per
 bucket. A bucket it cannot serve the same way (an ARN, S3 Express, a proxy, a redirect to another
