@@ -28,6 +28,8 @@ from poller.watchlist import WatchSpec, specs_from_settings
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1000
+SMALL_BATCH = 64
+LINGER = 0.02  # seconds
 
 
 # Called in the writer thread once a result is committed (None) or could not be (the exception).
@@ -79,9 +81,15 @@ class Recorder:
                 stopping = True
             else:
                 batch.append(item)
-            while len(batch) < self._max_batch:
+            # A small batch waits up to LINGER for company: a transaction costs more than its rows,
+            # and nobody blocks on it (workers move on; `once` waits a few ms at most).
+            deadline = time.monotonic() + LINGER
+            while len(batch) < self._max_batch and not stopping:
                 try:
-                    item = self._queue.get_nowait()
+                    if len(batch) < SMALL_BATCH:
+                        item = self._queue.get(timeout=max(deadline - time.monotonic(), 0.0))
+                    else:
+                        item = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if item is None:
