@@ -1,6 +1,6 @@
 """The lean HeadObject: SigV4-signed here, sent on one keep-alive socket per worker thread.
 
-boto3 spends about 720 µs of CPU on one HeadObject (request pipeline, event hooks, signer,
+boto3 spends about 750 µs of CPU on one HeadObject (request pipeline, event hooks, signer,
 urllib3, response parser); under the GIL that is the daemon's ceiling. This path spends about
 85 µs (`python -m bench`, "CPU per conditional HEAD"). It sends the request boto3 would send, byte for byte in
 everything signed (tests/test_lean.py proves it per key class and addressing style): the endpoint,
