@@ -33,6 +33,7 @@ from botocore.exceptions import (
     EndpointConnectionError,
     NoCredentialsError,
     ReadTimeoutError,
+    SSLError,
 )
 
 from poller import __version__
@@ -349,6 +350,8 @@ class LeanHead:
                 sock = self._ssl_context().wrap_socket(sock, server_hostname=target.host)
         except TimeoutError as exc:
             raise ConnectTimeoutError(endpoint_url=target.endpoint) from exc
+        except ssl.SSLError as exc:
+            raise SSLError(endpoint_url=target.endpoint, error=exc) from exc
         except OSError as exc:
             raise EndpointConnectionError(endpoint_url=target.endpoint) from exc
         sock.settimeout(self._read_timeout)

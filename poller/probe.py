@@ -22,6 +22,7 @@ from botocore.exceptions import (
     EndpointConnectionError,
     NoCredentialsError,
     ReadTimeoutError,
+    SSLError,
 )
 
 from poller.redact import redact
@@ -366,6 +367,8 @@ def describe_transport_error(exc: BaseException) -> str:
         return "read timeout: the endpoint accepted the connection but did not answer in [s3] read_timeout"
     if isinstance(exc, ConnectTimeoutError):
         return "connect timeout: the endpoint did not accept a connection in [s3] connect_timeout"
+    if isinstance(exc, SSLError):
+        return f"TLS certificate verification failed ({exc}); for a private CA set AWS_CA_BUNDLE to its certificate"
     if isinstance(exc, EndpointConnectionError):
         return "cannot connect to the endpoint (connection refused or DNS failure); check [s3] endpoint_url"
     if isinstance(exc, NoCredentialsError):

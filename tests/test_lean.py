@@ -19,10 +19,11 @@ from urllib.parse import urlsplit
 import boto3
 import pytest
 from botocore.awsrequest import AWSResponse
+from botocore.exceptions import ClientError, SSLError
 
 from poller.config import S3Settings
 from poller.lean import LeanHead, Signer, header_conditions, request_path, target_from_presigned
-from poller.probe import make_client
+from poller.probe import describe_transport_error, make_client
 
 KEYS = [
     "plain.json",
@@ -206,3 +207,99 @@ def test_an_access_point_arn_and_a_proxy_go_through_boto3(credentials, monkeypat
     monkeypatch.setenv("NO_PROXY", "")
     lean, _ = lean_for(S3Settings(endpoint_url="http://s3.example.test:9000", addressing_style="path"))
     assert lean.target("bkt") is None
+
+
+def _self_signed(tmp_path: Any) -> tuple[str, str]:
+    """A certificate for localhost and 127.0.0.1 (cryptography comes with moto), and its key."""
+    import ipaddress
+    from datetime import timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return str(cert_path), str(key_path)
+
+
+def test_https_endpoint_is_verified_against_the_ca_bundle(credentials, tmp_path, monkeypatch) -> None:
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    handler = type("Handler", (_Recorder,), {"seen": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"https://localhost:{server.server_address[1]}"
+    try:
+        # Without the CA, the certificate is refused: an error, never an unverified answer.
+        lean, _ = lean_for(S3Settings(endpoint_url=endpoint, addressing_style="path"))
+        with pytest.raises(SSLError) as refused:
+            lean.head("bkt", "k", {})
+        assert "CERTIFICATE_VERIFY_FAILED" in str(refused.value)
+        assert "AWS_CA_BUNDLE" in describe_transport_error(refused.value)
+        assert handler.seen == []
+        monkeypatch.setenv("AWS_CA_BUNDLE", cert)
+        lean, _ = lean_for(S3Settings(endpoint_url=endpoint, addressing_style="path"))
+        answer = lean.head("bkt", "k", {"IfNoneMatch": '"9b2cf535f27731c974343645a3985328"'})
+        assert answer.status == 304 and answer.etag == '"9b2cf535f27731c974343645a3985328"'
+        assert lean.head("bkt", "k", {}).status == 304  # the same TLS connection, kept alive
+        assert [path for path, _ in handler.seen] == ["/bkt/k", "/bkt/k"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _Redirect(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    agents: list[str] = []
+
+    def do_HEAD(self) -> None:
+        self.agents.append(self.headers.get("User-Agent", ""))
+        self.send_response(301)
+        self.send_header("x-amz-bucket-region", "eu-west-1")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_region_redirect_hands_the_bucket_to_boto3(credentials) -> None:
+    handler = type("Handler", (_Redirect,), {"agents": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        lean, _ = lean_for(S3Settings(endpoint_url=f"http://127.0.0.1:{server.server_address[1]}", max_attempts=1))
+        with pytest.raises(ClientError):
+            lean.head("bkt", "k", {})
+        assert lean.target("bkt") is None  # from now on boto3 serves this bucket
+        assert handler.agents[0].startswith("poller/") and handler.agents[1].startswith("Boto3/")
+    finally:
+        server.shutdown()
+        server.server_close()
