@@ -196,3 +196,35 @@ def test_trigger_always_advances_even_with_tiny_intervals(interval):
         following = trigger.get_next_fire_time(fire, fire)
         assert timedelta(seconds=interval * 0.99) < following - fire < timedelta(seconds=interval * 1.01)
         fire = following
+
+
+def test_workers_never_hand_out_a_watch_whose_poll_is_not_committed():
+    import queue
+
+    from poller.pipeline import Workers
+    from poller.probe import Watch
+
+    handed: queue.Queue = queue.Queue()
+
+    class Service:  # stands in for PollService: records the "committed" callback of each poll
+        def start_poll(self, watch, done):
+            handed.put((watch.name, done))
+
+        def stop(self):
+            pass
+
+    workers = Workers(Service(), 2)  # type: ignore[arg-type]
+    due = datetime.now(UTC)
+    a, b = Watch(1, "a", "bkt", "k1"), Watch(2, "b", "bkt", "k2")
+    try:
+        assert workers.submit(a, due)
+        name, committed_a = handed.get(timeout=5)
+        assert name == "a"
+        assert not workers.submit(a, due), "probed but not committed: the next poll would use stale state"
+        assert workers.submit(b, due), "other watches are not held up"
+        handed.get(timeout=5)
+        committed_a()
+        assert workers.submit(a, due)
+        handed.get(timeout=5)
+    finally:
+        workers.stop()
