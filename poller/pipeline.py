@@ -303,7 +303,7 @@ class Workers:
                 return
             watch, scheduled = item
             if self._on_start is not None:
-                self._on_start(time.time() - scheduled.timestamp())
+                self._on_start(max(time.time() - scheduled.timestamp(), 0.0))
             try:
                 self.service.start_poll(watch, functools.partial(self._done, watch.id))
             except Exception:
