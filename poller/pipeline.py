@@ -48,13 +48,11 @@ class Recorder:
         self._thread = threading.Thread(target=self._run, name="poller-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, result: PollResult, then: Committed | None = None) -> Future[None]:
-        """Queue a result; the future completes (and ``then`` runs) once it is committed or has failed."""
+    def submit(self, result: PollResult) -> Future[None]:
+        """Queue a result; the future completes once it is committed (or fails with the reason)."""
         future: Future[None] = Future()
 
         def done(exc: BaseException | None) -> None:
-            if then is not None:
-                then(exc)
             if exc is None:
                 future.set_result(None)
             else:
@@ -284,9 +282,6 @@ class Workers:
             self._busy.add(watch.id)
         self._queue.put((watch, scheduled))
         return True
-
-    def busy(self) -> int:
-        return len(self._busy)
 
     def stop(self) -> None:
         """Let running polls finish; queued ones are dropped (the service refuses them once stopped)."""
