@@ -153,6 +153,12 @@ class Signer:
         return signed
 
 
+def _backoff(attempt: int, throttled: bool = False) -> None:
+    """botocore's standard-mode delay: jittered, doubling from 50 ms (1 s when throttled), capped."""
+    base = 1.0 if throttled else 0.05
+    time.sleep(random.random() * min(base * 2 ** (attempt - 1), MAX_BACKOFF))
+
+
 def _amz_date() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
@@ -288,15 +294,14 @@ class LeanHead:
             except (ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError, ConnectionClosedError):
                 if attempt >= self._max_attempts:
                     raise
-                time.sleep(random.random() * min(0.05 * 2 ** (attempt - 1), MAX_BACKOFF))
+                _backoff(attempt)
                 continue
             if status in (200, 304, 404):
                 return answer_from_headers(status, answer_headers)
             if status in (301, 307, 400) and "x-amz-bucket-region" in answer_headers:
                 raise _Fallback()  # the bucket lives in another region: boto3 follows that redirect
             if status in RETRY_STATUSES and attempt < self._max_attempts:
-                base = 1.0 if status == 429 else 0.05
-                time.sleep(random.random() * min(base * 2 ** (attempt - 1), MAX_BACKOFF))
+                _backoff(attempt, throttled=status == 429)
                 continue
             raise ClientError(
                 {
