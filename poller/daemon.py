@@ -85,9 +85,8 @@ class Daemon:
     def start(self, *, paused: bool = False) -> None:
         """Schedule every watch and the pruning job; unless paused, start polling."""
         now = datetime.now(UTC)
-        jitter = self.current.settings.schedule.jitter
-        for name, watch in self.current.watches.items():
-            self.timetable.add(name, watch, trigger_for(self.current.specs[name], jitter), now)
+        for name in self.current.watches:
+            self._schedule(name, now)
         self.scheduler.add_job(
             self._prune,
             PhasedIntervalTrigger(PRUNE_EVERY, phase_of("prune", 60.0)),
@@ -184,6 +183,12 @@ class Daemon:
 
     # --- jobs -----------------------------------------------------------------------
 
+    def _schedule(self, name: str, now: datetime) -> None:
+        """(Re)place a watch in the timetable with the running config's target, trigger and jitter."""
+        current = self.current
+        trigger = trigger_for(current.specs[name], current.settings.schedule.jitter)
+        self.timetable.add(name, current.watches[name], trigger, now)
+
     def _submit(self, watch: Watch, scheduled: datetime) -> bool:
         assert self.workers is not None
         return self.workers.submit(watch, scheduled)
@@ -249,15 +254,14 @@ class Daemon:
                 self.service.forget(watch.id)
             self.timetable.retarget(name, watch)
         now = datetime.now(UTC)
-        jitter = new.schedule.jitter
         for name in diff.rescheduled:
-            self.timetable.add(name, synced.watches[name], trigger_for(specs[name], jitter), now)
-        if jitter != old.settings.schedule.jitter:
+            self._schedule(name, now)
+        if new.schedule.jitter != old.settings.schedule.jitter:
             for name, spec in specs.items():
                 if name not in diff.added and name not in diff.rescheduled and spec.cron is None:
-                    self.timetable.add(name, synced.watches[name], trigger_for(spec, jitter), now)
+                    self._schedule(name, now)
         for name in diff.added:
-            self.timetable.add(name, synced.watches[name], trigger_for(specs[name], jitter), now)
+            self._schedule(name, now)
         self._status_note = ""
         log.info("reloaded %s: %s; watching %d keys", self.config_path, diff.summary(), len(specs))
         self.notifier.ready(self.status_line())
