@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import http.server
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +19,7 @@ import boto3
 import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ClientError, SSLError
+from conftest import serving
 
 from poller.config import S3Settings
 from poller.lean import LeanHead, Signer, header_conditions, request_path, target_from_presigned
@@ -152,11 +152,8 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def recorder() -> Iterator[tuple[str, list[tuple[str, dict[str, str]]]]]:
     handler = type("Handler", (_Recorder,), {"seen": []})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", handler.seen
-    server.shutdown()
-    server.server_close()
+    with serving(handler) as port:
+        yield f"http://127.0.0.1:{port}", handler.seen
 
 
 def test_on_the_wire_both_paths_send_the_same_request(credentials, recorder) -> None:
@@ -250,13 +247,10 @@ def test_https_endpoint_is_verified_against_the_ca_bundle(credentials, tmp_path,
 
     cert, key = _self_signed(tmp_path)
     handler = type("Handler", (_Recorder,), {"seen": []})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    endpoint = f"https://localhost:{server.server_address[1]}"
-    try:
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    with serving(handler, tls) as port:
+        endpoint = f"https://localhost:{port}"
         # Without the CA, the certificate is refused: an error, never an unverified answer.
         lean, _ = lean_for(S3Settings(endpoint_url=endpoint, addressing_style="path"))
         with pytest.raises(SSLError) as refused:
@@ -270,9 +264,6 @@ def test_https_endpoint_is_verified_against_the_ca_bundle(credentials, tmp_path,
         assert answer.status == 304 and answer.etag == '"9b2cf535f27731c974343645a3985328"'
         assert lean.head("bkt", "k", {}).status == 304  # the same TLS connection, kept alive
         assert [path for path, _ in handler.seen] == ["/bkt/k", "/bkt/k"]
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 class _Redirect(http.server.BaseHTTPRequestHandler):
@@ -292,14 +283,9 @@ class _Redirect(http.server.BaseHTTPRequestHandler):
 
 def test_a_region_redirect_hands_the_bucket_to_boto3(credentials) -> None:
     handler = type("Handler", (_Redirect,), {"agents": []})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        lean, _ = lean_for(S3Settings(endpoint_url=f"http://127.0.0.1:{server.server_address[1]}", max_attempts=1))
+    with serving(handler) as port:
+        lean, _ = lean_for(S3Settings(endpoint_url=f"http://127.0.0.1:{port}", max_attempts=1))
         with pytest.raises(ClientError):
             lean.head("bkt", "k", {})
         assert lean.target("bkt") is None  # from now on boto3 serves this bucket
         assert handler.agents[0].startswith("poller/") and handler.agents[1].startswith("Boto3/")
-    finally:
-        server.shutdown()
-        server.server_close()

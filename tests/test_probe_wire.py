@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import http.server
-import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from conftest import free_port
+from conftest import free_port, serving
 from faultproxy import FaultProxy
 
 from poller.config import S3Settings
@@ -245,11 +244,8 @@ class _Fixed(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def fixed_server() -> Iterator[tuple[str, type[_Fixed]]]:
     handler = type("Handler", (_Fixed,), {"hits": 0})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", handler
-    server.shutdown()
+    with serving(handler) as port:
+        yield f"http://127.0.0.1:{port}", handler
 
 
 def test_403_is_an_error_that_explains_listbucket(fixed_server, make_wire):
