@@ -165,9 +165,9 @@ def _amz_date() -> str:
 
 def _request_bytes(path: str, headers: dict[str, str]) -> bytes:
     """The HTTP/1.1 request; a header value with a line break (never from a sane server) is refused."""
-    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-    if "\n" in lines.replace("\r\n", "") or "\r" in lines.replace("\r\n", ""):
+    if any("\r" in value or "\n" in value for value in headers.values()):
         raise ValueError("refusing a header value with a line break")
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     return f"HEAD {path} HTTP/1.1\r\n{lines}\r\n".encode("latin-1")
 
 

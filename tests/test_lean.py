@@ -289,3 +289,12 @@ def test_a_region_redirect_hands_the_bucket_to_boto3(credentials) -> None:
             lean.head("bkt", "k", {})
         assert lean.target("bkt") is None  # from now on boto3 serves this bucket
         assert handler.agents[0].startswith("poller/") and handler.agents[1].startswith("Boto3/")
+
+
+@pytest.mark.parametrize("value", ['"a"\r\nx-evil: 1', '"a"\nx-evil: 1', '"a"\rx'])
+def test_a_header_value_with_a_line_break_is_refused(value: str) -> None:
+    from poller.lean import _request_bytes
+
+    with pytest.raises(ValueError, match="line break"):
+        _request_bytes("/bkt/k", {"if-none-match": value})
+    assert _request_bytes("/bkt/k", {"if-none-match": '"a"'}) == b'HEAD /bkt/k HTTP/1.1\r\nif-none-match: "a"\r\n\r\n'
