@@ -266,7 +266,8 @@ def signature_check(workdir: Path, n_keys: int) -> dict[str, Any]:
     """The lean HEAD path against rclone checking SigV4 (``--auth-key``): every poll must be accepted,
     and a wrong secret must be refused (proof that the server really checks)."""
     from poller.config import S3Settings
-    from poller.probe import Watch, prober_for
+    from poller.model import Watch
+    from poller.probe import prober_for
 
     server = start_rclone(workdir, n_keys, auth=("bench", "bench-secret"))
     try:

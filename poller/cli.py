@@ -198,7 +198,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     second, and deletes it afterwards.
     """
     from poller.doctor import DoctorError, render, run_doctor
-    from poller.probe import make_client
+    from poller.s3client import make_client
 
     _, settings = _settings(args)
     try:

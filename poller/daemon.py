@@ -21,9 +21,10 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from poller.config import ConfigError, Settings, load_settings
 from poller.metrics import Metrics
+from poller.model import Watch
 from poller.notify import Dispatcher, make_route
 from poller.pipeline import Workers, prepare
-from poller.probe import Watch, prober_for
+from poller.probe import prober_for
 from poller.sdnotify import Notifier, watchdog_interval
 from poller.store import Store, describe_db_error, open_engine
 from poller.timetable import PhasedIntervalTrigger, Timetable, phase_of, trigger_for

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from poller.probe import Answer, describe_transport_error, head
+from poller.model import Answer
+from poller.s3client import describe_transport_error, head
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

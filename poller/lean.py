@@ -37,7 +37,8 @@ from botocore.exceptions import (
 )
 
 from poller import __version__
-from poller.probe import Answer, answer_from_headers, head
+from poller.model import Answer, answer_from_headers
+from poller.s3client import head
 
 if TYPE_CHECKING:
     import boto3

@@ -7,51 +7,17 @@ is a pure function; ``list_prefix`` is the I/O edge.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from poller.probe import (
-    Event,
-    ObjectState,
-    PollResult,
-    Prober,
-    Watch,
-    bucket_missing,
-    describe_client_error,
-    describe_transport_error,
-    error_result,
-    status_of,
-)
+from poller.model import Event, KeyChange, ObjectState, PollResult, PrefixState, Watch
+from poller.probe import Prober, error_result
+from poller.s3client import bucket_missing, describe_client_error, describe_transport_error, status_of
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-
-
-@dataclass(frozen=True, slots=True)
-class KeyChange:
-    """One key's new state after a list pass; ``event`` is None for a silent refresh (same ETag)."""
-
-    key: str
-    event: Event | None
-    previous: ObjectState | None
-    state: ObjectState
-
-
-@dataclass(frozen=True, slots=True)
-class PrefixState:
-    """What is committed for a prefix watch: whether it was ever listed, and every key's state."""
-
-    listed: bool = False
-    objects: dict[str, ObjectState] = field(default_factory=dict)
-
-    def apply(self, changes: tuple[KeyChange, ...]) -> PrefixState:
-        """The state after ``changes`` were committed."""
-        objects = dict(self.objects)
-        objects.update((c.key, c.state) for c in changes)
-        return PrefixState(True, objects)
 
 
 class PrefixTooLarge(Exception):

@@ -11,7 +11,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from poller.probe import PollResult
+    from poller.model import PollResult
 
 log = logging.getLogger(__name__)
 

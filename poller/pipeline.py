@@ -18,10 +18,11 @@ from concurrent.futures import Future
 from datetime import UTC, datetime
 
 from poller.config import Settings
-from poller.listing import KeyChange, PrefixState, poll_prefix
+from poller.listing import poll_prefix
 from poller.metrics import Metrics
+from poller.model import KeyChange, ObjectState, Outcome, PollResult, PrefixState, Watch
 from poller.notify import make_route
-from poller.probe import ObjectState, Outcome, PollResult, Prober, Watch, prober_for
+from poller.probe import Prober, prober_for
 from poller.store import Route, Store, SyncResult, describe_db_error, migrate
 from poller.watchlist import WatchSpec, specs_from_settings
 

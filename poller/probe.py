@@ -10,61 +10,31 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import boto3
-from botocore.config import Config as BotoConfig
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    NoCredentialsError,
-    ReadTimeoutError,
-    SSLError,
-)
+from botocore.exceptions import BotoCoreError, ClientError
 
+from poller.lean import LeanHead
+from poller.model import Answer, Conditional, Event, ObjectState, Outcome, PollResult, Watch
 from poller.redact import redact
+from poller.s3client import (
+    bucket_missing,
+    describe_client_error,
+    describe_transport_error,
+    head,
+    make_client,
+    status_of,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
     from poller.config import S3Settings
-    from poller.lean import LeanHead
-    from poller.listing import KeyChange
-
-Outcome = Literal["unchanged", "modified", "missing", "error"]
-Event = Literal["first_seen", "modified", "deleted", "created"]
-Conditional = Literal["both", "etag", "timestamp"]
 
 # A Date this close to Last-Modified leaves room for a same-second overwrite (rule 1).
 SAME_SECOND_MARGIN = timedelta(seconds=2)
 BUCKET_CHECK_TTL = 300.0
-
-
-@dataclass(frozen=True, slots=True)
-class ObjectState:
-    """What we last committed about one object; ``present`` is None until first seen or missed."""
-
-    etag: str | None = None
-    last_modified: datetime | None = None
-    observed_server_date: datetime | None = None
-    version_id: str | None = None
-    size: int | None = None
-    present: bool | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """The part of a HEAD answer that matters, read from its HTTP status and headers."""
-
-    status: int
-    etag: str | None = None
-    last_modified: datetime | None = None
-    server_date: datetime | None = None
-    version_id: str | None = None
-    size: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,41 +44,6 @@ class Verdict:
     state: ObjectState
     # A 304 carrying a different ETag: fetch full metadata with an unconditional HEAD, then classify that.
     needs_full_head: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Watch:
-    """The identity and target of one watch, as the scheduler and store know it."""
-
-    id: int
-    name: str
-    bucket: str
-    key: str  # the object key, or the prefix of a prefix watch
-    prefix: bool = False
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    max_keys: int = 100_000
-
-    @property
-    def url(self) -> str:
-        return f"s3://{self.bucket}/{self.key}" + ("*" if self.prefix else "")
-
-
-@dataclass(frozen=True, slots=True)
-class PollResult:
-    """One finished poll: what the store records and the log reports."""
-
-    watch: Watch
-    polled_at: datetime
-    outcome: Outcome
-    http_status: int | None
-    duration_ms: float
-    previous: ObjectState | None
-    state: ObjectState | None  # None for an error: the stored state stays untouched
-    event: Event | None = None
-    error: str | None = None
-    note: str = ""
-    changes: tuple[KeyChange, ...] = ()  # prefix watches: the per-key changes of this list pass
 
 
 def request_conditions(state: ObjectState | None, mode: Conditional) -> dict[str, Any]:
@@ -174,73 +109,15 @@ def _confirmed(state: ObjectState, answer: Answer) -> ObjectState:
     return replace(state, observed_server_date=date)
 
 
-def answer_from_headers(status: int, headers: dict[str, str]) -> Answer:
-    """Build an Answer from an HTTP status and botocore's lower-cased response headers."""
-    size = headers.get("content-length")
-    return Answer(
-        status=status,
-        etag=headers.get("etag") or None,
-        last_modified=_http_date(headers.get("last-modified")),
-        server_date=_http_date(headers.get("date")),
-        version_id=headers.get("x-amz-version-id") or None,
-        size=int(size) if size and size.isdigit() and status == 200 else None,
-    )
-
-
-def _http_date(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        parsed = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
-
-
-def make_client(
-    settings: S3Settings, concurrency: int, session: boto3.session.Session | None = None, **extra: Any
-) -> S3Client:
-    """One thread-safe S3 client sized for ``concurrency`` polls in flight."""
-    session = session or boto3.session.Session(profile_name=settings.profile or None)
-    config = BotoConfig(
-        region_name=settings.region,
-        connect_timeout=settings.connect_timeout,
-        read_timeout=settings.read_timeout,
-        # max_attempts counts every attempt, as in ~/.aws/config; botocore's own key of that name counts retries.
-        retries={"mode": "standard", "total_max_attempts": settings.max_attempts},
-        max_pool_connections=max(concurrency + 4, 10),
-        s3={"addressing_style": settings.addressing_style},
-        user_agent_extra="poller",
-        **extra,
-    )
-    return session.client("s3", endpoint_url=settings.endpoint_url or None, config=config)
-
-
 def prober_for(settings: S3Settings, concurrency: int) -> Prober:
     """A Prober with its own client, built from the [s3] settings (lean HEAD path unless turned off)."""
     session = boto3.session.Session(profile_name=settings.profile or None)
     client = make_client(settings, concurrency, session)
     if settings.http_client == "boto3":
         return Prober(client, settings.conditional)
-    from poller.lean import LeanHead
-
     resolver = make_client(settings, 1, session, signature_version="s3v4")
     lean = LeanHead(session, client, resolver, settings.connect_timeout, settings.read_timeout, settings.max_attempts)
     return Prober(client, settings.conditional, lean=lean)
-
-
-def head(client: S3Client, bucket: str, key: str, **conditions: Any) -> Answer:
-    """One HeadObject; a 304 or 404 is an Answer (botocore raises them as ClientError), anything else raises."""
-    try:
-        response = client.head_object(Bucket=bucket, Key=key, **conditions)
-    except ClientError as exc:
-        status = status_of(exc)
-        if status in (304, 404):
-            return answer_from_headers(status, exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}))
-        raise
-    return answer_from_headers(200, response["ResponseMetadata"]["HTTPHeaders"])
 
 
 class Prober:
@@ -327,50 +204,3 @@ def error_result(
     )
 
 
-def status_of(exc: ClientError) -> int | None:
-    meta = exc.response.get("ResponseMetadata", {})
-    status = meta.get("HTTPStatusCode")
-    if isinstance(status, int):
-        return status
-    code = exc.response.get("Error", {}).get("Code", "")
-    return int(code) if code.isdigit() else None
-
-
-def bucket_missing(watch: Watch) -> str:
-    return (
-        f"bucket not found: s3://{watch.bucket} does not exist on this endpoint "
-        "(check the watch's bucket name and [s3] endpoint_url/region)"
-    )
-
-
-def describe_client_error(exc: ClientError) -> str:
-    """An operator-facing reason for an S3 error answer."""
-    status = status_of(exc)
-    code = exc.response.get("Error", {}).get("Code", "") or str(status)
-    if status == 403:
-        return (
-            "access denied (403): the credentials may not s3:GetObject this key; on AWS a missing key "
-            "also answers 403 to a caller without s3:ListBucket on the bucket"
-        )
-    if status == 301 or code == "PermanentRedirect":
-        return "wrong region (301): the bucket lives in another region; set [s3] region"
-    if status == 400:
-        return f"bad request (400 {code}): check [s3] region, addressing_style and endpoint_url"
-    if code in ("SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "503") or status == 503:
-        return f"throttled or unavailable ({status} {code}) after retries; polling goes on at the next interval"
-    return f"S3 answered {status} {code} after retries"
-
-
-def describe_transport_error(exc: BaseException) -> str:
-    """An operator-facing reason for a failure below HTTP (network, timeout, credentials)."""
-    if isinstance(exc, ReadTimeoutError):
-        return "read timeout: the endpoint accepted the connection but did not answer in [s3] read_timeout"
-    if isinstance(exc, ConnectTimeoutError):
-        return "connect timeout: the endpoint did not accept a connection in [s3] connect_timeout"
-    if isinstance(exc, SSLError):
-        return f"TLS certificate verification failed ({exc}); for a private CA set AWS_CA_BUNDLE to its certificate"
-    if isinstance(exc, EndpointConnectionError):
-        return "cannot connect to the endpoint (connection refused or DNS failure); check [s3] endpoint_url"
-    if isinstance(exc, NoCredentialsError):
-        return "no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or an instance role"
-    return f"{type(exc).__name__}: {exc}"

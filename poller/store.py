@@ -22,8 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from poller.listing import PrefixState
-from poller.probe import ObjectState, PollResult, Watch
+from poller.model import ObjectState, PollResult, PrefixState, Watch
 from poller.redact import redact
 from poller.schema import etag_history, notifications, object_state, polls, watches
 from poller.watchlist import WatchSpec

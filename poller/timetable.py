@@ -23,7 +23,7 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 
 from poller.config import format_duration
-from poller.probe import Watch
+from poller.model import Watch
 from poller.watchlist import WatchSpec
 
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)

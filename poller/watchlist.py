@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from poller.config import Settings, watch_interval
-from poller.probe import Watch
+from poller.model import Watch
 
 
 @dataclass(frozen=True, slots=True)

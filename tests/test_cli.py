@@ -268,7 +268,7 @@ def test_doctor_missing_bucket(config: ConfigFile):
 
 def test_doctor_recommendations():
     from poller.doctor import Check, recommend
-    from poller.probe import Answer
+    from poller.model import Answer
 
     def checks(inm: int, ims: int, combo: Answer | None) -> dict[str, Check]:
         out = {"inm-match": Check("", "", "304", Answer(inm)), "ims-same": Check("", "", "304", Answer(ims))}

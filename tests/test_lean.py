@@ -23,7 +23,7 @@ from conftest import serving
 
 from poller.config import S3Settings
 from poller.lean import LeanHead, Signer, header_conditions, request_path, target_from_presigned
-from poller.probe import describe_transport_error, make_client
+from poller.s3client import describe_transport_error, make_client
 
 KEYS = [
     "plain.json",

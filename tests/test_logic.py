@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from poller.config import format_duration, parse_duration
-from poller.probe import Answer, ObjectState, classify, request_conditions
+from poller.model import Answer, ObjectState
+from poller.probe import classify, request_conditions
 from poller.timetable import PhasedIntervalTrigger, phase_of
 from poller.watchlist import WatchSpec, diff_watch_lists
 
@@ -153,7 +154,7 @@ def test_trigger_without_jitter_is_on_grid():
 
 
 def test_timetable_hands_out_due_watches_in_order_and_coalesces_missed_slots():
-    from poller.probe import Watch
+    from poller.model import Watch
     from poller.timetable import Timetable
 
     skipped: list[int] = []
@@ -172,7 +173,7 @@ def test_timetable_hands_out_due_watches_in_order_and_coalesces_missed_slots():
 
 
 def test_timetable_replace_and_remove_leave_no_stale_run():
-    from poller.probe import Watch
+    from poller.model import Watch
     from poller.timetable import Timetable
 
     table = Timetable(lambda watch, scheduled: True)
@@ -201,8 +202,8 @@ def test_trigger_always_advances_even_with_tiny_intervals(interval):
 def test_workers_never_hand_out_a_watch_whose_poll_is_not_committed():
     import queue
 
+    from poller.model import Watch
     from poller.pipeline import Workers
-    from poller.probe import Watch
 
     handed: queue.Queue = queue.Queue()
 

@@ -14,8 +14,8 @@ import pytest
 from conftest import ConfigFile, run_cli
 from faultproxy import FaultProxy
 
-from poller.listing import PrefixState, diff_listing, matches
-from poller.probe import ObjectState
+from poller.listing import diff_listing, matches
+from poller.model import ObjectState, PrefixState
 
 T = datetime(2026, 11, 24, tzinfo=UTC)
 

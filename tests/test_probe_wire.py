@@ -13,7 +13,8 @@ from conftest import free_port, serving
 from faultproxy import FaultProxy
 
 from poller.config import S3Settings
-from poller.probe import ObjectState, Watch, prober_for
+from poller.model import ObjectState, Watch
+from poller.probe import prober_for
 
 
 def settings(endpoint: str, **kw: Any) -> S3Settings:

@@ -11,7 +11,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.exc import IntegrityError
 
-from poller.probe import ObjectState, PollResult, Watch
+from poller.model import ObjectState, PollResult, Watch
 from poller.schema import metadata
 from poller.store import Store, StoreError, migrate, migrations_dir, open_engine
 from poller.watchlist import WatchSpec

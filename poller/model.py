@@ -1,0 +1,124 @@
+"""The plain data every stage shares: watches, answers, object states and poll results.
+
+Kept apart so that the probe, the lean HEAD path, the listing and the store import these
+types from one place and the arrows between them run one way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Literal
+
+Outcome = Literal["unchanged", "modified", "missing", "error"]
+Event = Literal["first_seen", "modified", "deleted", "created"]
+Conditional = Literal["both", "etag", "timestamp"]
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectState:
+    """What we last committed about one object; ``present`` is None until first seen or missed."""
+
+    etag: str | None = None
+    last_modified: datetime | None = None
+    observed_server_date: datetime | None = None
+    version_id: str | None = None
+    size: int | None = None
+    present: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The part of a HEAD answer that matters, read from its HTTP status and headers."""
+
+    status: int
+    etag: str | None = None
+    last_modified: datetime | None = None
+    server_date: datetime | None = None
+    version_id: str | None = None
+    size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    """The identity and target of one watch, as the scheduler and store know it."""
+
+    id: int
+    name: str
+    bucket: str
+    key: str  # the object key, or the prefix of a prefix watch
+    prefix: bool = False
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    max_keys: int = 100_000
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.key}" + ("*" if self.prefix else "")
+
+
+@dataclass(frozen=True, slots=True)
+class PollResult:
+    """One finished poll: what the store records and the log reports."""
+
+    watch: Watch
+    polled_at: datetime
+    outcome: Outcome
+    http_status: int | None
+    duration_ms: float
+    previous: ObjectState | None
+    state: ObjectState | None  # None for an error: the stored state stays untouched
+    event: Event | None = None
+    error: str | None = None
+    note: str = ""
+    changes: tuple[KeyChange, ...] = ()  # prefix watches: the per-key changes of this list pass
+
+
+@dataclass(frozen=True, slots=True)
+class KeyChange:
+    """One key's new state after a list pass; ``event`` is None for a silent refresh (same ETag)."""
+
+    key: str
+    event: Event | None
+    previous: ObjectState | None
+    state: ObjectState
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixState:
+    """What is committed for a prefix watch: whether it was ever listed, and every key's state."""
+
+    listed: bool = False
+    objects: dict[str, ObjectState] = field(default_factory=dict)
+
+    def apply(self, changes: tuple[KeyChange, ...]) -> PrefixState:
+        """The state after ``changes`` were committed."""
+        objects = dict(self.objects)
+        objects.update((c.key, c.state) for c in changes)
+        return PrefixState(True, objects)
+
+
+def answer_from_headers(status: int, headers: dict[str, str]) -> Answer:
+    """Build an Answer from an HTTP status and botocore's lower-cased response headers."""
+    size = headers.get("content-length")
+    return Answer(
+        status=status,
+        etag=headers.get("etag") or None,
+        last_modified=_http_date(headers.get("last-modified")),
+        server_date=_http_date(headers.get("date")),
+        version_id=headers.get("x-amz-version-id") or None,
+        size=int(size) if size and size.isdigit() and status == 200 else None,
+    )
+
+
+def _http_date(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)

@@ -1,0 +1,103 @@
+"""The boto3 edge: the client poller builds, HeadObject through it, and the operator's words for its errors."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import (
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+    SSLError,
+)
+
+from poller.model import Answer, Watch, answer_from_headers
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+    from poller.config import S3Settings
+
+
+def make_client(
+    settings: S3Settings, concurrency: int, session: boto3.session.Session | None = None, **extra: Any
+) -> S3Client:
+    """One thread-safe S3 client sized for ``concurrency`` polls in flight."""
+    session = session or boto3.session.Session(profile_name=settings.profile or None)
+    config = BotoConfig(
+        region_name=settings.region,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        # max_attempts counts every attempt, as in ~/.aws/config; botocore's own key of that name counts retries.
+        retries={"mode": "standard", "total_max_attempts": settings.max_attempts},
+        max_pool_connections=max(concurrency + 4, 10),
+        s3={"addressing_style": settings.addressing_style},
+        user_agent_extra="poller",
+        **extra,
+    )
+    return session.client("s3", endpoint_url=settings.endpoint_url or None, config=config)
+
+
+def head(client: S3Client, bucket: str, key: str, **conditions: Any) -> Answer:
+    """One HeadObject; a 304 or 404 is an Answer (botocore raises them as ClientError), anything else raises."""
+    try:
+        response = client.head_object(Bucket=bucket, Key=key, **conditions)
+    except ClientError as exc:
+        status = status_of(exc)
+        if status in (304, 404):
+            return answer_from_headers(status, exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}))
+        raise
+    return answer_from_headers(200, response["ResponseMetadata"]["HTTPHeaders"])
+
+
+def status_of(exc: ClientError) -> int | None:
+    meta = exc.response.get("ResponseMetadata", {})
+    status = meta.get("HTTPStatusCode")
+    if isinstance(status, int):
+        return status
+    code = exc.response.get("Error", {}).get("Code", "")
+    return int(code) if code.isdigit() else None
+
+
+def bucket_missing(watch: Watch) -> str:
+    return (
+        f"bucket not found: s3://{watch.bucket} does not exist on this endpoint "
+        "(check the watch's bucket name and [s3] endpoint_url/region)"
+    )
+
+
+def describe_client_error(exc: ClientError) -> str:
+    """An operator-facing reason for an S3 error answer."""
+    status = status_of(exc)
+    code = exc.response.get("Error", {}).get("Code", "") or str(status)
+    if status == 403:
+        return (
+            "access denied (403): the credentials may not s3:GetObject this key; on AWS a missing key "
+            "also answers 403 to a caller without s3:ListBucket on the bucket"
+        )
+    if status == 301 or code == "PermanentRedirect":
+        return "wrong region (301): the bucket lives in another region; set [s3] region"
+    if status == 400:
+        return f"bad request (400 {code}): check [s3] region, addressing_style and endpoint_url"
+    if code in ("SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "503") or status == 503:
+        return f"throttled or unavailable ({status} {code}) after retries; polling goes on at the next interval"
+    return f"S3 answered {status} {code} after retries"
+
+
+def describe_transport_error(exc: BaseException) -> str:
+    """An operator-facing reason for a failure below HTTP (network, timeout, credentials)."""
+    if isinstance(exc, ReadTimeoutError):
+        return "read timeout: the endpoint accepted the connection but did not answer in [s3] read_timeout"
+    if isinstance(exc, ConnectTimeoutError):
+        return "connect timeout: the endpoint did not accept a connection in [s3] connect_timeout"
+    if isinstance(exc, SSLError):
+        return f"TLS certificate verification failed ({exc}); for a private CA set AWS_CA_BUNDLE to its certificate"
+    if isinstance(exc, EndpointConnectionError):
+        return "cannot connect to the endpoint (connection refused or DNS failure); check [s3] endpoint_url"
+    if isinstance(exc, NoCredentialsError):
+        return "no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or an instance role"
+    return f"{type(exc).__name__}: {exc}"
