@@ -19,12 +19,9 @@ import socket
 import ssl
 import threading
 import time
-import urllib.request
-from dataclasses import dataclass
 from datetime import UTC
 from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, quote, urlsplit
 
 from botocore.exceptions import (
     ClientError,
@@ -39,56 +36,16 @@ from botocore.exceptions import (
 from poller import __version__
 from poller.model import Answer, answer_from_headers
 from poller.s3client import head
+from poller.targets import SENTINEL_KEY, Target, proxied, request_path, target_from_presigned
 
 if TYPE_CHECKING:
     import boto3
     from mypy_boto3_s3 import S3Client
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()  # a HEAD has no body; botocore signs its hash, even on https
-SENTINEL_KEY = "poller-sentinel"
 # botocore's standard retry mode: these statuses are transient; the backoff base is 50 ms (1 s when throttled).
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_BACKOFF = 20.0
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """Where and how boto3 sends a bucket's HeadObject: connection, Host header, path prefix, signing scope."""
-
-    scheme: str
-    host: str
-    port: int
-    host_header: str
-    prefix: str  # the request path up to the key: "/bucket/" (path style) or "/" (virtual host)
-    region: str
-
-    @property
-    def endpoint(self) -> str:
-        return f"{self.scheme}://{self.host_header}"
-
-
-def target_from_presigned(url: str) -> Target | None:
-    """Read the Target from boto3's SigV4 presigned HeadObject URL for SENTINEL_KEY; None if not plain S3 SigV4."""
-    parts = urlsplit(url)
-    query = parse_qs(parts.query)
-    scope = (query.get("X-Amz-Credential") or [""])[0].split("/")
-    if parts.scheme not in _DEFAULT_PORTS or len(scope) != 5 or scope[3] != "s3" or scope[4] != "aws4_request":
-        return None  # another signing service (S3 Express, Outposts, Object Lambda) or signer
-    if not parts.path.endswith("/" + SENTINEL_KEY) or parts.hostname is None:
-        return None
-    port = parts.port or _DEFAULT_PORTS[parts.scheme]
-    # botocore leaves the default port out of the Host header.
-    host_header = parts.hostname if port == _DEFAULT_PORTS[parts.scheme] else f"{parts.hostname}:{port}"
-    if ":" in parts.hostname:  # IPv6 literal
-        host_header = f"[{parts.hostname}]" + ("" if port == _DEFAULT_PORTS[parts.scheme] else f":{port}")
-    prefix = parts.path[: -len(SENTINEL_KEY)]
-    return Target(parts.scheme, parts.hostname, port, host_header, prefix, scope[2])
-
-
-def request_path(target: Target, key: str) -> str:
-    """The request path of a key, percent-encoded as botocore does (``/`` and ``~`` kept)."""
-    return target.prefix + quote(key, safe="/~")
 
 
 def header_conditions(conditions: dict[str, Any]) -> dict[str, str]:
@@ -252,7 +209,7 @@ class LeanHead:
         if ":" not in bucket:  # access point and Outposts ARNs: boto3's own machinery
             url = self._resolver.generate_presigned_url("head_object", Params={"Bucket": bucket, "Key": SENTINEL_KEY})
             found = target_from_presigned(url)
-            if found is not None and _proxied(found):
+            if found is not None and proxied(found):
                 found = None
         with self._lock:
             self._targets[bucket] = found
@@ -370,9 +327,3 @@ class LeanHead:
 
             self._ssl = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True))
         return self._ssl
-
-
-def _proxied(target: Target) -> bool:
-    """True when an HTTP(S)_PROXY applies to this host: boto3 honours it, the lean path does not speak it."""
-    proxies = urllib.request.getproxies()
-    return target.scheme in proxies and not urllib.request.proxy_bypass(target.host)

@@ -138,3 +138,20 @@ notifications = Table(
     Column("delivered_at", UTCDateTime),
     Index("ix_notifications_status_next_attempt_at", "status", "next_attempt_at"),
 )
+
+# What calibration learned about a server's conditional requests (design.md section 1, rule 3).
+# bucket "" holds the endpoint-wide answer; a row per bucket where one differs.
+server_semantics = Table(
+    "server_semantics",
+    metadata,
+    Column("endpoint", Text, primary_key=True),
+    Column("bucket", Text, primary_key=True),
+    # rfc: If-None-Match wins over If-Modified-Since (RFC 9110); either: a 304 when either condition
+    # says "not modified"; ims_ignored: If-Modified-Since is never honoured; unknown: not measured yet
+    Column("precedence", String(16), nullable=False),
+    Column("etag_on_304", Boolean),
+    Column("version_id_on_404", Boolean),
+    Column("mode", String(16), nullable=False),  # the conditional mode in use: both | etag | timestamp
+    Column("learned_at", UTCDateTime, nullable=False),
+    Column("detail", Text),
+)

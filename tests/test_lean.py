@@ -22,8 +22,9 @@ from botocore.exceptions import ClientError, SSLError
 from conftest import serving
 
 from poller.config import S3Settings
-from poller.lean import LeanHead, Signer, header_conditions, request_path, target_from_presigned
+from poller.lean import LeanHead, Signer, header_conditions
 from poller.s3client import describe_transport_error, make_client
+from poller.targets import request_path, target_from_presigned
 
 KEYS = [
     "plain.json",
