@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from poller.redact import redact
@@ -94,15 +94,135 @@ class S3Settings(_Section):
     # "lean": HeadObject signed and sent by poller.lean (about 5x less CPU), boto3 for everything else.
     http_client: Literal["lean", "boto3"] = "lean"
 
+    @field_validator("region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        _check_region(value)
+        return value
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if value:
+            _check_endpoint_url(value)
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> S3Settings:
         _positive("connect_timeout", self.connect_timeout)
         _positive("read_timeout", self.read_timeout)
-        if self.endpoint_url and not re.match(r"^https?://[^/\s]+", self.endpoint_url):
-            raise ValueError(
-                f"endpoint_url must start with http:// or https:// and name a host, got {self.endpoint_url!r}"
-            )
+        # The AWS config files are read here, at load, so a missing or broken profile is a config
+        # error at start and a refused reload rather than a traceback from boto3 later.
+        _check_aws_profile(self.profile)
         return self
+
+
+def _check_region(region: str) -> None:
+    """Refuse what botocore would refuse when the client is built (it must be a DNS label)."""
+    from botocore.exceptions import InvalidRegionError
+    from botocore.utils import validate_region_name
+
+    if not region.strip():
+        raise ValueError('region must not be empty (e.g. "us-east-1"; S3-compatible servers accept any name)')
+    try:
+        validate_region_name(region)
+    except InvalidRegionError:
+        raise ValueError(
+            f"region {region!r} is not a valid region name: letters, digits and hyphens only, "
+            'such as "us-east-1" or "eu-central-1"'
+        ) from None
+
+
+def _check_endpoint_url(url: str) -> None:
+    """Parse the URL fully (scheme, host, port, IPv6 brackets) as botocore will, and refuse what it refuses."""
+    from urllib.parse import urlsplit
+
+    from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
+
+    hint = 'write it as "http://host:port" or "https://host" (an IPv6 address in brackets: "http://[::1]:9000")'
+    shown = redact(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError for a non-numeric or out-of-range port
+    except ValueError as exc:
+        raise ValueError(f"endpoint_url {shown!r} cannot be parsed ({exc}); {hint}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"endpoint_url {shown!r} must start with http:// or https://; {hint}")
+    if not parts.hostname:
+        raise ValueError(f"endpoint_url {shown!r} names no host; {hint}")
+    if port == 0 or parts.netloc.endswith(":"):
+        raise ValueError(f"endpoint_url {shown!r} has an empty or zero port; {hint}")
+    if not (is_valid_endpoint_url(url) or is_valid_ipv6_endpoint_url(url)):
+        raise ValueError(f"endpoint_url {shown!r} is not a valid URL for boto3 (bad host name or character); {hint}")
+
+
+_CREDENTIAL_SOURCES = ("Environment", "Ec2InstanceMetadata", "EcsContainer")
+
+
+def _check_aws_profile(profile: str) -> None:
+    """Check, offline, that the profile (or $AWS_PROFILE) exists and its credential settings are coherent."""
+    import shlex
+    import shutil
+
+    import botocore.session
+    from botocore.exceptions import BotoCoreError
+
+    name = profile or os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE") or ""
+    if not name:
+        return
+    where = "profile" if profile else "$AWS_PROFILE"
+    files = "the AWS config files (~/.aws/config, ~/.aws/credentials, $AWS_CONFIG_FILE, $AWS_SHARED_CREDENTIALS_FILE)"
+    try:
+        profiles: dict[str, dict[str, Any]] = botocore.session.Session().full_config.get("profiles", {})
+    except BotoCoreError as exc:
+        raise ValueError(f"cannot read {files}: {exc}") from None
+    if name not in profiles:
+        if name == "default" and not profile:
+            return  # botocore tolerates a missing default profile
+        known = ", ".join(sorted(profiles)[:10]) or "none"
+        raise ValueError(
+            f"{where} {name!r} is not defined in {files} (profiles there: {known}); "
+            "fix the name, add the profile, or leave profile empty to use the default credential chain"
+        )
+    seen: set[str] = set()
+    current = name
+    while True:
+        entry = profiles[current]
+        seen.add(current)
+        process = str(entry.get("credential_process", "")).strip()
+        if "credential_process" in entry:
+            argv = shlex.split(process) if process else []
+            if not argv or not (shutil.which(argv[0]) or os.path.isfile(argv[0])):
+                raise ValueError(
+                    f"AWS profile {current!r}: credential_process {process!r} names no program that exists; "
+                    "fix the path in the AWS config file"
+                )
+        if "role_arn" not in entry:
+            return
+        source, sourced = entry.get("source_profile"), entry.get("credential_source")
+        if source is not None and sourced is not None:
+            raise ValueError(f"AWS profile {current!r}: role_arn with both source_profile and credential_source")
+        if sourced is not None:
+            if sourced not in _CREDENTIAL_SOURCES:
+                raise ValueError(
+                    f"AWS profile {current!r}: credential_source {sourced!r} is not one of "
+                    + ", ".join(_CREDENTIAL_SOURCES)
+                )
+            return
+        if source is None:
+            if entry.get("web_identity_token_file"):
+                return
+            raise ValueError(
+                f"AWS profile {current!r}: role_arn needs source_profile, credential_source or "
+                "web_identity_token_file to say where the credentials for AssumeRole come from"
+            )
+        if source not in profiles:
+            raise ValueError(f"AWS profile {current!r}: source_profile {source!r} is not defined in {files}")
+        if source in seen:
+            if source == current and "aws_access_key_id" in entry:
+                return  # a profile may source its own static keys
+            raise ValueError(f"AWS profile {current!r}: source_profile chain loops back to {source!r}")
+        current = source
 
 
 class DatabaseSettings(_Section):

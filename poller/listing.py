@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from poller.model import Event, KeyChange, ObjectState, PollResult, PrefixState, Watch
+from poller.model import Event, KeyChange, ObjectState, PollResult, PrefixState, Watch, canonical_etag
 from poller.probe import Prober, error_result
 from poller.s3client import bucket_missing, describe_client_error, describe_transport_error, status_of
 
@@ -39,14 +39,24 @@ def diff_listing(stored: PrefixState, listed: dict[str, ObjectState]) -> list[Ke
         if before is None or not before.present:
             event: Event = "created" if stored.listed else "first_seen"
             changes.append(KeyChange(key, event, before, now))
-        elif before.etag != now.etag or before.size != now.size:
+        elif _changed(before, now):
             changes.append(KeyChange(key, "modified", before, now))
-        elif before.last_modified != now.last_modified:
-            changes.append(KeyChange(key, None, before, now))  # same content, rewritten: keep the new time
+        elif (before.etag, before.last_modified, before.size) != (now.etag, now.last_modified, now.size):
+            # Same ETag, so the same content: a rewrite or a listing that shows an upload's size
+            # growing. Keep the new values without inventing an event.
+            changes.append(KeyChange(key, None, before, now))
     for key, before in stored.objects.items():
         if before.present and key not in listed:
             changes.append(KeyChange(key, "deleted", before, ObjectState(present=False)))
     return changes
+
+
+def _changed(before: ObjectState, now: ObjectState) -> bool:
+    """Whether a listed key holds other content than the stored state: the ETag decides when both have one."""
+    old_etag, new_etag = canonical_etag(before.etag), canonical_etag(now.etag)
+    if old_etag is not None and new_etag is not None:
+        return old_etag != new_etag
+    return old_etag != new_etag or before.size != now.size
 
 
 def list_prefix(client: S3Client, watch: Watch) -> tuple[dict[str, ObjectState], int]:
@@ -62,7 +72,10 @@ def list_prefix(client: S3Client, watch: Watch) -> tuple[dict[str, ObjectState],
             if key == watch.key or not matches(key, watch.include, watch.exclude):
                 continue
             listed[key] = ObjectState(
-                etag=item.get("ETag"), last_modified=item.get("LastModified"), size=item.get("Size"), present=True
+                etag=canonical_etag(item.get("ETag")),
+                last_modified=item.get("LastModified"),
+                size=item.get("Size"),
+                present=True,
             )
             if len(listed) > watch.max_keys:
                 raise PrefixTooLarge(

@@ -99,6 +99,18 @@ class PrefixState:
         return PrefixState(True, objects)
 
 
+def canonical_etag(etag: str | None) -> str | None:
+    """An ETag in the quoted form HEAD answers with (some servers list it without the quotes)."""
+    if etag is None:
+        return None
+    text = etag.strip()
+    if not text:
+        return None
+    if text.startswith('"') or text.startswith('W/"'):
+        return text
+    return f'"{text}"'
+
+
 def answer_from_headers(status: int, headers: dict[str, str]) -> Answer:
     """Build an Answer from an HTTP status and botocore's lower-cased response headers."""
     size = headers.get("content-length")
