@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Float,
@@ -22,7 +23,9 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
 )
+from sqlalchemy.dialects.postgresql import TIMESTAMP
 from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeEngine
 
 metadata = MetaData(
     naming_convention={
@@ -42,25 +45,46 @@ def to_text(value: datetime) -> str:
 
 
 class UTCDateTime(TypeDecorator[datetime]):
-    """A timezone-aware UTC datetime stored as ISO-8601 text, readable with plain sqlite3."""
+    """A timezone-aware UTC datetime: ``timestamptz`` on PostgreSQL, ISO-8601 text elsewhere.
+
+    The text form keeps SQLite files readable with plain sqlite3, and its fixed format sorts as time.
+    """
 
     impl = String(32)
     cache_ok = True
 
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> str | None:
-        return None if value is None else to_text(value)
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(TIMESTAMP(timezone=True))
+        return dialect.type_descriptor(String(32))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> str | datetime | None:
+        if value is None:
+            return None
+        if dialect.name == "postgresql":
+            if value.tzinfo is None:
+                raise ValueError("naive datetime: poller stores only timezone-aware UTC times")
+            return value.astimezone(UTC)
+        return to_text(value)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
+        if isinstance(value, datetime):  # timestamptz: aware, in the session's time zone
+            return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
         parsed = datetime.fromisoformat(value)
         return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+# 64-bit on PostgreSQL (a busy daemon exhausts a 32-bit polls.id in weeks; objects reach 2 GiB).
+# SQLite's INTEGER is already 64-bit, and an INTEGER PRIMARY KEY must stay INTEGER to alias the rowid.
+BigInt = BigInteger().with_variant(Integer(), "sqlite")
 
 
 watches = Table(
     "watches",
     metadata,
-    Column("id", Integer, primary_key=True),
+    Column("id", BigInt, primary_key=True),
     Column("name", Text, nullable=False, unique=True),
     Column("bucket", Text, nullable=False),
     Column("key", Text, nullable=False),  # the object key, or the prefix of a prefix watch
@@ -74,13 +98,13 @@ watches = Table(
 object_state = Table(
     "object_state",
     metadata,
-    Column("watch_id", Integer, ForeignKey("watches.id"), primary_key=True),
+    Column("watch_id", BigInt, ForeignKey("watches.id"), primary_key=True),
     Column("key", Text, primary_key=True),
     Column("etag", Text),
     Column("last_modified", UTCDateTime),
     Column("observed_server_date", UTCDateTime),
     Column("version_id", Text),
-    Column("size", Integer),
+    Column("size", BigInt),
     Column("present", Boolean),
     Column("last_polled_at", UTCDateTime),
     Column("last_outcome", String(16)),
@@ -92,8 +116,8 @@ object_state = Table(
 polls = Table(
     "polls",
     metadata,
-    Column("id", Integer, primary_key=True),
-    Column("watch_id", Integer, ForeignKey("watches.id"), nullable=False),
+    Column("id", BigInt, primary_key=True),
+    Column("watch_id", BigInt, ForeignKey("watches.id"), nullable=False),
     Column("key", Text, nullable=False),
     Column("polled_at", UTCDateTime, nullable=False),
     Column("outcome", String(16), nullable=False),
@@ -109,8 +133,8 @@ polls = Table(
 etag_history = Table(
     "etag_history",
     metadata,
-    Column("id", Integer, primary_key=True),
-    Column("watch_id", Integer, ForeignKey("watches.id"), nullable=False),
+    Column("id", BigInt, primary_key=True),
+    Column("watch_id", BigInt, ForeignKey("watches.id"), nullable=False),
     Column("key", Text, nullable=False),
     Column("detected_at", UTCDateTime, nullable=False),
     Column("event", String(16), nullable=False),
@@ -118,7 +142,7 @@ etag_history = Table(
     Column("previous_etag", Text),
     Column("last_modified", UTCDateTime),
     Column("version_id", Text),
-    Column("size", Integer),
+    Column("size", BigInt),
     Index("ix_etag_history_watch_id_detected_at", "watch_id", "detected_at"),
     Index("ix_etag_history_detected_at", "detected_at"),
 )
@@ -126,8 +150,8 @@ etag_history = Table(
 notifications = Table(
     "notifications",
     metadata,
-    Column("id", Integer, primary_key=True),
-    Column("history_id", Integer, ForeignKey("etag_history.id"), nullable=False),
+    Column("id", BigInt, primary_key=True),
+    Column("history_id", BigInt, ForeignKey("etag_history.id"), nullable=False),
     Column("sink", Text, nullable=False),
     Column("status", String(16), nullable=False),  # pending | delivered | failed
     Column("created_at", UTCDateTime, nullable=False),

@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, create_engine, event, func, inspect, select, update
+from sqlalchemy import Connection, Engine, and_, create_engine, event, func, inspect, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -44,6 +44,8 @@ _STATE_COLUMNS = (
     "last_error",
 )
 PRUNE_CHUNK = 5000
+# pg_advisory_xact_lock key serializing migrations across processes: "poller" in ASCII.
+MIGRATION_LOCK = 0x706F6C6C6572
 
 
 Route = Callable[[str, str], list[str]]  # (watch name, event) -> notification sink names
@@ -71,11 +73,17 @@ def migrations_dir() -> Path:
 
 
 def open_engine(url: str, *, readonly: bool = False) -> Engine:
-    """An engine with poller's SQLite settings (WAL, busy timeout, foreign keys, explicit BEGIN)."""
+    """An engine with poller's SQLite settings (WAL, busy timeout, foreign keys, explicit BEGIN).
+
+    A plain ``postgresql://`` URL means psycopg 3 (the ``postgres`` extra), as
+    ``postgresql+psycopg://`` does; SQLAlchemy 2.0 would look for psycopg2 instead.
+    """
     try:
         parsed = make_url(url)
     except ArgumentError:
         raise StoreError("[database] url is not a valid SQLAlchemy URL (e.g. sqlite:///poller.db)") from None
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
     is_sqlite = parsed.get_backend_name() == "sqlite"
     if is_sqlite and parsed.database and parsed.database != ":memory:":
         path = Path(parsed.database)
@@ -87,7 +95,7 @@ def open_engine(url: str, *, readonly: bool = False) -> Engine:
         if not path.parent.exists():
             raise StoreError(f"cannot create database {path}: directory {path.parent} does not exist")
     try:
-        engine = create_engine(url, pool_pre_ping=not is_sqlite)
+        engine = create_engine(parsed, pool_pre_ping=not is_sqlite)
     except ImportError as exc:
         raise StoreError(f"cannot use database {_safe_url(url)}: its driver is not installed ({exc})") from None
     except ArgumentError:
@@ -133,6 +141,10 @@ def migrate(engine: Engine) -> None:
             conn.connection.driver_connection.execute("PRAGMA foreign_keys = OFF")  # type: ignore[union-attr]
         try:
             with conn.begin():
+                if conn.dialect.name == "postgresql":
+                    # Two processes starting on a fresh database would both create the tables (one
+                    # fails on pg_type's unique index); the second now waits, then finds head.
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, "head")
                 if is_sqlite:
@@ -221,13 +233,17 @@ class Store:
         """Make ``watches`` match the config: insert new, update changed, deactivate removed."""
         wanted = {spec.name: spec for spec in specs}
         retargeted: set[int] = set()
+        # Several processes may start at once on one database: a name another one inserted first
+        # is skipped (ON CONFLICT DO NOTHING) and its id read back below, never a unique violation.
+        insert = self._insert(watches).on_conflict_do_nothing(index_elements=[watches.c.name])
         with self._tx() as conn:
-            existing = {row.name: row for row in conn.execute(select(watches))}
+            # In id order, so concurrent syncs update rows in the same order and cannot deadlock.
+            existing = {row.name: row for row in conn.execute(select(watches).order_by(watches.c.id))}
             added = [s for name, s in wanted.items() if name not in existing]
             # In chunks: 100,000 parameter dicts at once would double the daemon's peak memory.
             for start in range(0, len(added), SYNC_CHUNK):
                 conn.execute(
-                    watches.insert(),
+                    insert,
                     [
                         {
                             "name": s.name,
@@ -262,10 +278,7 @@ class Store:
                     # Another object (or prefix) now: its old state must not feed the next poll.
                     conn.execute(object_state.delete().where(object_state.c.watch_id == row.id))
                     retargeted.add(row.id)
-            ids = {
-                row.name: row.id
-                for row in conn.execute(select(watches.c.id, watches.c.name).where(watches.c.active.is_(True)))
-            }
+            ids = {row.name: row.id for row in conn.execute(select(watches.c.id, watches.c.name))}
         result = {name: s.as_watch(ids[name]) for name, s in wanted.items()}
         return SyncResult(result, frozenset(retargeted))
 
@@ -638,6 +651,48 @@ class Store:
         """True once migrations have created poller's tables."""
         with self._read() as conn:
             return inspect(conn).has_table("watches")
+
+    # --- reload and CLI look-ups ------------------------------------------------------
+
+    def load_states_for(self, watch_ids: Sequence[int]) -> tuple[dict[int, ObjectState], dict[int, PrefixState]]:
+        """The committed key states and prefix states of these watches (a watch re-added by a reload resumes
+        from them, so a change made while it was out is ``modified``, not a second ``first_seen``)."""
+        keyed: dict[int, ObjectState] = {}
+        prefixed: dict[int, PrefixState] = {}
+        with self._read() as conn:
+            for start in range(0, len(watch_ids), SYNC_CHUNK):
+                chunk = list(watch_ids[start : start + SYNC_CHUNK])
+                rows = conn.execute(
+                    select(object_state, watches.c.key.label("watch_key"), watches.c.kind)
+                    .join(watches, watches.c.id == object_state.c.watch_id)
+                    .where(watches.c.id.in_(chunk))
+                )
+                for row in rows:
+                    if row.kind != "prefix":
+                        if row.key == row.watch_key:
+                            keyed[row.watch_id] = ObjectState(
+                                etag=row.etag,
+                                last_modified=row.last_modified,
+                                observed_server_date=row.observed_server_date,
+                                version_id=row.version_id,
+                                size=row.size,
+                                present=row.present,
+                            )
+                        continue
+                    entry = prefixed.setdefault(row.watch_id, PrefixState())
+                    if row.key == row.watch_key:
+                        if row.last_outcome in ("unchanged", "modified"):
+                            prefixed[row.watch_id] = PrefixState(True, entry.objects)
+                        continue
+                    entry.objects[row.key] = ObjectState(
+                        etag=row.etag, last_modified=row.last_modified, size=row.size, present=row.present
+                    )
+        return keyed, prefixed
+
+    def watch_names(self) -> list[str]:
+        """Every watch name in the database, active or not (history outlives a watch's removal)."""
+        with self._read() as conn:
+            return [row.name for row in conn.execute(select(watches.c.name).order_by(watches.c.name))]
 
 
 def _key_outcome(event: str | None) -> str:

@@ -1,8 +1,11 @@
-"""The store on a real SQLite file: migrations, pragmas, recording, sync, pruning, history filters."""
+"""The store contract on both backends (a real SQLite file and a real PostgreSQL server): migrations,
+recording, sync, pruning, history filters; SQLite's pragmas and WAL readers; the CLI and the daemon
+end to end on PostgreSQL, row for row against SQLite."""
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,12 +23,15 @@ NOW = datetime(2026, 11, 24, 10, 0, 0, tzinfo=UTC)
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    engine = open_engine(f"sqlite:///{tmp_path / 'p.db'}")
+def store(db_url: str) -> Iterator[Store]:
+    engine = open_engine(db_url)
     migrate(engine)
     s = Store(engine)
     yield s
     s.close()
+
+
+sqlite_only = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
 
 def specs(*names: str) -> list[WatchSpec]:
@@ -52,6 +58,7 @@ def test_migration_is_idempotent_and_versioned(store: Store):
     assert version == ScriptDirectory(str(migrations_dir())).get_current_head()
 
 
+@sqlite_only
 def test_sqlite_pragmas(store: Store):
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
@@ -75,6 +82,14 @@ def test_record_and_read_back(store: Store, tmp_path: Path):
     assert row["consecutive_errors"] == 1 and row["last_outcome"] == "error" and row["last_error"] == "boom"
     store.record([result(watch, "unchanged", None, when=later + timedelta(minutes=1))])
     assert store.status()[0]["consecutive_errors"] == 0
+    assert store.history(limit=1)[0]["time"] == later + timedelta(minutes=1)
+    assert store.history(limit=None)[-1]["time"] == NOW and NOW.tzinfo is UTC
+
+
+@sqlite_only
+def test_sqlite_times_are_iso_text(store: Store, tmp_path: Path):
+    watch = store.sync_watches(specs("a"), NOW).watches["a"]
+    store.record([result(watch)])
     # Times are ISO-8601 UTC text with offset, readable with plain sqlite3.
     raw = sqlite3.connect(tmp_path / "p.db").execute("SELECT polled_at FROM polls ORDER BY id LIMIT 1").fetchone()[0]
     assert raw == "2026-11-24T10:00:00.000000+00:00"
@@ -156,6 +171,7 @@ def test_missing_directory_is_reported(tmp_path: Path):
         open_engine(f"sqlite:///{tmp_path / 'no' / 'dir' / 'p.db'}")
 
 
+@sqlite_only
 def test_reads_do_not_queue_behind_the_writer(store: Store, tmp_path: Path) -> None:
     # The notification dispatcher and `poller status` read while the writer commits batch after batch.
     writer = sqlite3.connect(tmp_path / "p.db", isolation_level=None)
