@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import random
 import socket
@@ -36,11 +37,13 @@ from botocore.exceptions import (
 from poller import __version__
 from poller.model import Answer, answer_from_headers
 from poller.s3client import head
-from poller.targets import SENTINEL_KEY, Target, proxied, request_path, target_from_presigned
+from poller.targets import Fallback, Target, count_fallback, request_path, resolve
 
 if TYPE_CHECKING:
     import boto3
     from mypy_boto3_s3 import S3Client
+
+log = logging.getLogger(__name__)
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()  # a HEAD has no body; botocore signs its hash, even on https
 # botocore's standard retry mode: these statuses are transient; the backoff base is 50 ms (1 s when throttled).
@@ -57,6 +60,13 @@ def header_conditions(conditions: dict[str, Any]) -> dict[str, str]:
     since = conditions.get("IfModifiedSince")
     if since is not None:
         out["if-modified-since"] = format_datetime(since.astimezone(UTC).replace(microsecond=0), usegmt=True)
+    # A watch's request options: botocore sends (and signs) these HeadObject parameters as headers.
+    payer = conditions.get("RequestPayer")
+    if payer is not None:
+        out["x-amz-request-payer"] = payer
+    owner = conditions.get("ExpectedBucketOwner")
+    if owner is not None:
+        out["x-amz-expected-bucket-owner"] = owner
     return out
 
 
@@ -169,7 +179,11 @@ def _parse_head(head: bytes) -> tuple[int, str, dict[str, str], bool]:
 
 
 class _Fallback(Exception):
-    """This bucket needs boto3 (e.g. a redirect to its region)."""
+    """This bucket needs boto3: it lives in another region (``region``, from ``x-amz-bucket-region``)."""
+
+    def __init__(self, region: str = "") -> None:
+        super().__init__(region)
+        self.region = region
 
 
 class LeanHead:
@@ -186,12 +200,13 @@ class LeanHead:
     ) -> None:
         self._session = session
         self._client = client  # the boto3 fallback, and the resolver of everything but the HEAD itself
-        self._resolver = resolver  # same settings, SigV4 presigning: tells where and how to sign
+        # Same settings as ``client``; it builds one HeadObject per bucket that is captured, never sent.
+        self._resolver = resolver
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._max_attempts = max_attempts
         self._signer = Signer()
-        self._targets: dict[str, Target | None] = {}
+        self._targets: dict[str, Target | Fallback] = {}  # per bucket; a Fallback is logged and counted once
         self._lock = threading.Lock()
         self._local = threading.local()
         self._user_agent = f"poller/{__version__} (lean HeadObject; botocore signing scope)"
@@ -200,24 +215,25 @@ class LeanHead:
     # --- resolution ------------------------------------------------------------------
 
     def target(self, bucket: str) -> Target | None:
-        """Where boto3 would send this bucket's HEAD, or None to use boto3 itself."""
-        try:
-            return self._targets[bucket]
-        except KeyError:
-            pass
-        found: Target | None = None
-        if ":" not in bucket:  # access point and Outposts ARNs: boto3's own machinery
-            url = self._resolver.generate_presigned_url("head_object", Params={"Bucket": bucket, "Key": SENTINEL_KEY})
-            found = target_from_presigned(url)
-            if found is not None and proxied(found):
-                found = None
-        with self._lock:
-            self._targets[bucket] = found
-        return found
+        """Where boto3 sends this bucket's HEAD, or None to use boto3 itself; botocore errors propagate."""
+        found = self._targets.get(bucket)
+        if found is None:
+            found = resolve(self._resolver, bucket)  # not cached on error: no credentials yet, a bad name
+            if isinstance(found, Fallback):
+                self._fall_back(bucket, found)
+            else:
+                with self._lock:
+                    found = self._targets.setdefault(bucket, found)
+        return found if isinstance(found, Target) else None
 
-    def _fall_back(self, bucket: str) -> None:
+    def _fall_back(self, bucket: str, why: Fallback) -> None:
+        """Hand the bucket to boto3 for the life of this client: one WARNING and one count per bucket."""
         with self._lock:
-            self._targets[bucket] = None
+            if isinstance(self._targets.get(bucket), Fallback):
+                return
+            self._targets[bucket] = why
+        count_fallback(why.reason)
+        log.warning("%s", why.message(bucket))
 
     # --- the request -----------------------------------------------------------------
 
@@ -228,8 +244,10 @@ class LeanHead:
             return head(self._client, bucket, key, **conditions)
         try:
             return self._head(target, request_path(target, key), header_conditions(conditions))
-        except _Fallback:
-            self._fall_back(bucket)
+        except _Fallback as redirect:
+            where = f"region redirect to {redirect.region}" if redirect.region else "region redirect"
+            hint = f'set [s3] region = "{redirect.region}" if your buckets live there' if redirect.region else ""
+            self._fall_back(bucket, Fallback("region_redirect", where, hint))
             return head(self._client, bucket, key, **conditions)
 
     def _head(self, target: Target, path: str, conditions: dict[str, str]) -> Answer:
@@ -257,7 +275,7 @@ class LeanHead:
             if status in (200, 304, 404):
                 return answer_from_headers(status, answer_headers)
             if status in (301, 307, 400) and "x-amz-bucket-region" in answer_headers:
-                raise _Fallback()  # the bucket lives in another region: boto3 follows that redirect
+                raise _Fallback(answer_headers["x-amz-bucket-region"])  # boto3 follows that redirect
             if status in RETRY_STATUSES and attempt < self._max_attempts:
                 _backoff(attempt, throttled=status == 429)
                 continue
