@@ -7,8 +7,10 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from poller.targets import fallback_counts
 
 if TYPE_CHECKING:
     from poller.model import PollResult
@@ -61,6 +63,18 @@ class _Gauges(Collector):
         yield backlog
 
 
+class _LeanFallbacks(Collector):
+    """Buckets whose HEADs boto3 sends instead of the lean path, by reason (counted in poller.targets)."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "poller_lean_fallbacks", "Buckets handed from the lean HEAD path to boto3, by reason", labels=["reason"]
+        )
+        for reason, n in sorted(fallback_counts().items()):
+            family.add_metric([reason], n)
+        yield family
+
+
 class Metrics:
     """The counters and histograms poller updates, on a registry of its own."""
 
@@ -86,6 +100,7 @@ class Metrics:
             buckets=LATENESS_BUCKETS,
             registry=self.registry,
         )
+        self.registry.register(_LeanFallbacks())
         self._server: Any = None
 
     def observe(self, result: PollResult) -> None:
