@@ -4,18 +4,30 @@ end to end on PostgreSQL, row for row against SQLite."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.migration import MigrationContext
+from conftest import ConfigFile, run_cli, wait_for
+from pgserver import PgServer
+from sqlalchemy import Engine, text
 from sqlalchemy.exc import IntegrityError
 
+from poller.config import load_settings
+from poller.daemon import Daemon
 from poller.model import ObjectState, PollResult, Watch
 from poller.schema import metadata
+from poller.sdnotify import Notifier
 from poller.store import Store, StoreError, migrate, migrations_dir, open_engine
 from poller.watchlist import WatchSpec
 
@@ -183,3 +195,295 @@ def test_reads_do_not_queue_behind_the_writer(store: Store, tmp_path: Path) -> N
     finally:
         writer.execute("ROLLBACK")
         writer.close()
+
+
+# --- PostgreSQL as a first-class store ----------------------------------------------------------
+
+
+def test_plain_postgresql_url_means_psycopg3():
+    # SQLAlchemy 2.0 maps postgresql:// to psycopg2, which the postgres extra does not install.
+    for url in ("postgresql://u:p@localhost/db", "postgresql+psycopg://u:p@localhost/db"):
+        engine = open_engine(url)
+        assert engine.dialect.driver == "psycopg"
+        engine.dispose()
+
+
+def _insert_big_ids(store: Store, watch: Watch, big: int) -> None:
+    """Move every id past 2**31: sequences on PostgreSQL, a high rowid on SQLite."""
+    with store.engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            for table in ("polls", "etag_history", "notifications"):
+                conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), {big})"))
+            return
+        when = "2026-01-01T00:00:00.000000+00:00"
+        conn.execute(
+            text("INSERT INTO polls (id, watch_id, key, polled_at, outcome) VALUES (:id, :w, 'k', :t, 'unchanged')"),
+            {"id": big, "w": watch.id, "t": when},
+        )
+        conn.execute(
+            text("INSERT INTO etag_history (id, watch_id, key, detected_at, event) VALUES (:id, :w, 'k', :t, 'x')"),
+            {"id": big, "w": watch.id, "t": when},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO notifications (id, history_id, sink, status, created_at, queued_at, next_attempt_at,"
+                " attempts) VALUES (:id, :id, 's', 'delivered', :t, :t, :t, 1)"
+            ),
+            {"id": big, "t": when},
+        )
+
+
+def test_ids_and_sizes_are_64_bit(store: Store):
+    watch = store.sync_watches(specs("a"), NOW).watches["a"]
+    big, size = 2**31 + 5, 3 * 2**30  # past a 32-bit id; a 3 GiB object
+    _insert_big_ids(store, watch, big)
+    state = ObjectState('"e1"', NOW, NOW, "v1", size, True)
+    store.record([PollResult(watch, NOW, "modified", 200, 1.0, None, state, "first_seen", None)], lambda n, e: ["hook"])
+    assert store.load_states()[watch.id].size == size
+    (change,) = [c for c in store.history(changes=True) if c["event"] == "first_seen"]
+    assert change["size"] == size
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT max(id) FROM polls")).scalar() == big + 1
+        assert conn.execute(text("SELECT max(id) FROM etag_history")).scalar() == big + 1
+        assert conn.execute(text("SELECT max(history_id) FROM notifications")).scalar() == big + 1
+    (due,) = store.due_notifications(NOW)
+    assert due["history_id"] == big + 1 and due["size"] == size
+
+
+def test_times_are_timestamps_on_postgresql(store: Store):
+    watch = store.sync_watches(specs("a"), NOW).watches["a"]
+    store.record([result(watch, when=NOW + timedelta(hours=h)) for h in (0, 1, 2)])
+    with store.engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            kinds = dict(
+                conn.execute(
+                    text(
+                        "SELECT table_name || '.' || column_name, data_type FROM information_schema.columns"
+                        " WHERE column_name IN ('polled_at', 'detected_at', 'learned_at', 'created_at')"
+                    )
+                ).all()
+            )
+            assert set(kinds.values()) == {"timestamp with time zone"}, kinds
+            # Compares and does arithmetic as time, whatever the session's time zone.
+            conn.execute(text("SET TIME ZONE 'America/New_York'"))
+            n = conn.execute(text("SELECT count(*) FROM polls WHERE polled_at >= :t - interval '90 minutes'"),
+                             {"t": NOW + timedelta(hours=2)}).scalar()  # fmt: skip
+            assert n == 2
+    # Read back as aware UTC on both backends (the session zone above does not leak into results).
+    assert [r["time"] for r in store.history(limit=None)] == [NOW + timedelta(hours=h) for h in (2, 1, 0)]
+    assert store.history(since=NOW + timedelta(minutes=30), limit=None)[-1]["time"] == NOW + timedelta(hours=1)
+
+
+def _upgrade_to(engine: Engine, revision: str) -> None:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    with engine.connect() as conn, conn.begin():
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+
+
+def test_migration_0005_converts_existing_rows(db_url: str):
+    # A database written by the previous release: text times, 32-bit ids, some ETags stored bare.
+    engine = open_engine(db_url)
+    _upgrade_to(engine, "0004")
+    t0, t1 = "2026-11-24T10:00:00.000000+00:00", "2026-11-24T11:30:00.250000+00:00"
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO watches (name, bucket, key, kind, active, created_at)"
+                 " VALUES ('a', 'b', 'k', 'key', :yes, :t0)"),
+            {"yes": True, "t0": t0},
+        )  # fmt: skip
+        conn.execute(
+            text("INSERT INTO object_state (watch_id, key, etag, last_modified, size, present, consecutive_errors)"
+                 " VALUES ((SELECT id FROM watches), 'k', 'abc-2', :t1, 7, :yes, 0)"),
+            {"yes": True, "t1": t1},
+        )  # fmt: skip
+        for i, etag in enumerate(["abc-2", '"q"', 'W/"w"', None, ""]):
+            conn.execute(
+                text("INSERT INTO polls (watch_id, key, polled_at, outcome, etag) VALUES (1, 'k', :t, 'x', :e)"),
+                {"t": t1 if i == 0 else t0, "e": etag},
+            )
+        conn.execute(
+            text("INSERT INTO etag_history (watch_id, key, detected_at, event, etag, previous_etag, size)"
+                 " VALUES (1, 'k', :t1, 'modified', 'abc-2', '\"old\"', 7)"),
+            {"t1": t1},
+        )  # fmt: skip
+        conn.execute(
+            text("INSERT INTO notifications (history_id, sink, status, created_at, queued_at, next_attempt_at,"
+                 " attempts) VALUES (1, 'hook', 'pending', :t1, :t1, :t1, 0)"),
+            {"t1": t1},
+        )  # fmt: skip
+    migrate(engine)
+    store = Store(engine)
+    try:
+        when = datetime(2026, 11, 24, 11, 30, 0, 250000, tzinfo=UTC)
+        assert store.load_states()[1].etag == '"abc-2"' and store.load_states()[1].last_modified == when
+        (change,) = store.history(changes=True)
+        assert (change["etag"], change["previous_etag"], change["time"]) == ('"abc-2"', '"old"', when)
+        polls_etags = [r["etag"] for r in store.history(limit=None)]
+        assert sorted(polls_etags, key=str) == sorted(['"abc-2"', '"q"', 'W/"w"', None, ""], key=str)
+        assert [r["time"] for r in store.history(since=when, limit=None)] == [when]
+        (due,) = store.due_notifications(when)
+        assert due["etag"] == '"abc-2"'
+        # New rows continue after the copied ids.
+        watch = store.sync_watches([WatchSpec("a", "b", "k", 60.0, None)], NOW).watches["a"]
+        store.record([result(watch, when=when + timedelta(minutes=1))])
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT max(id) FROM polls")).scalar() == 6
+            diff = compare_metadata(MigrationContext.configure(conn), metadata)
+        assert diff == []
+    finally:
+        store.close()
+
+
+def test_simultaneous_migrations_of_a_fresh_database(db_url: str):
+    # Several daemons (or `poller db upgrade`s) started at once: each waits its turn, none fails.
+    engines = [open_engine(db_url) for _ in range(4)]
+    barrier = threading.Barrier(len(engines))
+
+    def upgrade(engine: Engine) -> None:
+        barrier.wait()
+        migrate(engine)
+
+    try:
+        with ThreadPoolExecutor(len(engines)) as pool:
+            for future in [pool.submit(upgrade, e) for e in engines]:
+                future.result()
+        with engines[0].connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+    finally:
+        for engine in engines:
+            engine.dispose()
+
+
+def test_simultaneous_first_syncs_agree(db_url: str):
+    engine = open_engine(db_url)
+    migrate(engine)
+    engine.dispose()
+    stores = [Store(open_engine(db_url)) for _ in range(4)]
+    barrier = threading.Barrier(len(stores))
+    names = [f"w{i:03}" for i in range(300)]
+
+    def sync(store: Store) -> dict[str, int]:
+        barrier.wait()
+        return {name: w.id for name, w in store.sync_watches(specs(*names), NOW).watches.items()}
+
+    try:
+        with ThreadPoolExecutor(len(stores)) as pool:
+            results = [f.result() for f in [pool.submit(sync, s) for s in stores]]
+        assert all(r == results[0] for r in results) and len(results[0]) == len(names)
+        assert sorted(r["name"] for r in stores[0].status()) == names
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_cli_reads_either_backend(db_url: str, tmp_path: Path):
+    engine = open_engine(db_url)
+    migrate(engine)
+    store = Store(engine)
+    try:
+        watch = store.sync_watches(specs("app"), NOW).watches["app"]
+        store.record([result(watch)], lambda name, event: ["hook"])
+        store.record([result(watch, "unchanged", None, when=NOW + timedelta(seconds=1))])
+    finally:
+        store.close()
+    config = ConfigFile(tmp_path / "poller.toml", "http://127.0.0.1:9")
+    config.write([{"name": "app", "bucket": "bucket", "key": "key/app"}], database={"url": db_url})
+    out = {}
+    for name, args in {
+        "status": ["status"],
+        "polls": ["history"],
+        "changes": ["history", "--changes"],
+        "notify": ["notify", "list"],
+    }.items():
+        proc = run_cli(*args, "--format", "json", "--config", str(config.path))
+        assert proc.returncode == 0, proc.stderr
+        out[name] = json.loads(proc.stdout)
+    assert [(r["name"], r["last_outcome"], r["etag"]) for r in out["status"]] == [("app", "unchanged", '"e1"')]
+    assert [r["outcome"] for r in out["polls"]] == ["unchanged", "modified"]
+    assert [(r["event"], r["etag"]) for r in out["changes"]] == [("first_seen", '"e1"')]
+    assert [(r["sink"], r["status"], r["event"]) for r in out["notify"]] == [("hook", "pending", "first_seen")]
+    assert out["changes"][0]["time"].startswith("2026-11-24T10:00:00")
+
+
+# --- end to end: `poller once` and the daemon, PostgreSQL row for row against SQLite ---------------
+
+
+def _rows(url: str, since: datetime | None = None) -> dict[str, list[tuple[object, ...]]]:
+    """What a user reads back, without the columns that depend on when each poll ran."""
+    store = Store(open_engine(url))
+    try:
+        return {
+            "status": sorted(
+                (r["name"], r["key"], r["last_outcome"], r["etag"], r["last_modified"], r["consecutive_errors"])
+                for r in store.status()
+            ),
+            "changes": sorted(
+                (r["watch"], r["key"], r["event"], r["etag"], r["previous_etag"], r["last_modified"], r["size"])
+                for r in store.history(changes=True, limit=None)
+            ),
+            "polls": sorted(
+                ((r["watch"], r["key"], r["outcome"], r["http_status"], r["etag"], r["last_modified"])
+                 for r in store.history(since=since, limit=None)),
+                key=str,
+            ),
+        }
+    finally:
+        store.close()
+
+
+def test_once_and_daemon_record_the_same_rows_on_both_backends(
+    pg_server: PgServer, s3: Any, bucket: str, tmp_path: Path, s3_endpoint: str
+):
+    s3.put_object(Bucket=bucket, Key="a", Body=b"a1")
+    s3.put_object(Bucket=bucket, Key="b", Body=b"b1")
+    s3.put_object(Bucket=bucket, Key="dir/x", Body=b"x1")
+    watches = [
+        {"name": "a", "bucket": bucket, "key": "a"},
+        {"name": "b", "bucket": bucket, "key": "b"},
+        {"name": "c", "bucket": bucket, "key": "c"},
+        {"name": "dir", "bucket": bucket, "prefix": "dir/"},
+    ]
+    with pg_server.database() as pg_url:
+        configs = {}
+        for backend, url in (("sqlite", f"sqlite:///{tmp_path / 'p.db'}"), ("postgresql", pg_url)):
+            (tmp_path / backend).mkdir()
+            cfg = ConfigFile(tmp_path / backend / "poller.toml", s3_endpoint)
+            configs[backend] = cfg.write(watches, database={"url": url}, schedule={"interval": "1s"})
+            proc = run_cli("once", "--config", str(cfg.path))
+            assert proc.returncode == 0, proc.stderr
+        first = {backend: _rows(cfg.url) for backend, cfg in configs.items()}
+        assert first["sqlite"] == first["postgresql"]
+        assert {c[2] for c in first["postgresql"]["changes"]} == {"first_seen"}
+
+        s3.put_object(Bucket=bucket, Key="a", Body=b"a2")
+        s3.delete_object(Bucket=bucket, Key="b")
+        s3.put_object(Bucket=bucket, Key="c", Body=b"c1")
+        s3.put_object(Bucket=bucket, Key="dir/y", Body=b"y1")
+        for cfg in configs.values():
+            daemon = Daemon(cfg.path, load_settings(cfg.path), Notifier(""))
+            daemon.start()
+            try:
+                wait_for(lambda cfg=cfg: len(_rows(cfg.url)["changes"]) >= 7, timeout=30, what="the daemon's cycle")
+            finally:
+                daemon.shutdown()
+        # How many cycles each daemon ran depends on timing; one more `poller once` each ends both
+        # histories in the same place, and its own poll rows must match too.
+        since = datetime.now(UTC)
+        for cfg in configs.values():
+            proc = run_cli("once", "--config", str(cfg.path))
+            assert proc.returncode == 0, proc.stderr
+        second = {backend: _rows(cfg.url, since) for backend, cfg in configs.items()}
+        assert len(second["postgresql"]["polls"]) == len(watches)
+        assert second["sqlite"] == second["postgresql"]
+        events = sorted((c[0], c[1], c[2]) for c in second["postgresql"]["changes"])
+        assert events == [
+            ("a", "a", "first_seen"),
+            ("a", "a", "modified"),
+            ("b", "b", "deleted"),
+            ("b", "b", "first_seen"),
+            ("c", "c", "created"),
+            ("dir", "dir/x", "first_seen"),
+            ("dir", "dir/y", "created"),
+        ]
