@@ -250,6 +250,17 @@ class ScheduleSettings(_Section):
         return self
 
 
+def _account_id(value: object) -> object:
+    """An AWS account id as S3's x-amz-expected-bucket-owner takes it: exactly 12 digits, as a string."""
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{12}", value):
+        return value
+    quote = " in quotes (a bare TOML number loses leading zeros)" if isinstance(value, int) else ""
+    raise ValueError(f'must be a 12-digit AWS account id such as "123456789012"{quote}, got {_short(value)}')
+
+
+AccountId = Annotated[str, BeforeValidator(_account_id)]
+
+
 class WatchSettings(_Section):
     name: str = ""
     bucket: str
@@ -260,6 +271,10 @@ class WatchSettings(_Section):
     max_keys: int = Field(default=100_000, ge=1, le=10_000_000)  # prefix watches: refuse larger listings
     interval: Duration | None = None
     cron: str | None = None
+    # Sent with every HEAD and ListObjectsV2 of this watch (signed): this account pays for a requester-pays
+    # bucket; S3 refuses (403) when the bucket is not owned by this account id.
+    request_payer: Literal["requester"] | None = None
+    expected_bucket_owner: AccountId | None = None
 
     @model_validator(mode="after")
     def _check(self) -> WatchSettings:

@@ -64,7 +64,7 @@ def list_prefix(client: S3Client, watch: Watch) -> tuple[dict[str, ObjectState],
     listed: dict[str, ObjectState] = {}
     pages = 0
     paginator = client.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=watch.bucket, Prefix=watch.key):
+    for page in paginator.paginate(Bucket=watch.bucket, Prefix=watch.key, **watch.request_params):
         pages += 1
         for item in page.get("Contents", []):
             key = item["Key"]

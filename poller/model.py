@@ -9,11 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Literal
+from typing import Literal, TypedDict
 
 Outcome = Literal["unchanged", "modified", "missing", "error"]
 Event = Literal["first_seen", "modified", "deleted", "created"]
 Conditional = Literal["both", "etag", "timestamp"]
+Payer = Literal["requester"]
+
+
+class RequestParams(TypedDict, total=False):
+    """A watch's options as boto3 parameters; HeadObject and ListObjectsV2 take both."""
+
+    RequestPayer: Payer
+    ExpectedBucketOwner: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,10 +60,22 @@ class Watch:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     max_keys: int = 100_000
+    request_payer: Payer | None = None  # this account pays for a requester-pays bucket
+    expected_bucket_owner: str | None = None  # the 12-digit account id that must own the bucket
 
     @property
     def url(self) -> str:
         return f"s3://{self.bucket}/{self.key}" + ("*" if self.prefix else "")
+
+    @property
+    def request_params(self) -> RequestParams:
+        """The watch's options as boto3 parameters of HeadObject and ListObjectsV2."""
+        params: RequestParams = {}
+        if self.request_payer is not None:
+            params["RequestPayer"] = self.request_payer
+        if self.expected_bucket_owner is not None:
+            params["ExpectedBucketOwner"] = self.expected_bucket_owner
+        return params
 
 
 @dataclass(frozen=True, slots=True)

@@ -115,7 +115,7 @@ def prober_for(settings: S3Settings, concurrency: int) -> Prober:
     client = make_client(settings, concurrency, session)
     if settings.http_client == "boto3":
         return Prober(client, settings.conditional)
-    resolver = make_client(settings, 1, session, signature_version="s3v4")
+    resolver = make_client(settings, 1, session)  # configured as the client: the lean path copies its requests
     lean = LeanHead(session, client, resolver, settings.connect_timeout, settings.read_timeout, settings.max_attempts)
     return Prober(client, settings.conditional, lean=lean)
 
@@ -166,6 +166,7 @@ class Prober:
         )
 
     def _head(self, watch: Watch, conditions: dict[str, Any]) -> Answer:
+        conditions = {**conditions, **watch.request_params}  # request payer, expected owner: signed on both paths
         if self.lean is not None:
             return self.lean.head(watch.bucket, watch.key, conditions)
         return head(self.client, watch.bucket, watch.key, **conditions)

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from poller.config import Settings, watch_interval
-from poller.model import Watch
+from poller.model import Payer, Watch
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +22,8 @@ class WatchSpec:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     max_keys: int = 100_000
+    request_payer: Payer | None = None
+    expected_bucket_owner: str | None = None
 
     @property
     def schedule(self) -> tuple[float | None, str | None]:
@@ -29,11 +31,32 @@ class WatchSpec:
 
     @property
     def target(self) -> tuple[object, ...]:
-        return (self.bucket, self.key, self.prefix, self.include, self.exclude, self.max_keys)
+        # The request options are part of what a poll sends: a change reaches the running watch on reload.
+        return (
+            self.bucket,
+            self.key,
+            self.prefix,
+            self.include,
+            self.exclude,
+            self.max_keys,
+            self.request_payer,
+            self.expected_bucket_owner,
+        )
 
     def as_watch(self, watch_id: int) -> Watch:
         """The Watch the scheduler and store use, under the given database id."""
-        return Watch(watch_id, self.name, self.bucket, self.key, self.prefix, self.include, self.exclude, self.max_keys)
+        return Watch(
+            watch_id,
+            self.name,
+            self.bucket,
+            self.key,
+            self.prefix,
+            self.include,
+            self.exclude,
+            self.max_keys,
+            self.request_payer,
+            self.expected_bucket_owner,
+        )
 
     @property
     def kind(self) -> str:
@@ -73,6 +96,8 @@ def specs_from_settings(settings: Settings) -> dict[str, WatchSpec]:
             include=tuple(w.include),
             exclude=tuple(w.exclude),
             max_keys=w.max_keys,
+            request_payer=w.request_payer,
+            expected_bucket_owner=w.expected_bucket_owner,
         )
         for w in settings.watch
     }
