@@ -231,9 +231,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         rows = store.status()
         deliveries = store.notification_counts()
+        servers = store.server_semantics()
     finally:
         store.close()
     _emit(rows, STATUS_COLUMNS, args.format)
+    if args.format == "table" and servers:
+        from poller.calibrate import server_lines
+
+        print("\nservers (conditional semantics learned by calibration; `poller doctor` measures the same):")
+        print("\n".join(server_lines(servers, datetime.now(UTC))))
     if args.format == "table" and any(deliveries.values()):
         hint = "; `poller notify retry` re-queues failed ones" if deliveries["failed"] else ""
         print(

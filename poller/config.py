@@ -87,7 +87,8 @@ class S3Settings(_Section):
     endpoint_url: str = ""
     addressing_style: Literal["auto", "path", "virtual"] = "auto"
     profile: str = ""
-    conditional: Literal["both", "etag", "timestamp"] = "both"
+    # "auto": the headers calibration finds sound on the server (poller.calibrate); others are overrides.
+    conditional: Literal["auto", "both", "etag", "timestamp"] = "auto"
     connect_timeout: Duration = 5.0
     read_timeout: Duration = 10.0
     max_attempts: int = Field(default=3, ge=1, le=20)

@@ -241,8 +241,10 @@ class Daemon:
             return False
         self._warn_restart_only(old.settings, new)
         if new.s3 != old.settings.s3:
-            self.service.prober = prober_for(new.s3, old.settings.schedule.concurrency)
+            self.service.prober = prober_for(new.s3, old.settings.schedule.concurrency, sink=self.store)
             log.info("reload: [s3] settings changed; new client in use")
+        else:
+            self.service.prober.relearn()  # a new prober learns anew; this one measures again
         self.current = _Running(new, specs, synced.watches)
         self.recorder.route = make_route(new.notify) if new.notify else None
         self.dispatcher.set_sinks(new.notify)

@@ -320,7 +320,7 @@ def prepare(
     specs = specs_from_settings(settings)
     synced = store.sync_watches(list(specs.values()), datetime.now(UTC))
     recorder = Recorder(store, make_route(settings.notify) if settings.notify else None)
-    prober = prober_for(settings.s3, settings.schedule.concurrency)
+    prober = prober_for(settings.s3, settings.schedule.concurrency, sink=store)
     return PollService(store, prober, recorder, settings.database.url, log_polls=log_polls), specs, synced
 
 

@@ -1,22 +1,38 @@
 """The conditional HeadObject and the classification of its answer (design.md section 1).
 
 ``request_conditions`` and ``classify`` are pure functions on plain data; ``Prober`` is the
-I/O edge that sends the HEAD with boto3 and turns whatever happens into a ``PollResult``.
+I/O edge that sends the HEAD with boto3 and turns whatever happens into a ``PollResult``. It also
+sends the read-only calibration HEADs (``poller.calibrate``) that pick the conditional headers.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
+from poller.calibrate import (
+    NO_MATCH_ETAG,
+    Book,
+    Inconclusive,
+    Measured,
+    Mode,
+    Semantics,
+    Setting,
+    choose_mode,
+    describe,
+    measure,
+    override_warning,
+    version_id_words,
+)
 from poller.lean import LeanHead
-from poller.model import Answer, Conditional, Event, ObjectState, Outcome, PollResult, Watch
+from poller.model import Answer, Event, ObjectState, Outcome, PollResult, Watch
 from poller.redact import redact
 from poller.s3client import (
     bucket_missing,
@@ -32,6 +48,8 @@ if TYPE_CHECKING:
 
     from poller.config import S3Settings
 
+log = logging.getLogger(__name__)
+
 # A Date this close to Last-Modified leaves room for a same-second overwrite (rule 1).
 SAME_SECOND_MARGIN = timedelta(seconds=2)
 BUCKET_CHECK_TTL = 300.0
@@ -46,8 +64,9 @@ class Verdict:
     needs_full_head: bool = False
 
 
-def request_conditions(state: ObjectState | None, mode: Conditional) -> dict[str, Any]:
+def request_conditions(state: ObjectState | None, mode: Mode) -> dict[str, Any]:
     """The conditional headers (as boto3 HeadObject kwargs) for the next poll of this state."""
+    # An ETag stored by an older version that cannot be sent back (control characters): ask unconditionally.
     if state is None or not state.present or state.etag is None:
         return {}
     risky = (
@@ -109,35 +128,87 @@ def _confirmed(state: ObjectState, answer: Answer) -> ObjectState:
     return replace(state, observed_server_date=date)
 
 
-def prober_for(settings: S3Settings, concurrency: int) -> Prober:
+class SemanticsSink(Protocol):
+    """Where a Prober records what it learned about its server (the Store)."""
+
+    def save_semantics(
+        self, endpoint: str, bucket: str, sem: Semantics, mode: str, learned_at: datetime, detail: str
+    ) -> None: ...
+
+    def forget_semantics(self, endpoint: str, bucket: str) -> None: ...
+
+    def note_version_id_on_404(self, endpoint: str, value: bool, now: datetime) -> None: ...
+
+
+def prober_for(settings: S3Settings, concurrency: int, sink: SemanticsSink | None = None) -> Prober:
     """A Prober with its own client, built from the [s3] settings (lean HEAD path unless turned off)."""
     session = boto3.session.Session(profile_name=settings.profile or None)
     client = make_client(settings, concurrency, session)
     if settings.http_client == "boto3":
-        return Prober(client, settings.conditional)
+        return Prober(client, settings.conditional, sink=sink)
     resolver = make_client(settings, 1, session)  # configured as the client: the lean path copies its requests
     lean = LeanHead(session, client, resolver, settings.connect_timeout, settings.read_timeout, settings.max_attempts)
-    return Prober(client, settings.conditional, lean=lean)
+    return Prober(client, settings.conditional, lean=lean, sink=sink)
 
 
 class Prober:
-    """Sends the conditional HEAD for a watch and classifies the answer; never raises for S3 trouble."""
+    """Sends the conditional HEAD for a watch and classifies the answer; never raises for S3 trouble.
 
-    def __init__(self, client: S3Client, mode: Conditional, clock: Any = None, lean: LeanHead | None = None) -> None:
+    Under ``conditional = "auto"`` the headers come from calibration, per bucket, measured before the
+    bucket's first conditional poll and again after a reload, a run of errors, or MAX_AGE.
+    """
+
+    def __init__(
+        self,
+        client: S3Client,
+        mode: Setting,
+        clock: Any = None,
+        lean: LeanHead | None = None,
+        sink: SemanticsSink | None = None,
+        book: Book | None = None,
+    ) -> None:
         self.client = client
         self.lean = lean
-        self.mode: Conditional = mode
+        self.setting: Setting = mode
         self.now = clock or (lambda: datetime.now(UTC))
+        self.sink = sink
+        self.book = book or Book()
+        self.endpoint = redact(str(client.meta.endpoint_url).rstrip("/"))
         self._bucket_cache: dict[str, tuple[float, bool]] = {}
         self._bucket_lock = threading.Lock()
+        self._learn_lock = threading.Lock()
+        self._reference: tuple[str, Semantics] | None = None  # the bucket whose answer is endpoint-wide
+        self._said: set[tuple[str, str]] = set()
+        self._version_id_on_404: bool | None = None
+
+    def relearn(self) -> None:
+        """Measure every bucket's semantics again at its next poll (on reload)."""
+        self.book.relearn()
+
+    def mode_for(self, bucket: str) -> Mode:
+        """The conditional mode a poll of this bucket uses now."""
+        return choose_mode(self.setting, self.book.semantics(bucket))
 
     def probe(self, watch: Watch, state: ObjectState | None) -> PollResult:
         """Poll one watch against its stored state."""
+        conditional = state is not None and bool(state.present) and state.etag is not None
+        if conditional and self.book.claim(watch.bucket):
+            self._calibrate(watch)
+        result = self._probe(watch, state, self.mode_for(watch.bucket))
+        if self.book.polled(result.outcome != "error"):
+            log.warning(
+                "endpoint %s: polls keep failing; its conditional semantics will be measured again once it "
+                "answers (If-None-Match only until then)",
+                self.endpoint,
+            )
+        return result
+
+    def _probe(self, watch: Watch, state: ObjectState | None, mode: Mode) -> PollResult:
         polled_at = self.now()
         started = time.perf_counter()
         status: int | None = None
         try:
-            answer = self._head(watch, request_conditions(state, self.mode))
+            answer = self._head(watch, request_conditions(state, mode))
             status = answer.status
             note = ""
             if answer.status == 404 and not self._bucket_exists(watch.bucket):
@@ -148,6 +219,8 @@ class Prober:
                 answer = self._head(watch, {})
                 status = answer.status
                 verdict = classify(state, answer)
+            if verdict.event == "deleted":
+                self._observe_deletion(state, answer)
         except ClientError as exc:
             code = status_of(exc)
             return error_result(watch, polled_at, started, state, code, describe_client_error(exc))
@@ -164,6 +237,84 @@ class Prober:
             event=verdict.event,
             note=note,
         )
+
+    # --- calibration ----------------------------------------------------------------
+
+    def _calibrate(self, watch: Watch) -> None:
+        """Five read-only HEADs on the watch's object; what they show decides the bucket's mode."""
+        try:
+            current = self._head(watch, {})
+            if current.status != 200 or current.etag is None or current.last_modified is None:
+                raise Inconclusive(f"the object answered {current.status} without ETag and Last-Modified")
+            since = current.last_modified
+            sem = measure(
+                Measured(
+                    current=current,
+                    mismatch_and_since=self._head(watch, {"IfNoneMatch": NO_MATCH_ETAG, "IfModifiedSince": since}),
+                    match=self._head(watch, {"IfNoneMatch": current.etag}),
+                    since=self._head(watch, {"IfModifiedSince": since}),
+                    mismatch=self._head(watch, {"IfNoneMatch": NO_MATCH_ETAG}),
+                )
+            )
+        except (Inconclusive, ClientError, BotoCoreError, OSError, ValueError) as exc:
+            self.book.failed(watch.bucket)
+            reason = describe_client_error(exc) if isinstance(exc, ClientError) else str(exc)
+            log.debug("endpoint %s: calibration on %s inconclusive: %s", self.endpoint, watch.url, redact(reason))
+            return
+        self.book.learned(watch.bucket, sem)
+        self._publish(watch, sem)
+
+    def _publish(self, watch: Watch, sem: Semantics) -> None:
+        """Log what was learned once, warn about an unsound override once, and record it."""
+        bucket = watch.bucket
+        with self._learn_lock:
+            reference = self._reference
+            endpoint_wide = reference is None or reference[0] == bucket
+            if endpoint_wide:
+                self._reference = (bucket, sem)
+            differs = reference is not None and not endpoint_wide and reference[1] != sem
+        where = f"endpoint {self.endpoint}" + ("" if endpoint_wide else f" bucket {bucket}")
+        detail = describe(sem, self.setting)
+        warning = override_warning(self.setting, sem)
+        if endpoint_wide or differs:
+            self._say_once(logging.INFO, where, detail)
+            if warning:
+                self._say_once(logging.WARNING, where, warning)
+        if self.sink is None:
+            return
+        mode = choose_mode(self.setting, sem)
+        text = detail + (f"; {warning}" if warning else "") + f" (measured on {watch.url})"
+        try:
+            if endpoint_wide or differs:
+                self.sink.save_semantics(self.endpoint, "" if endpoint_wide else bucket, sem, mode, self.now(), text)
+            else:
+                self.sink.forget_semantics(self.endpoint, bucket)
+        except Exception as exc:  # the database is the writer's business; polling goes on
+            log.warning("endpoint %s: could not record its conditional semantics: %s", self.endpoint, redact(str(exc)))
+
+    def _say_once(self, level: int, where: str, text: str) -> None:
+        with self._learn_lock:
+            if (where, text) in self._said:
+                return
+            self._said.add((where, text))
+        log.log(level, "%s: %s", where, text)
+
+    def _observe_deletion(self, previous: ObjectState | None, answer: Answer) -> None:
+        """A deleted object that had a version id tells whether this server's 404 names the delete marker."""
+        if previous is None or previous.version_id in (None, "null"):
+            return  # an unversioned object: its 404 says nothing about version ids
+        value = answer.version_id is not None
+        with self._learn_lock:
+            if self._version_id_on_404 == value:
+                return
+            self._version_id_on_404 = value
+        log.info("endpoint %s: %s", self.endpoint, version_id_words(value))
+        if self.sink is None:
+            return
+        try:
+            self.sink.note_version_id_on_404(self.endpoint, value, self.now())
+        except Exception as exc:
+            log.warning("endpoint %s: could not record version-id behaviour: %s", self.endpoint, redact(str(exc)))
 
     def _head(self, watch: Watch, conditions: dict[str, Any]) -> Answer:
         conditions = {**conditions, **watch.request_params}  # request payer, expected owner: signed on both paths

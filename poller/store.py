@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, and_, create_engine, event, func, inspect, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -24,8 +24,11 @@ from sqlalchemy.exc import ArgumentError
 
 from poller.model import ObjectState, PollResult, PrefixState, Watch
 from poller.redact import redact
-from poller.schema import etag_history, notifications, object_state, polls, watches
+from poller.schema import etag_history, notifications, object_state, polls, server_semantics, watches
 from poller.watchlist import WatchSpec
+
+if TYPE_CHECKING:
+    from poller.calibrate import Semantics
 
 log = logging.getLogger(__name__)
 
@@ -693,6 +696,65 @@ class Store:
         """Every watch name in the database, active or not (history outlives a watch's removal)."""
         with self._read() as conn:
             return [row.name for row in conn.execute(select(watches.c.name).order_by(watches.c.name))]
+
+    # --- server semantics (what calibration learned) -----------------------------------
+
+    def save_semantics(
+        self, endpoint: str, bucket: str, sem: Semantics, mode: str, learned_at: datetime, detail: str
+    ) -> None:
+        """Record a calibration (bucket "" = endpoint-wide); a version-id observation already stored is kept."""
+        stmt = self._insert(server_semantics).values(
+            endpoint=endpoint,
+            bucket=bucket,
+            precedence=sem.precedence,
+            etag_on_304=sem.etag_on_304,
+            version_id_on_404=None,
+            mode=mode,
+            learned_at=learned_at,
+            detail=detail,
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[server_semantics.c.endpoint, server_semantics.c.bucket],
+            set_={c: stmt.excluded[c] for c in ("precedence", "etag_on_304", "mode", "learned_at", "detail")},
+        )
+        with self._tx() as conn:
+            conn.execute(stmt)
+
+    def forget_semantics(self, endpoint: str, bucket: str) -> None:
+        """Drop a bucket's own row once it behaves like the rest of its endpoint."""
+        with self._tx() as conn:
+            conn.execute(
+                server_semantics.delete().where(
+                    server_semantics.c.endpoint == endpoint, server_semantics.c.bucket == bucket
+                )
+            )
+
+    def note_version_id_on_404(self, endpoint: str, value: bool, now: datetime) -> None:
+        """Record whether this endpoint's 404 for a deleted versioned key names the delete marker."""
+        stmt = self._insert(server_semantics).values(
+            endpoint=endpoint,
+            bucket="",
+            precedence="unknown",
+            etag_on_304=None,
+            version_id_on_404=value,
+            mode="unknown",
+            learned_at=now,
+            detail="conditional semantics not measured yet",
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[server_semantics.c.endpoint, server_semantics.c.bucket],
+            set_={"version_id_on_404": stmt.excluded.version_id_on_404},
+        )
+        with self._tx() as conn:
+            conn.execute(stmt)
+
+    def server_semantics(self) -> list[dict[str, Any]]:
+        """Every learned server, endpoint-wide row first; empty on a database older than migration 0004."""
+        query = select(server_semantics).order_by(server_semantics.c.endpoint, server_semantics.c.bucket)
+        with self._read() as conn:
+            if not inspect(conn).has_table("server_semantics"):
+                return []
+            return [dict(row._mapping) for row in conn.execute(query)]
 
 
 def _key_outcome(event: str | None) -> str:
