@@ -10,8 +10,6 @@ import csv
 import json
 import logging
 import os
-import re
-import stat
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -23,7 +21,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from poller import __version__
 from poller.config import ConfigError, Settings, find_config, load_settings, parse_duration
 from poller.logs import setup_logging
-from poller.pipeline import iso, printable
+from poller.pipeline import iso
+from poller.safetext import printable
 from poller.store import StoreError
 
 log = logging.getLogger("poller")
@@ -52,28 +51,7 @@ def _settings(args: argparse.Namespace) -> tuple[Path, Settings]:
     path = find_config(args.config)
     settings = load_settings(path)
     args.db_url = settings.database.url  # for database errors raised later
-    _warn_if_exposed(path)
     return path, settings
-
-
-# An AWS key name, or a non-empty `secret = "..."` (a webhook's HMAC key).
-_CREDENTIALS = re.compile(r"aws_secret_access_key|aws_session_token|^\s*secret\s*=\s*[\"'][^\"']", re.MULTILINE)
-
-
-def _warn_if_exposed(path: Path) -> None:
-    """Warn when a config that holds credentials can be read by other users."""
-    try:
-        mode = path.stat().st_mode
-        text = path.read_text("utf-8", "replace").lower()
-    except OSError:
-        return
-    if mode & (stat.S_IRGRP | stat.S_IROTH) and _CREDENTIALS.search(text):
-        log.warning(
-            "%s looks like it holds credentials and is readable by other users; run `chmod 600 %s` "
-            "(or better, keep credentials in the AWS credential chain, not in the poller config)",
-            path,
-            path,
-        )
 
 
 def _open_store(settings: Settings, *, readonly: bool) -> Any:
@@ -107,17 +85,21 @@ def _parse_since(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def _cell(value: Any) -> Any:
+def _cell(value: Any, escape: bool) -> Any:
+    """One output value; ``escape`` for table and CSV, where a line break in a watch name, key or
+    error text would otherwise start a forged row (JSON escapes it itself)."""
     if isinstance(value, datetime):
         return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if value.microsecond else iso(value)
     if isinstance(value, float):
         return round(value, 1)
+    if escape and isinstance(value, str):
+        return printable(value)
     return value
 
 
 def _emit(rows: list[dict[str, Any]], columns: Sequence[str], fmt: str) -> None:
     out = sys.stdout
-    cooked = [{c: _cell(row.get(c)) for c in columns} for row in rows]
+    cooked = [{c: _cell(row.get(c), fmt != "json") for c in columns} for row in rows]
     if fmt == "json":
         json.dump(cooked, out, indent=2, ensure_ascii=False)
         out.write("\n")

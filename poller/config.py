@@ -6,17 +6,24 @@ watch (index and name) and the field, so the CLI can print it as one paragraph.
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
 import re
+import stat
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from poller.redact import redact
+from poller.safetext import printable, redact_url
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PATHS = (Path("poller.toml"), Path("/etc/poller/config.toml"))
 MAX_KEY_BYTES = 1024
@@ -94,6 +101,8 @@ class S3Settings(_Section):
     max_attempts: int = Field(default=3, ge=1, le=20)
     # "lean": HeadObject signed and sent by poller.lean (about 5x less CPU), boto3 for everything else.
     http_client: Literal["lean", "boto3"] = "lean"
+    # False: accept any bucket name boto3 accepts, for S3-compatible stores with looser rules.
+    strict_bucket_names: bool = True
 
     @field_validator("region")
     @classmethod
@@ -296,6 +305,9 @@ class WatchSettings(_Section):
             raise ValueError("set either interval or cron, not both")
         if self.cron is not None:
             _check_cron(self.cron)
+        problem = bucket_name_problem(self.bucket, strict=False)
+        if problem:
+            raise ValueError(f"field 'bucket': {problem}")
         if not self.name:
             object.__setattr__(self, "name", f"{self.bucket}/{target}" + ("*" if self.prefix is not None else ""))
         return self
@@ -308,6 +320,63 @@ def _check_cron(expr: str) -> None:
         CronTrigger.from_crontab(expr, timezone="UTC")
     except ValueError as exc:
         raise ValueError(f"cron {expr!r} is not a valid crontab expression ({exc})") from None
+
+
+# What botocore itself accepts as a Bucket parameter (botocore.handlers.VALID_BUCKET / VALID_S3_ARN):
+# anything else never reaches the wire on the boto3 path, so the lean path must not send it either.
+_BOTOCORE_BUCKET = re.compile(r"^[a-zA-Z0-9.\-_]{1,255}$")
+_S3_ARN = re.compile(
+    r"^arn:(aws).*:(s3|s3-object-lambda):[a-z\-0-9]*:[0-9]{12}:accesspoint[/:][a-zA-Z0-9\-.]{1,63}$"
+    r"|^arn:(aws).*:s3-outposts:[a-z\-0-9]+:[0-9]{12}:outpost[/:][a-zA-Z0-9\-]{1,63}[/:]accesspoint[/:]"
+    r"[a-zA-Z0-9\-]{1,63}$"
+)
+_STRICT_BUCKET = re.compile(r"^[a-z0-9.-]+$")
+_IP_LIKE = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
+_RESERVED_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+# Names S3 reserves for things that are not general purpose buckets and cannot be HEADed by that name.
+_RESERVED_SUFFIXES = {".mrap": "a Multi-Region Access Point alias (use its ARN)", "--table-s3": "an S3 table bucket"}
+
+
+def bucket_name_problem(bucket: str, *, strict: bool) -> str | None:
+    """Why ``bucket`` cannot be a watch's bucket, or None.
+
+    Always: what boto3 itself accepts (letters, digits, ``.-_``, 1-255 characters, or an access point
+    ARN), so no control character, space or ``/`` ever reaches a request line. ``strict`` adds S3's
+    rules for general purpose buckets. Access point aliases (``-s3alias``, ``--ol-s3``) and directory
+    buckets (``--x-s3``) are accepted: HeadObject takes them where a bucket name goes.
+    """
+    if _S3_ARN.match(bucket):
+        return None
+    shown = repr(bucket) if len(bucket) <= 80 else repr(bucket[:77]) + "..."
+    if not bucket.isprintable() or any(ch.isspace() for ch in bucket):
+        return f"{shown} contains a control character or whitespace; bucket names never do"
+    if "/" in bucket:
+        return f"{shown} contains '/'; put the path in key (or prefix), the bucket name alone in bucket"
+    if not _BOTOCORE_BUCKET.match(bucket):
+        return f"{shown} may hold only letters, digits, '.', '-' and '_' (1 to 255 characters)"
+    if not strict:
+        return None
+    hint = (
+        " (S3's bucket naming rules; for an S3-compatible store that allows such names, "
+        "set [s3] strict_bucket_names = false)"
+    )
+    if not 3 <= len(bucket) <= 63:
+        return f"{shown} must be 3 to 63 characters long{hint}"
+    if not _STRICT_BUCKET.match(bucket):
+        return f"{shown} may hold only lowercase letters, digits, '.' and '-'{hint}"
+    if not (bucket[0].isalnum() and bucket[-1].isalnum()):
+        return f"{shown} must begin and end with a letter or digit{hint}"
+    if ".." in bucket:
+        return f"{shown} must not contain two adjacent periods{hint}"
+    if _IP_LIKE.match(bucket):
+        return f"{shown} must not be formatted as an IP address{hint}"
+    for prefix in _RESERVED_PREFIXES:
+        if bucket.startswith(prefix):
+            return f"{shown} must not start with {prefix!r}, a prefix S3 reserves{hint}"
+    for suffix, what in _RESERVED_SUFFIXES.items():
+        if bucket.endswith(suffix):
+            return f"{shown} ends with {suffix!r}, which names {what}{hint}"
+    return None
 
 
 class MetricsSettings(_Section):
@@ -323,6 +392,49 @@ class MetricsSettings(_Section):
 
 
 EVENTS = ("first_seen", "modified", "deleted", "created")
+_HOSTNAME = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def webhook_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a webhook URL, or None; the message never quotes the path or query."""
+    if not url:
+        return 'a webhook sink needs url = "https://host/path"'
+    if any(ord(ch) <= 0x20 or ord(ch) == 0x7F or not ch.isprintable() for ch in url):
+        return "contains a space or a control character; percent-encode it (a space is %20)"
+    if not url.isascii():
+        return (
+            "contains non-ASCII characters; percent-encode them in the path and query, and write an "
+            "international host name in its xn-- form"
+        )
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "is not a valid URL (an IPv6 address goes in brackets: http://[::1]:8080/...)"
+    if parts.scheme not in ("http", "https"):
+        return "must start with http:// or https://"
+    netloc = parts.netloc.rpartition("@")[2]
+    if not netloc:
+        return "names no host (expected http(s)://host[:port]/path)"
+    if netloc.startswith("["):
+        host = netloc[1 : netloc.find("]")] if "]" in netloc else ""
+        try:
+            ipaddress.IPv6Address(host.partition("%")[0])
+        except ValueError:
+            return "has an invalid IPv6 address between [ and ]"
+    else:
+        host = netloc.rpartition(":")[0] if ":" in netloc else netloc
+        if ":" in host:
+            return "has an IPv6 address without brackets; write it as http://[::1]:8080/..."
+        if not _HOSTNAME.match(host):
+            return "has an invalid host name"
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0 or netloc.endswith(":"):
+        return "has an invalid port (expected a number from 1 to 65535)"
+    return None
 
 
 class NotifySettings(_Section):
@@ -333,6 +445,7 @@ class NotifySettings(_Section):
     command: list[str] = Field(default_factory=list)
     url: str = ""
     secret: str = ""  # HMAC-SHA256 key for webhooks; never logged or stored
+    env: dict[str, str] = Field(default_factory=dict)  # command sinks: variables added to the allow-listed environment
     timeout: Duration = 10.0
     watches: list[str] = Field(default_factory=lambda: ["*"])
     events: list[str] = Field(default_factory=lambda: list(EVENTS))
@@ -346,8 +459,20 @@ class NotifySettings(_Section):
         _positive("max_age", self.max_age)
         if self.type == "command" and (not self.command or not self.command[0]):
             raise ValueError('a command sink needs command = ["program", "arg", ...]')
-        if self.type == "webhook" and not re.match(r"^https?://[^/\s]+", self.url):
-            raise ValueError('a webhook sink needs url = "http(s)://host/..."')
+        if self.type == "webhook":
+            problem = webhook_url_problem(self.url)
+            if problem:
+                shown = f" ({redact_url(self.url)})" if self.url and problem.startswith("has") else ""
+                raise ValueError(f"field 'url'{shown}: {problem}")
+        if self.env and self.type != "command":
+            raise ValueError("field 'env': applies to command sinks only")
+        for name, value in self.env.items():
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"field 'env': {printable(name)!r} is not a valid environment variable name")
+            if name.upper().startswith("POLLER_"):
+                raise ValueError(f"field 'env': {name!r}: POLLER_* variables are set by poller for each event")
+            if "\0" in value:
+                raise ValueError(f"field 'env': the value of {name!r} contains a NUL character")
         unknown = [e for e in self.events if e not in EVENTS]
         if unknown:
             raise ValueError(f"events: unknown event {unknown[0]!r}; choose from {', '.join(EVENTS)}")
@@ -412,6 +537,16 @@ class Settings(BaseSettings):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _strict_bucket_names(self) -> Settings:
+        if not self.s3.strict_bucket_names:
+            return self
+        for index, watch in enumerate(self.watch):
+            problem = bucket_name_problem(watch.bucket, strict=True)
+            if problem:
+                raise ValueError(f"watch #{index + 1} ({watch.name!r}): field 'bucket': {problem}")
+        return self
+
 
 def watch_interval(settings: Settings, watch: WatchSettings) -> float | None:
     """The effective interval of a watch in seconds, or None for a cron watch."""
@@ -437,13 +572,20 @@ def find_config(explicit: str | os.PathLike[str] | None) -> Path:
 
 
 def load_settings(path: Path) -> Settings:
-    """Read, parse and validate the config file; raise ConfigError with an operator-facing message."""
+    """Read, check the permissions of, parse and validate the config file (at start and on every reload).
+
+    Raise ConfigError with an operator-facing message; warn when a file others can read holds a secret.
+    """
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as handle:
+            # The mode of the file actually read, not of whatever the name points at a moment later.
+            mode = os.fstat(handle.fileno()).st_mode
+            raw = handle.read()
     except FileNotFoundError:
         raise ConfigError(f"{path}: configuration file not found. Pass --config PATH or set POLLER_CONFIG.") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the configuration file ({exc.strerror}).") from None
+    check_permissions(path, mode)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -453,7 +595,143 @@ def load_settings(path: Path) -> Settings:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: TOML syntax error: {exc}.") from None
+    if mode & stat.S_IROTH:
+        secrets = find_secrets(data, text)
+        if secrets:
+            log.warning(
+                "%s holds %s and is readable by every user on this machine (mode %s); run `chmod 600 %s` "
+                "(or `chmod 640` with the daemon's group as the file's group: only others matter), or better, "
+                "keep credentials in the AWS credential chain or the environment",
+                path,
+                _join(secrets),
+                _mode(mode),
+                path,
+            )
     return settings_from_mapping(data, source=str(path))
+
+
+def _mode(mode: int) -> str:
+    return f"{stat.S_IMODE(mode):04o}"
+
+
+def _join(items: list[str]) -> str:
+    unique = list(dict.fromkeys(items))
+    shown = ", ".join(unique[:4])
+    return shown + (f" and {len(unique) - 4} more" if len(unique) > 4 else "")
+
+
+def check_permissions(path: Path, mode: int) -> None:
+    """Refuse a config file others may write, or one in a directory where others may replace it.
+
+    Whoever can change the config can run any command as the daemon (a [[notify]] command sink) and
+    point it at another database or endpoint. The file's owner is trusted; its group and everyone
+    else must not be able to write it. A directory writable by every user without the sticky bit
+    lets anyone rename another file over it. A group-writable directory is allowed: with a umask of
+    002 every directory is one, and the group there is usually the user's own.
+    """
+    if not stat.S_ISREG(mode):
+        return  # a pipe (`--config <(...)`) or a device: nobody else can rewrite what was read
+    writers = [who for who, bit in (("its group", stat.S_IWGRP), ("all users", stat.S_IWOTH)) if mode & bit]
+    if writers:
+        raise ConfigError(
+            f"{path}: the configuration file is writable by {' and '.join(writers)} (mode {_mode(mode)}); "
+            "whoever can write it can run commands as the daemon through a [[notify]] command sink. "
+            f"Run `chmod go-w {path}` (0600, or 0640 with the daemon's group)."
+        )
+    directory = path.parent
+    try:
+        dir_mode = directory.stat().st_mode
+    except OSError:
+        return
+    if dir_mode & stat.S_IWOTH and not dir_mode & stat.S_ISVTX:
+        raise ConfigError(
+            f"{path}: its directory {directory} is writable by all users without the sticky bit "
+            f"(mode {_mode(dir_mode)}), so anyone can replace the configuration file. "
+            f"Run `chmod o-w {directory}` or move the file."
+        )
+
+
+# Key names whose non-empty string value is a credential wherever they appear (inline tables and
+# quoted keys included: the TOML is parsed, not grepped).
+_SECRET_KEY = re.compile(
+    r"(^|_)(secret|password|passwd|token|api_?key|private_?key|credentials?|aws_access_key_id)(_|$)", re.IGNORECASE
+)
+_TOKEN_PARAM = re.compile(
+    r"(^|[_-])(token|secret|sig|signature|password|passwd|pass|pwd|key|apikey|auth|code|credential)s?($|[_-])",
+    re.IGNORECASE,
+)
+
+
+def find_secrets(data: Mapping[str, Any], text: str = "") -> list[str]:
+    """Where the parsed config holds a credential: a description per place, never the value.
+
+    Looks at notify secrets, any key named like a secret or an AWS credential, passwords in URLs
+    (``[s3] endpoint_url``, ``[database] url``), userinfo and token-like query parameters in HTTP
+    URLs; and at full-line comments that parse as TOML (a commented-out credential is still readable).
+    """
+    found = [_describe_secret(where, key, value, data) for where, key, value in _leaves(data, ())]
+    for number, line in enumerate(text.splitlines(), start=1):
+        body = line.strip()
+        if not body.startswith("#"):
+            continue
+        try:
+            commented = tomllib.loads(body.lstrip("#").strip())
+        except (tomllib.TOMLDecodeError, ValueError):
+            continue
+        for _, key, value in _leaves(commented, ()):
+            if _describe_secret((), key, value, {}):
+                found.append(f"a credential in a comment (line {number})")
+    return [f for f in found if f]
+
+
+def _leaves(node: object, where: tuple[str | int, ...]) -> Iterator[tuple[tuple[str | int, ...], str, object]]:
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            yield from _leaves(value, (*where, str(key)))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _leaves(value, (*where, index))
+    elif where:
+        key = next((str(k) for k in reversed(where) if isinstance(k, str)), "")
+        yield where, key, node
+
+
+def _describe_secret(where: tuple[str | int, ...], key: str, value: object, data: Mapping[str, Any]) -> str:
+    if not isinstance(value, str) or not value:
+        return ""
+    label = _label(where, data)
+    if _SECRET_KEY.search(key):
+        return f"a credential ({label})"
+    if "://" not in value:
+        return ""
+    try:
+        parts = urlsplit(value.strip())
+        password, username = parts.password, parts.username
+    except ValueError:
+        return ""
+    if password:
+        return f"a password ({label})"
+    if parts.scheme in ("http", "https"):
+        if username:
+            return f"credentials in the URL ({label})"
+        if any(_TOKEN_PARAM.search(name) for name, _ in parse_qsl(parts.query, keep_blank_values=True)):
+            return f"a token in the URL's query ({label})"
+    return ""
+
+
+def _label(where: tuple[str | int, ...], data: Mapping[str, Any]) -> str:
+    if not where:
+        return "a comment"
+    head = where[0]
+    if head in ("watch", "notify") and len(where) >= 2 and isinstance(where[1], int):
+        entries = data.get(str(head))
+        entry = entries[where[1]] if isinstance(entries, list) and where[1] < len(entries) else {}
+        name = _watch_name(entry)
+        rest = ".".join(str(p) for p in where[2:])
+        return f"{head} #{where[1] + 1}" + (f" ({printable(name)!r})" if name else "") + (f" {rest}" if rest else "")
+    if len(where) == 1:
+        return printable(str(head))
+    return f"[{printable(str(head))}] " + printable(".".join(str(p) for p in where[1:]))
 
 
 def settings_from_mapping(data: Mapping[str, Any], source: str) -> Settings:

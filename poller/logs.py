@@ -7,6 +7,8 @@ import os
 import sys
 import time
 
+from poller.safetext import printable
+
 # syslog priorities by logging level, for journald's stream parser (sd-daemon(3)).
 _PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
 
@@ -23,7 +25,16 @@ def under_journald() -> bool:
     return expected == f"{st.st_dev}:{st.st_ino}"
 
 
-class JournalFormatter(logging.Formatter):
+class _OneLine(logging.Formatter):
+    """The message of a record is escaped to one line (a name or key cannot forge a log line);
+    only a traceback, appended after it, spans lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
+class JournalFormatter(_OneLine):
     """Prefix every line, traceback lines included, with the record's syslog priority."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -32,7 +43,7 @@ class JournalFormatter(logging.Formatter):
         return "\n".join(prefix + line for line in text.splitlines() or [""])
 
 
-class UTCFormatter(logging.Formatter):
+class UTCFormatter(_OneLine):
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         return f"{ts}.{int(record.msecs):03d}Z"

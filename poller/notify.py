@@ -7,8 +7,10 @@ and gives up after the sink's ``max_age``; pending rows survive restarts. It nev
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
+import http.client
 import json
 import logging
 import os
@@ -21,15 +23,35 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from fnmatch import fnmatchcase
 from typing import Any
+from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 from poller import __version__
 from poller.config import NotifySettings, format_duration
+from poller.safetext import printable, redact_url, scrub
 from poller.store import Store, describe_db_error
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 3600.0
 SIGNATURE_HEADER = "X-Poller-Signature"
+
+# What a command sink inherits from the daemon's environment; everything else (AWS_* credentials,
+# NOTIFY_SOCKET, the daemon's own POLLER_* settings such as a database URL) stays behind.
+INHERITED_ENV = ("PATH", "HOME", "LANG", "TZ")
+EVENT_ENV = ("event", "watch", "bucket", "key", "etag", "previous_etag", "last_modified", "version_id")
+
+# Only http and https, and no redirect handler: a webhook receiver answering 3xx gets a failed attempt,
+# never a second request (a redirected POST becomes a GET to wherever Location points, such as a
+# cloud metadata address). Proxies from the environment are honoured as urllib always does.
+_OPENER = urllib.request.OpenerDirector()
+for _handler in (
+    urllib.request.ProxyHandler(),
+    urllib.request.HTTPHandler(),
+    urllib.request.HTTPSHandler(),
+    urllib.request.HTTPDefaultErrorHandler(),
+    urllib.request.HTTPErrorProcessor(),
+):
+    _OPENER.add_handler(_handler)
 
 
 class DeliveryError(Exception):
@@ -76,18 +98,20 @@ def sign(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
+def command_env(sink: NotifySettings, payload: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """The whole environment of a command sink: the allow-list from ``environ``, the sink's ``env``
+    table, and the ``POLLER_*`` variables of the event (set last, so nothing overrides them)."""
+    env = {k: v for k, v in environ.items() if k in INHERITED_ENV or k == "LC_ALL" or k.startswith("LC_")}
+    env.update(sink.env)
+    env.update({f"POLLER_{k.upper()}": "" if payload.get(k) is None else str(payload[k]) for k in EVENT_ENV})
+    return env
+
+
 def deliver(sink: NotifySettings, payload: dict[str, Any]) -> None:
     """One attempt to hand ``payload`` to ``sink``; raise DeliveryError on failure."""
     body = json.dumps(payload, ensure_ascii=False).encode()
     if sink.type == "command":
-        env = {
-            **os.environ,
-            **{
-                f"POLLER_{k.upper()}": "" if v is None else str(v)
-                for k, v in payload.items()
-                if k in ("event", "watch", "bucket", "key", "etag", "previous_etag", "last_modified", "version_id")
-            },
-        }
+        env = command_env(sink, payload, os.environ)
         try:
             proc = subprocess.run(sink.command, input=body, env=env, capture_output=True, timeout=sink.timeout)
         except subprocess.TimeoutExpired:
@@ -106,18 +130,60 @@ def deliver(sink: NotifySettings, payload: dict[str, Any]) -> None:
     }
     if sink.secret:
         headers[SIGNATURE_HEADER] = sign(sink.secret, body)
-    request = urllib.request.Request(sink.url, data=body, headers=headers, method="POST")
+    url, authorization = _split_userinfo(sink.url)
+    if authorization:
+        headers["Authorization"] = authorization
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=sink.timeout) as response:
+        with _OPENER.open(request, timeout=sink.timeout) as response:
             status = response.status
     except urllib.error.HTTPError as exc:
+        exc.close()
+        if 300 <= exc.code < 400:
+            raise DeliveryError(
+                f"webhook answered HTTP {exc.code}{_redirect_target(exc.headers.get('Location'), url)}; "
+                "redirects are not followed: configure the final URL"
+            ) from None
         raise DeliveryError(f"webhook answered HTTP {exc.code}") from None
+    except http.client.InvalidURL as exc:  # a ValueError that quotes the URL
+        raise DeliveryError(scrub(f"the HTTP client refused the webhook URL: {exc}"[:300], sink.url)) from None
     except (urllib.error.URLError, OSError) as exc:
         # Never the URL itself: webhook URLs often carry tokens.
         reason = getattr(exc, "reason", exc)
-        raise DeliveryError(f"webhook unreachable: {type(reason).__name__}: {reason}"[:300]) from None
+        raise DeliveryError(scrub(f"webhook unreachable: {type(reason).__name__}: {reason}"[:300], sink.url)) from None
+    except http.client.HTTPException as exc:
+        raise DeliveryError(
+            scrub(f"webhook sent a broken HTTP answer: {type(exc).__name__}: {exc}"[:300], sink.url)
+        ) from None
     if not 200 <= status < 300:
         raise DeliveryError(f"webhook answered HTTP {status}")
+
+
+def _split_userinfo(url: str) -> tuple[str, str]:
+    """``https://user:pw@host/p`` -> (``https://host/p``, a Basic Authorization header value);
+    urllib would otherwise take ``user:pw@host`` for the host and quote it in its error."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, ""
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode("ascii")
+    return urlunsplit(parts._replace(netloc=hostport)), f"Basic {token}"
+
+
+def _redirect_target(location: str | None, base: str) -> str:
+    """`` (redirect to host H)``: the Location's host only; its path and query may carry anything."""
+    if not location:
+        return " without a Location header"
+    try:
+        parts = urlsplit(urljoin(base, location.strip()))
+        host = parts.hostname or "?"
+        port = parts.port
+    except ValueError:
+        return " with an unparseable Location header"
+    if ":" in host:
+        host = f"[{host}]"
+    return printable(f" (redirect to host {host}" + (f":{port}" if port else "") + ")")
 
 
 class Dispatcher:
@@ -172,7 +238,7 @@ class Dispatcher:
         return len(rows)
 
     def _attempt(self, row: Mapping[str, Any], now: datetime) -> None:
-        label = f"{row['sink']} {row['event']} of {row['watch']} (event {row['history_id']})"
+        label = printable(f"{row['sink']} {row['event']} of {row['watch']} (event {row['history_id']})")
         sink = self.sinks.get(row["sink"])
         if sink is None:
             self.store.give_up(row["id"], "sink no longer configured")
@@ -189,14 +255,19 @@ class Dispatcher:
             return
         try:
             deliver(sink, event_payload(row))
-        except DeliveryError as exc:
+        except Exception as exc:
+            # Whatever went wrong, it is this attempt's failure, recorded on the row: never a database
+            # error, never a row left pending with no attempt counted.
+            reason = str(exc) if isinstance(exc, DeliveryError) else f"delivery failed: {type(exc).__name__}: {exc}"
+            reason = scrub(reason[:500], sink.url) if sink.url else printable(reason[:500])
             retry_at = now + timedelta(seconds=backoff_delay(sink.backoff, row["attempts"] + 1))
-            self.store.attempt_failed(row["id"], str(exc), retry_at)
+            self.store.attempt_failed(row["id"], reason, retry_at)
             log.warning(
-                "notification %s attempt %d failed: %s; next try %s",
+                "notification %s%s attempt %d failed: %s; next try %s",
                 label,
+                f" to {redact_url(sink.url)}" if sink.type == "webhook" else "",
                 row["attempts"] + 1,
-                exc,
+                reason,
                 retry_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
             )
             return

@@ -23,6 +23,7 @@ from poller.metrics import Metrics
 from poller.model import KeyChange, ObjectState, Outcome, PollResult, PrefixState, Watch
 from poller.notify import make_route
 from poller.probe import Prober, prober_for
+from poller.safetext import printable
 from poller.store import Route, Store, SyncResult, describe_db_error, migrate
 from poller.watchlist import WatchSpec, specs_from_settings
 
@@ -221,9 +222,9 @@ class PollService:
             self.metrics.observe_unrecorded()
         log.error(
             "%s %s poll result NOT recorded (%s); any change will be detected again on the next poll",
-            watch.name,
+            printable(watch.name),
             printable(watch.url),
-            reason,
+            printable(reason),
         )
 
     def _recorded(self, result: PollResult, listed: PrefixState | None) -> None:
@@ -241,7 +242,7 @@ class PollService:
         if not self.log_polls:
             return
         if result.outcome == "error":
-            self.stats.last_error = f"{watch.name}: {result.error}"
+            self.stats.last_error = printable(f"{watch.name}: {result.error}")
             log.warning("%s", describe_result(result))
         elif result.event is not None:
             log.info("%s", describe_result(result))
@@ -304,7 +305,7 @@ class Workers:
                 self.service.start_poll(watch, functools.partial(self._done, watch.id))
             except Exception:
                 # The probe never raises for S3 trouble; anything else is a bug, but the pool goes on.
-                log.exception("%s: poll failed", watch.name)
+                log.exception("%s: poll failed", printable(watch.name))
                 self._done(watch.id)
 
     def _done(self, watch_id: int) -> None:
@@ -324,13 +325,6 @@ def prepare(
     return PollService(store, prober, recorder, settings.database.url, log_polls=log_polls), specs, synced
 
 
-def printable(text: str) -> str:
-    """Escape control characters so an S3 key cannot forge or split log lines."""
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
-
-
 def iso(value: datetime | None) -> str:
     """UTC ISO-8601 with a Z, seconds precision (for logs and CLI output)."""
     if value is None:
@@ -339,8 +333,16 @@ def iso(value: datetime | None) -> str:
 
 
 def describe_result(r: PollResult) -> str:
-    """The one-line description of a poll used in logs and by `poller once`."""
-    head = f"{r.watch.name} {printable(r.watch.url)}"
+    """The one-line description of a poll used in logs and by `poller once`.
+
+    Escaped as a whole: watch names, keys, bucket names, ETags, version ids and error texts come from
+    the config or from S3 answers, and none of them may split the line or forge another one.
+    """
+    return printable(_describe_result(r))
+
+
+def _describe_result(r: PollResult) -> str:
+    head = f"{r.watch.name} {r.watch.url}"
     ms = f"{r.duration_ms:.0f}ms"
     if r.outcome == "error":
         status = f" ({r.http_status})" if r.http_status else ""

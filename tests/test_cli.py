@@ -79,7 +79,7 @@ def test_once_exits_1_when_a_poll_fails(config: ConfigFile, s3, bucket):
 
 def test_once_against_unreachable_endpoint(config: ConfigFile, tmp_path):
     config.write(
-        [{"name": "x", "bucket": "b", "key": "k"}],
+        [{"name": "x", "bucket": "bkt", "key": "k"}],
         s3={"endpoint_url": f"http://127.0.0.1:{free_port()}", "max_attempts": 1},
     )
     proc = run_cli("once", "--config", str(config.path))
@@ -109,7 +109,7 @@ def test_history_formats_and_filters(config: ConfigFile, s3, bucket):
 
 
 def test_status_and_history_before_any_database(config: ConfigFile):
-    config.write([{"name": "x", "bucket": "b", "key": "k"}])
+    config.write([{"name": "x", "bucket": "bkt", "key": "k"}])
     proc = run_cli("status", "--config", str(config.path))
     assert proc.returncode == 1 and "poller db upgrade" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import signal
 import sys
 import threading
@@ -16,7 +17,7 @@ from conftest import ConfigFile, free_port, run_cli, wait_for
 from daemonproc import events, query
 
 from poller.config import NotifySettings
-from poller.notify import backoff_delay, make_route, sign
+from poller.notify import EVENT_ENV, backoff_delay, command_env, make_route, sign
 
 WEBHOOK_SECRET = "poller-TEST-WEBHOOK-SECRET-hmac"
 URL_TOKEN = "poller-TEST-URL-TOKEN-t0k"
@@ -252,3 +253,233 @@ def test_prefix_watch_events_are_notified_per_key(config: ConfigFile, s3, bucket
     assert run_cli("once", "--config", str(config.path)).returncode == 0
     got = sorted((body["key"], body["event"]) for _, body in receiver.received)
     assert got == [("drops/a", "first_seen"), ("drops/b", "deleted"), ("drops/b", "first_seen")]
+
+
+# --- webhooks: no redirects, URLs validated at load, tokens never shown ---------------------------
+
+
+class Recording(http.server.BaseHTTPRequestHandler):
+    """Records every request it gets; answers with the class's ``answer`` (status, headers)."""
+
+    requests: list[tuple[str, str, dict[str, str]]]
+    answer: tuple[int, dict[str, str]] = (204, {})
+
+    def _record(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        self.requests.append((self.command, self.path, dict(self.headers)))
+        status, headers = self.answer
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_POST = do_PUT = do_HEAD = _record
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def recording(answer: tuple[int, dict[str, str]] = (204, {})) -> type[Recording]:
+    return type("Handler", (Recording,), {"requests": [], "answer": answer})
+
+
+def db_bytes(db: Path) -> str:
+    return "".join(p.read_bytes().decode("latin-1") for p in db.parent.glob(db.name + "*"))
+
+
+def test_webhook_redirect_is_not_followed(config: ConfigFile, s3, bucket):
+    from conftest import serving
+
+    metadata = recording((200, {}))
+    with serving(metadata) as meta_port:
+        location = f"http://127.0.0.1:{meta_port}/latest/meta-data/iam/security-credentials/role?{URL_TOKEN}"
+        hook = recording((302, {"Location": location}))
+        with serving(hook) as hook_port:
+            s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
+            config.write(
+                [{"name": "app", "bucket": bucket, "key": "k"}],
+                notify=[{"name": "hook", "type": "webhook", "url": f"http://127.0.0.1:{hook_port}/hook"}],
+            )
+            once = run_cli("once", "--config", str(config.path), "--log-level", "DEBUG")
+    assert once.returncode == 0 and "Traceback" not in once.stderr, once.stderr
+    assert [(m, p) for m, p, _ in hook.requests] == [("POST", "/hook")]
+    assert metadata.requests == [], "the redirect must not be followed"
+    [(name, status, attempts, error)] = outbox(config.db)
+    assert (name, status, attempts) == ("hook", "pending", 1)
+    assert "HTTP 302" in error and f"127.0.0.1:{meta_port}" in error and "not followed" in error
+    for text in (error, once.stderr, db_bytes(config.db)):
+        assert "meta-data" not in text and URL_TOKEN not in text
+    assert "HTTP 302" in once.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        (f"http://127.0.0.1:9/hook {URL_TOKEN}", "space or a control character"),
+        (f"http://127.0.0.1:9/hook\t{URL_TOKEN}", "space or a control character"),
+        (f"gopher://127.0.0.1/{URL_TOKEN}", "http:// or https://"),
+        (f"http://127.0.0.1:99999/{URL_TOKEN}", "invalid port"),
+        (f"http://[::1/{URL_TOKEN}", "IPv6"),
+        (f"http://::1:8080/{URL_TOKEN}", "brackets"),
+        (f"http:///{URL_TOKEN}", "no host"),
+        (f"http://bad_host!/{URL_TOKEN}", "invalid host name"),
+        (f"http://ex\u00e4mple.com/{URL_TOKEN}", "non-ASCII"),
+    ],
+)
+def test_bad_webhook_url_is_refused_at_load(tmp_path: Path, url: str, fragment: str):
+    path = tmp_path / "c.toml"
+    escaped = url.replace("\\", "\\\\").replace('"', '\\"').replace("\t", "\\t")
+    path.write_text(f'[[notify]]\nname = "hook"\ntype = "webhook"\nurl = "{escaped}"\n', encoding="utf-8")
+    proc = run_cli("check", "--config", str(path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    message = proc.stderr.strip()
+    assert len(message.splitlines()) == 1, message
+    assert "notify #1 ('hook')" in message and "field 'url'" in message and fragment in message, message
+    assert URL_TOKEN not in message
+
+
+def test_ipv6_webhook_url_is_accepted():
+    assert NotifySettings(type="webhook", url="http://[::1]:8080/hook").url == "http://[::1]:8080/hook"
+
+
+def test_token_in_webhook_url_never_leaks(config: ConfigFile, s3, bucket):
+    from conftest import serving
+
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
+    failing = recording((500, {}))
+    with serving(failing) as port:
+        url = f"http://poller:{URL_TOKEN}-pw@127.0.0.1:{port}/hooks/{URL_TOKEN}-path?token={URL_TOKEN}-query"
+        config.write(
+            [{"name": "app", "bucket": bucket, "key": "k"}],
+            notify=[{"name": "hook", "type": "webhook", "url": url, "backoff": "1ms"}],
+        )
+        first = run_cli("once", "--config", str(config.path), "--log-level", "DEBUG")
+    # Now nothing listens there: the next attempt fails below HTTP.
+    second = run_cli("once", "--config", str(config.path), "--log-level", "DEBUG")
+    listing = run_cli("notify", "list", "--config", str(config.path))
+    check = run_cli("check", "--config", str(config.path))
+    [(method, path, headers)] = failing.requests
+    assert (method, path) == ("POST", f"/hooks/{URL_TOKEN}-path?token={URL_TOKEN}-query")
+    assert headers["Authorization"].startswith("Basic "), "userinfo is sent as Basic auth, not in the host"
+    [(_, status, attempts, error)] = outbox(config.db)
+    assert (status, attempts) == ("pending", 2) and "unreachable" in error
+    assert "HTTP 500" in first.stderr and f"127.0.0.1:{port}/…" in first.stderr
+    for text in (
+        first.stdout + first.stderr,
+        second.stdout + second.stderr,
+        listing.stdout + listing.stderr,
+        check.stdout + check.stderr,
+        db_bytes(config.db),
+    ):
+        assert URL_TOKEN not in text, text[-2000:]
+        assert "Traceback" not in text
+
+
+@pytest.mark.parametrize(
+    ("broken", "expected"),
+    [
+        ({"url": f"http://127.0.0.1:9/x {URL_TOKEN}"}, "refused the webhook URL"),  # http.client's InvalidURL
+        ({"url": f"http://127.0.0.1:9/{URL_TOKEN}", "timeout": "soon"}, "delivery failed: TypeError"),
+    ],
+)
+def test_any_delivery_exception_is_a_failed_attempt_on_the_row(
+    config: ConfigFile, s3, bucket, caplog, broken: dict[str, Any], expected: str
+):
+    """Whatever deliver() raises is recorded on the row (attempts + 1, last_error, token-free), never a
+    database error, never a row left pending with no attempt."""
+    from poller.notify import Dispatcher
+    from poller.store import Store, open_engine
+
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
+    config.write(
+        [{"name": "app", "bucket": bucket, "key": "k"}],
+        notify=[{"name": "hook", "type": "webhook", "url": f"http://127.0.0.1:{free_port()}/x", "backoff": "1ms"}],
+    )
+    assert run_cli("once", "--config", str(config.path)).returncode == 0
+    assert outbox(config.db)[0][1:3] == ("pending", 1)
+    # A sink that slipped past validation (built without it): the standard library raises exceptions
+    # other than URLError/OSError, and some quote the URL, token included.
+    fields = dict(NotifySettings(type="webhook", url="http://h/", name="hook", backoff=0.001).__dict__)
+    bad = NotifySettings.model_construct(**{**fields, **broken})
+    store = Store(open_engine(config.url))
+    dispatcher = Dispatcher(store, [bad], config.url)
+    try:
+        with caplog.at_level("WARNING"):
+            assert dispatcher.run_once() == 1
+    finally:
+        dispatcher.stop()
+        store.close()
+    [(_, status, attempts, error)] = outbox(config.db)
+    assert (status, attempts) == ("pending", 2)
+    assert expected in error and URL_TOKEN not in error
+    assert "dispatch failed" not in caplog.text and URL_TOKEN not in caplog.text
+    assert "attempt 2 failed" in caplog.text
+
+
+# --- command sinks: an allow-listed environment ---------------------------------------------------
+
+
+def test_command_sink_gets_only_the_allow_listed_environment(config: ConfigFile, s3, bucket, tmp_path, start_daemon):
+    from conftest import SECRET
+
+    out = tmp_path / "env.json"
+    script = f"import json, os; open({str(out)!r}, 'w').write(json.dumps(dict(os.environ)))"
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
+    config.write(
+        [{"name": "app", "bucket": bucket, "key": "k"}],
+        notify=[{"name": "cmd", "type": "command", "command": [sys.executable, "-c", script]}],
+    )
+    # The sink's own env table, as an inline table (render_config writes scalars and lists only).
+    config.path.write_text(config.path.read_text() + 'env = { DEPLOY_TARGET = "blue", LANG = "C.UTF-8" }\n')
+    daemon_env = {
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_SESSION_TOKEN": "poller-TEST-SESSION-TOKEN-5e55i0n",
+        "POLLER_DATABASE__URL": config.url,
+        "LC_TIME": "C",
+        "TZ": "UTC",
+    }
+    daemon = start_daemon(config, env=daemon_env)
+    daemon.notify.wait("READY=1")
+    wait_for(lambda: out.exists() and out.stat().st_size, what="the command sink ran")
+    assert daemon.stop() == 0
+    env = json.loads(out.read_text())
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "NOTIFY_SOCKET"):
+        assert name not in env, name
+    assert not [k for k in env if k.startswith("POLLER_") and k not in {f"POLLER_{e.upper()}" for e in EVENT_ENV}]
+    assert SECRET not in out.read_text()
+    assert env["PATH"] == os.environ["PATH"] and env["TZ"] == "UTC" and env["LC_TIME"] == "C"
+    assert env["POLLER_EVENT"] == "first_seen" and env["POLLER_WATCH"] == "app" and env["POLLER_KEY"] == "k"
+    assert env["DEPLOY_TARGET"] == "blue" and env["LANG"] == "C.UTF-8", "the sink's env table is added"
+    assert set(env) <= {"PATH", "HOME", "LANG", "TZ", "LC_TIME", "LC_ALL", "LC_CTYPE", "DEPLOY_TARGET"} | {
+        f"POLLER_{e.upper()}" for e in EVENT_ENV
+    } | {"PWD", "SHLVL", "_"}, sorted(env)
+
+
+def test_command_env_is_a_pure_function_of_the_allow_list():
+    settings = NotifySettings(type="command", command=["x"], env={"EXTRA": "1"})
+    env = command_env(
+        settings,
+        {"event": "modified", "watch": "w", "etag": None},
+        {"PATH": "/bin", "AWS_SECRET_ACCESS_KEY": "s", "LC_ALL": "C", "POLLER_CONFIG": "/etc/p.toml", "HOME": "/h"},
+    )
+    assert env["PATH"] == "/bin" and env["HOME"] == "/h" and env["LC_ALL"] == "C" and env["EXTRA"] == "1"
+    assert env["POLLER_EVENT"] == "modified" and env["POLLER_ETAG"] == ""
+    assert "AWS_SECRET_ACCESS_KEY" not in env and "POLLER_CONFIG" not in env
+
+
+@pytest.mark.parametrize(
+    ("entry", "fragment"),
+    [
+        ('type = "command"\ncommand = ["x"]\nenv = { "BAD NAME" = "1" }', "not a valid environment variable name"),
+        ('type = "command"\ncommand = ["x"]\nenv = { POLLER_EVENT = "x" }', "POLLER_"),
+        ('type = "webhook"\nurl = "http://h/"\nenv = { A = "1" }', "command sinks only"),
+    ],
+)
+def test_bad_sink_env_exit_2(tmp_path: Path, entry: str, fragment: str):
+    path = tmp_path / "c.toml"
+    path.write_text(f"[[notify]]\n{entry}\n")
+    proc = run_cli("check", "--config", str(path))
+    assert proc.returncode == 2 and "notify #1" in proc.stderr and "env" in proc.stderr and fragment in proc.stderr
