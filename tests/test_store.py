@@ -487,3 +487,13 @@ def test_once_and_daemon_record_the_same_rows_on_both_backends(
             ("dir", "dir/x", "first_seen"),
             ("dir", "dir/y", "created"),
         ]
+
+
+def test_awkward_keys_and_errors_round_trip(store: Store):
+    # PostgreSQL receives poll rows by COPY: its text format must not bend tabs, newlines or backslashes.
+    keys = ["tab\there", "new\nline", "back\\slash\\N", "\\.", "quote'\"", "ünïcödé/🙂", " lead and trail "]
+    synced = store.sync_watches([WatchSpec(f"w{i}", "bucket", k, 60.0, None) for i, k in enumerate(keys)], NOW)
+    store.record([result(w, "error", None) for w in synced.watches.values()])
+    rows = store.history(limit=None)
+    assert sorted(r["key"] for r in rows) == sorted(keys)
+    assert {(r["outcome"], r["error"], r["etag"], r["time"]) for r in rows} == {("error", "boom", None, NOW)}

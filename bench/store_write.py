@@ -1,0 +1,99 @@
+"""Writer throughput: `Store.record` batches of synthetic poll results, SQLite vs PostgreSQL.
+
+`python -m bench.store_write [--batches 30] [--batch-size 1000]` prints rows/s (wall clock) and
+the client's CPU per row (this process: SQLAlchemy, the driver, and for SQLite the database engine
+itself; PostgreSQL's server runs in its own processes). The PostgreSQL server is a throwaway one
+from Debian's initdb/pg_ctl (tests/pgserver.py), durable (fsync on) like a real deployment.
+Each batch is what the daemon's writer commits: 1% changes with a history event, the rest unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from poller.model import ObjectState, PollResult, Watch
+from poller.store import Store, migrate, open_engine
+from poller.watchlist import WatchSpec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from pgserver import PgServer, find_bindir
+
+CHANGE_EVERY = 100  # 1% of polls find a change
+
+
+def batches(watches: list[Watch], count: int, size: int) -> list[list[PollResult]]:
+    """``count`` batches of ``size`` results over ``watches``, built before timing starts."""
+    start = datetime(2026, 11, 26, tzinfo=UTC)
+    out = []
+    n = 0
+    for b in range(count):
+        batch = []
+        for i in range(size):
+            watch = watches[(b * size + i) % len(watches)]
+            when = start + timedelta(milliseconds=n)
+            etag = f'"{n:032x}"'
+            state = ObjectState(etag, when, when, None, 1024 + n, True)
+            if n % CHANGE_EVERY == 0:
+                previous = ObjectState('"old"', start, start, None, 1024, True)
+                batch.append(PollResult(watch, when, "modified", 200, 3.2, previous, state, "modified", None))
+            else:
+                batch.append(PollResult(watch, when, "unchanged", 304, 1.7, state, state, None, None))
+            n += 1
+        out.append(batch)
+    return out
+
+
+def measure(url: str, count: int, size: int, warmup: int = 3) -> dict[str, float]:
+    store = Store(open_engine(url))
+    try:
+        migrate(store.engine)
+        specs = [WatchSpec(f"w{i}", "bench", f"keys/{i}", 60.0, None) for i in range(size)]
+        watches = list(store.sync_watches(specs, datetime.now(UTC)).watches.values())
+        work = batches(watches, warmup + count, size)
+        for batch in work[:warmup]:
+            store.record(batch)
+        wall, cpu = time.perf_counter(), time.process_time()
+        for batch in work[warmup:]:
+            store.record(batch)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    finally:
+        store.close()
+    rows = count * size
+    return {"rows": rows, "rows_per_s": rows / wall, "cpu_us_per_row": cpu * 1e6 / rows}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.store_write", description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=30, help="timed batches per database (default 30)")
+    parser.add_argument("--batch-size", type=int, default=1000, help="results per batch (default 1000)")
+    args = parser.parse_args()
+    bindir = find_bindir()
+    if bindir is None:
+        parser.error("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb): apt-get install postgresql")
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="poller-bench-") as tmp:
+        results["sqlite"] = measure(f"sqlite:///{Path(tmp) / 'p.db'}", args.batches, args.batch_size)
+    server = PgServer(bindir, durable=True).start()
+    try:
+        results["postgresql"] = measure(server.url(server.create_database()), args.batches, args.batch_size)
+    finally:
+        server.stop()
+    print(f"Store.record, {args.batches} batches of {args.batch_size} results (1% with a history event)")
+    print(f"{'database':<12}{'rows/s':>10}{'client CPU µs/row':>20}")
+    for name, r in results.items():
+        print(f"{name:<12}{r['rows_per_s']:>10,.0f}{r['cpu_us_per_row']:>20.1f}")
+    ratio = results["postgresql"]["rows_per_s"] / results["sqlite"]["rows_per_s"]
+    print(f"PostgreSQL / SQLite: {ratio:.2f}x")
+    print(json.dumps({"store_write": results, "pg_over_sqlite": round(ratio, 3)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
