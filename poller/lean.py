@@ -201,6 +201,8 @@ class LeanHead:
         self._session = session
         self._client = client  # the boto3 fallback, and the resolver of everything but the HEAD itself
         # Same settings as ``client``; it builds one HeadObject per bucket that is captured, never sent.
+        if resolver is client:  # every request of the resolver is answered locally: it must not be the client
+            raise ValueError("LeanHead needs a resolver client of its own, not the boto3 client")
         self._resolver = resolver
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout

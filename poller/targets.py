@@ -145,7 +145,7 @@ def capture_head(resolver: S3Client, bucket: str) -> tuple[str, dict[str, str | 
     found: tuple[str, dict[str, str | bytes]] | None = _captured.request
     _captured.request = None
     if found is None:
-        raise RuntimeError(f"s3://{_printable(bucket)}: the resolver client sent no HeadObject to capture")
+        raise ValueError(f"s3://{_printable(bucket)}: the resolver client sent no HeadObject to capture")
     return found
 
 

@@ -215,6 +215,24 @@ def test_resolution_sends_nothing(session, no_proxy) -> None:
     assert lean.target("bkt") is not None
 
 
+def test_the_resolver_must_not_be_the_client(session) -> None:
+    client = make_client(S3Settings(), 1, session)
+    with pytest.raises(ValueError, match="resolver client of its own"):
+        LeanHead(session, client, client, 1.0, 1.0, 1)
+
+
+def test_a_resolution_error_is_a_poll_error_and_is_tried_again(tmp_path, monkeypatch, no_proxy) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    prober = prober_for(S3Settings(endpoint_url=f"http://127.0.0.1:{free_port()}", addressing_style="path"), 1)
+    for _ in range(2):
+        result = prober.probe(Watch(1, "w", "bkt", "k"), None)
+        assert result.outcome == "error" and "no AWS credentials found" in (result.error or "")
+    assert prober.lean is not None and prober.lean._targets == {}  # nothing cached: credentials may appear
+
+
 @pytest.mark.parametrize(
     ("bucket", "reason"),
     [
