@@ -22,7 +22,7 @@ import pytest
 from botocore.auth import _host_from_url
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ClientError
-from conftest import free_port, serving
+from conftest import ConfigFile, free_port, run_cli, serving
 from faultproxy import FaultProxy
 
 from poller.config import ConfigError, S3Settings, settings_from_mapping
@@ -448,3 +448,23 @@ def test_a_prefix_watch_lists_with_the_options(recorded, s3, bucket) -> None:
     assert result.outcome == "modified" and [c.key for c in result.changes] == ["logs/1.txt"]
     (listing,) = list(proxy.heads)
     assert listing["x-amz-request-payer"] == "requester" and listing["x-amz-expected-bucket-owner"] == OWNER
+
+
+@pytest.mark.parametrize("http_client", ["lean", "boto3"])
+def test_poller_once_sends_the_options_from_the_config_file(config: ConfigFile, s3, bucket, http_client) -> None:
+    s3.put_object(Bucket=bucket, Key="k", Body=b"one")
+    proxy = FaultProxy(int(config.sections["s3"]["endpoint_url"].rsplit(":", 1)[1]))
+    try:
+        paid = {"name": "paid", "bucket": bucket, "key": "k", "request_payer": "requester"}
+        config.write(
+            [{**paid, "expected_bucket_owner": OWNER}, {"name": "plain", "bucket": bucket, "key": "k"}],
+            s3={"endpoint_url": proxy.endpoint, "http_client": http_client},
+        )
+        proc = run_cli("once", "--config", str(config.path))
+        assert proc.returncode == 0, proc.stderr
+        heads = list(proxy.heads)
+    finally:
+        proxy.close()
+    with_options = [h for h in heads if h.get("x-amz-request-payer") == "requester"]
+    assert with_options and all(h["x-amz-expected-bucket-owner"] == OWNER for h in with_options)
+    assert any("x-amz-request-payer" not in h for h in heads)  # the plain watch sends neither
