@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
+from botocore.exceptions import InvalidConfigError, InvalidRegionError, NoRegionError, ProfileNotFound
 from sqlalchemy.exc import SQLAlchemyError
 
 from poller import __version__
@@ -64,6 +65,10 @@ def _open_store(settings: Settings, *, readonly: bool) -> Any:
                 f"database {settings.database.url} has no poller tables yet: run `poller db upgrade` "
                 "or start the daemon"
             )
+    except (ProfileNotFound, InvalidRegionError, InvalidConfigError, NoRegionError) as exc:
+        # Config validation catches these at load; this covers an AWS config file edited since.
+        print(f"poller: the AWS client cannot be built from this configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except StoreError as exc:
         raise RuntimeFailure(str(exc)) from None
     except SQLAlchemyError as exc:
@@ -119,32 +124,58 @@ def _emit(rows: list[dict[str, Any]], columns: Sequence[str], fmt: str) -> None:
 # --- commands -------------------------------------------------------------------------
 
 
+def _writer_lock(settings: Settings, command: str) -> Any:
+    """Take the database's single-writer lock (SQLite only), or fail naming the process that holds it."""
+    from poller.dblock import DatabaseInUse, acquire_writer_lock
+
+    try:
+        return acquire_writer_lock(settings.database.url, command)
+    except DatabaseInUse as exc:
+        raise RuntimeFailure(str(exc)) from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon: migrate, schedule every watch, poll until SIGTERM; SIGHUP reloads the watch list."""
-    from poller.daemon import run_daemon
+    from poller.daemon import StartupError, run_daemon
+    from poller.watchlist import require_watches
 
     path, settings = _settings(args)
-    return run_daemon(path, settings)
+    require_watches(settings, str(path))
+    lock = _writer_lock(settings, "poller run")
+    try:
+        return run_daemon(path, settings)
+    except StartupError as exc:
+        raise RuntimeFailure(str(exc)) from None
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def cmd_once(args: argparse.Namespace) -> int:
     """Poll every watch once, record the outcomes, print them; exit 1 if any poll failed."""
     from poller.notify import Dispatcher
     from poller.pipeline import describe_result, poll_all, prepare
+    from poller.watchlist import require_watches
 
-    _, settings = _settings(args)
-    store = _open_store(settings, readonly=False)
+    path, settings = _settings(args)
+    require_watches(settings, str(path))
+    lock = _writer_lock(settings, "poller once")
     try:
-        service, _, synced = prepare(settings, store, log_polls=False)
-        results = poll_all(service, list(synced.watches.values()), settings.schedule.concurrency)
-        service.recorder.close()
-        if settings.notify:
-            # One attempt at each due delivery; what fails stays queued for the next run or the daemon.
-            dispatcher = Dispatcher(store, settings.notify, settings.database.url)
-            dispatcher.run_once()
-            dispatcher.stop()
+        store = _open_store(settings, readonly=False)
+        try:
+            service, _, synced = prepare(settings, store, log_polls=False)
+            results = poll_all(service, list(synced.watches.values()), settings.schedule.concurrency)
+            service.recorder.close()
+            if settings.notify:
+                # One attempt at each due delivery; what fails stays queued for the next run or the daemon.
+                dispatcher = Dispatcher(store, settings.notify, settings.database.url)
+                dispatcher.run_once()
+                dispatcher.stop()
+        finally:
+            store.close()
     finally:
-        store.close()
+        if lock is not None:
+            lock.release()
     failed = 0
     for result in results:
         if result is None:
@@ -155,21 +186,45 @@ def cmd_once(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def describe_probe(result: Any) -> str:
+    """One line for `check --probe`: what the HEAD (or listing) found, in words that claim no change."""
+    from poller.pipeline import describe_result
+
+    if result.outcome == "error" or result.outcome == "missing":
+        return str(describe_result(result)) + " (not recorded)"
+    head = f"{result.watch.name} {printable(result.watch.url)}"
+    ms = f"{result.duration_ms:.0f}ms"
+    if result.watch.prefix:
+        return f"{head} listed ({result.note}) (not recorded) {ms}"
+    state = result.state
+    version = f" version {state.version_id}" if state.version_id else ""
+    return (
+        f"{head} present ({result.http_status}), etag {state.etag} last-modified {iso(state.last_modified)}"
+        f"{version} (not recorded) {ms}"
+    )
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate the config; with --probe also send one unconditional HEAD per watch (nothing is written)."""
-    from poller.pipeline import describe_result, probe_all_unrecorded
+    from botocore.exceptions import BotoCoreError
+
+    from poller.pipeline import probe_all_unrecorded
     from poller.probe import prober_for
-    from poller.watchlist import specs_from_settings
+    from poller.watchlist import require_watches, specs_from_settings
 
     path, settings = _settings(args)
+    require_watches(settings, str(path))
     print(f"{path}: configuration OK, {len(settings.watch)} watches")
     if not args.probe:
         return EXIT_OK
-    prober = prober_for(settings.s3, settings.schedule.concurrency)
+    try:
+        prober = prober_for(settings.s3, settings.schedule.concurrency)
+    except (BotoCoreError, ValueError) as exc:
+        raise UsageError(f"{path}: [s3]: cannot build the S3 client: {exc}") from None
     targets = [spec.as_watch(0) for spec in specs_from_settings(settings).values()]
     results = probe_all_unrecorded(prober, targets, settings.schedule.concurrency)
     for result in results:
-        print(describe_result(result))
+        print(describe_probe(result))
     return EXIT_FAILED if any(r.outcome == "error" for r in results) else EXIT_OK
 
 
@@ -277,11 +332,31 @@ def cmd_history(args: argparse.Namespace) -> int:
         raise UsageError("--limit must be zero or more (0 means no limit)")
     store = _open_store(settings, readonly=True)
     try:
+        if args.watch is not None:
+            _require_watch_name(store, args.watch)
         rows = store.history(watch=args.watch, since=since, changes=args.changes, limit=args.limit or None)
     finally:
         store.close()
     _emit(rows, CHANGE_COLUMNS if args.changes else POLL_COLUMNS, args.format)
     return EXIT_OK
+
+
+def _require_watch_name(store: Any, pattern: str) -> None:
+    """A WATCH argument that names no watch is an error, not an empty table (a typo looks like 'no changes')."""
+    from fnmatch import fnmatchcase
+
+    names: list[str] = store.watch_names()
+    # The same rule as the store's filter: "*" or "?" make a glob, "[" is always literal.
+    is_glob = any(ch in pattern for ch in "*?")
+    glob = pattern.replace("[", "[[]")
+    if any(fnmatchcase(n, glob) for n in names) if is_glob else pattern in names:
+        return
+    shown = ", ".join(printable(n) for n in names[:20]) + (", ..." if len(names) > 20 else "")
+    what = "matches" if is_glob else "named"
+    raise RuntimeFailure(
+        f"no watch {what} {printable(pattern)!r} in the database (known: {shown or 'none yet'}); "
+        "`poller status` lists the active watches"
+    )
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:

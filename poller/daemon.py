@@ -28,12 +28,16 @@ from poller.probe import prober_for
 from poller.sdnotify import Notifier, watchdog_interval
 from poller.store import Store, describe_db_error, open_engine
 from poller.timetable import PhasedIntervalTrigger, Timetable, phase_of, trigger_for
-from poller.watchlist import WatchSpec, diff_watch_lists, specs_from_settings
+from poller.watchlist import WatchSpec, diff_watch_lists, require_watches, specs_from_settings
 
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY = 3600.0
 STATUS_EVERY = 10.0
+
+
+class StartupError(Exception):
+    """A resource the daemon needs at start (the metrics port) cannot be had; the message says which."""
 
 
 @dataclass
@@ -73,6 +77,18 @@ class Daemon:
             self.service.metrics = self.metrics
         self.current = _Running(settings, specs, synced.watches)
         self.workers: Workers | None = None
+        if self.metrics is not None:
+            # Bound here, before READY=1 and before any worker starts: a port in use ends the start
+            # with one clear line instead of a traceback from a running daemon.
+            try:
+                self.metrics.serve(settings.metrics.listen)
+            except OSError as exc:
+                self.recorder.close()
+                self.store.close()
+                raise StartupError(
+                    f"cannot serve metrics on {settings.metrics.listen} ([metrics] listen): "
+                    f"{exc.strerror or exc}; stop whatever holds that port or choose another one"
+                ) from None
         self.timetable = Timetable(self._submit, self._on_skipped)
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(1)},
@@ -101,8 +117,6 @@ class Daemon:
             self.workers = Workers(self.service, self.current.settings.schedule.concurrency, lateness)
             self.timetable.start()
             self.dispatcher.start()
-            if self.metrics is not None:
-                self.metrics.serve(self.current.settings.metrics.listen)
 
     def run(self) -> int:
         """Poll until SIGTERM/SIGINT; return the exit code."""
@@ -220,31 +234,35 @@ class Daemon:
     # --- reload ---------------------------------------------------------------------
 
     def reload(self) -> bool:
-        """Re-read the config; apply watch-list changes, or keep the running list if it is invalid."""
+        """Re-read the config and apply it, or keep the running one if any part of it cannot be used.
+
+        Everything that can fail (parsing, validation, the empty-list rule, the new S3 client) is
+        done before anything changes; the watches table is synced only once the new config is known
+        good, and watches (re-)added resume from their committed state.
+        """
         self.notifier.reloading()
+        old = self.current
         try:
             new = load_settings(self.config_path)
+            require_watches(new, str(self.config_path))
         except ConfigError as exc:
-            self._status_note = "reload failed, old watch list kept: " + str(exc)
-            log.error("reload failed, keeping the running watch list: %s", exc)
-            self.notifier.ready(self.status_line())
-            return False
-        old = self.current
+            return self._refuse(str(exc))
         specs = specs_from_settings(new)
         diff = diff_watch_lists(old.specs, specs)
+        prober = None
+        if new.s3 != old.settings.s3:
+            try:
+                prober = prober_for(new.s3, old.settings.schedule.concurrency)
+            except Exception as exc:  # botocore's many errors: whatever it is, the old client stays
+                return self._refuse(f"{self.config_path}: [s3]: cannot build the S3 client: {exc}")
         try:
             synced = self.store.sync_watches(list(specs.values()), datetime.now(UTC))
         except Exception as exc:
-            self._status_note = "reload failed: " + describe_db_error(exc, new.database.url)
-            log.error("reload failed, keeping the running watch list: %s", self._status_note)
-            self.notifier.ready(self.status_line())
-            return False
+            return self._refuse(describe_db_error(exc, new.database.url))
         self._warn_restart_only(old.settings, new)
-        if new.s3 != old.settings.s3:
-            self.service.prober = prober_for(new.s3, old.settings.schedule.concurrency, sink=self.store)
+        if prober is not None:
+            self.service.prober = prober
             log.info("reload: [s3] settings changed; new client in use")
-        else:
-            self.service.prober.relearn()  # a new prober learns anew; this one measures again
         self.current = _Running(new, specs, synced.watches)
         self.recorder.route = make_route(new.notify) if new.notify else None
         self.dispatcher.set_sinks(new.notify)
@@ -256,6 +274,9 @@ class Daemon:
             if watch.id in synced.retargeted:  # another object or prefix: the store dropped its state
                 self.service.forget(watch.id)
             self.timetable.retarget(name, watch)
+        # A watch removed by an earlier reload and added back keeps its row and its object_state:
+        # resume from that, so a change made while it was out is `modified`, not a new `first_seen`.
+        self.service.resume([synced.watches[name].id for name in diff.added])
         now = datetime.now(UTC)
         for name in diff.rescheduled:
             self._schedule(name, now)
@@ -269,6 +290,13 @@ class Daemon:
         log.info("reloaded %s: %s; watching %d keys", self.config_path, diff.summary(), len(specs))
         self.notifier.ready(self.status_line())
         return True
+
+    def _refuse(self, reason: str) -> bool:
+        """Keep the running config after a failed reload; say why in the log and in STATUS=."""
+        self._status_note = "reload failed, old config kept: " + reason
+        log.error("reload failed, keeping the running watch list and settings: %s", reason)
+        self.notifier.ready(self.status_line())
+        return False
 
     def _warn_restart_only(self, old: Settings, new: Settings) -> None:
         if new.database != old.database:

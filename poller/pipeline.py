@@ -17,7 +17,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from datetime import UTC, datetime
 
-from poller.config import Settings
+from botocore.exceptions import BotoCoreError
+
+from poller.config import ConfigError, Settings
 from poller.listing import poll_prefix
 from poller.metrics import Metrics
 from poller.model import KeyChange, ObjectState, Outcome, PollResult, PrefixState, Watch
@@ -175,6 +177,17 @@ class PollService:
         self.states.pop(watch_id, None)
         self.prefix_states.pop(watch_id, None)
 
+    def resume(self, watch_ids: Sequence[int]) -> None:
+        """Read back the committed state of watches (re-)added by a reload: the database, not the cache,
+        holds what the last poll saw, whatever happened while the watch was out of the config."""
+        if not watch_ids:
+            return
+        keyed, prefixed = self.store.load_states_for(watch_ids)
+        for watch_id in watch_ids:
+            self.forget(watch_id)
+        self.states.update(keyed)
+        self.prefix_states.update(prefixed)
+
     def poll(self, watch: Watch) -> PollResult | None:
         """Probe, commit, then report; returns None when the result could not be committed."""
         if self._stopping.is_set():
@@ -316,12 +329,16 @@ class Workers:
 def prepare(
     settings: Settings, store: Store, *, log_polls: bool = True
 ) -> tuple[PollService, dict[str, WatchSpec], SyncResult]:
-    """What `run` and `once` both do before polling: migrate, sync the watch list, start the writer."""
-    migrate(store.engine)
+    """What `run` and `once` both do before polling: build the client, migrate, sync the watch list,
+    start the writer. The client comes first: nothing is written unless the config can be used."""
+    try:
+        prober = prober_for(settings.s3, settings.schedule.concurrency)
+    except (BotoCoreError, ValueError) as exc:
+        raise ConfigError(f"[s3]: cannot build the S3 client: {exc}") from None
     specs = specs_from_settings(settings)
+    migrate(store.engine)
     synced = store.sync_watches(list(specs.values()), datetime.now(UTC))
     recorder = Recorder(store, make_route(settings.notify) if settings.notify else None)
-    prober = prober_for(settings.s3, settings.schedule.concurrency, sink=store)
     return PollService(store, prober, recorder, settings.database.url, log_polls=log_polls), specs, synced
 
 

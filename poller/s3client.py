@@ -9,8 +9,12 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import (
     ClientError,
     ConnectTimeoutError,
+    CredentialRetrievalError,
     EndpointConnectionError,
+    InvalidConfigError,
     NoCredentialsError,
+    PartialCredentialsError,
+    ProfileNotFound,
     ReadTimeoutError,
     SSLError,
 )
@@ -70,10 +74,41 @@ def bucket_missing(watch: Watch) -> str:
     )
 
 
+# Error codes that say the request named a key the server will not take, not a misrouted request.
+_KEY_CODES = ("KeyTooLongError", "InvalidArgument", "InvalidObjectName", "InvalidURI", "InvalidKey")
+# Error codes that do point at the region or addressing settings.
+_ROUTING_CODES = (
+    "AuthorizationHeaderMalformed",
+    "IllegalLocationConstraintException",
+    "InvalidBucketName",
+    "InvalidRegion",
+    "PermanentRedirect",
+)
+_THROTTLE_CODES = ("SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests")
+
+
 def describe_client_error(exc: ClientError) -> str:
-    """An operator-facing reason for an S3 error answer."""
+    """An operator-facing reason for an S3 error answer, from its error code where the server sent one."""
     status = status_of(exc)
-    code = exc.response.get("Error", {}).get("Code", "") or str(status)
+    raw = str(exc.response.get("Error", {}).get("Code", "") or "")
+    # A HEAD answer has no body, so botocore (and the lean path) use the status as the code.
+    code = "" if raw.isdigit() or not raw else raw
+    attempts = int(exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) or 0) + 1
+    answered = f"HTTP {status} ({code})" if code else f"HTTP {status}"
+    if code == "SignatureDoesNotMatch":
+        return (
+            "the secret key does not match the access key id (SignatureDoesNotMatch): check the credentials "
+            "for this endpoint"
+        )
+    if code == "InvalidAccessKeyId":
+        return (
+            "the access key id is unknown to this endpoint (InvalidAccessKeyId): check the credentials "
+            "(profile, environment or instance role) and [s3] endpoint_url"
+        )
+    if code in ("ExpiredToken", "TokenRefreshRequired", "InvalidToken"):
+        return f"the session token was refused ({code}): refresh the temporary credentials"
+    if code == "RequestTimeTooSkewed":
+        return "this machine's clock is too far from the server's (RequestTimeTooSkewed): fix the time (NTP)"
     if status == 403:
         return (
             "access denied (403): the credentials may not s3:GetObject this key; on AWS a missing key "
@@ -81,11 +116,22 @@ def describe_client_error(exc: ClientError) -> str:
         )
     if status == 301 or code == "PermanentRedirect":
         return "wrong region (301): the bucket lives in another region; set [s3] region"
+    if code in _KEY_CODES:
+        return f"the server refuses this key ({answered}): check the watch's key (length, characters)"
+    if code in _THROTTLE_CODES or status in (429, 503):
+        return f"throttled or unavailable ({answered}) after {attempts} attempts; polling goes on at the next interval"
     if status == 400:
-        return f"bad request (400 {code}): check [s3] region, addressing_style and endpoint_url"
-    if code in ("SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "503") or status == 503:
-        return f"throttled or unavailable ({status} {code}) after retries; polling goes on at the next interval"
-    return f"S3 answered {status} {code} after retries"
+        if code in _ROUTING_CODES:
+            return f"bad request ({answered}): check [s3] region, addressing_style and endpoint_url"
+        if code:
+            return f"bad request ({answered}): the server refused the request; check the watch's bucket and key"
+        return (
+            "bad request (HTTP 400, no error code: a HEAD answer has no body): check the watch's key, "
+            "and [s3] region, addressing_style and endpoint_url"
+        )
+    if status is not None and status >= 500:
+        return f"S3 answered {answered} after {attempts} attempts; polling goes on at the next interval"
+    return f"S3 answered {answered}"
 
 
 def describe_transport_error(exc: BaseException) -> str:
@@ -100,4 +146,8 @@ def describe_transport_error(exc: BaseException) -> str:
         return "cannot connect to the endpoint (connection refused or DNS failure); check [s3] endpoint_url"
     if isinstance(exc, NoCredentialsError):
         return "no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or an instance role"
+    if isinstance(exc, PartialCredentialsError):
+        return f"incomplete AWS credentials ({exc}): set both the access key id and the secret key"
+    if isinstance(exc, CredentialRetrievalError | InvalidConfigError | ProfileNotFound):
+        return f"cannot get AWS credentials: {exc}; check the profile in the AWS config files"
     return f"{type(exc).__name__}: {exc}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from poller.config import Settings, watch_interval
+from poller.config import ConfigError, Settings, watch_interval
 from poller.model import Payer, Watch
 
 
@@ -117,3 +117,18 @@ def diff_watch_lists(old: Mapping[str, WatchSpec], new: Mapping[str, WatchSpec])
             diff.rescheduled.append(name)
     diff.removed.extend(name for name in old if name not in new)
     return diff
+
+
+def require_watches(settings: Settings, source: str) -> None:
+    """Refuse a config without watches unless it says so with a top-level ``watch = []``.
+
+    An empty or truncated file (a write cut short, an editor's empty buffer) would otherwise
+    deactivate every watch; an explicit empty list cannot be produced by accident.
+    """
+    if settings.watch or "watch" in settings.model_fields_set:
+        return
+    raise ConfigError(
+        f"{source}: no [[watch]] entries: the file is empty or cut short, so poller refuses to stop "
+        "watching everything. Add watches, or to run with none on purpose write `watch = []` on a line "
+        "of its own at the top of the file (before any [section])."
+    )

@@ -1,0 +1,96 @@
+"""One writer per SQLite database: an flock on ``<db>.lock`` that dies with the process holding it.
+
+SQLite's own locks are POSIX record locks on the database file, per transaction; they keep two
+writers from interleaving one transaction but not from each recording the same change. The lock
+here is held for the writer's whole life. It is an ``flock`` on a sidecar file, never on the
+database itself: POSIX locks on the same file would be dropped by SQLite closing any descriptor.
+Readers (``status``, ``history``) do not take it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+
+class DatabaseInUse(Exception):
+    """Another process holds the database's writer lock; the message names it."""
+
+
+class WriterLock:
+    """The held lock; ``release()`` (or the process ending, even by SIGKILL) frees it."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor drops the flock
+            self._fd = None
+
+
+def lock_path(url: str) -> Path | None:
+    """The sidecar lock file of a SQLite database URL; None for other databases and in-memory SQLite."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    if parsed.database.startswith("file:"):
+        return None  # a SQLite URI filename: leave it to SQLite
+    return Path(parsed.database + ".lock")
+
+
+def acquire_writer_lock(url: str, command: str) -> WriterLock | None:
+    """Take the exclusive writer lock of a SQLite database, or raise DatabaseInUse naming the holder."""
+    path = lock_path(url)
+    if path is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        writable = True
+    except PermissionError:
+        # Someone else's lock file: a read-only descriptor can still hold an flock.
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise DatabaseInUse(f"cannot open the lock file {path} ({exc.strerror}): check its permissions") from None
+        writable = False
+    except FileNotFoundError:
+        return None  # the directory is missing: opening the database will say so
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = _read_holder(fd)
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise DatabaseInUse(f"cannot lock {path} ({exc.strerror})") from None
+        database = str(path)[: -len(".lock")]
+        raise DatabaseInUse(
+            f"database {database} is in use by {holder}: one process at a time may write it. Stop that "
+            "process first (the daemon already polls every watch), or point [database] url elsewhere; "
+            "`poller status` and `poller history` read it meanwhile."
+        ) from None
+    if writable:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {command}\n".encode(), 0)
+    return WriterLock(path, fd)
+
+
+def _read_holder(fd: int) -> str:
+    """'poller run (pid 1234)' from the lock file, or a plain description if it holds nothing readable."""
+    try:
+        text = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        text = ""
+    pid, _, command = text.partition(" ")
+    if pid.isdigit():
+        return f"{command or 'another process'} (pid {pid})"
+    return "another poller process"

@@ -1,0 +1,214 @@
+"""Reload and start-up soundness with a real daemon subprocess: a config boto3 would reject is refused
+(old config kept, STATUS= says why), a re-added watch resumes from its stored state, an empty file is
+not "stop watching everything", and one writer per SQLite database."""
+
+from __future__ import annotations
+
+import signal
+import socket
+from typing import Any
+
+from conftest import ConfigFile, run_cli, wait_for
+from daemonproc import events, poll_count, query
+
+
+def _active(config: ConfigFile) -> list[tuple[Any, ...]]:
+    return query(config.db, "SELECT name FROM watches WHERE active ORDER BY name")
+
+
+def _sighup(daemon: Any) -> str:
+    """Send SIGHUP and return the READY=1 message that ends the reload (it carries STATUS=)."""
+    mark = len(daemon.notify.drain())
+    daemon.signal(signal.SIGHUP)
+    daemon.notify.wait("RELOADING=1", after=mark)
+    return str(daemon.notify.wait("READY=1", after=mark))
+
+
+def test_sighup_with_a_config_boto3_rejects_keeps_the_old_config(config: ConfigFile, s3, bucket, start_daemon):
+    s3.put_object(Bucket=bucket, Key="a", Body=b"1")
+    config.write([{"name": "a", "bucket": bucket, "key": "a"}])
+    daemon = start_daemon(config)
+    daemon.notify.wait("READY=1")
+    wait_for(lambda: poll_count(config.db, "a") >= 1, what="a polled")
+
+    bad_configs = (
+        ({"profile": "nosuch"}, "profile 'nosuch' is not defined"),
+        ({"region": "us east 1"}, "region 'us east 1' is not a valid region name"),
+        ({"endpoint_url": "http://[::1:9204"}, "cannot be parsed"),
+        ({"endpoint_url": "http://127.0.0.1:92x4"}, "cannot be parsed"),
+    )
+    for s3_values, reason in bad_configs:
+        # The new list names another watch: it must not reach the database either.
+        good_s3 = dict(config.sections["s3"])
+        config.write([{"name": "b", "bucket": bucket, "key": "a"}], s3=s3_values)
+        ready = _sighup(daemon)
+        assert "reload failed, old config kept" in ready and reason in ready, ready
+        assert _active(config) == [("a",)], "nothing is synced before the new config is known good"
+        polls = poll_count(config.db, "a")
+        wait_for(lambda n=polls: poll_count(config.db, "a") >= n + 2, what="the old watch list still polled")
+        assert daemon.proc.poll() is None
+
+        # `poller check` refuses the same file, in one paragraph with exit 2.
+        check = run_cli("check", "--config", str(config.path))
+        assert check.returncode == 2 and reason in check.stderr and "Traceback" not in check.stderr
+        assert len(check.stderr.strip().splitlines()) == 1
+        config.sections["s3"] = good_s3
+
+    # A good file afterwards applies and clears the note.
+    config.write([{"name": "a", "bucket": bucket, "key": "a"}])
+    ready = _sighup(daemon)
+    assert "reload failed" not in ready
+    assert daemon.stop() == 0
+    assert "Traceback" not in daemon.log
+
+
+def test_bad_s3_config_at_start_is_one_paragraph_exit_2(config: ConfigFile, bucket):
+    every = (("run",), ("once",), ("check",), ("check", "--probe"), ("doctor", "--bucket", bucket))
+    cases = (
+        ({"profile": "nosuch"}, every[:2]),
+        ({"region": "us east 1"}, every[:2]),
+        ({"endpoint_url": "http://[::1:9204"}, every),
+    )
+    for s3_values, commands in cases:
+        config.write([{"name": "a", "bucket": bucket, "key": "a"}], s3=s3_values)
+        for args in commands:
+            proc = run_cli(*args, "--config", str(config.path))
+            assert proc.returncode == 2, (args, proc.stderr)
+            assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        config.sections["s3"].pop(next(iter(s3_values)))
+    assert not config.db.exists(), "nothing was written for a config that cannot be used"
+
+
+def test_a_broken_credentials_source_is_a_config_error(config: ConfigFile, bucket, tmp_path):
+    aws_config = tmp_path / "aws-config"
+    aws_config.write_text(
+        "[profile role]\nrole_arn = arn:aws:iam::123456789012:role/x\n\n"
+        "[profile chained]\nrole_arn = arn:aws:iam::123456789012:role/x\nsource_profile = gone\n\n"
+        "[profile proc]\ncredential_process = /nonexistent/get-creds --json\n\n"
+        "[profile fine]\nregion = us-east-1\n"
+    )
+    env = {"AWS_CONFIG_FILE": str(aws_config)}
+    expected = {
+        "role": "role_arn needs source_profile",
+        "chained": "source_profile 'gone' is not defined",
+        "proc": "names no program that exists",
+    }
+    for profile, reason in expected.items():
+        config.write([{"name": "a", "bucket": bucket, "key": "a"}], s3={"profile": profile})
+        proc = run_cli("check", "--config", str(config.path), env=env)
+        assert proc.returncode == 2 and reason in proc.stderr, proc.stderr
+    config.write(s3={"profile": "fine"})
+    assert run_cli("check", "--config", str(config.path), env=env).returncode == 0
+
+
+def test_readded_watches_resume_from_their_stored_state(config: ConfigFile, s3, bucket, start_daemon):
+    names = ["w1", "w2", "w3"]
+    for name in [*names, "keeper"]:
+        s3.put_object(Bucket=bucket, Key=name, Body=b"v1")
+    keeper = {"name": "keeper", "bucket": bucket, "key": "keeper"}
+    watched = [{"name": n, "bucket": bucket, "key": n} for n in names]
+    config.write([*watched, keeper])
+    daemon = start_daemon(config)
+    daemon.notify.wait("READY=1")
+    wait_for(lambda: all(events(config.db, n) == ["first_seen"] for n in names), what="first_seen of each")
+
+    config.write([keeper])
+    assert "reload failed" not in _sighup(daemon)
+    for name in names:
+        s3.put_object(Bucket=bucket, Key=name, Body=b"v2 changed while out of the config")
+    config.write([*watched, keeper])
+    assert "reload failed" not in _sighup(daemon)
+    wait_for(
+        lambda: all(events(config.db, n) == ["first_seen", "modified"] for n in names),
+        what="one modified per re-added watch",
+    )
+    counts = {n: poll_count(config.db, n) for n in names}
+    wait_for(lambda: all(poll_count(config.db, n) >= counts[n] + 2 for n in names), what="more polls")
+    for name in names:
+        assert events(config.db, name) == ["first_seen", "modified"], name
+    previous = query(
+        config.db,
+        "SELECT count(*) FROM etag_history h JOIN watches w ON w.id = h.watch_id "
+        "WHERE h.event = 'modified' AND h.previous_etag IS NOT NULL AND h.previous_etag != h.etag",
+    )
+    assert previous == [(3,)], "each modified names the stored ETag it replaced"
+    assert daemon.stop() == 0
+
+
+def test_an_empty_config_on_reload_is_refused_unless_it_says_so(config: ConfigFile, s3, bucket, start_daemon):
+    s3.put_object(Bucket=bucket, Key="a", Body=b"1")
+    config.write([{"name": "a", "bucket": bucket, "key": "a"}])
+    daemon = start_daemon(config)
+    daemon.notify.wait("READY=1")
+    wait_for(lambda: poll_count(config.db, "a") >= 1, what="a polled")
+
+    for text in ("", "[s3]\n", "# truncated\n[schedule]\ninterval = \"1s\"\n"):
+        config.path.write_text(text)
+        ready = _sighup(daemon)
+        assert "reload failed" in ready and "no [[watch]] entries" in ready and "watch = []" in ready, ready
+        assert _active(config) == [("a",)]
+    polls = poll_count(config.db, "a")
+    wait_for(lambda: poll_count(config.db, "a") >= polls + 2, what="still polling a")
+
+    # Said explicitly: the daemon runs on with no watches.
+    config.path.write_text("watch = []\n" + config.path.read_text())
+    ready = _sighup(daemon)
+    assert "reload failed" not in ready and "STATUS=watching 0 keys" in ready, ready
+    assert _active(config) == []
+    assert daemon.stop() == 0
+
+
+def test_an_empty_config_at_start(config: ConfigFile):
+    config.path.write_text("")
+    for command in ("run", "once", "check"):
+        proc = run_cli(command, "--config", str(config.path))
+        assert proc.returncode == 2 and "no [[watch]] entries" in proc.stderr and "Traceback" not in proc.stderr
+    assert not config.db.exists()
+    config.path.write_text("watch = []\n")
+    proc = run_cli("check", "--config", str(config.path))
+    assert proc.returncode == 0 and "configuration OK, 0 watches" in proc.stdout
+    proc = run_cli("once", "--config", str(config.path))
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_one_writer_per_sqlite_database(config: ConfigFile, s3, bucket, start_daemon):
+    s3.put_object(Bucket=bucket, Key="a", Body=b"1")
+    config.write([{"name": "a", "bucket": bucket, "key": "a"}])
+    daemon = start_daemon(config)
+    daemon.notify.wait("READY=1")
+    wait_for(lambda: events(config.db, "a") == ["first_seen"], what="first_seen")
+    pid = daemon.proc.pid
+
+    for command in ("once", "run"):
+        proc = run_cli(command, "--config", str(config.path))
+        assert proc.returncode == 1, proc.stderr
+        assert f"database {config.db} is in use by poller run (pid {pid})" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    # Readers work alongside.
+    history = run_cli("history", "a", "--changes", "--config", str(config.path))
+    assert history.returncode == 0 and "first_seen" in history.stdout
+    assert run_cli("status", "--config", str(config.path)).returncode == 0
+
+    # The lock dies with the process, even by SIGKILL.
+    daemon.proc.kill()
+    daemon.proc.wait(20)
+    s3.put_object(Bucket=bucket, Key="a", Body=b"2")
+    proc = run_cli("once", "--config", str(config.path))
+    assert proc.returncode == 0 and " -> " in proc.stdout, proc.stderr
+    assert events(config.db, "a") == ["first_seen", "modified"]
+
+
+def test_metrics_port_in_use_is_one_clear_line_before_ready(config: ConfigFile, s3, bucket, start_daemon):
+    s3.put_object(Bucket=bucket, Key="a", Body=b"1")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config.write([{"name": "a", "bucket": bucket, "key": "a"}], metrics={"listen": f"127.0.0.1:{port}"})
+        daemon = start_daemon(config)
+        code = daemon.proc.wait(30)
+    assert code == 1
+    log = daemon.log
+    assert f"cannot serve metrics on 127.0.0.1:{port} ([metrics] listen)" in log and "Traceback" not in log, log
+    assert not any("READY=1" in m for m in daemon.notify.drain())
+    assert poll_count(config.db, "a") == 0, "no worker started"
