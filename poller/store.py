@@ -100,7 +100,8 @@ def open_engine(url: str, *, readonly: bool = False) -> Engine:
     try:
         engine = create_engine(parsed, pool_pre_ping=not is_sqlite)
     except ImportError as exc:
-        raise StoreError(f"cannot use database {_safe_url(url)}: its driver is not installed ({exc})") from None
+        hint = "; install it with: pip install 'poller[postgres]'" if parsed.get_backend_name() == "postgresql" else ""
+        raise StoreError(f"cannot use database {_safe_url(url)}: its driver is not installed ({exc}){hint}") from None
     except ArgumentError:
         raise StoreError(f"cannot use database {_safe_url(url)}: not a valid SQLAlchemy URL") from None
     if is_sqlite:

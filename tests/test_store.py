@@ -497,3 +497,9 @@ def test_awkward_keys_and_errors_round_trip(store: Store):
     rows = store.history(limit=None)
     assert sorted(r["key"] for r in rows) == sorted(keys)
     assert {(r["outcome"], r["error"], r["etag"], r["time"]) for r in rows} == {("error", "boom", None, NOW)}
+
+
+def test_missing_postgresql_driver_names_the_extra():
+    with pytest.raises(StoreError, match=r"driver is not installed .*pip install 'poller\[postgres\]'") as caught:
+        open_engine("postgresql+pg8000://poller:hunter2@db.example.com/poller")
+    assert "hunter2" not in str(caught.value)
