@@ -231,18 +231,33 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Measure how the endpoint answers conditional HEADs and recommend [s3] conditional.
 
-    Writes a temporary object under .poller-doctor/ in the scratch bucket, overwrites it within one
-    second, and deletes it afterwards.
+    Writes a temporary object under .poller-doctor/ in the scratch bucket, sends it the daemon's
+    calibration HEADs, overwrites it within one second, and deletes it afterwards.
     """
+    from poller.calibrate import server_lines
     from poller.doctor import DoctorError, render, run_doctor
+    from poller.redact import redact
     from poller.s3client import make_client
 
     _, settings = _settings(args)
+    client = make_client(settings.s3, 1)
     try:
-        report = run_doctor(make_client(settings.s3, 1), args.bucket)
+        report = run_doctor(client, args.bucket, settings.s3.conditional)
     except DoctorError as exc:
         raise RuntimeFailure(str(exc)) from None
     print(render(report))
+    endpoint = redact(str(client.meta.endpoint_url).rstrip("/"))
+    try:  # what the daemon learned here, as `poller status` shows it (no database yet: nothing to show)
+        store = _open_store(settings, readonly=True)
+        try:
+            learned = [row for row in store.server_semantics() if row["endpoint"] == endpoint]
+        finally:
+            store.close()
+    except (RuntimeFailure, StoreError, SQLAlchemyError):
+        learned = []
+    if learned:
+        print("\nthe daemon's calibration of this endpoint (poller status):")
+        print("\n".join(server_lines(learned, datetime.now(UTC))))
     return EXIT_OK
 
 

@@ -1,19 +1,34 @@
-"""`poller doctor`: measure how an endpoint answers conditional HEADs, and recommend `[s3] conditional`.
+"""`poller doctor`: measure how an endpoint answers conditional HEADs, in the daemon's own terms.
 
-It writes a temporary object in a scratch bucket, overwrites it within one second, sends each
-combination of conditional headers, records what comes back, and deletes the object afterwards.
+It writes a temporary object in a scratch bucket and runs on it the same five read-only HEADs the
+daemon's calibration sends (``poller.calibrate``), so both reach the same verdict. It also does
+what the daemon never does, because it writes: overwrites the object within one server second and
+sends both headers, and on a versioned bucket deletes it to see whether the 404 names the delete
+marker. Everything it wrote is deleted afterwards (all versions and markers).
 """
 
 from __future__ import annotations
 
 import contextlib
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from poller.calibrate import (
+    NO_MATCH_ETAG,
+    Inconclusive,
+    Measured,
+    Semantics,
+    Setting,
+    choose_mode,
+    describe,
+    measure,
+    override_warning,
+    version_id_words,
+)
 from poller.model import Answer
 from poller.s3client import describe_transport_error, head
 
@@ -43,42 +58,62 @@ class Check:
 class Report:
     checks: list[Check]
     versioned: bool
-    recommendation: str
+    recommendation: str  # the [s3] conditional value to set
     reasons: list[str]
+    semantics: Semantics | None = None
+    version_id_on_404: bool | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
-def recommend(checks: dict[str, Check]) -> tuple[str, list[str]]:
-    """Pick the `conditional` mode from the measured answers (pure: testable without a server)."""
-    reasons = []
-    etag_ok = checks["inm-match"].answer.status == 304
-    ims_ok = checks["ims-same"].answer.status == 304
-    if not etag_ok:
-        reasons.append("If-None-Match is not honoured: every poll costs a 200, and the ETag comparison decides")
-        return ("timestamp" if ims_ok else "etag"), reasons
-    combo = checks.get("both-after-overwrite")
-    if combo is not None and combo.answer.status == 304:
-        if combo.answer.etag is None:
-            reasons.append(
-                "a same-second overwrite answers 304 without an ETag when both headers are sent: "
-                "only If-None-Match is safe here"
-            )
-            return "etag", reasons
+def with_overwrite(sem: Semantics, combo: Answer | None, new_etag: str | None) -> Semantics:
+    """Fold the same-second overwrite (both headers, old ETag) into what calibration measured."""
+    if combo is None or combo.status != 304:
+        return sem
+    carried = combo.etag is not None and combo.etag == new_etag
+    etag_on_304 = carried if sem.etag_on_304 is None else sem.etag_on_304 and carried
+    return replace(sem, ims_overrides=True, etag_on_304=etag_on_304)
+
+
+def recommend(calibrated: Semantics, seen: Semantics, setting: Setting) -> tuple[str, list[str], list[str]]:
+    """The ``conditional`` value to set, the reasons, and warnings (pure: testable without a server).
+
+    ``calibrated`` is what the daemon's read-only calibration sees; ``seen`` adds what only a write
+    shows (a real same-second overwrite). They agree on every server measured so far.
+    """
+    reasons = [f"this server: {describe(seen, 'auto')}"]
+    warnings = []
+    daemon_mode = choose_mode("auto", calibrated)
+    sound_mode = choose_mode("auto", seen)
+    if seen.ims_overrides and seen.etag_on_304:
+        reasons.append("a 304 to a changed object carries its new ETag, so poller's cross-check sees the change")
+    if seen.precedence == "ims_ignored":
+        reasons.append("If-Modified-Since is ignored: If-None-Match alone decides, the timestamp costs nothing")
+    if daemon_mode == sound_mode:
+        recommendation = "auto"
         reasons.append(
-            "a same-second overwrite answers 304 with both headers, but the 304 carries the new "
-            "ETag, so poller's cross-check still sees it"
+            f'"auto" (the default) measures this with the same read-only HEADs at start and polls this server '
+            f'with "{daemon_mode}"'
         )
-    if not ims_ok:
-        reasons.append("If-Modified-Since is ignored: poller relies on If-None-Match")
-        return "etag", reasons
-    reasons.append("both headers are honoured; the same-second guard and the ETag cross-check cover the rest")
-    return "both", reasons
+    else:
+        recommendation = sound_mode
+        reasons.append(
+            f'the same-second overwrite showed what read-only calibration cannot: "auto" would pick '
+            f'"{daemon_mode}", which can miss a change here; set "{sound_mode}"'
+        )
+    if setting != "auto":
+        warning = override_warning(setting, seen)
+        if warning:
+            warnings.append(warning)
+        else:
+            reasons.append(f'your [s3] conditional = "{setting}" is sound on this server')
+    return recommendation, reasons, warnings
 
 
-def run_doctor(client: S3Client, bucket: str) -> Report:
+def run_doctor(client: S3Client, bucket: str, setting: Setting = "auto") -> Report:
     """Measure the endpoint with a temporary object in ``bucket``; always deletes what it wrote."""
     key = f".poller-doctor/{uuid.uuid4().hex}"
     try:
-        return _measure(client, bucket, key)
+        return _measure(client, bucket, key, setting)
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
         raise DoctorError(
@@ -87,6 +122,8 @@ def run_doctor(client: S3Client, bucket: str) -> Report:
         ) from None
     except BotoCoreError as exc:
         raise DoctorError(f"s3://{bucket}: {describe_transport_error(exc)}") from None
+    except Inconclusive as exc:
+        raise DoctorError(f"s3://{bucket}: the measurement was disturbed ({exc}); run doctor again") from None
     finally:
         _clean_up(client, bucket, key)
 
@@ -102,16 +139,24 @@ def _clean_up(client: S3Client, bucket: str, key: str) -> None:
                 client.delete_object(Bucket=bucket, Key=key, VersionId=item["VersionId"])
 
 
-def _measure(client: S3Client, bucket: str, key: str) -> Report:
+def _measure(client: S3Client, bucket: str, key: str, setting: Setting) -> Report:
     put = client.put_object(Bucket=bucket, Key=key, Body=b"poller doctor 1")
     first = head(client, bucket, key)
-    assert first.etag is not None and first.last_modified is not None
+    if first.etag is None or first.last_modified is None:
+        raise Inconclusive("the object was served without ETag or Last-Modified")
+    other = NO_MATCH_ETAG
     checks = {
         "inm-match": Check(
             "If-None-Match, same ETag",
             f"If-None-Match: {first.etag}",
             "304",
             head(client, bucket, key, IfNoneMatch=first.etag),
+        ),
+        "inm-other": Check(
+            "If-None-Match, other ETag",
+            "If-None-Match: other",
+            "200",
+            head(client, bucket, key, IfNoneMatch=other),
         ),
         "inm-unquoted": Check(
             "If-None-Match, unquoted ETag",
@@ -131,7 +176,23 @@ def _measure(client: S3Client, bucket: str, key: str) -> Report:
             "304",
             head(client, bucket, key, IfModifiedSince=first.last_modified + timedelta(days=1)),
         ),
+        "other-and-ims": Check(
+            "other ETag + If-Modified-Since = Last-Modified",
+            "If-None-Match: other + If-Modified-Since",
+            "200",
+            head(client, bucket, key, IfNoneMatch=other, IfModifiedSince=first.last_modified),
+        ),
     }
+    calibrated = measure(
+        Measured(
+            current=first,
+            mismatch_and_since=checks["other-and-ims"].answer,
+            match=checks["inm-match"].answer,
+            since=checks["ims-same"].answer,
+            mismatch=checks["inm-other"].answer,
+        )
+    )
+    after: Answer | None = None
     for _ in range(SAME_SECOND_TRIES):
         client.put_object(Bucket=bucket, Key=key, Body=b"poller doctor 1")
         before = head(client, bucket, key)
@@ -146,13 +207,20 @@ def _measure(client: S3Client, bucket: str, key: str) -> Report:
                 head(client, bucket, key, IfNoneMatch=before.etag, IfModifiedSince=before.last_modified),
             )
             break
-    mode, reasons = recommend(checks)
-    if "both-after-overwrite" not in checks:
+    combo = checks.get("both-after-overwrite")
+    seen = with_overwrite(calibrated, combo.answer if combo else None, after.etag if after else None)
+    mode, reasons, warnings = recommend(calibrated, seen, setting)
+    if combo is None:
         reasons.append(
             f"could not fit two PUTs into one server second in {SAME_SECOND_TRIES} tries; "
             "the same-second check was not measured"
         )
-    return Report(list(checks.values()), bool(put.get("VersionId")) or first.version_id is not None, mode, reasons)
+    versioned = bool(put.get("VersionId")) or first.version_id is not None
+    version_id_on_404 = None
+    if versioned:
+        client.delete_object(Bucket=bucket, Key=key)  # a delete marker; _clean_up removes it
+        version_id_on_404 = head(client, bucket, key).version_id is not None
+    return Report(list(checks.values()), versioned, mode, reasons, seen, version_id_on_404, warnings)
 
 
 def render(report: Report) -> str:
@@ -173,7 +241,11 @@ def render(report: Report) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.append("")
-    lines.append(f"versioned bucket: {'yes (version ids are recorded on every event)' if report.versioned else 'no'}")
+    if report.versioned:
+        lines.append(f"versioned bucket: yes; {version_id_words(report.version_id_on_404)}")
+    else:
+        lines.append("versioned bucket: no (its objects have no version ids, so no event carries one)")
+    lines += [f"WARNING: {warning}" for warning in report.warnings]
     lines.append(f'recommended: [s3] conditional = "{report.recommendation}"')
     lines += [f"  - {reason}" for reason in report.reasons]
     return "\n".join(lines)

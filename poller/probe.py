@@ -191,9 +191,8 @@ class Prober:
 
     def probe(self, watch: Watch, state: ObjectState | None) -> PollResult:
         """Poll one watch against its stored state."""
-        conditional = state is not None and bool(state.present) and state.etag is not None
-        if conditional and self.book.claim(watch.bucket):
-            self._calibrate(watch)
+        if state is not None and state.present and state.etag is not None:
+            self.calibrate(watch)
         result = self._probe(watch, state, self.mode_for(watch.bucket))
         if self.book.polled(result.outcome != "error"):
             log.warning(
@@ -239,6 +238,11 @@ class Prober:
         )
 
     # --- calibration ----------------------------------------------------------------
+
+    def calibrate(self, watch: Watch) -> None:
+        """Measure the watch's bucket now if it is due (a poll with stored state does this by itself)."""
+        if self.book.claim(watch.bucket):
+            self._calibrate(watch)
 
     def _calibrate(self, watch: Watch) -> None:
         """Five read-only HEADs on the watch's object; what they show decides the bucket's mode."""

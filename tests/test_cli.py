@@ -245,8 +245,9 @@ def test_doctor_against_moto(config: ConfigFile, s3, bucket):
     out = proc.stdout
     assert "If-None-Match, same ETag" in out and "If-Modified-Since = Last-Modified" in out
     assert "both headers after a same-second overwrite" in out
-    # moto lets the timestamp win after a same-second overwrite but sends the new ETag on the 304.
-    assert 'recommended: [s3] conditional = "both"' in out
+    # moto lets the timestamp win over a changed ETag but sends the new ETag on the 304: sound with "both".
+    assert "either-condition semantics" in out and "304s carry the ETag" in out
+    assert 'recommended: [s3] conditional = "auto"' in out and 'polls this server with "both"' in out
     assert "cross-check" in out
     assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0, "doctor deletes what it wrote"
 
@@ -256,6 +257,7 @@ def test_doctor_on_a_versioned_bucket_leaves_nothing(config: ConfigFile, s3, buc
     config.write([])
     proc = run_cli("doctor", "--bucket", bucket, "--config", str(config.path))
     assert proc.returncode == 0 and "versioned bucket: yes" in proc.stdout
+    assert "deleted events carry version ids (the 404 names the delete marker)" in proc.stdout
     listing = s3.list_object_versions(Bucket=bucket)
     assert not listing.get("Versions") and not listing.get("DeleteMarkers")
 
@@ -267,18 +269,18 @@ def test_doctor_missing_bucket(config: ConfigFile):
 
 
 def test_doctor_recommendations():
-    from poller.doctor import Check, recommend
-    from poller.model import Answer
+    from poller.calibrate import Semantics
+    from poller.doctor import recommend
 
-    def checks(inm: int, ims: int, combo: Answer | None) -> dict[str, Check]:
-        out = {"inm-match": Check("", "", "304", Answer(inm)), "ims-same": Check("", "", "304", Answer(ims))}
-        if combo is not None:
-            out["both-after-overwrite"] = Check("", "", "200", combo)
-        return out
+    def sem(overrides: bool, etag: bool | None, ims: bool = True) -> Semantics:
+        return Semantics(True, False, ims, overrides, etag)
 
-    assert recommend(checks(304, 304, Answer(200)))[0] == "both"
-    assert recommend(checks(304, 304, Answer(304, etag='"new"')))[0] == "both"
-    assert recommend(checks(304, 304, Answer(304)))[0] == "etag"
-    assert recommend(checks(304, 200, Answer(200)))[0] == "etag"
-    assert recommend(checks(200, 304, None))[0] == "timestamp"
-    assert recommend(checks(200, 200, None))[0] == "etag"
+    rfc, either_etag, either_noetag = sem(False, True), sem(True, True), sem(True, False)
+    assert recommend(rfc, rfc, "auto")[0] == "auto"
+    mode, reasons, warnings = recommend(either_etag, either_etag, "both")
+    assert mode == "auto" and not warnings and any("cross-check" in r for r in reasons)
+    mode, reasons, warnings = recommend(either_noetag, either_noetag, "both")
+    assert mode == "auto" and any('with "etag"' in r for r in reasons)
+    assert len(warnings) == 1 and 'conditional = "both" is unsound' in warnings[0]
+    # Only the same-second overwrite (a write) showed the timestamp winning: say what to set.
+    assert recommend(rfc, either_noetag, "auto")[0] == "etag"

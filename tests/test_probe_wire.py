@@ -36,6 +36,8 @@ class Wire:
         return list(self.proxy.heads)[self.seen :]
 
     def poll(self, watch: Watch, state: ObjectState | None):
+        if state is not None and state.present:  # as probe() does; its HEADs are not the poll's requests
+            self.prober.calibrate(watch)
         self.seen = len(self.proxy.heads) if self.proxy else 0
         return self.prober.probe(watch, state)
 
