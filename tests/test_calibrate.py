@@ -110,9 +110,7 @@ def test_overrides_are_kept_and_the_unsound_ones_warned_about():
 def test_safe_mode_until_calibrated_and_broken_servers():
     assert choose_mode("auto", None) == "etag"
     assert choose_mode("both", None) == "both"
-    broken = Semantics(
-        inm_honoured=True, inm_false_304=True, ims_honoured=True, ims_overrides=True, etag_on_304=False
-    )
+    broken = Semantics(inm_honoured=True, inm_false_304=True, ims_honoured=True, ims_overrides=True, etag_on_304=False)
     assert broken.precedence == "inm_broken" and choose_mode("auto", broken) == "none"
     ignored = Semantics(
         inm_honoured=False, inm_false_304=False, ims_honoured=True, ims_overrides=True, etag_on_304=False
@@ -123,7 +121,10 @@ def test_safe_mode_until_calibrated_and_broken_servers():
 def test_an_object_that_changes_during_calibration_is_inconclusive():
     honest = _answers("rfc")
     changed = Measured(
-        honest.current, Answer(200, etag='"newer"', last_modified=LM + MINUTE), honest.match, honest.since,
+        honest.current,
+        Answer(200, etag='"newer"', last_modified=LM + MINUTE),
+        honest.match,
+        honest.since,
         honest.mismatch,
     )
     with pytest.raises(Inconclusive):
