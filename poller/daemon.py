@@ -252,7 +252,7 @@ class Daemon:
         prober = None
         if new.s3 != old.settings.s3:
             try:
-                prober = prober_for(new.s3, old.settings.schedule.concurrency)
+                prober = prober_for(new.s3, old.settings.schedule.concurrency, sink=self.store)
             except Exception as exc:  # botocore's many errors: whatever it is, the old client stays
                 return self._refuse(f"{self.config_path}: [s3]: cannot build the S3 client: {exc}")
         try:
@@ -263,6 +263,8 @@ class Daemon:
         if prober is not None:
             self.service.prober = prober
             log.info("reload: [s3] settings changed; new client in use")
+        else:
+            self.service.prober.relearn()  # a new prober learns anew; this one measures again
         self.current = _Running(new, specs, synced.watches)
         self.recorder.route = make_route(new.notify) if new.notify else None
         self.dispatcher.set_sinks(new.notify)

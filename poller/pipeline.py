@@ -332,7 +332,7 @@ def prepare(
     """What `run` and `once` both do before polling: build the client, migrate, sync the watch list,
     start the writer. The client comes first: nothing is written unless the config can be used."""
     try:
-        prober = prober_for(settings.s3, settings.schedule.concurrency)
+        prober = prober_for(settings.s3, settings.schedule.concurrency, sink=store)
     except (BotoCoreError, ValueError) as exc:
         raise ConfigError(f"[s3]: cannot build the S3 client: {exc}") from None
     specs = specs_from_settings(settings)
