@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from conftest import ConfigFile, run_cli
+from daemonproc import query
 from semserver import MINUTE, SEMANTICS, T0, SemServer, semserver
 
 from poller.calibrate import (
@@ -438,3 +439,36 @@ def test_learned_at_is_timezone_aware(tmp_path, http_client):
             assert isinstance(row["learned_at"], datetime) and row["learned_at"].utcoffset() == timedelta(0)
         finally:
             p.close()
+
+
+def test_a_daemon_reload_measures_again(tmp_path, http_client):
+    """SIGHUP's reload(): with [s3] unchanged the prober measures again; with [s3] changed a new one learns."""
+    from poller.daemon import Daemon
+    from poller.sdnotify import Notifier
+
+    with semserver("rfc") as server:
+        config = ConfigFile(tmp_path / "poller.toml", server.endpoint)
+        config.write([{"name": "w", "bucket": BUCKET, "key": KEY}], s3={"http_client": http_client, "max_attempts": 1})
+        server.put(BUCKET, KEY, '"v1"', T0)
+        daemon = Daemon(config.path, load_settings(config.path), Notifier(""))
+        daemon.start(paused=True)
+        try:
+            watch = daemon.current.watches["w"]
+            daemon.service.poll(watch)
+            daemon.service.poll(watch)
+            assert daemon.service.prober.mode_for(BUCKET) == "both"
+            server.semantics = "either_noetag"
+            assert daemon.reload()
+            server.put(BUCKET, KEY, '"v0"', T0 - MINUTE)  # an older version restored
+            assert daemon.service.poll(watch).event == "modified"
+            assert daemon.service.prober.mode_for(BUCKET) == "etag"
+            server.semantics = "rfc"
+            config.write(s3={"read_timeout": "4s"})  # [s3] changed: a new prober, still recording
+            assert daemon.reload()
+            daemon.service.poll(watch)
+            assert daemon.service.prober.mode_for(BUCKET) == "both"
+            assert [r["precedence"] for r in daemon.store.server_semantics()] == ["rfc"]
+        finally:
+            daemon.shutdown()
+        events = query(config.db, "SELECT event FROM etag_history ORDER BY id")
+        assert [e for (e,) in events] == ["first_seen", "modified"]
