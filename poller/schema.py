@@ -171,11 +171,13 @@ server_semantics = Table(
     Column("endpoint", Text, primary_key=True),
     Column("bucket", Text, primary_key=True),
     # rfc: If-None-Match wins over If-Modified-Since (RFC 9110); either: a 304 when either condition
-    # says "not modified"; ims_ignored: If-Modified-Since is never honoured; unknown: not measured yet
+    # says "not modified"; ims_ignored: If-Modified-Since is never honoured; inm_ignored: If-None-Match
+    # is never honoured; inm_broken: a non-matching If-None-Match answers 304; unknown: not measured yet
     Column("precedence", String(16), nullable=False),
-    Column("etag_on_304", Boolean),
-    Column("version_id_on_404", Boolean),
-    Column("mode", String(16), nullable=False),  # the conditional mode in use: both | etag | timestamp
+    Column("etag_on_304", Boolean),  # every 304 of the calibration carried the current ETag
+    Column("version_id_on_404", Boolean),  # learned from the first deletion of a versioned object
+    # the conditional mode in use: both | etag | timestamp | none (unconditional) | unknown (not measured)
+    Column("mode", String(16), nullable=False),
     Column("learned_at", UTCDateTime, nullable=False),
     Column("detail", Text),
 )
