@@ -16,6 +16,8 @@ import hmac
 import logging
 import os
 import random
+import re
+import select
 import socket
 import ssl
 import threading
@@ -35,7 +37,7 @@ from botocore.exceptions import (
 )
 
 from poller import __version__
-from poller.model import Answer, answer_from_headers
+from poller.model import Answer, ProtocolError, answer_from_headers
 from poller.s3client import head
 from poller.targets import Fallback, Target, count_fallback, request_path, resolve
 
@@ -139,43 +141,169 @@ def _request_bytes(path: str, headers: dict[str, str]) -> bytes:
     return f"HEAD {path} HTTP/1.1\r\n{lines}\r\n".encode("latin-1")
 
 
-MAX_HEAD = 64 * 1024
+# Far above any S3 head (user metadata is capped at 2 KB); bounds what a hostile peer can make us buffer.
+MAX_HEAD = 256 * 1024
+# In a response head: a control character, a CR not before LF, an LF not after CR (HTTP needs CRLF).
+_BAD_BYTE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
+_STATUS_LINE = re.compile(r"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: (.*))?")
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Headers an answer is read from: a second, different value is a protocol error, not a choice to make.
+_SINGLE = frozenset({"etag", "last-modified", "content-length", "date", "x-amz-version-id", "x-amz-bucket-region"})
+
+# Endpoints that sent bytes nobody asked for: keep-alive to them is off for the life of the process.
+_stray_lock = threading.Lock()
+_no_keepalive: set[str] = set()
 
 
-def _read_head(sock: socket.socket) -> tuple[bytes, bytes]:
-    """Read up to the end of the response head (a HEAD answer has no body); return it and any excess."""
+def keepalive_disabled(endpoint: str) -> bool:
+    """True once ``endpoint`` (``scheme://host[:port]``) sent a stray byte: each request then takes a new connection."""
+    return endpoint in _no_keepalive
+
+
+def keepalive_disabled_count() -> int:
+    """How many endpoints lost keep-alive to a stray byte in this process (the ``poller_keepalive_disabled`` metric)."""
+    with _stray_lock:
+        return len(_no_keepalive)
+
+
+def _stray(endpoint: str, what: str) -> None:
+    """End keep-alive to ``endpoint`` for good: a stray answer on a kept connection reads as the next key's."""
+    with _stray_lock:
+        if endpoint in _no_keepalive:
+            return
+        _no_keepalive.add(endpoint)
+    log.warning(
+        "endpoint %s sent %s: keep-alive to it is off for the life of this process (one new connection per "
+        "request), so that a stray answer is never read as another key's",
+        endpoint,
+        what,
+    )
+
+
+def _shown(data: bytes) -> str:
+    """Bytes from the peer, quoted and escaped for a message (never a raw control character in a log)."""
+    text = data[:80].decode("latin-1")
+    return ascii(text) if not text.isprintable() else repr(text)
+
+
+def _first_line(data: bytes) -> str:
+    return _shown(data.replace(b"\n", b"\r").partition(b"\r")[0])
+
+
+def _fault(endpoint: str, what: str) -> ProtocolError:
+    return ProtocolError(f"malformed HTTP response from {endpoint}: {what}")
+
+
+def _read_head(sock: socket.socket, deadline: float, endpoint: str) -> tuple[bytes, bytes]:
+    """Read up to the end of the final response head by ``deadline`` (monotonic); return it and the bytes after it.
+
+    A HEAD answer has no body. Interim 1xx heads are skipped, including one that arrived in the same
+    packet as the final answer. Raises TimeoutError at the deadline, ProtocolError on a malformed
+    head, ConnectionError when the peer closes first.
+    """
     buf = b""
+    scanned = checked = 0
     while True:
-        chunk = sock.recv(MAX_HEAD)
+        end = buf.find(b"\r\n\r\n", max(scanned - 3, 0))
+        if end >= 0:
+            head, buf = buf[:end], buf[end + 4 :]
+            if head[9:10] == b"1" and head.startswith(b"HTTP/1."):
+                _parse_head(head, endpoint)  # an interim answer, held to the same rules; the final one follows
+                scanned = checked = 0
+                continue
+            return head, buf
+        scanned = len(buf)
+        if buf:
+            # Fail fast, not at the deadline: a banner, an LF-only head, a control character.
+            if not buf.startswith(b"HTTP/1."[: len(buf)]):
+                raise _fault(endpoint, f"not an HTTP response: {_first_line(buf)}")
+            lines_end = buf.rfind(b"\n") + 1
+            _check_bytes(buf[checked:lines_end], endpoint)
+            checked = max(checked, lines_end)
+            if scanned > MAX_HEAD:
+                raise _fault(endpoint, f"response head larger than {MAX_HEAD // 1024} KiB")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("response head not complete by the deadline")
+        sock.settimeout(remaining)
+        chunk = sock.recv(65536)
         if not chunk:
+            if buf:
+                raise _fault(
+                    endpoint,
+                    f"the server closed the connection in the middle of the response head ({len(buf)} bytes received)",
+                )
             raise ConnectionError("the server closed the connection before answering")
         buf += chunk
-        end = buf.find(b"\r\n\r\n")
-        if end >= 0:
-            head, rest = buf[:end], buf[end + 4 :]
-            if head.startswith((b"HTTP/1.1 1", b"HTTP/1.0 1")):  # an interim 1xx answer: the real one follows
-                buf = rest
-                continue
-            return head, rest
-        if len(buf) > MAX_HEAD:
-            raise ValueError("response head too large")
 
 
-def _parse_head(head: bytes) -> tuple[int, str, dict[str, str], bool]:
-    """Status, reason, lower-cased headers, and whether the connection may be kept alive."""
+def _check_bytes(head: bytes, endpoint: str) -> None:
+    """Refuse a bare CR or LF and control characters in a head: they split log lines and wedge a stored ETag."""
+    bad = _BAD_BYTE.search(head)
+    if bad is None:
+        return
+    start = head.rfind(b"\n", 0, bad.start()) + 1
+    colon = head.find(b":", start, bad.start())
+    name = head[start:colon].decode("latin-1").lower() if colon >= 0 else ""
+    if _FIELD_NAME.fullmatch(name):
+        where = f"the {name} header"
+    else:
+        where = "the status line" if head.startswith(b"HTTP/", start) else "a header line"
+    if bad.group() == b"\n":
+        raise _fault(endpoint, f"a bare LF ends {where} (HTTP requires CRLF)")
+    if bad.group() == b"\r":
+        raise _fault(endpoint, f"a bare CR in {where} (HTTP requires CRLF)")
+    raise _fault(endpoint, f"control character 0x{bad.group()[0]:02x} in {where}")
+
+
+def _parse_head(head: bytes, endpoint: str) -> tuple[int, str, dict[str, str], bool]:
+    """Status, reason, lower-cased headers, and whether the connection may be kept alive; strict (RFC 9112)."""
+    _check_bytes(head, endpoint)
     lines = head.decode("latin-1").split("\r\n")
-    version, _, rest = lines[0].partition(" ")
-    code, _, reason = rest.partition(" ")
-    if not version.startswith("HTTP/1.") or not code.isdigit():
-        raise ValueError(f"not an HTTP response: {lines[0][:80]!r}")
+    status = _STATUS_LINE.fullmatch(lines[0])
+    if status is None:
+        raise _fault(endpoint, f"not an HTTP response: {_first_line(head)}")
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, sep, value = line.partition(":")
-        if sep:
-            headers[name.strip().lower()] = value.strip()
-    connection = headers.get("connection", "").lower()
-    keep = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
-    return int(code), reason, headers, keep
+        if not sep or _FIELD_NAME.fullmatch(name) is None:
+            raise _fault(endpoint, f"not a header line: {_shown(line.encode('latin-1'))}")
+        name = name.lower()
+        value = value.strip(" \t")
+        seen = headers.get(name)
+        if seen is None:
+            headers[name] = value
+        elif name in _SINGLE:
+            if seen != value:
+                raise _fault(
+                    endpoint,
+                    f"conflicting {name} headers: {_shown(seen.encode('latin-1'))} and "
+                    f"{_shown(value.encode('latin-1'))}",
+                )
+        else:
+            headers[name] = f"{seen}, {value}"  # as urllib3 joins a repeated header
+    tokens = {t.strip() for t in headers.get("connection", "").lower().split(",")}
+    keep = "close" not in tokens if status.group(1) == "1" else "keep-alive" in tokens
+    return int(status.group(2)), status.group(3) or "", headers, keep
+
+
+def _idle_state(sock: socket.socket) -> str:
+    """What waits on an idle kept-alive socket: "" (nothing: reusable), "eof" (the peer closed it) or "data"."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return "data"
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    if not poller.poll(0):
+        return ""
+    sock.settimeout(0)
+    try:
+        # TLS: read a record (a session ticket is no data); plain: peek, so a byte is only looked at.
+        got = sock.recv(1) if isinstance(sock, ssl.SSLSocket) else sock.recv(1, socket.MSG_PEEK)
+    except (ssl.SSLWantReadError, BlockingIOError):
+        return ""
+    except OSError:
+        return "eof"  # reset by the peer
+    return "data" if got else "eof"
 
 
 class _Fallback(Exception):
@@ -269,7 +397,14 @@ class LeanHead:
             headers["user-agent"] = self._user_agent
             try:
                 status, reason, answer_headers = self._send(target, path, headers)
-            except (ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError, ConnectionClosedError):
+            except (
+                ConnectTimeoutError,
+                EndpointConnectionError,
+                ReadTimeoutError,
+                ConnectionClosedError,
+                ProtocolError,
+            ):
+                # botocore's standard mode retries these too (ConnectionError, HTTPClientError).
                 if attempt >= self._max_attempts:
                     raise
                 _backoff(attempt)
@@ -296,31 +431,65 @@ class LeanHead:
             )
 
     def _send(self, target: Target, path: str, headers: dict[str, str]) -> tuple[int, str, dict[str, str]]:
-        """Send on this thread's kept-alive connection; a stale one is replaced once, silently."""
+        """One attempt, within read_timeout, on this thread's kept-alive connection or a new one.
+
+        A kept connection is used only when nothing waits unread on it (as urllib3 checks before reuse);
+        one the server closed while idle is replaced silently. Any byte nobody asked for ends keep-alive
+        to the endpoint (``_stray``), and an answer read on a kept connection next to such bytes is asked
+        again on a new connection: it may have been the answer to an earlier request.
+        """
         request = _request_bytes(path, headers)
+        endpoint = target.endpoint
         connections: dict[Target, socket.socket] = self._local.__dict__.setdefault("connections", {})
         sock = connections.pop(target, None)
+        if sock is not None:
+            waiting = _idle_state(sock)
+            if waiting:
+                sock.close()
+                sock = None
+                if waiting == "data":
+                    _stray(endpoint, "bytes nobody asked for on an idle kept-alive connection")
         reused = sock is not None
+        deadline = 0.0
         while True:
             if sock is None:
                 sock = self._connect(target)
+            if not deadline:
+                deadline = time.monotonic() + self._read_timeout  # the whole attempt: send and head
             received = False
             try:
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 sock.sendall(request)
-                head, rest = _read_head(sock)
+                head, rest = _read_head(sock, deadline, endpoint)
                 received = True
-                status, reason, answer_headers, keep = _parse_head(head)
+                status, reason, answer_headers, keep = _parse_head(head, endpoint)
             except TimeoutError as exc:
                 sock.close()
-                raise ReadTimeoutError(endpoint_url=target.endpoint + path) from exc
-            except (OSError, ValueError) as exc:
+                raise ReadTimeoutError(endpoint_url=endpoint + path) from exc
+            except ProtocolError:
+                sock.close()
+                sock = None
+                if reused:  # on a kept connection this may be the tail of an earlier answer: ask again
+                    _stray(endpoint, "a malformed answer on a kept-alive connection")
+                    reused = False
+                    continue
+                raise
+            except OSError as exc:
                 sock.close()
                 sock = None
                 if reused and not received:  # the server closed an idle keep-alive connection: not an attempt
                     reused = False
                     continue
-                raise ConnectionClosedError(endpoint_url=target.endpoint + path) from exc
-            if keep and not rest:  # a HEAD answer has no body: anything after the head means trouble
+                raise ConnectionClosedError(endpoint_url=endpoint + path) from exc
+            if rest:  # a HEAD answer has no body: bytes after the head answer nothing we asked
+                sock.close()
+                sock = None
+                _stray(endpoint, f"{len(rest)} bytes after a response head")
+                if reused:
+                    reused = False
+                    continue
+                return status, reason, answer_headers
+            if keep and endpoint not in _no_keepalive:
                 connections[target] = sock
             else:
                 sock.close()
@@ -337,7 +506,6 @@ class LeanHead:
             raise SSLError(endpoint_url=target.endpoint, error=exc) from exc
         except OSError as exc:
             raise EndpointConnectionError(endpoint_url=target.endpoint) from exc
-        sock.settimeout(self._read_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 

@@ -75,6 +75,19 @@ class _LeanFallbacks(Collector):
         yield family
 
 
+class _KeepAliveDisabled(Collector):
+    """Endpoints whose stray bytes ended keep-alive to them for the life of the process (counted in poller.lean)."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        from poller.lean import keepalive_disabled_count  # the HTTP client only where metrics are served
+
+        yield CounterMetricFamily(
+            "poller_keepalive_disabled",
+            "Endpoints that sent bytes nobody asked for; each request to them now takes a new connection",
+            value=keepalive_disabled_count(),
+        )
+
+
 class Metrics:
     """The counters and histograms poller updates, on a registry of its own."""
 
@@ -101,6 +114,7 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_LeanFallbacks())
+        self.registry.register(_KeepAliveDisabled())
         self._server: Any = None
 
     def observe(self, result: PollResult) -> None:

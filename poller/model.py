@@ -6,6 +6,7 @@ types from one place and the arrows between them run one way.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -131,12 +132,42 @@ def canonical_etag(etag: str | None) -> str | None:
     return f'"{text}"'
 
 
+class ProtocolError(ValueError):
+    """An answer that breaks HTTP or S3 rules; the message names the endpoint and the fault, escaped."""
+
+
+# Visible ASCII, space, tab and obs-text: what an HTTP header value may hold, so what can be sent back.
+_SENDABLE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+# An entity-tag (RFC 9110): one quoted opaque tag. Unquoted ETags (some S3 clones) hold no quote at all.
+_ENTITY_TAG = re.compile(r'(?:W/)?"[^"]*"|[^"]*')
+_ETAG_LIST = re.compile(r'\s*,\s*(?=(?:W/)?")')
+
+
+def sendable(etag: str) -> bool:
+    """True when the ETag can go back in an If-None-Match header (no CR, LF, control or non-latin-1 characters)."""
+    return _SENDABLE.fullmatch(etag) is not None
+
+
+def _etag(value: str | None) -> str | None:
+    """The one ETag in a header value; an HTTP client joins repeated headers with ", " (identical ones agree)."""
+    if not value:
+        return None
+    if not sendable(value):
+        raise ProtocolError(f"the server sent an ETag with control characters: {value!r}")
+    if _ENTITY_TAG.fullmatch(value) is None:
+        tags = set(_ETAG_LIST.split(value))
+        if len(tags) != 1 or _ENTITY_TAG.fullmatch(next(iter(tags))) is None:
+            raise ProtocolError(f"the server sent conflicting or malformed ETag headers: {value!r}")
+        value = tags.pop()
+    return value
+
+
 def answer_from_headers(status: int, headers: dict[str, str]) -> Answer:
-    """Build an Answer from an HTTP status and botocore's lower-cased response headers."""
+    """Build an Answer from an HTTP status and lower-cased response headers; a bad ETag raises ProtocolError."""
     size = headers.get("content-length")
     return Answer(
         status=status,
-        etag=headers.get("etag") or None,
+        etag=_etag(headers.get("etag")),
         last_modified=_http_date(headers.get("last-modified")),
         server_date=_http_date(headers.get("date")),
         version_id=headers.get("x-amz-version-id") or None,

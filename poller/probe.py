@@ -29,10 +29,11 @@ from poller.calibrate import (
     describe,
     measure,
     override_warning,
+    since_for,
     version_id_words,
 )
 from poller.lean import LeanHead
-from poller.model import Answer, Event, ObjectState, Outcome, PollResult, Watch
+from poller.model import Answer, Event, ObjectState, Outcome, PollResult, Watch, sendable
 from poller.redact import redact
 from poller.s3client import (
     bucket_missing,
@@ -67,7 +68,7 @@ class Verdict:
 def request_conditions(state: ObjectState | None, mode: Mode) -> dict[str, Any]:
     """The conditional headers (as boto3 HeadObject kwargs) for the next poll of this state."""
     # An ETag stored by an older version that cannot be sent back (control characters): ask unconditionally.
-    if state is None or not state.present or state.etag is None:
+    if state is None or not state.present or state.etag is None or not sendable(state.etag):
         return {}
     risky = (
         state.last_modified is None
@@ -250,7 +251,7 @@ class Prober:
             current = self._head(watch, {})
             if current.status != 200 or current.etag is None or current.last_modified is None:
                 raise Inconclusive(f"the object answered {current.status} without ETag and Last-Modified")
-            since = current.last_modified
+            since = since_for(current)
             sem = measure(
                 Measured(
                     current=current,

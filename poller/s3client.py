@@ -19,7 +19,7 @@ from botocore.exceptions import (
     SSLError,
 )
 
-from poller.model import Answer, Watch, answer_from_headers
+from poller.model import Answer, ProtocolError, Watch, answer_from_headers
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -55,6 +55,13 @@ def head(client: S3Client, bucket: str, key: str, **conditions: Any) -> Answer:
         if status in (304, 404):
             return answer_from_headers(status, exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}))
         raise
+    status = response["ResponseMetadata"].get("HTTPStatusCode", 200)
+    if status < 200:
+        # http.client skips only a 100 Continue: another 1xx (a 103 Early Hints) reaches botocore as the answer.
+        raise ProtocolError(
+            f"the endpoint sent an interim HTTP {status} that the HTTP client took as the final answer to "
+            'HeadObject; the real answer was not read (use [s3] http_client = "lean", which skips 1xx answers)'
+        )
     return answer_from_headers(200, response["ResponseMetadata"]["HTTPHeaders"])
 
 
