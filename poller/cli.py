@@ -190,15 +190,17 @@ def describe_probe(result: Any) -> str:
     """One line for `check --probe`: what the HEAD (or listing) found, in words that claim no change."""
     from poller.pipeline import describe_result
 
-    if result.outcome == "error" or result.outcome == "missing":
-        return str(describe_result(result)) + " (not recorded)"
-    head = f"{result.watch.name} {printable(result.watch.url)}"
+    if result.outcome == "error":
+        return str(describe_result(result))
+    head = f"{result.watch.name} {result.watch.url}"
     ms = f"{result.duration_ms:.0f}ms"
     if result.watch.prefix:
-        return f"{head} listed ({result.note}) (not recorded) {ms}"
+        return printable(f"{head} listed ({result.note}) (not recorded) {ms}")
+    if result.outcome == "missing":
+        return printable(f"{head} missing ({result.http_status}) (not recorded) {ms}")
     state = result.state
     version = f" version {state.version_id}" if state.version_id else ""
-    return (
+    return printable(
         f"{head} present ({result.http_status}), etag {state.etag} last-modified {iso(state.last_modified)}"
         f"{version} (not recorded) {ms}"
     )
