@@ -212,3 +212,31 @@ def test_metrics_port_in_use_is_one_clear_line_before_ready(config: ConfigFile, 
     assert f"cannot serve metrics on 127.0.0.1:{port} ([metrics] listen)" in log and "Traceback" not in log, log
     assert not any("READY=1" in m for m in daemon.notify.drain())
     assert poll_count(config.db, "a") == 0, "no worker started"
+
+
+def test_a_readded_prefix_watch_resumes_from_its_stored_listing(config: ConfigFile, s3, bucket):
+    from poller.config import load_settings
+    from poller.daemon import Daemon
+    from poller.sdnotify import Notifier
+
+    for key in ("p/a", "p/b", "keep"):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"v1")
+    keeper = {"name": "keeper", "bucket": bucket, "key": "keep"}
+    prefix = {"name": "p", "bucket": bucket, "prefix": "p/"}
+    config.write([keeper, prefix])
+    daemon = Daemon(config.path, load_settings(config.path), Notifier(""))
+    daemon.start(paused=True)
+    try:
+        first = daemon.service.poll(daemon.current.watches["p"])
+        assert first is not None and sorted(c.event or "" for c in first.changes) == ["first_seen", "first_seen"]
+        config.write([keeper])
+        assert daemon.reload()
+        s3.put_object(Bucket=bucket, Key="p/a", Body=b"v2 while out of the config")
+        config.write([keeper, prefix])
+        assert daemon.reload()
+        again = daemon.service.poll(daemon.current.watches["p"])
+        assert again is not None
+        assert [(c.key, c.event) for c in again.changes if c.event] == [("p/a", "modified")]
+    finally:
+        daemon.shutdown()
+    assert events(config.db, "p") == ["first_seen", "first_seen", "modified"]
