@@ -49,9 +49,9 @@ class Measured:
     """The five answers of one calibration, all on the same object."""
 
     current: Answer  # unconditional: the object's ETag and Last-Modified
-    mismatch_and_since: Answer  # (a) non-matching If-None-Match + If-Modified-Since = its Last-Modified
+    mismatch_and_since: Answer  # (a) non-matching If-None-Match + If-Modified-Since (see since_for)
     match: Answer  # (b) matching If-None-Match
-    since: Answer  # (c) If-Modified-Since = its Last-Modified, alone
+    since: Answer  # (c) the same If-Modified-Since, alone
     mismatch: Answer  # (d) non-matching If-None-Match, alone
 
 
@@ -61,7 +61,7 @@ class Semantics:
 
     inm_honoured: bool  # a matching If-None-Match answers 304
     inm_false_304: bool  # a NON-matching If-None-Match answers 304 (broken)
-    ims_honoured: bool  # If-Modified-Since = Last-Modified answers 304
+    ims_honoured: bool  # If-Modified-Since at or after Last-Modified answers 304
     ims_overrides: bool  # (a) answered 304: the timestamp wins over a non-matching ETag
     etag_on_304: bool | None  # every 304 carried the current ETag; None if no 304 came back
 
@@ -76,6 +76,21 @@ class Semantics:
         if not self.ims_honoured:
             return "ims_ignored"
         return "rfc"
+
+
+def since_for(current: Answer) -> datetime | None:
+    """The If-Modified-Since of calibration: a second after Last-Modified when that is safely past.
+
+    A second later, not equal: a server that counts an equal date as modified would otherwise look
+    RFC-compliant while a rollback (an OLDER Last-Modified) still earns a 304. Not in the future by the
+    server's own Date (with the same-second margin for its nodes' clocks): some servers ignore those.
+    """
+    lm = current.last_modified
+    if lm is None:
+        return None
+    if current.server_date is not None and current.server_date - lm >= timedelta(seconds=2):
+        return lm + timedelta(seconds=1)
+    return lm
 
 
 def measure(m: Measured) -> Semantics:

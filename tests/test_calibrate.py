@@ -472,3 +472,30 @@ def test_a_daemon_reload_measures_again(tmp_path, http_client):
             daemon.shutdown()
         events = query(config.db, "SELECT event FROM etag_history ORDER BY id")
         assert [e for (e,) in events] == ["first_seen", "modified"]
+
+
+def test_since_is_a_second_after_last_modified_once_that_is_past():
+    from poller.calibrate import since_for
+
+    old = Answer(200, etag=CUR, last_modified=LM, server_date=LM + timedelta(hours=1))
+    assert since_for(old) == LM + timedelta(seconds=1)
+    fresh = Answer(200, etag=CUR, last_modified=LM, server_date=LM + timedelta(milliseconds=900))
+    assert since_for(fresh) == LM  # a second later could be "in the future" for another node
+    carried = Semantics(
+        inm_honoured=False, inm_false_304=False, ims_honoured=True, ims_overrides=True, etag_on_304=True
+    )
+    assert carried.precedence == "inm_ignored" and choose_mode("auto", carried) == "both"
+
+
+def test_a_server_that_counts_an_equal_date_as_modified_is_still_caught(pipeline):
+    """Off by one: If-Modified-Since equal to Last-Modified answers 200, an older Last-Modified 304."""
+    with semserver("either_noetag", strict_since=True) as server:
+        p = pipeline(server)
+        server.put(BUCKET, KEY, '"v1"', T0)
+        p.poll()
+        server.put(BUCKET, KEY, '"v2"', T0 + MINUTE)
+        p.poll()
+        assert p.service.prober.book.semantics(BUCKET).precedence == "either"
+        server.put(BUCKET, KEY, '"v1"', T0)  # rollback to an older Last-Modified
+        assert p.poll().event == "modified"
+        assert [e for e, _, _ in p.events()] == ["first_seen", "modified", "modified"]
