@@ -203,7 +203,7 @@ def test_usage_error_exit_2():
 
 def test_world_readable_config_with_credentials_warns(tmp_path):
     path = tmp_path / "creds.toml"
-    path.write_text(f'# aws_secret_access_key = "{SECRET}"\n')
+    path.write_text(f'watch = []\n# aws_secret_access_key = "{SECRET}"\n')
     path.chmod(0o644)
     proc = run_cli("check", "--config", str(path))
     assert proc.returncode == 0 and "chmod 600" in proc.stderr
