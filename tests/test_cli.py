@@ -211,7 +211,7 @@ def test_world_readable_config_with_credentials_warns(tmp_path):
     path.chmod(0o600)
     assert "chmod 600" not in run_cli("check", "--config", str(path)).stderr
     hook = tmp_path / "hook.toml"
-    hook.write_text('[[notify]]\ntype = "webhook"\nurl = "http://h/"\nsecret = "s3cr3t"\n')
+    hook.write_text('watch = []\n[[notify]]\ntype = "webhook"\nurl = "http://h/"\nsecret = "s3cr3t"\n')
     hook.chmod(0o644)
     assert "chmod 600" in run_cli("check", "--config", str(hook)).stderr
     example = Path(__file__).parent.parent / "config.example.toml"
