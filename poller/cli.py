@@ -224,10 +224,44 @@ def cmd_check(args: argparse.Namespace) -> int:
     except (BotoCoreError, ValueError) as exc:
         raise UsageError(f"{path}: [s3]: cannot build the S3 client: {exc}") from None
     targets = [spec.as_watch(0) for spec in specs_from_settings(settings).values()]
-    results = probe_all_unrecorded(prober, targets, settings.schedule.concurrency)
+    results = explain_denied(prober.client, probe_all_unrecorded(prober, targets, settings.schedule.concurrency))
     for result in results:
         print(describe_probe(result))
     return EXIT_FAILED if any(r.outcome == "error" for r in results) else EXIT_OK
+
+
+# Codes that mean the credentials themselves are wrong, not that they lack a permission.
+_CREDENTIAL_CODES = ("SignatureDoesNotMatch", "InvalidAccessKeyId", "ExpiredToken", "InvalidToken")
+
+
+def explain_denied(client: Any, results: list[Any]) -> list[Any]:
+    """Tell a wrong secret from a missing permission behind a HEAD's 403 (which has no body, so no
+    error code): one ListObjectsV2 per bucket answers with the code. Only for `check --probe`."""
+    from dataclasses import replace
+
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from poller.s3client import describe_client_error
+
+    verdicts: dict[str, str | None] = {}
+    out = []
+    for result in results:
+        watch = result.watch
+        if result.outcome != "error" or result.http_status != 403 or watch.prefix:
+            out.append(result)
+            continue
+        if watch.bucket not in verdicts:
+            verdicts[watch.bucket] = None
+            try:
+                client.list_objects_v2(Bucket=watch.bucket, Prefix=watch.key, MaxKeys=1)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in _CREDENTIAL_CODES:
+                    verdicts[watch.bucket] = describe_client_error(exc)
+            except (BotoCoreError, OSError, ValueError):
+                pass
+        reason = verdicts[watch.bucket]
+        out.append(replace(result, error=reason) if reason else result)
+    return out
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

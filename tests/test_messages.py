@@ -190,3 +190,41 @@ def test_check_probe_claims_no_change(config: ConfigFile, s3, bucket):
     assert 'x s3://' in proc.stdout and 'present (200), etag "' in proc.stdout and "(not recorded)" in proc.stdout
     assert "gone s3://" in proc.stdout and "missing (404) (not recorded)" in proc.stdout
     assert not config.db.exists()
+
+
+class _WrongSecret(http.server.BaseHTTPRequestHandler):
+    """A server that refuses the signature: a HEAD's 403 has no body, a GET's names the code."""
+
+    def _refuse(self, body: bytes) -> None:
+        self.send_response(403)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_HEAD(self) -> None:
+        self._refuse(b"")
+
+    def do_GET(self) -> None:
+        self._refuse(
+            b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SignatureDoesNotMatch</Code>'
+            b"<Message>The request signature we calculated does not match the signature you provided.</Message>"
+            b"</Error>"
+        )
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("http_client", ["lean", "boto3"])
+def test_check_probe_tells_a_wrong_secret_from_a_missing_permission(config: ConfigFile, http_client: str):
+    with serving(_WrongSecret) as port:
+        config.write(
+            [{"name": "x", "bucket": "bkt-secret", "key": "k"}],
+            s3={"endpoint_url": f"http://127.0.0.1:{port}", "conditional": "etag", "http_client": http_client},
+        )
+        proc = run_cli("check", "--probe", "--config", str(config.path))
+    assert proc.returncode == 1, proc.stderr
+    assert "the secret key does not match the access key id (SignatureDoesNotMatch)" in proc.stdout, proc.stdout
+    assert "s3:GetObject" not in proc.stdout
