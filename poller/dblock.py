@@ -60,6 +60,8 @@ def acquire_writer_lock(url: str, command: str) -> WriterLock | None:
         # Someone else's lock file: a read-only descriptor can still hold an flock.
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None  # a directory this user cannot write: opening the database will say so
         except OSError as exc:
             raise DatabaseInUse(f"cannot open the lock file {path} ({exc.strerror}): check its permissions") from None
         writable = False

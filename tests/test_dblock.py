@@ -1,0 +1,39 @@
+"""The single-writer lock on a SQLite database: a real flock on a real sidecar file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from poller.dblock import DatabaseInUse, acquire_writer_lock, lock_path
+
+
+def test_lock_path_only_for_sqlite_files(tmp_path: Path):
+    assert lock_path(f"sqlite:///{tmp_path}/p.db") == tmp_path / "p.db.lock"
+    assert lock_path("sqlite:///relative.db") == Path("relative.db.lock")
+    assert lock_path("sqlite://") is None
+    assert lock_path("sqlite:///:memory:") is None
+    assert lock_path("postgresql+psycopg://u:pw@localhost/poller") is None
+    assert acquire_writer_lock("postgresql+psycopg://u:pw@localhost/poller", "poller run") is None
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path: Path):
+    url = f"sqlite:///{tmp_path}/p.db"
+    held = acquire_writer_lock(url, "poller run")
+    assert held is not None
+    assert (tmp_path / "p.db.lock").read_text() == f"{os.getpid()} poller run\n"
+    # flock belongs to the open file description: a second open in this process conflicts too.
+    with pytest.raises(DatabaseInUse) as refused:
+        acquire_writer_lock(url, "poller once")
+    assert f"database {tmp_path}/p.db is in use by poller run (pid {os.getpid()})" in str(refused.value)
+    held.release()
+    again = acquire_writer_lock(url, "poller once")
+    assert again is not None
+    assert (tmp_path / "p.db.lock").read_text() == f"{os.getpid()} poller once\n"
+    again.release()
+
+
+def test_a_missing_directory_is_left_to_the_database_open(tmp_path: Path):
+    assert acquire_writer_lock(f"sqlite:///{tmp_path}/nowhere/p.db", "poller once") is None
