@@ -306,3 +306,33 @@ def test_stray_bytes_end_to_end(hostile: HostileServer, tmp_path: Path, case: st
     if http_client == "lean":
         warnings = [line for line in done.stderr.splitlines() if "keep-alive to it is off" in line]
         assert len(warnings) <= 1 and all(hostile.endpoint in line for line in warnings), warnings
+
+
+@pytest.mark.parametrize(
+    ("head", "fault"),
+    [
+        (b'HTTP/1.1 200 OK\r\nETag: "a"\r\n folded', "not a header line: ' folded'"),
+        (b'HTTP/1.1 200 OK\r\nETag : "a"', "not a header line: 'ETag : \"a\"'"),
+        (b"HTTP/1.1 200 OK\r\nno colon here", "not a header line"),
+        (b'HTTP/2 200\r\nETag: "a"', "not an HTTP response: 'HTTP/2 200'"),
+        (b'HTTP/1.1 200 OK\r\nETag: "a\x7f"', "control character 0x7f in the etag header"),
+        (b'HTTP/1.1 200 O\x00K\r\nETag: "a"', "control character 0x00 in the status line"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2", "conflicting content-length headers"),
+    ],
+)
+def test_strict_head_parsing(head: bytes, fault: str) -> None:
+    from poller.lean import _parse_head
+    from poller.model import ProtocolError
+
+    with pytest.raises(ProtocolError, match=re.escape(fault)):
+        _parse_head(head, "http://peer")
+
+
+def test_what_a_head_may_say() -> None:
+    from poller.lean import _parse_head
+
+    assert _parse_head(b"HTTP/1.1 304", "e") == (304, "", {}, True)
+    status, _, headers, keep = _parse_head(b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nX-A: 1\r\nx-a: 2", "e")
+    assert (status, headers, keep) == (200, {"connection": "Keep-Alive", "x-a": "1, 2"}, True)
+    assert _parse_head(b"HTTP/1.1 200 OK\r\nConnection: foo, close", "e")[3] is False
+    assert _parse_head(b'HTTP/1.1 200 OK\r\nETag: "a"\r\nETag: "a"', "e")[2] == {"etag": '"a"'}
