@@ -6,13 +6,14 @@ watch (index and name) and the field, so the CLI can print it as one paragraph.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import os
 import re
 import stat
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, urlsplit
@@ -669,39 +670,52 @@ def find_secrets(data: Mapping[str, Any], text: str = "") -> list[str]:
     (``[s3] endpoint_url``, ``[database] url``), userinfo and token-like query parameters in HTTP
     URLs; and at full-line comments that parse as TOML (a commented-out credential is still readable).
     """
-    found = [_describe_secret(where, key, value, data) for where, key, value in _leaves(data, ())]
-    for number, line in enumerate(text.splitlines(), start=1):
-        body = line.strip()
-        if not body.startswith("#"):
-            continue
-        try:
-            commented = tomllib.loads(body.lstrip("#").strip())
-        except (tomllib.TOMLDecodeError, ValueError):
-            continue
-        for _, key, value in _leaves(commented, ()):
-            if _describe_secret((), key, value, {}):
+    hits: list[tuple[str, tuple[str | int, ...]]] = []
+    _scan(data, (), "", hits)
+    found = [f"{kind} ({_label(where, data)})" for kind, where in hits]
+    if "#" in text:
+        for number, line in enumerate(text.splitlines(), start=1):
+            body = line.strip()
+            if not body.startswith("#"):
+                continue
+            try:
+                commented = tomllib.loads(body.lstrip("#").strip())
+            except (tomllib.TOMLDecodeError, ValueError):
+                continue
+            in_comment: list[tuple[str, tuple[str | int, ...]]] = []
+            _scan(commented, (), "", in_comment)
+            if in_comment:
                 found.append(f"a credential in a comment (line {number})")
-    return [f for f in found if f]
+    return found
 
 
-def _leaves(node: object, where: tuple[str | int, ...]) -> Iterator[tuple[tuple[str | int, ...], str, object]]:
-    if isinstance(node, Mapping):
-        for key, value in node.items():
-            yield from _leaves(value, (*where, str(key)))
+def _scan(node: object, where: tuple[str | int, ...], key: str, hits: list[tuple[str, tuple[str | int, ...]]]) -> None:
+    """Append (kind, path) for each secret-holding leaf under ``node``; ``key`` is the nearest key name
+    (a list item inherits its list's). A plain recursive function: this runs over 100,000 watches."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            if isinstance(value, dict | list):
+                _scan(value, (*where, name), name, hits)
+            else:
+                kind = _secret_kind(name, value)
+                if kind:
+                    hits.append((kind, (*where, name)))
     elif isinstance(node, list):
         for index, value in enumerate(node):
-            yield from _leaves(value, (*where, index))
-    elif where:
-        key = next((str(k) for k in reversed(where) if isinstance(k, str)), "")
-        yield where, key, node
+            if isinstance(value, dict | list):
+                _scan(value, (*where, index), key, hits)
+            else:
+                kind = _secret_kind(key, value)
+                if kind:
+                    hits.append((kind, (*where, index)))
 
 
-def _describe_secret(where: tuple[str | int, ...], key: str, value: object, data: Mapping[str, Any]) -> str:
+def _secret_kind(key: str, value: object) -> str:
+    """What kind of secret a leaf holds ("a password", ...), or "" (called for every leaf: keep it cheap)."""
     if not isinstance(value, str) or not value:
         return ""
-    label = _label(where, data)
-    if _SECRET_KEY.search(key):
-        return f"a credential ({label})"
+    if _secret_key(key):
+        return "a credential"
     if "://" not in value:
         return ""
     try:
@@ -710,13 +724,18 @@ def _describe_secret(where: tuple[str | int, ...], key: str, value: object, data
     except ValueError:
         return ""
     if password:
-        return f"a password ({label})"
+        return "a password"
     if parts.scheme in ("http", "https"):
         if username:
-            return f"credentials in the URL ({label})"
+            return "credentials in the URL"
         if any(_TOKEN_PARAM.search(name) for name, _ in parse_qsl(parts.query, keep_blank_values=True)):
-            return f"a token in the URL's query ({label})"
+            return "a token in the URL's query"
     return ""
+
+
+@functools.lru_cache(maxsize=1024)
+def _secret_key(key: str) -> bool:
+    return _SECRET_KEY.search(key) is not None
 
 
 def _label(where: tuple[str | int, ...], data: Mapping[str, Any]) -> str:
