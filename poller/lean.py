@@ -7,6 +7,12 @@ everything signed (tests/test_lean.py proves it per key class and addressing sty
 addressing style, signing region and credentials are still resolved by boto3/botocore, once per
 bucket. A bucket it cannot serve the same way (an ARN, S3 Express, a proxy, a redirect to another
 region) goes through boto3 instead, and ``[s3] http_client = "boto3"`` turns it off entirely.
+
+What comes back is trusted less than boto3 does (tests/test_conformance.py runs both against a
+hostile peer): the head must be strict HTTP/1.1 (CRLF only, no control characters, no conflicting
+ETag), one deadline covers a whole attempt, a kept socket is reused only if nothing waits unread on
+it, and the first byte nobody asked for ends keep-alive to that endpoint for the life of the process,
+so that a stray answer is never recorded under the next key.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -271,6 +272,7 @@ class HostileServer:
     requests: list[Request] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     pending: int = 0  # unasked sends still to come
+    tls: ssl.SSLContext | None = None  # serve HTTPS with this server-side context
 
     def __post_init__(self) -> None:
         self._listener = socket.socket()
@@ -284,7 +286,7 @@ class HostileServer:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{'localhost' if self.tls else '127.0.0.1'}:{self.port}"
 
     def settled(self) -> bool:
         """True once every unasked send has gone out."""
@@ -310,6 +312,12 @@ class HostileServer:
             threading.Thread(target=self._serve, args=(peer,), daemon=True).start()
 
     def _serve(self, peer: Peer) -> None:
+        if self.tls is not None:
+            try:
+                peer.sock = self.tls.wrap_socket(peer.sock, server_side=True)
+            except OSError:
+                peer.close()
+                return
         buf = b""
         while not peer.closed:
             end = buf.find(b"\r\n\r\n")

@@ -336,3 +336,33 @@ def test_what_a_head_may_say() -> None:
     assert (status, headers, keep) == (200, {"connection": "Keep-Alive", "x-a": "1, 2"}, True)
     assert _parse_head(b"HTTP/1.1 200 OK\r\nConnection: foo, close", "e")[3] is False
     assert _parse_head(b'HTTP/1.1 200 OK\r\nETag: "a"\r\nETag: "a"', "e")[2] == {"etag": '"a"'}
+
+
+@pytest.mark.parametrize("case", ["normal", "extra_late"])
+def test_over_tls_keepalive_is_kept_until_a_stray_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """TLS records that carry no data (TLS 1.3 session tickets) are not stray bytes; data is."""
+    import ssl
+
+    from test_lean import _self_signed
+
+    from poller import lean
+
+    cert, key = _self_signed(tmp_path)
+    monkeypatch.setenv("AWS_CA_BUNDLE", cert)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    server = HostileServer(tls=tls)
+    try:
+        run = run_case(server, case, "lean")
+        check_run(case, "lean", run)
+        conns = [r.conn for r in server.requests if r.key]
+        if case == "normal":
+            assert not lean.keepalive_disabled(server.endpoint)
+            assert set(conns) == {1}, conns  # k0, h, k1..k3: one TLS connection
+        else:
+            assert lean.keepalive_disabled(server.endpoint)
+            assert len(set(conns[-3:])) == 3, conns
+    finally:
+        server.close()
