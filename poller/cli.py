@@ -65,10 +65,6 @@ def _open_store(settings: Settings, *, readonly: bool) -> Any:
                 f"database {settings.database.url} has no poller tables yet: run `poller db upgrade` "
                 "or start the daemon"
             )
-    except (ProfileNotFound, InvalidRegionError, InvalidConfigError, NoRegionError) as exc:
-        # Config validation catches these at load; this covers an AWS config file edited since.
-        print(f"poller: the AWS client cannot be built from this configuration: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except StoreError as exc:
         raise RuntimeFailure(str(exc)) from None
     except SQLAlchemyError as exc:
@@ -510,6 +506,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeFailure as exc:
         print(f"poller: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except (ProfileNotFound, InvalidRegionError, InvalidConfigError, NoRegionError) as exc:
+        # Config validation catches these at load; this covers an AWS config file edited since.
+        print(f"poller: the AWS client cannot be built from this configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except StoreError as exc:
         print(f"poller: {exc}", file=sys.stderr)
         return EXIT_FAILED
