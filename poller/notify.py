@@ -37,7 +37,7 @@ SIGNATURE_HEADER = "X-Poller-Signature"
 
 # What a command sink inherits from the daemon's environment; everything else (AWS_* credentials,
 # NOTIFY_SOCKET, the daemon's own POLLER_* settings such as a database URL) stays behind.
-INHERITED_ENV = ("PATH", "HOME", "LANG", "TZ")
+INHERITED_ENV = ("PATH", "HOME", "LANG", "TZ")  # and every LC_* locale variable
 EVENT_ENV = ("event", "watch", "bucket", "key", "etag", "previous_etag", "last_modified", "version_id")
 
 # Only http and https, and no redirect handler: a webhook receiver answering 3xx gets a failed attempt,
@@ -101,7 +101,7 @@ def sign(secret: str, body: bytes) -> str:
 def command_env(sink: NotifySettings, payload: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
     """The whole environment of a command sink: the allow-list from ``environ``, the sink's ``env``
     table, and the ``POLLER_*`` variables of the event (set last, so nothing overrides them)."""
-    env = {k: v for k, v in environ.items() if k in INHERITED_ENV or k == "LC_ALL" or k.startswith("LC_")}
+    env = {k: v for k, v in environ.items() if k in INHERITED_ENV or k.startswith("LC_")}
     env.update(sink.env)
     env.update({f"POLLER_{k.upper()}": "" if payload.get(k) is None else str(payload[k]) for k in EVENT_ENV})
     return env
