@@ -279,26 +279,35 @@ def _parse_head(head: bytes, endpoint: str) -> tuple[int, str, dict[str, str], b
     bad = _NOT_A_HEADER_LINE.search(text)
     if bad is not None:
         raise _fault(endpoint, f"not a header line: {_first_line(head[bad.end() :])}")
+    fields = [line.partition(":") for line in lines[1:]]
+    headers = {name.lower(): value.strip(" \t") for name, _, value in fields}
+    if len(headers) != len(fields):  # a repeated header: rare, so checked apart
+        headers = _merge(fields, endpoint)
+    version, code, reason = status.groups()
+    connection = headers.get("connection")
+    if connection is None:
+        keep = version == "1"
+    else:
+        tokens = {t.strip() for t in connection.lower().split(",")}
+        keep = "close" not in tokens if version == "1" else "keep-alive" in tokens
+    return int(code), reason or "", headers, keep
+
+
+def _merge(fields: list[tuple[str, str, str]], endpoint: str) -> dict[str, str]:
+    """Headers with repeats: joined as urllib3 does, except one an answer is read from that disagrees."""
     headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
+    for name, _, value in fields:
         name = name.lower()
         value = value.strip(" \t")
         seen = headers.get(name)
         if seen is None:
             headers[name] = value
-        elif name in _SINGLE:
-            if seen != value:
-                raise _fault(
-                    endpoint,
-                    f"conflicting {name} headers: {_shown(seen.encode('latin-1'))} and "
-                    f"{_shown(value.encode('latin-1'))}",
-                )
-        else:
-            headers[name] = f"{seen}, {value}"  # as urllib3 joins a repeated header
-    tokens = {t.strip() for t in headers.get("connection", "").lower().split(",")}
-    keep = "close" not in tokens if status.group(1) == "1" else "keep-alive" in tokens
-    return int(status.group(2)), status.group(3) or "", headers, keep
+        elif name not in _SINGLE:
+            headers[name] = f"{seen}, {value}"
+        elif seen != value:
+            shown = f"{_shown(seen.encode('latin-1'))} and {_shown(value.encode('latin-1'))}"
+            raise _fault(endpoint, f"conflicting {name} headers: {shown}")
+    return headers
 
 
 def _idle_state(sock: socket.socket) -> str:
