@@ -13,7 +13,7 @@ import re
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -366,3 +366,22 @@ def test_over_tls_keepalive_is_kept_until_a_stray_byte(
             assert len(set(conns[-3:])) == 3, conns
     finally:
         server.close()
+
+
+def test_only_sendable_etags_are_read_or_sent_back() -> None:
+    from poller.model import ProtocolError, answer_from_headers, sendable
+    from poller.probe import request_conditions
+
+    assert sendable('"9b2c-3"') and sendable('W/"x"') and sendable("unquoted") and sendable('"caf\u00e9"')
+    for bad in ('"a"\r\nX: 1', '"a"\n', '"a"\x00', '"a"\x7f', '"a\u20ac"', '"a"\u2028'):
+        assert not sendable(bad), bad
+        with pytest.raises(ProtocolError, match="control characters"):
+            answer_from_headers(200, {"etag": bad})
+    # An HTTP client joins repeated headers with ", ": the same tag twice is that tag, two tags an error.
+    assert answer_from_headers(200, {"etag": '"a", "a"'}).etag == '"a"'
+    with pytest.raises(ProtocolError, match="conflicting"):
+        answer_from_headers(200, {"etag": '"a", "b"'})
+    lm = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
+    poisoned = ObjectState('"a"\nX-Injected: yes', lm, lm + timedelta(hours=1), None, 1, True)
+    assert request_conditions(poisoned, "both") == {}
+    assert request_conditions(replace(poisoned, etag='"a"'), "both").get("IfNoneMatch") == '"a"'
