@@ -50,8 +50,10 @@ def batches(watches: list[Watch], count: int, size: int) -> list[list[PollResult
     return out
 
 
-def measure(url: str, count: int, size: int, warmup: int = 3) -> dict[str, float]:
+def measure(url: str, count: int, size: int, warmup: int = 3, copy: bool = True) -> dict[str, float]:
     store = Store(open_engine(url))
+    if not copy:
+        store._copy_polls = False  # the pipelined executemany path, for comparison
     try:
         migrate(store.engine)
         specs = [WatchSpec(f"w{i}", "bench", f"keys/{i}", 60.0, None) for i in range(size)]
@@ -73,6 +75,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.store_write", description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=30, help="timed batches per database (default 30)")
     parser.add_argument("--batch-size", type=int, default=1000, help="results per batch (default 1000)")
+    parser.add_argument(
+        "--compare-executemany", action="store_true", help="also time PostgreSQL with poll rows sent by executemany"
+    )
     args = parser.parse_args()
     bindir = find_bindir()
     if bindir is None:
@@ -83,12 +88,15 @@ def main() -> int:
     server = PgServer(bindir, durable=True).start()
     try:
         results["postgresql"] = measure(server.url(server.create_database()), args.batches, args.batch_size)
+        if args.compare_executemany:
+            url = server.url(server.create_database())
+            results["postgresql (executemany)"] = measure(url, args.batches, args.batch_size, copy=False)
     finally:
         server.stop()
     print(f"Store.record, {args.batches} batches of {args.batch_size} results (1% with a history event)")
-    print(f"{'database':<12}{'rows/s':>10}{'client CPU µs/row':>20}")
+    print(f"{'database':<26}{'rows/s':>10}{'client CPU µs/row':>20}")
     for name, r in results.items():
-        print(f"{name:<12}{r['rows_per_s']:>10,.0f}{r['cpu_us_per_row']:>20.1f}")
+        print(f"{name:<26}{r['rows_per_s']:>10,.0f}{r['cpu_us_per_row']:>20.1f}")
     ratio = results["postgresql"]["rows_per_s"] / results["sqlite"]["rows_per_s"]
     print(f"PostgreSQL / SQLite: {ratio:.2f}x")
     print(json.dumps({"store_write": results, "pg_over_sqlite": round(ratio, 3)}))
