@@ -416,7 +416,9 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
         migrate(store.engine)
     finally:
         store.close()
-    print(f"database {settings.database.url} is up to date")
+    from poller.redact import redact
+
+    print(f"database {redact(settings.database.url)} is up to date")
     return EXIT_OK
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -503,3 +505,14 @@ def test_missing_postgresql_driver_names_the_extra():
     with pytest.raises(StoreError, match=r"driver is not installed .*pip install 'poller\[postgres\]'") as caught:
         open_engine("postgresql+pg8000://poller:hunter2@db.example.com/poller")
     assert "hunter2" not in str(caught.value)
+
+
+def test_simultaneous_db_upgrade_commands(db_url: str, tmp_path: Path):
+    # The reproduction: `poller db upgrade` three times at once on a fresh database.
+    url = db_url.replace("postgres@", "postgres:hunter2@")  # trust auth ignores it; output must not show it
+    config = ConfigFile(tmp_path / "poller.toml", "http://127.0.0.1:9").write([], database={"url": url})
+    command = [sys.executable, "-m", "poller", "db", "upgrade", "--config", str(config.path)]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = [proc.communicate(timeout=60) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0], outputs
+    assert all("up to date" in out and "hunter2" not in out + err for out, err in outputs), outputs
