@@ -56,13 +56,14 @@ def _settings(args: argparse.Namespace) -> tuple[Path, Settings]:
 
 
 def _open_store(settings: Settings, *, readonly: bool) -> Any:
+    from poller.redact import redact
     from poller.store import Store, StoreError, describe_db_error, open_engine
 
     try:
         store = Store(open_engine(settings.database.url, readonly=readonly))
         if readonly and not store.has_schema():
             raise StoreError(
-                f"database {settings.database.url} has no poller tables yet: run `poller db upgrade` "
+                f"database {redact(settings.database.url)} has no poller tables yet: run `poller db upgrade` "
                 "or start the daemon"
             )
     except StoreError as exc:

@@ -516,3 +516,12 @@ def test_simultaneous_db_upgrade_commands(db_url: str, tmp_path: Path):
     outputs = [proc.communicate(timeout=60) for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0, 0], outputs
     assert all("up to date" in out and "hunter2" not in out + err for out, err in outputs), outputs
+
+
+def test_status_on_an_empty_postgresql_database_says_what_to_do(pg_server: PgServer, tmp_path: Path):
+    with pg_server.database() as url:
+        url = url.replace("postgres@", "postgres:hunter2@")  # trust auth ignores it; output must not show it
+        config = ConfigFile(tmp_path / "poller.toml", "http://127.0.0.1:9").write([], database={"url": url})
+        proc = run_cli("status", "--config", str(config.path))
+    assert proc.returncode == 1 and "no poller tables yet: run `poller db upgrade`" in proc.stderr, proc.stderr
+    assert "hunter2" not in proc.stdout + proc.stderr
