@@ -505,6 +505,13 @@ class LeanHead:
                     reused = False
                     continue
                 raise ConnectionClosedError(endpoint_url=endpoint + path) from exc
+            if reused and status == 408:
+                # The server timed the idle connection out (HAProxy does) as the request went: not our answer.
+                sock.close()
+                sock = None
+                _stray(endpoint, "a 408 on a kept-alive connection")
+                reused = False
+                continue
             if rest:  # a HEAD answer has no body: bytes after the head answer nothing we asked
                 sock.close()
                 sock = None

@@ -46,6 +46,7 @@ class Peer:
     sock: socket.socket
     number: int
     owed: bytes = b""  # sent before the answer to the next request on this connection (a desync)
+    served: int = 0  # requests read on this connection so far, this one included
     closed: bool = False
 
     def send(self, data: bytes) -> None:
@@ -127,8 +128,8 @@ def _extra_same_packet(peer: Peer, req: Request) -> None:
 
 
 def _extra_late(peer: Peer, req: Request) -> None:
+    peer.later(0.02, answer(req, peer.server))  # counted as pending before the answer goes
     peer.send(answer(req, peer.server))
-    peer.later(0.02, answer(req, peer.server))
 
 
 def _extra_before_next(peer: Peer, req: Request) -> None:
@@ -138,19 +139,28 @@ def _extra_before_next(peer: Peer, req: Request) -> None:
 
 
 def _idle_408(peer: Peer, req: Request) -> None:
-    peer.send(answer(req, peer.server))
     peer.later(0.02, b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", close=True)
+    peer.send(answer(req, peer.server))
+
+
+def _timeout_408_as_reused(peer: Peer, req: Request) -> None:
+    # The idle-timeout race: the 408 went out just as the request came in on a kept connection.
+    if peer.served > 1:
+        peer.send(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+        peer.close()
+    else:
+        normal(peer, req)
 
 
 def _late_zero_chunk(peer: Peer, req: Request) -> None:
     lines = _replace(head_lines(req, peer.server), "Content-Length", "Transfer-Encoding: chunked")
-    peer.send(render(lines))
     peer.later(0.02, b"0\r\n\r\n")
+    peer.send(render(lines))
 
 
 def _late_body(peer: Peer, req: Request) -> None:
-    peer.send(answer(req, peer.server))
     peer.later(0.02, b'{"a": 1}')
+    peer.send(answer(req, peer.server))
 
 
 def _lf_only(peer: Peer, req: Request) -> None:
@@ -239,6 +249,7 @@ BEHAVIOURS: dict[str, Behaviour] = {
     "extra_late": _extra_late,
     "extra_before_next": _extra_before_next,
     "idle_408": _idle_408,
+    "408_as_the_request_goes": _timeout_408_as_reused,
     "late_zero_chunk": _late_zero_chunk,
     "late_body": _late_body,
     "bare_lf_in_header": _etag_value("\nX-Injected: yes"),
@@ -342,6 +353,7 @@ class HostileServer:
             req = Request(peer.number, path, bucket, key, headers)
             with self.lock:
                 self.requests.append(req)
+            peer.served += 1
             if peer.owed:
                 owed, peer.owed = peer.owed, b""
                 peer.send(owed)
