@@ -20,7 +20,7 @@ from botocore.exceptions import InvalidConfigError, InvalidRegionError, NoRegion
 from sqlalchemy.exc import SQLAlchemyError
 
 from poller import __version__
-from poller.config import ConfigError, Settings, find_config, load_settings, parse_duration
+from poller.config import ConfigError, Settings, find_config, format_duration, load_settings, parse_duration
 from poller.logs import setup_logging
 from poller.pipeline import iso
 from poller.safetext import printable
@@ -317,9 +317,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows = store.status()
         deliveries = store.notification_counts()
         servers = store.server_semantics()
+        daemons = store.cluster_status()
     finally:
         store.close()
     _emit(rows, STATUS_COLUMNS, args.format)
+    if args.format == "table" and daemons:
+        print("\n" + "\n".join(cluster_lines(daemons, [row["name"] for row in rows], settings)))
     if args.format == "table" and servers:
         from poller.calibrate import server_lines
 
@@ -332,6 +335,35 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{deliveries['delivered']} delivered{hint}"
         )
     return EXIT_OK
+
+
+def cluster_lines(daemons: list[dict[str, Any]], names: list[str], settings: Settings) -> list[str]:
+    """The daemons sharing a PostgreSQL database: heartbeat age, and the shards and watches each polls."""
+    from collections import Counter
+
+    from poller.cluster import shard_of
+
+    shards, lease = settings.cluster.shards, settings.cluster.lease
+    per_shard = Counter(shard_of(name, shards) for name in names)
+    lines = [f"daemons (PostgreSQL; {len(names)} watches in {shards} shards, lease {format_duration(lease)}):"]
+    held: set[int] = set()
+    for d in daemons:
+        held.update(d["shards"])
+        state = "" if d["heartbeat_age"] <= lease else " (no heartbeat for a lease: stopped or unreachable)"
+        lines.append(
+            printable(
+                f"  instance {d['id']} {d['host']} pid {d['pid']} started {iso(d['started_at'])}, heartbeat "
+                f"{d['heartbeat_age']:.1f}s ago{state}: {len(d['shards'])} shards, "
+                f"{sum(per_shard[s] for s in d['shards'])} watches"
+            )
+        )
+    orphans = [s for s in range(shards) if s not in held]
+    if orphans:
+        lines.append(
+            f"  {len(orphans)} shards ({sum(per_shard[s] for s in orphans)} watches) held by no daemon now: "
+            "taken over within a lease and a heartbeat while a daemon runs"
+        )
+    return lines
 
 
 NOTIFY_COLUMNS = (

@@ -392,6 +392,25 @@ class MetricsSettings(_Section):
         return self
 
 
+class ClusterSettings(_Section):
+    """Several daemons on one PostgreSQL database (ignored on SQLite, where one daemon runs)."""
+
+    shards: int = Field(default=64, ge=1, le=4096)  # every daemon on a database must use the same number
+    lease: Duration = 15.0  # a dead daemon's watches move to the others after this (+ one heartbeat)
+    heartbeat: Duration = 3.0
+
+    @model_validator(mode="after")
+    def _check(self) -> ClusterSettings:
+        _positive("lease", self.lease)
+        _positive("heartbeat", self.heartbeat)
+        if self.heartbeat * 2 > self.lease:
+            raise ValueError(
+                f"heartbeat ({format_duration(self.heartbeat)}) must be at most half of lease "
+                f"({format_duration(self.lease)}), so a lease is renewed at least twice before it expires"
+            )
+        return self
+
+
 EVENTS = ("first_seen", "modified", "deleted", "created")
 _HOSTNAME = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -493,6 +512,7 @@ class Settings(BaseSettings):
     database: DatabaseSettings = DatabaseSettings()
     schedule: ScheduleSettings = ScheduleSettings()
     metrics: MetricsSettings = MetricsSettings()
+    cluster: ClusterSettings = ClusterSettings()
     watch: list[WatchSettings] = Field(default_factory=list)
     notify: list[NotifySettings] = Field(default_factory=list)
 
@@ -800,7 +820,7 @@ def _describe_location(loc: list[int | str], data: Mapping[str, Any]) -> str:
     if len(loc) == 1:
         return (
             f"field {head!r}"
-            if head not in ("s3", "database", "schedule", "metrics", "watch", "notify")
+            if head not in ("s3", "database", "schedule", "metrics", "cluster", "watch", "notify")
             else f"[{head}]"
         )
     return f"[{head}] field {'.'.join(str(p) for p in loc[1:])!r}"

@@ -19,6 +19,7 @@ from types import FrameType
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from poller.cluster import Membership
 from poller.config import ConfigError, Settings, load_settings
 from poller.metrics import Metrics
 from poller.model import Watch
@@ -77,6 +78,13 @@ class Daemon:
             self.service.metrics = self.metrics
         self.current = _Running(settings, specs, synced.watches)
         self.workers: Workers | None = None
+        # On PostgreSQL, daemons sharing the database split the watches by shard (poller/cluster.py);
+        # every commit is fenced by the leases held. SQLite has one daemon (poller/dblock.py).
+        self.membership: Membership | None = None
+        self._shards_lock = threading.Lock()
+        if self.store.engine.dialect.name == "postgresql":
+            self.membership = Membership(self.store, settings.cluster, self._on_shards)
+            self.store.fence = self.membership
         if self.metrics is not None:
             # Bound here, before READY=1 and before any worker starts: a port in use ends the start
             # with one clear line instead of a traceback from a running daemon.
@@ -102,8 +110,11 @@ class Daemon:
     def start(self, *, paused: bool = False) -> None:
         """Schedule every watch and the pruning job; unless paused, start polling."""
         now = datetime.now(UTC)
-        for name in self.current.watches:
-            self._schedule(name, now)
+        if self.membership is not None:
+            self.membership.beat()  # claims a share of the shards; _on_shards schedules their watches
+        else:
+            for name in self.current.watches:
+                self._schedule(name, now)
         self.scheduler.add_job(
             self._prune,
             PhasedIntervalTrigger(PRUNE_EVERY, phase_of("prune", 60.0)),
@@ -117,6 +128,8 @@ class Daemon:
             self.workers = Workers(self.service, self.current.settings.schedule.concurrency, lateness)
             self.timetable.start()
             self.dispatcher.start()
+            if self.membership is not None:
+                self.membership.start()
 
     def run(self) -> int:
         """Poll until SIGTERM/SIGINT; return the exit code."""
@@ -173,7 +186,8 @@ class Daemon:
                 break
             if self._reload:
                 self._reload = False
-                self.reload()
+                with self._shards_lock:
+                    self.reload()
             if ping:
                 self.notifier.watchdog()
             if time.monotonic() >= next_overload_check:
@@ -191,6 +205,8 @@ class Daemon:
         self.scheduler.shutdown(wait=True)
         self.recorder.close()
         self.dispatcher.stop()
+        if self.membership is not None:
+            self.membership.stop()  # after the last commit: its shards go to the others at once
         if self.metrics is not None:
             self.metrics.close()
         self.store.close()
@@ -201,8 +217,25 @@ class Daemon:
     def _schedule(self, name: str, now: datetime) -> None:
         """(Re)place a watch in the timetable with the running config's target, trigger and jitter."""
         current = self.current
+        if self.membership is not None and not self.membership.holds(name):
+            return  # another daemon polls it
         trigger = trigger_for(current.specs[name], current.settings.schedule.jitter)
         self.timetable.add(name, current.watches[name], trigger, now)
+
+    def _on_shards(self, gained: set[int], lost: set[int]) -> None:
+        """Stop polling the watches of shards lost; resume those of shards gained from their committed state."""
+        assert self.membership is not None
+        shard_of = self.membership.shard_of
+        with self._shards_lock:
+            for name in self.current.watches:
+                if shard_of(name) in lost:
+                    self.timetable.remove(name)
+            taken = [name for name in self.current.watches if shard_of(name) in gained]
+            # Read back after the claim committed: the previous holder's last commits are in it.
+            self.service.resume([self.current.watches[name].id for name in taken])
+            now = datetime.now(UTC)
+            for name in taken:
+                self._schedule(name, now)
 
     def _submit(self, watch: Watch, scheduled: datetime) -> bool:
         assert self.workers is not None
@@ -275,7 +308,8 @@ class Daemon:
             watch = synced.watches[name]
             if watch.id in synced.retargeted:  # another object or prefix: the store dropped its state
                 self.service.forget(watch.id)
-            self.timetable.retarget(name, watch)
+            if self.timetable.get(name) is not None:  # with several daemons, maybe another one's
+                self.timetable.retarget(name, watch)
         # A watch removed by an earlier reload and added back keeps its row and its object_state:
         # resume from that, so a change made while it was out is `modified`, not a new `first_seen`.
         self.service.resume([synced.watches[name].id for name in diff.added])
@@ -305,6 +339,8 @@ class Daemon:
             log.warning("reload: [database] changes take effect only after a restart")
         if new.metrics != old.metrics:
             log.warning("reload: [metrics] changes take effect only after a restart")
+        if new.cluster != old.cluster:
+            log.warning("reload: [cluster] changes take effect only after a restart (of every daemon, for shards)")
         if new.schedule.concurrency != old.schedule.concurrency:
             log.warning("reload: [schedule] concurrency changes take effect only after a restart")
 
@@ -319,6 +355,11 @@ class Daemon:
             line += (
                 f"; {counts['skipped']} polls skipped: more due than {self.current.settings.schedule.concurrency} "
                 "workers can run (raise concurrency or intervals)"
+            )
+        if self.membership is not None:
+            line += (
+                f"; cluster: {len(self.timetable)} of them here, {len(self.membership.epochs())} of "
+                f"{self.membership.shards} shards, {self.membership.live} live daemons"
             )
         if self._status_note:
             line += f"; {self._status_note}"

@@ -26,7 +26,7 @@ from poller.model import KeyChange, ObjectState, Outcome, PollResult, PrefixStat
 from poller.notify import make_route
 from poller.probe import Prober, prober_for
 from poller.safetext import printable
-from poller.store import Route, Store, SyncResult, describe_db_error, migrate
+from poller.store import Fenced, Route, Store, Superseded, SyncResult, describe_db_error, migrate
 from poller.watchlist import WatchSpec, specs_from_settings
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class Recorder:
 
     def _commit(self, batch: list[tuple[PollResult, Committed]]) -> None:
         try:
-            self._store.record([r for r, _ in batch], self.route)
+            refused = self._store.record([r for r, _ in batch], self.route)
         except Exception as exc:
             if len(batch) > 1:
                 # One bad row must not sink the others: retry each on its own.
@@ -112,8 +112,8 @@ class Recorder:
                 return
             _call(batch[0][1], exc)
             return
-        for _, then in batch:
-            _call(then, None)
+        for i, (_, then) in enumerate(batch):
+            _call(then, refused.get(i))
         if self.on_events is not None and any(r.event or r.changes for r, _ in batch):
             self.on_events()
 
@@ -228,6 +228,17 @@ class PollService:
 
     def _unrecorded(self, result: PollResult, exc: BaseException) -> None:
         watch = result.watch
+        if isinstance(exc, Fenced):
+            # Another daemon holds this watch now and polls it from the committed state.
+            self.stats.add("fenced")
+            log.info("%s %s poll result dropped: %s", printable(watch.name), printable(watch.url), exc)
+            return
+        if isinstance(exc, Superseded):
+            # Lost a race to another writer: read back what is committed, so the next poll is
+            # conditioned on it (a change it did not record yet is detected then).
+            self.resume([watch.id])
+            log.warning("%s; its state was read back from the database", exc)
+            return
         reason = describe_db_error(exc, self.url)
         self.stats.add("error")
         self.stats.last_error = f"database: {reason}"

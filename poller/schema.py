@@ -111,6 +111,9 @@ object_state = Table(
     Column("consecutive_errors", Integer, nullable=False, default=0),
     Column("last_error", Text),
     Column("last_changed_at", UTCDateTime),
+    # How many changes of this key etag_history holds; a change commits only if the stored state is
+    # the one its poll conditioned on (compare-and-set), and its history row takes seq + 1.
+    Column("seq", BigInt, nullable=False, server_default="0", default=0),
 )
 
 polls = Table(
@@ -143,8 +146,12 @@ etag_history = Table(
     Column("last_modified", UTCDateTime),
     Column("version_id", Text),
     Column("size", BigInt),
+    # The change's place in its key's history (1, 2, ...): unique, so the database itself refuses to
+    # record one transition twice, whichever daemon tries.
+    Column("seq", BigInt, nullable=False, server_default="0"),
     Index("ix_etag_history_watch_id_detected_at", "watch_id", "detected_at"),
     Index("ix_etag_history_detected_at", "detected_at"),
+    Index("uq_etag_history_watch_id_key_seq", "watch_id", "key", "seq", unique=True),
 )
 
 notifications = Table(
@@ -160,6 +167,9 @@ notifications = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("last_error", Text),
     Column("delivered_at", UTCDateTime),
+    # Several daemons (PostgreSQL): the instance delivering this row, until when (design.md section 6).
+    Column("claimed_by", BigInt),
+    Column("claimed_until", UTCDateTime),
     Index("ix_notifications_status_next_attempt_at", "status", "next_attempt_at"),
 )
 
@@ -180,4 +190,28 @@ server_semantics = Table(
     Column("mode", String(16), nullable=False),
     Column("learned_at", UTCDateTime, nullable=False),
     Column("detail", Text),
+)
+
+# Several daemons on one PostgreSQL database (design.md section 6); unused on SQLite (one daemon).
+# A live instance renews heartbeat_at and its shard leases every heartbeat.
+instances = Table(
+    "instances",
+    metadata,
+    Column("id", BigInt, primary_key=True),
+    Column("host", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("heartbeat_at", UTCDateTime, nullable=False),
+)
+
+# One row per shard (a watch's shard is a hash of its name): who polls it, until when, and the
+# epoch, bumped at every claim, that a commit checks in its own transaction (fencing).
+shard_leases = Table(
+    "shard_leases",
+    metadata,
+    Column("shard", Integer, primary_key=True, autoincrement=False),
+    Column("instance_id", BigInt),
+    Column("epoch", BigInt, nullable=False, server_default="0"),
+    Column("expires_at", UTCDateTime),
+    Index("ix_shard_leases_instance_id", "instance_id"),
 )

@@ -12,19 +12,29 @@ import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import Connection, Engine, Table, and_, create_engine, event, func, inspect, select, text, update
+from sqlalchemy import Connection, Engine, Table, and_, create_engine, event, func, inspect, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from poller.model import ObjectState, PollResult, PrefixState, Watch
 from poller.redact import redact
-from poller.schema import etag_history, notifications, object_state, polls, server_semantics, watches
+from poller.safetext import printable
+from poller.schema import (
+    etag_history,
+    instances,
+    notifications,
+    object_state,
+    polls,
+    server_semantics,
+    shard_leases,
+    watches,
+)
 from poller.watchlist import WatchSpec
 
 if TYPE_CHECKING:
@@ -49,6 +59,10 @@ _STATE_COLUMNS = (
 PRUNE_CHUNK = 5000
 # pg_advisory_xact_lock key serializing migrations across processes: "poller" in ASCII.
 MIGRATION_LOCK = 0x706F6C6C6572
+PRUNE_LOCK = MIGRATION_LOCK + 1
+# How long a daemon may hold an outbox row it is delivering (well past any sink's timeout); a
+# claim of a daemon whose heartbeat stopped lapses sooner, after one lease.
+CLAIM_SECONDS = 600.0
 
 
 Route = Callable[[str, str], list[str]]  # (watch name, event) -> notification sink names
@@ -58,10 +72,34 @@ class StoreError(Exception):
     """The database cannot be used; the message says what to do."""
 
 
+class Fenced(Exception):
+    """A result not recorded: this daemon no longer holds its watch's shard (several daemons)."""
+
+
+class Superseded(Exception):
+    """A change not recorded: the stored state moved on from the one its poll conditioned on."""
+
+
+class Fence(Protocol):
+    """What a daemon sharing the database with others holds (poller.cluster.Membership)."""
+
+    instance_id: int
+    lease: float
+
+    def shard_of(self, name: str) -> int: ...
+
+    def epochs(self) -> dict[int, int]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class SyncResult:
     watches: dict[str, Watch]
     retargeted: frozenset[int]  # watch ids whose bucket or key changed: their old state was dropped
+
+
+def fair_share(shards: int, live: int) -> int:
+    """The most shards one of ``live`` instances holds: they split ``shards`` as evenly as they can."""
+    return -(-shards // max(live, 1))
 
 
 def migrations_dir() -> Path:
@@ -219,6 +257,8 @@ class Store:
         # The poll rows are most of what the writer writes; COPY costs a third of the client CPU
         # of psycopg's pipelined executemany (bench/store_write.py).
         self._copy_polls = engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
+        # Set when several daemons share this PostgreSQL database: every commit is fenced by it.
+        self.fence: Fence | None = None
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
@@ -332,43 +372,53 @@ class Store:
 
     # --- recording ------------------------------------------------------------------
 
-    def record(self, results: Sequence[PollResult], route: Route | None = None) -> None:
+    def record(self, results: Sequence[PollResult], route: Route | None = None) -> dict[int, Exception]:
         """Commit poll rows, object states and history events of ``results`` in one transaction.
 
         ``route(watch_name, event)`` names the notification sinks of an event; their outbox rows
         are written in the same transaction, so a committed change is never without its delivery.
+        Returns, by index, the results not (wholly) recorded: ``Fenced`` (this daemon no longer
+        holds the watch's shard: nothing of it was written) or ``Superseded`` (the stored state is
+        not the one the poll conditioned on: its poll row was written, its change was not).
         """
         if not results:
-            return
-        poll_rows: list[dict[str, Any]] = []
-        history_rows: list[tuple[dict[str, Any], str]] = []
-        ok_states: list[dict[str, Any]] = []
-        error_states: list[dict[str, Any]] = []
-        for r in results:
+            return {}
+        poll_rows: list[tuple[int, dict[str, Any]]] = []
+        # (index, state row, previous (etag, present), history row, watch name) of each changed key
+        changed: list[tuple[int, dict[str, Any], tuple[str | None, bool | None], dict[str, Any], str]] = []
+        ok_states: list[tuple[int, dict[str, Any]]] = []
+        error_states: list[tuple[int, dict[str, Any]]] = []
+        for i, r in enumerate(results):
             state = r.state
             poll_rows.append(
-                {
-                    "watch_id": r.watch.id,
-                    "key": r.watch.key,
-                    "polled_at": r.polled_at,
-                    "outcome": r.outcome,
-                    "http_status": r.http_status,
-                    "etag": (state or r.previous or ObjectState()).etag,
-                    "last_modified": (state or r.previous or ObjectState()).last_modified,
-                    "duration_ms": round(r.duration_ms, 3),
-                    "error": r.error,
-                }
-            )
-            if state is None:
-                error_states.append(
+                (
+                    i,
                     {
                         "watch_id": r.watch.id,
                         "key": r.watch.key,
-                        "last_polled_at": r.polled_at,
-                        "last_outcome": "error",
-                        "consecutive_errors": 1,
-                        "last_error": r.error,
-                    }
+                        "polled_at": r.polled_at,
+                        "outcome": r.outcome,
+                        "http_status": r.http_status,
+                        "etag": (state or r.previous or ObjectState()).etag,
+                        "last_modified": (state or r.previous or ObjectState()).last_modified,
+                        "duration_ms": round(r.duration_ms, 3),
+                        "error": r.error,
+                    },
+                )
+            )
+            if state is None:
+                error_states.append(
+                    (
+                        i,
+                        {
+                            "watch_id": r.watch.id,
+                            "key": r.watch.key,
+                            "last_polled_at": r.polled_at,
+                            "last_outcome": "error",
+                            "consecutive_errors": 1,
+                            "last_error": r.error,
+                        },
+                    )
                 )
                 continue
             # (key, event, previous, new state, outcome): one entry for a key watch; for a prefix
@@ -381,73 +431,153 @@ class Store:
                 ]
             else:
                 entries = [(r.watch.key, r.event, r.previous, state, r.outcome, r.event is not None)]
-            for key, change, previous, new, outcome, changed in entries:
-                ok_states.append(
-                    {
-                        "watch_id": r.watch.id,
-                        "key": key,
-                        "etag": new.etag,
-                        "last_modified": new.last_modified,
-                        "observed_server_date": new.observed_server_date,
-                        "version_id": new.version_id,
-                        "size": new.size,
-                        "present": new.present,
-                        "last_polled_at": r.polled_at,
-                        "last_outcome": outcome,
-                        "consecutive_errors": 0,
-                        "last_error": None,
-                        "last_changed_at": r.polled_at if changed else None,
-                    }
-                )
-                if change:
-                    history_rows.append(
-                        (
-                            {
-                                "watch_id": r.watch.id,
-                                "key": key,
-                                "detected_at": r.polled_at,
-                                "event": change,
-                                "etag": new.etag,
-                                "previous_etag": previous.etag if previous else None,
-                                "last_modified": new.last_modified,
-                                "version_id": new.version_id,
-                                "size": new.size,
-                            },
-                            r.watch.name,
-                        )
-                    )
-        with self._tx() as conn:
-            if self._copy_polls:
-                _copy_rows(conn, polls, poll_rows)
-            else:
-                conn.execute(polls.insert(), poll_rows)
-            outbox: list[dict[str, Any]] = []
-            for row, name in history_rows:
-                sinks = route(name, row["event"]) if route else []
-                if not sinks:
-                    conn.execute(etag_history.insert(), row)
+            for key, change, previous, new, outcome, was_changed in entries:
+                row = {
+                    "watch_id": r.watch.id,
+                    "key": key,
+                    "etag": new.etag,
+                    "last_modified": new.last_modified,
+                    "observed_server_date": new.observed_server_date,
+                    "version_id": new.version_id,
+                    "size": new.size,
+                    "present": new.present,
+                    "last_polled_at": r.polled_at,
+                    "last_outcome": outcome,
+                    "consecutive_errors": 0,
+                    "last_error": None,
+                    "last_changed_at": r.polled_at if was_changed else None,
+                }
+                if not change:
+                    ok_states.append((i, row))
                     continue
-                pk = conn.execute(etag_history.insert().values(**row)).inserted_primary_key
+                history: dict[str, Any] = {
+                    "watch_id": r.watch.id,
+                    "key": key,
+                    "detected_at": r.polled_at,
+                    "event": change,
+                    "etag": new.etag,
+                    "previous_etag": previous.etag if previous else None,
+                    "last_modified": new.last_modified,
+                    "version_id": new.version_id,
+                    "size": new.size,
+                }
+                conditioned = (previous.etag, previous.present) if previous else (None, None)
+                changed.append((i, row, conditioned, history, r.watch.name))
+        with self._tx() as conn:
+            failed: dict[int, Exception] = self._fenced(conn, results) if self.fence is not None else {}
+            rows = [row for i, row in poll_rows if i not in failed]
+            if rows and self._copy_polls:
+                _copy_rows(conn, polls, rows)
+            elif rows:
+                conn.execute(polls.insert(), rows)
+            outbox: list[dict[str, Any]] = []
+            history_rows: list[dict[str, Any]] = []
+            # Changes are rare next to polls: one compare-and-set each, so a change that another writer
+            # already recorded (or that no longer follows the stored state) is refused row by row.
+            for i, row, conditioned, history, name in changed:
+                if i in failed:
+                    continue
+                seq = self._compare_and_set(conn, row, conditioned)
+                if seq is None:
+                    failed[i] = Superseded(
+                        f"{printable(name)} {printable(history['key'])}: {history['event']} not recorded: the "
+                        "stored state is no longer the one this poll started from (another writer recorded it)"
+                    )
+                    continue
+                history["seq"] = seq
+                sinks = route(name, history["event"]) if route else []
+                if not sinks:
+                    history_rows.append(history)
+                    continue
+                pk = conn.execute(etag_history.insert().values(**history)).inserted_primary_key
                 assert pk is not None
-                history_id = pk[0]
                 outbox += [
                     {
-                        "history_id": history_id,
+                        "history_id": pk[0],
                         "sink": sink,
                         "status": "pending",
-                        "created_at": row["detected_at"],
-                        "queued_at": row["detected_at"],
-                        "next_attempt_at": row["detected_at"],
+                        "created_at": history["detected_at"],
+                        "queued_at": history["detected_at"],
+                        "next_attempt_at": history["detected_at"],
                         "attempts": 0,
                     }
                     for sink in sinks
                 ]
+            if history_rows:
+                conn.execute(etag_history.insert(), history_rows)
             if outbox:
                 conn.execute(notifications.insert(), outbox)
-            if ok_states:
-                conn.execute(self._upsert_ok, ok_states)
-            if error_states:
-                conn.execute(self._upsert_error, error_states)
+            rows = [row for i, row in ok_states if i not in failed]
+            if rows:
+                conn.execute(self._upsert_ok, rows)
+            rows = [row for i, row in error_states if i not in failed]
+            if rows:
+                conn.execute(self._upsert_error, rows)
+        return failed
+
+    def _fenced(self, conn: Connection, results: Sequence[PollResult]) -> dict[int, Exception]:
+        """The results whose shard this instance no longer holds at the epoch it claimed, checked (and
+        share-locked against a claim, until commit) in the committing transaction."""
+        fence = self.fence
+        assert fence is not None
+        shards = {i: fence.shard_of(r.watch.name) for i, r in enumerate(results)}
+        query = (
+            select(shard_leases.c.shard, shard_leases.c.epoch)
+            .where(
+                shard_leases.c.shard.in_(sorted(set(shards.values()))),
+                shard_leases.c.instance_id == fence.instance_id,
+                shard_leases.c.expires_at > func.clock_timestamp(),
+            )
+            .order_by(shard_leases.c.shard)  # the heartbeat locks in shard order too: no deadlock
+            .with_for_update(read=True)
+        )
+        held = fence.epochs()
+        valid = {shard for shard, epoch in conn.execute(query) if held.get(shard) == epoch}
+        return {
+            i: Fenced(f"shard {shard} is no longer held by this daemon (lease lost or handed over)")
+            for i, shard in shards.items()
+            if shard not in valid
+        }
+
+    def _compare_and_set(
+        self, conn: Connection, row: dict[str, Any], conditioned: tuple[str | None, bool | None]
+    ) -> int | None:
+        """Store a changed key's new state if the stored one is what its poll conditioned on; return
+        the change's sequence number, or None when another writer got there first."""
+        watch_id, key = row["watch_id"], row["key"]
+        recorded = (
+            select(func.coalesce(func.max(etag_history.c.seq), 0))
+            .where(etag_history.c.watch_id == watch_id, etag_history.c.key == key)
+            .scalar_subquery()
+        )
+        # Past every recorded number even if the state row was dropped (a watch retargeted and back).
+        greatest = func.greatest if self.engine.dialect.name == "postgresql" else func.max
+        etag, present = conditioned
+        stmt = (
+            update(object_state)
+            .where(
+                object_state.c.watch_id == watch_id,
+                object_state.c.key == key,
+                object_state.c.etag.is_not_distinct_from(etag),
+                object_state.c.present.is_not_distinct_from(present),
+            )
+            .values(
+                **{k: v for k, v in row.items() if k not in ("watch_id", "key")},
+                seq=greatest(object_state.c.seq, recorded) + 1,
+            )
+            .returning(object_state.c.seq)
+        )
+        seq = conn.execute(stmt).scalar()
+        if seq is None and etag is None and present is None:
+            # Never stored: the first writer's row wins, a second one inserts nothing.
+            insert = (
+                self._insert(object_state)
+                .values(**row, seq=recorded + 1)
+                .on_conflict_do_nothing(index_elements=[object_state.c.watch_id, object_state.c.key])
+                .returning(object_state.c.seq)
+            )
+            seq = conn.execute(insert).scalar()
+        return None if seq is None else int(seq)
 
     def _upserts(self) -> tuple[Any, Any]:
         """The two object_state upserts, built once: building ``excluded`` costs more than the rows."""
@@ -458,6 +588,15 @@ class Store:
                 **{c: ok.excluded[c] for c in _STATE_COLUMNS},
                 "last_changed_at": func.coalesce(ok.excluded.last_changed_at, object_state.c.last_changed_at),
             },
+            # A poll without a change never overwrites a state it did not see: a stale writer's
+            # "unchanged" must not put back the ETag another one has moved on from.
+            where=or_(
+                object_state.c.present.is_(None),
+                and_(
+                    object_state.c.etag.is_not_distinct_from(ok.excluded.etag),
+                    object_state.c.present.is_not_distinct_from(ok.excluded.present),
+                ),
+            ),
         )
         error = self._insert(object_state)
         # An error touches only the bookkeeping columns: the object's state stays as committed.
@@ -473,7 +612,24 @@ class Store:
         return ok, error
 
     def prune_polls(self, before: datetime) -> int:
-        """Delete poll rows older than ``before`` in short transactions; return how many went."""
+        """Delete poll rows older than ``before`` in short transactions; return how many went.
+
+        On PostgreSQL one process at a time prunes (a session advisory lock): the others skip.
+        """
+        if self.engine.dialect.name != "postgresql":
+            return self._prune(before)
+        with self.engine.connect() as conn:
+            if not conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": PRUNE_LOCK}).scalar():
+                conn.rollback()
+                return 0
+            conn.commit()
+            try:
+                return self._prune(before)
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": PRUNE_LOCK})
+                conn.commit()
+
+    def _prune(self, before: datetime) -> int:
         total = 0
         while True:
             with self._tx() as conn:
@@ -588,8 +744,48 @@ class Store:
             .order_by(notifications.c.next_attempt_at, notifications.c.id)
             .limit(limit)
         )
+        if self.fence is not None:
+            return self._claim_notifications(query, now, limit)
         with self._read() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
+
+    def _claim_notifications(self, query: Any, now: datetime, limit: int) -> list[dict[str, Any]]:
+        """Several daemons: claim due rows (SKIP LOCKED, so two never take one row) for this instance;
+        a claim lapses after CLAIM_SECONDS or once its holder's heartbeat is older than a lease."""
+        fence = self.fence
+        assert fence is not None
+        clock = func.clock_timestamp()
+        live = select(instances.c.id).where(instances.c.heartbeat_at > clock - timedelta(seconds=fence.lease))
+        claimable = (
+            select(notifications.c.id)
+            .where(
+                notifications.c.status == "pending",
+                notifications.c.next_attempt_at <= now,
+                or_(
+                    notifications.c.claimed_by.is_(None),
+                    notifications.c.claimed_by == fence.instance_id,
+                    notifications.c.claimed_until < clock,
+                    notifications.c.claimed_by.not_in(live),
+                ),
+            )
+            .order_by(notifications.c.next_attempt_at, notifications.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        with self._tx() as conn:
+            ids = (
+                conn.execute(
+                    update(notifications)
+                    .where(notifications.c.id.in_(claimable.scalar_subquery()))
+                    .values(claimed_by=fence.instance_id, claimed_until=clock + timedelta(seconds=CLAIM_SECONDS))
+                    .returning(notifications.c.id)
+                )
+                .scalars()
+                .all()
+            )
+            if not ids:
+                return []
+            return [dict(row._mapping) for row in conn.execute(query.where(notifications.c.id.in_(ids)))]
 
     def delivered(self, notification_id: int, now: datetime) -> None:
         self._update_notification(
@@ -613,6 +809,8 @@ class Store:
         self._update_notification(notification_id, status="failed", last_error=error)
 
     def _update_notification(self, notification_id: int, **values: Any) -> None:
+        if self.fence is not None:
+            values.update(claimed_by=None, claimed_until=None)  # attempted: the claim is done
         with self._tx() as conn:
             conn.execute(update(notifications).where(notifications.c.id == notification_id).values(**values))
 
@@ -703,6 +901,150 @@ class Store:
         """Every watch name in the database, active or not (history outlives a watch's removal)."""
         with self._read() as conn:
             return [row.name for row in conn.execute(select(watches.c.name).order_by(watches.c.name))]
+
+    # --- several daemons (PostgreSQL; design.md section 6) -------------------------------
+
+    def register_instance(self, host: str, pid: int, shards: int, lease: float) -> int:
+        """Create the shard rows if missing and this daemon's instance row; return its id.
+
+        Daemons with different shard counts would each poll watches the others hold: refused.
+        """
+        with self._tx() as conn:
+            # One at a time: two first starts with different counts must not both find no rows.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PRUNE_LOCK + 1})
+            existing = int(conn.execute(select(func.count()).select_from(shard_leases)).scalar_one())
+            if existing and existing != shards:
+                live = conn.execute(
+                    select(func.count()).where(
+                        instances.c.heartbeat_at > func.clock_timestamp() - timedelta(seconds=lease)
+                    )
+                ).scalar_one()
+                if live:
+                    raise StoreError(
+                        f"[cluster] shards = {shards}, but the {live} daemons running on this database use "
+                        f"{existing}: set the same number in every daemon's config (to change it, stop them all)"
+                    )
+                conn.execute(shard_leases.delete())
+            conn.execute(
+                text(
+                    "INSERT INTO shard_leases (shard, epoch) SELECT s, 0 FROM generate_series(0, :n - 1) AS s "
+                    "ON CONFLICT DO NOTHING"
+                ),
+                {"n": shards},
+            )
+            now = func.clock_timestamp()
+            stmt = instances.insert().values(host=host, pid=pid, started_at=now, heartbeat_at=now)
+            return int(conn.execute(stmt.returning(instances.c.id)).scalar_one())
+
+    def heartbeat(self, instance_id: int, host: str, pid: int, shards: int, lease: float) -> tuple[dict[int, int], int]:
+        """Renew this instance and its leases, give back shards beyond its fair share, claim free or
+        expired ones up to it; return the shards held (shard -> epoch) and the live instance count."""
+        now = func.clock_timestamp()
+        until = now + timedelta(seconds=lease)
+        with self._tx() as conn:
+            beat = update(instances).where(instances.c.id == instance_id).values(heartbeat_at=now)
+            if not conn.execute(beat).rowcount:
+                # Taken for dead and removed while this daemon was paused: come back under the same id.
+                conn.execute(
+                    instances.insert().values(id=instance_id, host=host, pid=pid, started_at=now, heartbeat_at=now)
+                )
+            live = int(
+                conn.execute(
+                    select(func.count()).where(instances.c.heartbeat_at > now - timedelta(seconds=lease))
+                ).scalar_one()
+            )
+            mine = (
+                select(shard_leases.c.shard)
+                .where(shard_leases.c.instance_id == instance_id, shard_leases.c.shard < shards)
+                .order_by(shard_leases.c.shard)
+                .with_for_update()
+            )
+            renewed = conn.execute(
+                update(shard_leases)
+                .where(shard_leases.c.shard.in_(mine.scalar_subquery()))
+                .values(expires_at=until)
+                .returning(shard_leases.c.shard, shard_leases.c.epoch)
+            )
+            held = {int(shard): int(epoch) for shard, epoch in renewed}
+            share = fair_share(shards, live)
+            if len(held) > share:
+                extra = sorted(held)[share:]
+                conn.execute(
+                    update(shard_leases)
+                    .where(shard_leases.c.shard.in_(extra), shard_leases.c.instance_id == instance_id)
+                    .values(instance_id=None, expires_at=None)
+                )
+                for shard in extra:
+                    del held[shard]
+            elif len(held) < share:
+                free = (
+                    select(shard_leases.c.shard)
+                    .where(
+                        shard_leases.c.shard < shards,
+                        or_(shard_leases.c.instance_id.is_(None), shard_leases.c.expires_at < now),
+                    )
+                    .order_by(shard_leases.c.shard)
+                    .limit(share - len(held))
+                    .with_for_update(skip_locked=True)
+                )
+                claimed = conn.execute(
+                    update(shard_leases)
+                    .where(shard_leases.c.shard.in_(free.scalar_subquery()))
+                    .values(instance_id=instance_id, epoch=shard_leases.c.epoch + 1, expires_at=until)
+                    .returning(shard_leases.c.shard, shard_leases.c.epoch)
+                )
+                held.update({int(shard): int(epoch) for shard, epoch in claimed})
+            # Instances dead for long are forgotten (their leases have long been taken over).
+            conn.execute(instances.delete().where(instances.c.heartbeat_at < now - timedelta(seconds=lease * 20)))
+        return held, live
+
+    def leave(self, instance_id: int) -> None:
+        """A clean stop: give back every shard and outbox claim, and remove the instance row."""
+        with self._tx() as conn:
+            mine = (
+                select(shard_leases.c.shard)
+                .where(shard_leases.c.instance_id == instance_id)
+                .order_by(shard_leases.c.shard)
+                .with_for_update()
+            )
+            conn.execute(
+                update(shard_leases)
+                .where(shard_leases.c.shard.in_(mine.scalar_subquery()))
+                .values(instance_id=None, expires_at=None)
+            )
+            conn.execute(
+                update(notifications)
+                .where(notifications.c.claimed_by == instance_id)
+                .values(claimed_by=None, claimed_until=None)
+            )
+            conn.execute(instances.delete().where(instances.c.id == instance_id))
+
+    def cluster_status(self, lease: float | None = None) -> list[dict[str, Any]]:
+        """The daemons sharing this database: id, host, pid, start, last heartbeat, its age in seconds
+        and the shards each holds; [] on SQLite (one daemon) or before migration 0006."""
+        if self.engine.dialect.name != "postgresql":
+            return []
+        with self._read() as conn:
+            if not inspect(conn).has_table("instances"):
+                return []
+            now = conn.execute(select(func.clock_timestamp())).scalar_one()
+            held: dict[int, list[int]] = {}
+            for shard, holder in conn.execute(
+                select(shard_leases.c.shard, shard_leases.c.instance_id).where(
+                    shard_leases.c.instance_id.is_not(None), shard_leases.c.expires_at > now
+                )
+            ):
+                held.setdefault(int(holder), []).append(int(shard))
+            rows = []
+            for row in conn.execute(select(instances).order_by(instances.c.id)):
+                rows.append(
+                    {
+                        **row._mapping,
+                        "heartbeat_age": (now - row.heartbeat_at).total_seconds(),
+                        "shards": sorted(held.get(row.id, [])),
+                    }
+                )
+            return rows
 
     # --- server semantics (what calibration learned) -----------------------------------
 

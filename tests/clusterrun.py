@@ -1,0 +1,405 @@
+"""Several daemons on one PostgreSQL database, end to end (issue 11): start them on one watch list,
+overwrite, delete and re-create keys throughout, kill one with SIGKILL and start it again, then
+compare what the database and a webhook receiver saw with what was done.
+
+Shared by tests/test_cluster_daemons.py (CI size, moto) and bench/cluster.py (full size, rclone).
+"""
+
+from __future__ import annotations
+
+import http.server
+import itertools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+
+from poller.cluster import shard_of
+from poller.store import Store, open_engine
+
+
+@dataclass
+class Plan:
+    watches: int = 120
+    interval: float = 1.0
+    shards: int = 16
+    lease: float = 3.0
+    heartbeat: float = 1.0
+    daemons: int = 3
+    concurrency: int = 8
+    mutate_seconds: float = 22.0
+    mutation_rate: float = 6.0  # changes per second, over all keys
+    kill_at: float = 6.0  # seconds into the mutation phase
+    restart_at: float = 14.0
+    settle: float = 30.0  # the longest wait for the history and the deliveries to catch up
+    prefix: str = "cluster/"
+
+    @property
+    def takeover_bound(self) -> float:
+        """The documented bound: a dead daemon's lease runs out, a survivor's next heartbeat claims
+        the shard, and the watch's next slot comes."""
+        return self.lease + self.heartbeat + self.interval
+
+    @property
+    def key_gap(self) -> float:
+        """Seconds between two changes of one key: every state stays long enough to be polled, even
+        while its daemon is dead and not yet taken over."""
+        return self.takeover_bound + self.interval + 2.0
+
+
+class Receiver:
+    """A webhook endpoint counting deliveries by event id, with the time of each."""
+
+    def __init__(self) -> None:
+        self.deliveries: dict[int, list[float]] = defaultdict(list)
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with receiver._lock:
+                    receiver.deliveries[int(json.loads(body)["id"])].append(time.time())
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def snapshot(self) -> dict[int, list[float]]:
+        with self._lock:
+            return {k: list(v) for k, v in self.deliveries.items()}
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _toml(value: Any) -> str:
+    return (
+        json.dumps(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+    )
+
+
+def write_config(path: Path, plan: Plan, endpoint: str, bucket: str, url: str, hook: str) -> None:
+    sections = {
+        "s3": {"endpoint_url": endpoint, "addressing_style": "path", "connect_timeout": "2s", "read_timeout": "5s"},
+        "database": {"url": url},
+        "schedule": {"interval": f"{plan.interval}s", "concurrency": plan.concurrency},
+        "cluster": {"shards": plan.shards, "lease": f"{plan.lease}s", "heartbeat": f"{plan.heartbeat}s"},
+    }
+    lines: list[str] = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+    for i in range(plan.watches):
+        lines += ["[[watch]]", f'name = "w{i:05d}"', f'bucket = "{bucket}"', f'key = "{plan.prefix}k{i:05d}"']
+    lines += ["[[notify]]", 'name = "hook"', 'type = "webhook"', f'url = "{hook}"', 'backoff = "0.5s"']
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.chmod(0o600)
+
+
+class Daemon:
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+        self.log_path = log
+        self._log = log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "poller", "run", "--config", str(config), "--log-level", "INFO"],
+            stdout=self._log,
+            stderr=self._log,
+            env={**os.environ, **(env or {})},
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+def _wait(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+@dataclass
+class Report:
+    figures: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+def run(
+    plan: Plan, s3: Any, endpoint: str, bucket: str, url: str, workdir: Path, env: dict[str, str] | None = None
+) -> Report:
+    """Run the whole scenario; the report's problems are empty when every guarantee held."""
+    rng = random.Random(11)
+    names = [f"w{i:05d}" for i in range(plan.watches)]
+    keys = {name: f"{plan.prefix}k{i:05d}" for i, name in enumerate(names)}
+    expected: dict[str, list[tuple[str, str | None]]] = {name: [] for name in names}
+    present: dict[str, bool] = {}
+    counter = Counter[str]()
+
+    def put(name: str) -> str:
+        counter[name] += 1
+        body = f"{name}:{counter[name]}".encode()
+        return str(s3.put_object(Bucket=bucket, Key=keys[name], Body=body)["ETag"])
+
+    for name in names:
+        expected[name].append(("first_seen", put(name)))
+        present[name] = True
+
+    receiver = Receiver()
+    config = workdir / "cluster.toml"
+    write_config(config, plan, endpoint, bucket, url, receiver.url)
+    store = Store(open_engine(url))
+    daemons: list[Daemon] = []
+    report = Report()
+    try:
+        started = time.monotonic()
+        daemons = [Daemon(config, workdir / f"daemon{i}.log", env) for i in range(plan.daemons)]
+
+        def balanced(count: int) -> list[dict[str, Any]] | None:
+            rows = [r for r in store.cluster_status() if r["heartbeat_age"] < plan.lease]
+            # Every daemon near its fair share: no handover left to make.
+            fewest = plan.shards - (count - 1) * -(-plan.shards // count)
+            if len(rows) != count or any(len(r["shards"]) < max(fewest, 1) for r in rows):
+                return None
+            return rows if sum(len(r["shards"]) for r in rows) == plan.shards else None
+
+        def first_seen_all() -> bool:
+            with store.engine.connect() as conn:
+                n = conn.execute(text("SELECT count(*) FROM etag_history WHERE event = 'first_seen'")).scalar()
+            return n == plan.watches
+
+        _wait(lambda: balanced(plan.daemons), 60, f"{plan.daemons} daemons to split the shards")
+        _wait(first_seen_all, 60, "every key's first sighting")
+        report.figures["start_to_balanced_s"] = round(time.monotonic() - started, 1)
+        time.sleep(plan.interval * 2)  # let the last handover's watches reach their next slot
+        steady_a = datetime.now(UTC)
+
+        last_change: dict[str, float] = {name: 0.0 for name in names}
+        t0 = time.monotonic()
+        killed_at: datetime | None = None
+        victim_shards: list[int] = []
+        restarted_at: float | None = None
+        steady_b: datetime | None = None
+        changes = 0
+        next_change = t0
+        while (elapsed := time.monotonic() - t0) < plan.mutate_seconds:
+            if killed_at is None and elapsed >= plan.kill_at:
+                victim = daemons[1]
+                rows = [r for r in store.cluster_status() if r["pid"] == victim.proc.pid]
+                victim_shards = rows[0]["shards"] if rows else []
+                victim.proc.send_signal(signal.SIGKILL)
+                victim.proc.wait()
+                killed_at = datetime.now(UTC)
+            if restarted_at is None and elapsed >= plan.restart_at:
+                daemons.append(Daemon(config, workdir / "daemon-restarted.log", env))
+                restarted_at = time.monotonic()
+            if steady_b is None and restarted_at is not None and balanced(plan.daemons):
+                steady_b = datetime.now(UTC) + timedelta(seconds=plan.heartbeat + plan.interval * 2)
+            now = time.monotonic()
+            if now < next_change:
+                time.sleep(min(next_change - now, 0.05))
+                continue
+            next_change += 1.0 / plan.mutation_rate
+            eligible = [n for n in names if now - last_change[n] >= plan.key_gap]
+            if not eligible:
+                continue
+            name = rng.choice(eligible)
+            if not present[name]:
+                expected[name].append(("created", put(name)))
+                present[name] = True
+            elif rng.random() < 0.3:
+                s3.delete_object(Bucket=bucket, Key=keys[name])
+                expected[name].append(("deleted", None))
+                present[name] = False
+            else:
+                expected[name].append(("modified", put(name)))
+            last_change[name] = time.monotonic()
+            changes += 1
+        mutation_end = datetime.now(UTC)
+        if steady_b is None:
+            steady_b = mutation_end
+            report.problems.append("the restarted daemon did not get a share of the shards before the end")
+        total = sum(len(v) for v in expected.values())
+        report.figures.update(changes=changes, expected_history_rows=total)
+
+        def history_rows() -> int:
+            with store.engine.connect() as conn:
+                return int(conn.execute(text("SELECT count(*) FROM etag_history")).scalar_one())
+
+        try:
+            _wait(lambda: history_rows() >= total, plan.settle, "the history to catch up")
+        except AssertionError as exc:
+            report.problems.append(str(exc))
+
+        def delivered_all() -> bool:
+            with store.engine.connect() as conn:
+                ids = {r[0] for r in conn.execute(text("SELECT id FROM etag_history"))}
+            return ids <= set(receiver.snapshot())
+
+        try:
+            _wait(delivered_all, plan.settle, "every event's delivery")
+        except AssertionError as exc:
+            report.problems.append(str(exc))
+        for d in daemons:
+            d.stop()
+        daemons = []
+        _check(plan, store, names, expected, receiver.snapshot(), report, steady_a, killed_at, steady_b, mutation_end)
+        _check_takeover(plan, store, names, victim_shards, killed_at, report)
+    finally:
+        for d in daemons:
+            d.proc.kill()
+            d.stop()
+        receiver.close()
+        store.close()
+    return report
+
+
+def _check(
+    plan: Plan,
+    store: Store,
+    names: list[str],
+    expected: dict[str, list[tuple[str, str | None]]],
+    deliveries: dict[int, list[float]],
+    report: Report,
+    steady_a: datetime,
+    killed_at: datetime | None,
+    steady_b: datetime,
+    mutation_end: datetime,
+) -> None:
+    with store.engine.connect() as conn:
+        ids = {r[0]: r[1] for r in conn.execute(text("SELECT id, name FROM watches"))}
+        recorded: dict[str, list[tuple[str, str | None]]] = defaultdict(list)
+        history_ids: list[int] = []
+        for watch_id, event, etag, hid in conn.execute(
+            text("SELECT watch_id, event, etag, id FROM etag_history ORDER BY watch_id, seq")
+        ):
+            recorded[ids[watch_id]].append((event, etag))
+            history_ids.append(hid)
+        dup_rows = conn.execute(
+            text(
+                "SELECT count(*) FROM (SELECT watch_id, key, event, etag, previous_etag FROM etag_history "
+                "GROUP BY watch_id, key, event, etag, previous_etag HAVING count(*) > 1) AS d"
+            )
+        ).scalar_one()
+        polls: dict[str, list[datetime]] = defaultdict(list)
+        for watch_id, polled_at in conn.execute(text("SELECT watch_id, polled_at FROM polls ORDER BY polled_at")):
+            polls[ids[watch_id]].append(polled_at)
+    missing = sum(max(len(expected[n]) - len(recorded.get(n, [])), 0) for n in names)
+    wrong = [n for n in names if recorded.get(n, []) != expected[n]]
+    extra = sum(max(len(recorded.get(n, [])) - len(expected[n]), 0) for n in names)
+    report.figures.update(
+        history_rows=len(history_ids),
+        duplicate_history_rows=int(dup_rows),
+        missing_changes=missing,
+        extra_changes=extra,
+    )
+    if dup_rows or missing or extra or wrong:
+        sample = wrong[0] if wrong else ""
+        report.problems.append(
+            f"history differs from the changes made: {dup_rows} duplicated, {missing} missing, {extra} extra, "
+            f"{len(wrong)} keys differ"
+            + (f" (e.g. {sample}: made {expected[sample]}, recorded {recorded.get(sample)})" if sample else "")
+        )
+    # No key polled twice in one interval while the daemons are steady: in a window of W seconds a
+    # watch polled once per interval has at most W/interval + 1 polls.
+    windows = [(steady_a, killed_at or mutation_end), (steady_b, mutation_end)]
+    doubled: set[str] = set()
+    gaps: list[float] = []
+    for start, end in windows:
+        if end <= start:
+            continue
+        most = int((end - start).total_seconds() / plan.interval) + 1
+        for name in names:
+            inside = [t for t in polls[name] if start <= t < end]
+            if len(inside) > most:
+                doubled.add(name)
+            gaps += [(b - a).total_seconds() for a, b in itertools.pairwise(inside)]
+    gaps.sort()
+    report.figures.update(
+        keys_polled_twice_in_an_interval=len(doubled),
+        steady_min_gap_s=round(gaps[0], 3) if gaps else None,
+        steady_p99_gap_s=round(gaps[int(len(gaps) * 0.99)], 3) if gaps else None,
+        polls_in_steady_windows=len(gaps),
+    )
+    if doubled:
+        report.problems.append(
+            f"{len(doubled)} keys polled twice in one interval in steady state, e.g. {sorted(doubled)[:3]}"
+        )
+    # Every event delivered; more than once only if the killed daemon had it in hand.
+    kill_ts = killed_at.timestamp() if killed_at else float("inf")
+    undelivered = [h for h in history_ids if h not in deliveries]
+    twice = {h: times for h, times in deliveries.items() if len(times) > 1}
+    unexplained = [h for h, times in twice.items() if not times[0] <= kill_ts]
+    report.figures.update(
+        events_delivered=len([h for h in history_ids if h in deliveries]),
+        undelivered=len(undelivered),
+        delivered_twice_across_the_kill=len(twice) - len(unexplained),
+        delivered_twice_in_steady_state=len(unexplained),
+    )
+    if undelivered:
+        report.problems.append(f"{len(undelivered)} events never delivered")
+    if unexplained:
+        report.problems.append(f"{len(unexplained)} events delivered more than once outside the kill")
+
+
+def _check_takeover(
+    plan: Plan, store: Store, names: list[str], shards: list[int], killed_at: datetime | None, report: Report
+) -> None:
+    if killed_at is None:
+        report.problems.append("no daemon was killed")
+        return
+    orphans = [n for n in names if shard_of(n, plan.shards) in set(shards)]
+    with store.engine.connect() as conn:
+        firsts = dict(
+            conn.execute(
+                text(
+                    "SELECT w.name, min(p.polled_at) FROM polls p JOIN watches w ON w.id = p.watch_id "
+                    "WHERE p.polled_at > :t GROUP BY w.name"
+                ),
+                {"t": killed_at},
+            ).all()
+        )
+    delays = sorted((firsts[n] - killed_at).total_seconds() for n in orphans if n in firsts)
+    never = len(orphans) - len(delays)
+    worst = delays[-1] if delays else None
+    report.figures.update(
+        killed_daemon_watches=len(orphans),
+        takeover_max_s=round(worst, 2) if worst is not None else None,
+        takeover_bound_s=plan.takeover_bound,
+    )
+    if not orphans:
+        report.problems.append("the killed daemon held no watches")
+    if never:
+        report.problems.append(f"{never} of the killed daemon's watches were never polled again")
+    # Half a second of slack: the claim's own transaction and the poll's commit.
+    if worst is not None and worst > plan.takeover_bound + 0.5:
+        report.problems.append(f"takeover took {worst:.2f}s, beyond the bound of {plan.takeover_bound:.1f}s")

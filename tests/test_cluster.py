@@ -1,0 +1,279 @@
+"""Several daemons on one PostgreSQL database (issue 11, parts 3-4): shard leases and rebalancing,
+fencing in the committing transaction, exactly-once history (compare-and-set and a unique per-key
+sequence, on both backends), the outbox claimed with SKIP LOCKED, one pruner, `poller status`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from conftest import ConfigFile, run_cli
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
+
+from poller.cluster import Membership, shard_of
+from poller.config import ClusterSettings
+from poller.model import ObjectState, PollResult, Watch
+from poller.store import Fenced, Store, StoreError, Superseded, fair_share, migrate, open_engine
+from poller.watchlist import WatchSpec
+
+NOW = datetime(2026, 11, 24, 10, 0, 0, tzinfo=UTC)
+pg_only = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+
+
+def _store(url: str) -> Store:
+    engine = open_engine(url)
+    migrate(engine)
+    return Store(engine)
+
+
+@pytest.fixture
+def stores(db_url: str) -> Iterator[list[Store]]:
+    """Three stores on one database, as three daemons would have."""
+    made = [_store(db_url) for _ in range(3)]
+    yield made
+    for s in made:
+        s.close()
+
+
+def specs(*names: str) -> list[WatchSpec]:
+    return [WatchSpec(n, "bucket", f"key/{n}", 60.0, None) for n in names]
+
+
+def state(etag: str | None, present: bool = True) -> ObjectState:
+    return ObjectState(etag, NOW, NOW, None, 3, present)
+
+
+def change(watch: Watch, previous: ObjectState | None, new: ObjectState, event: str) -> PollResult:
+    outcome = "missing" if not new.present else "modified"
+    return PollResult(watch, NOW, outcome, 200, 1.0, previous, new, event)  # type: ignore[arg-type]
+
+
+def unchanged(watch: Watch, current: ObjectState) -> PollResult:
+    return PollResult(watch, NOW, "unchanged", 304, 1.0, current, current)
+
+
+def history(store: Store) -> list[tuple[str, str, int]]:
+    with store.engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(text("SELECT event, etag, seq FROM etag_history ORDER BY id"))]  # type: ignore[misc]
+
+
+def stored_etag(store: Store, watch: Watch) -> tuple[str | None, int]:
+    with store.engine.connect() as conn:
+        row = conn.execute(text("SELECT etag, seq FROM object_state WHERE watch_id = :w"), {"w": watch.id}).one()
+    return row[0], int(row[1])
+
+
+def test_fair_share_and_shard_of_are_stable():
+    assert [fair_share(64, n) for n in (0, 1, 2, 3, 64, 100)] == [64, 64, 32, 22, 1, 1]
+    assert shard_of("a", 64) == shard_of("a", 64)
+    counts = [0] * 8
+    for i in range(8000):
+        counts[shard_of(f"w{i}", 8)] += 1
+    assert min(counts) > 800  # names spread over the shards
+
+
+def test_heartbeat_must_fit_twice_in_a_lease():
+    with pytest.raises(ValueError, match="at most half of lease"):
+        ClusterSettings(lease=5.0, heartbeat=3.0)
+
+
+# --- exactly-once recording: both backends --------------------------------------------------
+
+
+def test_a_change_is_recorded_once_when_two_writers_report_it(stores: list[Store]):
+    a, b, _ = stores
+    watch = a.sync_watches(specs("w"), NOW).watches["w"]
+    assert a.record([change(watch, None, state('"x"'), "first_seen")]) == {}
+    x = state('"x"')
+    assert a.record([change(watch, x, state('"y"'), "modified")]) == {}
+    refused = b.record([change(watch, x, state('"y"'), "modified")])
+    assert list(refused) == [0] and isinstance(refused[0], Superseded)
+    assert history(a) == [("first_seen", '"x"', 1), ("modified", '"y"', 2)]
+    assert stored_etag(a, watch) == ('"y"', 2)
+    # The loser's stale "unchanged" must not put the old ETag back either.
+    b.record([unchanged(watch, x)])
+    assert stored_etag(a, watch) == ('"y"', 2)
+    # Two first sightings: the second one finds the row and records nothing.
+    other = a.sync_watches(specs("w", "v"), NOW).watches["v"]
+    assert a.record([change(other, None, state('"p"'), "first_seen")]) == {}
+    assert isinstance(b.record([change(other, None, state('"q"'), "first_seen")])[0], Superseded)
+    assert [h for h in history(a) if h[1] in ('"p"', '"q"')] == [("first_seen", '"p"', 1)]
+
+
+def test_the_database_refuses_a_second_history_row_at_one_sequence_number(stores: list[Store]):
+    a = stores[0]
+    watch = a.sync_watches(specs("w"), NOW).watches["w"]
+    a.record([change(watch, None, state('"x"'), "first_seen")])
+    with pytest.raises(IntegrityError), a.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO etag_history (watch_id, key, detected_at, event, etag, seq) "
+                "VALUES (:w, :k, :t, 'first_seen', '\"z\"', 1)"
+            ),
+            {"w": watch.id, "k": watch.key, "t": NOW.isoformat()},
+        )
+
+
+def test_a_key_retargeted_away_and_back_keeps_numbering(stores: list[Store]):
+    a = stores[0]
+    watch = a.sync_watches(specs("w"), NOW).watches["w"]
+    a.record([change(watch, None, state('"x"'), "first_seen")])
+    a.sync_watches([WatchSpec("w", "bucket", "elsewhere", 60.0, None)], NOW)
+    watch = a.sync_watches(specs("w"), NOW).watches["w"]  # back: its state row was dropped
+    assert a.record([change(watch, None, state('"y"'), "first_seen")]) == {}
+    assert [seq for _, _, seq in history(a)] == [1, 2]
+
+
+# --- leases, fencing, outbox: PostgreSQL ---------------------------------------------------------
+
+
+def _members(stores: list[Store], shards: int = 8, lease: float = 30.0) -> list[Membership]:
+    settings = ClusterSettings(shards=shards, lease=lease, heartbeat=lease / 3)
+    members = []
+    for s in stores:
+        m = Membership(s, settings, lambda gained, lost: None)
+        s.fence = m
+        members.append(m)
+    return members
+
+
+@pg_only
+def test_daemons_split_the_shards_and_rebalance_when_one_joins(stores: list[Store]):
+    (a,) = _members(stores[:1])
+    a.beat()
+    assert len(a.epochs()) == 8  # alone: every shard
+    b, c = _members(stores[1:])
+    b.beat()
+    c.beat()  # live = 3: nothing is free yet
+    assert b.epochs() == {} and c.epochs() == {}
+    for m in (a, b, c):  # a gives back what exceeds its share; b and c take it
+        m.beat()
+    for m in (a, b, c):
+        m.beat()
+    held = [set(m.epochs()) for m in (a, b, c)]
+    assert sorted(len(h) for h in held) == [2, 3, 3]
+    assert set().union(*held) == set(range(8)) and sum(len(h) for h in held) == 8
+    rows = stores[0].cluster_status()
+    assert [len(r["shards"]) for r in rows] == [len(h) for h in held]
+    assert all(r["heartbeat_age"] < 5 for r in rows)
+
+
+@pg_only
+def test_a_daemon_whose_lease_moved_on_cannot_commit(stores: list[Store]):
+    a, b, _ = _members(stores, shards=1)
+    a.beat()
+    watch = stores[0].sync_watches(specs("w"), NOW).watches["w"]
+    assert stores[0].record([change(watch, None, state('"x"'), "first_seen")]) == {}
+    # a pauses past its lease; b takes the shard over (a new epoch).
+    with stores[0].engine.begin() as conn:
+        conn.execute(text("UPDATE shard_leases SET expires_at = now() - interval '1 second'"))
+    b.beat()
+    assert b.epochs() == {0: 2}
+    refused = stores[0].record([change(watch, state('"x"'), state('"y"'), "modified")])
+    assert isinstance(refused[0], Fenced)
+    assert history(stores[0]) == [("first_seen", '"x"', 1)]
+    with stores[0].engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM polls")).scalar() == 1  # not even the poll row
+    assert stores[1].record([change(watch, state('"x"'), state('"y"'), "modified")]) == {}
+    # a comes back: it holds nothing, so it polls nothing until the next rebalance.
+    a.beat()
+    assert a.epochs() == {}
+
+
+@pg_only
+def test_lapsed_lease_is_not_used_even_before_anyone_claims_it(stores: list[Store]):
+    clock = [0.0]
+    settings = ClusterSettings(shards=2, lease=10.0, heartbeat=3.0)
+    m = Membership(stores[0], settings, lambda gained, lost: None, clock=lambda: clock[0])
+    stores[0].fence = m
+    m.beat()
+    assert len(m.epochs()) == 2
+    clock[0] = 10.5  # no renewal for a lease (e.g. the database unreachable): stop trusting it
+    assert m.epochs() == {}
+
+
+@pg_only
+def test_outbox_rows_are_claimed_by_one_daemon(stores: list[Store]):
+    a, b, _ = _members(stores)
+    a.beat()
+    b.beat()
+    watch = stores[0].sync_watches(specs(*[f"w{i}" for i in range(20)]), NOW).watches
+    stores[2].fence = None  # recorded by a writer that fences nothing (as `poller once` does)
+    stores[2].record(
+        [change(w, None, state(f'"{w.name}"'), "first_seen") for w in watch.values()],
+        route=lambda name, event: ["hook"],
+    )
+    first = stores[0].due_notifications(NOW + timedelta(seconds=1), limit=12)
+    second = stores[1].due_notifications(NOW + timedelta(seconds=1), limit=100)
+    assert len(first) == 12 and len(second) == 8
+    assert not {r["id"] for r in first} & {r["id"] for r in second}
+    # a dies holding its claims: once its heartbeat is a lease old, b takes them.
+    stores[1].delivered(second[0]["id"], NOW)
+    with stores[0].engine.begin() as conn:
+        conn.execute(
+            text("UPDATE instances SET heartbeat_at = now() - interval '1 hour' WHERE id = :i"), {"i": a.instance_id}
+        )
+    again = stores[1].due_notifications(NOW + timedelta(seconds=1), limit=100)
+    assert {r["id"] for r in again} == {r["id"] for r in first} | {r["id"] for r in second[1:]}
+
+
+@pg_only
+def test_one_instance_prunes_at_a_time(stores: list[Store]):
+    with stores[0].engine.connect() as holder:
+        holder.execute(text("SELECT pg_advisory_lock(:k)"), {"k": 0x706F6C6C6572 + 1})
+        holder.commit()
+        assert stores[1].prune_polls(NOW) == 0  # skipped, not blocked
+        holder.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": 0x706F6C6C6572 + 1})
+        holder.commit()
+
+
+@pg_only
+def test_leave_hands_every_shard_back(stores: list[Store]):
+    a, b, c = _members(stores, shards=4)
+    a.beat()
+    assert len(a.epochs()) == 2  # three live instances: at most 2 of 4 shards each
+    a.stop()
+    b.beat()
+    c.beat()
+    assert len(b.epochs()) == 2 and len(c.epochs()) == 2  # a's went back at once, no lease to wait
+    assert [r["id"] for r in stores[1].cluster_status()] == [b.instance_id, c.instance_id]
+
+
+@pg_only
+def test_status_shows_the_daemons_their_heartbeats_and_watches(stores: list[Store], db_url: str, config: ConfigFile):
+    stores[0].sync_watches(specs(*[f"w{i}" for i in range(10)]), NOW)
+    config.write(
+        watches=[{"name": f"w{i}", "bucket": "bucket", "key": f"key/w{i}"} for i in range(10)],
+        database={"url": db_url},
+        cluster={"shards": 4},
+    )
+    a, b, _ = _members(stores, shards=4)
+    a.beat()
+    b.beat()
+    out = run_cli("status", "--config", str(config.path))
+    assert out.returncode == 0, out.stderr
+    text_out = out.stdout
+    assert "daemons (PostgreSQL; 10 watches in 4 shards, lease 15s):" in text_out
+    per_shard = [sum(1 for i in range(10) if shard_of(f"w{i}", 4) == s) for s in range(4)]
+    for m in (a, b):
+        shards = sorted(m.epochs())
+        line = f"instance {m.instance_id} {m.host} pid {m.pid} started "
+        assert line in text_out
+        assert f"{len(shards)} shards, {sum(per_shard[s] for s in shards)} watches" in text_out
+    assert "held by no daemon now" not in text_out
+    # The third registered instance never renewed: no shards, and a stale heartbeat once a lease is gone.
+    assert f"instance {stores[2].fence.instance_id} " in text_out  # type: ignore[union-attr]
+
+
+@pg_only
+def test_a_daemon_with_another_shard_count_is_refused(stores: list[Store]):
+    _members(stores[:1], shards=8)[0].beat()
+    with pytest.raises(StoreError, match=r"\[cluster\] shards = 16, but the 1 daemons running on this database use 8"):
+        _members(stores[1:2], shards=16)
+    with stores[0].engine.begin() as conn:  # all stopped: the new count takes over
+        conn.execute(text("UPDATE instances SET heartbeat_at = now() - interval '1 hour'"))
+    (m,) = _members(stores[1:2], shards=16)
+    m.beat()
+    assert len(m.epochs()) == 16
