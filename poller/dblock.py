@@ -56,8 +56,12 @@ def acquire_writer_lock(url: str, command: str) -> WriterLock | None:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         writable = True
-    except PermissionError:
-        # Someone else's lock file: a read-only descriptor can still hold an flock.
+    except OSError as exc:
+        if not isinstance(exc, PermissionError) and exc.errno != errno.EROFS:
+            if isinstance(exc, FileNotFoundError):
+                return None  # the directory is missing: opening the database will say so
+            raise DatabaseInUse(f"cannot open the lock file {path} ({exc.strerror}): check its permissions") from None
+        # Someone else's lock file, or a read-only filesystem: a read-only descriptor can still hold an flock.
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -65,8 +69,6 @@ def acquire_writer_lock(url: str, command: str) -> WriterLock | None:
         except OSError as exc:
             raise DatabaseInUse(f"cannot open the lock file {path} ({exc.strerror}): check its permissions") from None
         writable = False
-    except FileNotFoundError:
-        return None  # the directory is missing: opening the database will say so
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
