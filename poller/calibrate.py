@@ -1,10 +1,10 @@
 """Calibration (design.md section 1, rule 3): learn, read-only, how a server evaluates conditional HEADs.
 
-Four HEADs on an object the daemon already watches, after an unconditional one that gives its
-current ETag and Last-Modified, tell whether ``If-Modified-Since`` can override a non-matching
-``If-None-Match`` and whether a 304 carries the ETag. ``measure`` and ``choose_mode`` are pure;
-``Book`` keeps what was learned per bucket and decides when to learn it again. The HEADs
-themselves are sent by ``poller.probe.Prober``.
+Four HEADs on an object the daemon already watches (six when If-Modified-Since is asked at two
+dates), after an unconditional one that gives its current ETag and Last-Modified, tell whether
+``If-Modified-Since`` can override a non-matching ``If-None-Match`` and whether a 304 carries the ETag.
+``measure`` and ``choose_mode`` are pure; ``Book`` keeps what was learned per bucket and decides
+when to learn it again. The HEADs themselves are sent by ``poller.probe.Prober``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ NO_MATCH_ETAG = '"00000000000000000000000000000000-poller"'
 # which is when its semantics can change; go back to SAFE_MODE and measure again once it answers.
 ERROR_RUN = 5
 # Re-measured this often anyway: a rolling upgrade behind one endpoint changes semantics without
-# a single error. Five HEADs per bucket every few hours cost nothing.
+# a single error. Seven HEADs per bucket every few hours cost nothing.
 MAX_AGE = 6 * 3600.0
 # An inconclusive measurement (object gone or changed meanwhile, an error) is retried after this.
 RETRY_AFTER = 60.0
@@ -46,13 +46,18 @@ class Inconclusive(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Measured:
-    """The five answers of one calibration, all on the same object."""
+    """The answers of one calibration, all on the same object."""
 
     current: Answer  # unconditional: the object's ETag and Last-Modified
     mismatch_and_since: Answer  # (a) non-matching If-None-Match + If-Modified-Since (see since_for)
     match: Answer  # (b) matching If-None-Match
     since: Answer  # (c) the same If-Modified-Since, alone
     mismatch: Answer  # (d) non-matching If-None-Match, alone
+    # (a) and (c) again with If-Modified-Since equal to Last-Modified, when ``since_for`` chose a second
+    # later: a server that answers 304 only to an exact date would otherwise look as if it ignored the
+    # header, while a poll (which sends the stored Last-Modified itself) misses a timestamp-keeping copy.
+    mismatch_and_equal: Answer | None = None
+    equal: Answer | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,11 +99,12 @@ def since_for(current: Answer) -> datetime | None:
 
 
 def measure(m: Measured) -> Semantics:
-    """The semantics the five answers show; raises Inconclusive if they cannot be trusted."""
+    """The semantics the answers show; raises Inconclusive if they cannot be trusted."""
     current = m.current
     if current.status != 200 or current.etag is None or current.last_modified is None:
         raise Inconclusive("the object gave no ETag and Last-Modified to calibrate with")
-    probes = (m.mismatch_and_since, m.match, m.since, m.mismatch)
+    at_equal = tuple(a for a in (m.mismatch_and_equal, m.equal) if a is not None)
+    probes = (m.mismatch_and_since, m.match, m.since, m.mismatch, *at_equal)
     for answer in probes:
         if answer.status not in (200, 304):
             raise Inconclusive(f"a calibration HEAD answered {answer.status}")
@@ -110,8 +116,10 @@ def measure(m: Measured) -> Semantics:
     return Semantics(
         inm_honoured=m.match.status == 304,
         inm_false_304=m.mismatch.status == 304,
-        ims_honoured=m.since.status == 304,
-        ims_overrides=m.mismatch_and_since.status == 304,
+        # Either date answering 304 is enough: polls send dates equal to and after a new version's.
+        ims_honoured=m.since.status == 304 or (m.equal is not None and m.equal.status == 304),
+        ims_overrides=m.mismatch_and_since.status == 304
+        or (m.mismatch_and_equal is not None and m.mismatch_and_equal.status == 304),
         etag_on_304=all(a.etag == current.etag for a in not_modified) if not_modified else None,
     )
 

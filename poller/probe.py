@@ -246,12 +246,17 @@ class Prober:
             self._calibrate(watch)
 
     def _calibrate(self, watch: Watch) -> None:
-        """Five read-only HEADs on the watch's object; what they show decides the bucket's mode."""
+        """Up to seven read-only HEADs on the watch's object; what they show decides the bucket's mode."""
         try:
             current = self._head(watch, {})
-            if current.status != 200 or current.etag is None or current.last_modified is None:
+            lm = current.last_modified
+            if current.status != 200 or current.etag is None or lm is None:
                 raise Inconclusive(f"the object answered {current.status} without ETag and Last-Modified")
             since = since_for(current)
+            later = since != lm
+            if not later and current.server_date is not None:
+                # Only the equal date could be asked: an off-by-one server would look RFC-compliant.
+                raise Inconclusive("the object was written less than 2 s ago; measured again later")
             sem = measure(
                 Measured(
                     current=current,
@@ -259,6 +264,10 @@ class Prober:
                     match=self._head(watch, {"IfNoneMatch": current.etag}),
                     since=self._head(watch, {"IfModifiedSince": since}),
                     mismatch=self._head(watch, {"IfNoneMatch": NO_MATCH_ETAG}),
+                    mismatch_and_equal=(
+                        self._head(watch, {"IfNoneMatch": NO_MATCH_ETAG, "IfModifiedSince": lm}) if later else None
+                    ),
+                    equal=self._head(watch, {"IfModifiedSince": lm}) if later else None,
                 )
             )
         except (Inconclusive, ClientError, BotoCoreError, OSError, ValueError) as exc:
@@ -359,5 +368,3 @@ def error_result(
         state=None,
         error=redact(msg),
     )
-
-

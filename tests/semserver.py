@@ -39,10 +39,13 @@ class Obj:
 class SemServer:
     """The state the handler serves; tests change it between polls."""
 
-    def __init__(self, semantics: str, version_id_on_404: bool = True, strict_since: bool = False) -> None:
+    def __init__(
+        self, semantics: str, version_id_on_404: bool = True, strict_since: bool = False, exact_since: bool = False
+    ) -> None:
         assert semantics in SEMANTICS, semantics
         self.semantics = semantics
         self.strict_since = strict_since  # an equal If-Modified-Since counts as modified (an off-by-one server)
+        self.exact_since = exact_since  # only an exactly equal If-Modified-Since is "not modified"
         self.version_id_on_404 = version_id_on_404
         self.buckets: set[str] = set()
         self.objects: dict[tuple[str, str], Obj] = {}
@@ -109,7 +112,11 @@ class SemServer:
         ims_text = headers.get("if-modified-since")
         since = parsedate_to_datetime(ims_text) if ims_text else None
         unmodified = since is not None and (
-            obj.last_modified < since if self.strict_since else obj.last_modified <= since
+            obj.last_modified == since
+            if self.exact_since
+            else obj.last_modified < since
+            if self.strict_since
+            else obj.last_modified <= since
         )
         if self.semantics == "rfc":
             return match if inm is not None else unmodified

@@ -202,7 +202,7 @@ def test_calibration_is_read_only_and_learns_each_semantics(server, http_client)
     precedence, etag_on_304, mode = EXPECTED[server.semantics]
     assert (sem.precedence, sem.etag_on_304, prober.mode_for(BUCKET)) == (precedence, etag_on_304, mode)
     methods = {m for m, _, _ in server.requests[before:]}
-    assert methods == {"HEAD"} and len(server.requests) - before == 6  # 5 calibration HEADs + the poll
+    assert methods == {"HEAD"} and len(server.requests) - before == 8  # 7 calibration HEADs + the poll
     # Calibrated once: the next poll is one request.
     before = len(server.requests)
     prober.probe(watch, again.state)
@@ -499,3 +499,32 @@ def test_a_server_that_counts_an_equal_date_as_modified_is_still_caught(pipeline
         server.put(BUCKET, KEY, '"v1"', T0)  # rollback to an older Last-Modified
         assert p.poll().event == "modified"
         assert [e for e, _, _ in p.events()] == ["first_seen", "modified", "modified"]
+
+
+def test_a_server_that_answers_304_only_to_the_exact_date_is_still_caught(pipeline):
+    """If-Modified-Since a second later answers 200 there; the poll's own date (equal) answers 304."""
+    with semserver("either_noetag", exact_since=True) as server:
+        p = pipeline(server)
+        server.put(BUCKET, KEY, '"v1"', T0)
+        p.poll()
+        server.put(BUCKET, KEY, '"v2"', T0 + MINUTE)
+        p.poll()
+        assert p.service.prober.book.semantics(BUCKET).precedence == "either"
+        assert p.service.prober.mode_for(BUCKET) == "etag"
+        server.put(BUCKET, KEY, '"c1"', T0 + MINUTE)  # a copy that keeps the Last-Modified
+        assert p.poll().event == "modified"
+        assert [e for e, _, _ in p.events()] == ["first_seen", "modified", "modified"]
+
+
+def test_an_object_written_under_2_s_ago_is_not_measured_at_one_date_only(http_client):
+    """Only the equal date is safe to send then, and it would make an off-by-one server look RFC-compliant."""
+    with semserver("either_noetag", strict_since=True) as server:
+        server.clock = lambda: T0 + timedelta(milliseconds=1500)
+        server.put(BUCKET, KEY, '"v1"', T0)
+        prober = _prober(server, http_client)
+        watch = Watch(1, "w", BUCKET, KEY)
+        state = prober.probe(watch, None).state
+        before = len(server.requests)
+        assert prober.probe(watch, state).outcome == "unchanged"
+        assert len(server.requests) - before == 2  # the unconditional HEAD, then the poll
+        assert prober.book.semantics(BUCKET) is None and prober.mode_for(BUCKET) == "etag"
