@@ -17,7 +17,21 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import Connection, Engine, Table, and_, create_engine, event, func, inspect, or_, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    and_,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    inspect,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
@@ -254,6 +268,7 @@ class Store:
         self.engine = engine
         self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         self._upsert_ok, self._upsert_error = self._upserts()
+        self._cas = self._cas_statements()
         # The poll rows are most of what the writer writes; COPY costs a third of the client CPU
         # of psycopg's pipelined executemany (bench/store_write.py).
         self._copy_polls = engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
@@ -544,7 +559,20 @@ class Store:
     ) -> int | None:
         """Store a changed key's new state if the stored one is what its poll conditioned on; return
         the change's sequence number, or None when another writer got there first."""
-        watch_id, key = row["watch_id"], row["key"]
+        update_cas, insert_cas = self._cas
+        params = {f"v_{k}": v for k, v in row.items()}
+        params["p_etag"], params["p_present"] = conditioned
+        seq = conn.execute(update_cas, params).scalar()
+        if seq is None and conditioned == (None, None):
+            # Never stored: the first writer's row wins, a second one inserts nothing.
+            seq = conn.execute(insert_cas, params).scalar()
+        return None if seq is None else int(seq)
+
+    def _cas_statements(self) -> tuple[Any, Any]:
+        """The compare-and-set UPDATE and first-insert of a changed key, built once (bound by name)."""
+        columns = ("watch_id", "key", *_STATE_COLUMNS, "last_changed_at")
+        watch_id = bindparam("v_watch_id", type_=object_state.c.watch_id.type)
+        key = bindparam("v_key", type_=object_state.c.key.type)
         recorded = (
             select(func.coalesce(func.max(etag_history.c.seq), 0))
             .where(etag_history.c.watch_id == watch_id, etag_history.c.key == key)
@@ -552,32 +580,29 @@ class Store:
         )
         # Past every recorded number even if the state row was dropped (a watch retargeted and back).
         greatest = func.greatest if self.engine.dialect.name == "postgresql" else func.max
-        etag, present = conditioned
-        stmt = (
+        update_cas = (
             update(object_state)
             .where(
                 object_state.c.watch_id == watch_id,
                 object_state.c.key == key,
-                object_state.c.etag.is_not_distinct_from(etag),
-                object_state.c.present.is_not_distinct_from(present),
+                object_state.c.etag.is_not_distinct_from(bindparam("p_etag", type_=object_state.c.etag.type)),
+                object_state.c.present.is_not_distinct_from(bindparam("p_present", type_=object_state.c.present.type)),
             )
             .values(
-                **{k: v for k, v in row.items() if k not in ("watch_id", "key")},
-                seq=greatest(object_state.c.seq, recorded) + 1,
+                {
+                    **{c: bindparam(f"v_{c}", type_=object_state.c[c].type) for c in columns[2:]},
+                    "seq": greatest(object_state.c.seq, recorded) + 1,
+                }
             )
             .returning(object_state.c.seq)
         )
-        seq = conn.execute(stmt).scalar()
-        if seq is None and etag is None and present is None:
-            # Never stored: the first writer's row wins, a second one inserts nothing.
-            insert = (
-                self._insert(object_state)
-                .values(**row, seq=recorded + 1)
-                .on_conflict_do_nothing(index_elements=[object_state.c.watch_id, object_state.c.key])
-                .returning(object_state.c.seq)
-            )
-            seq = conn.execute(insert).scalar()
-        return None if seq is None else int(seq)
+        insert_cas = (
+            self._insert(object_state)
+            .values({**{c: bindparam(f"v_{c}", type_=object_state.c[c].type) for c in columns}, "seq": recorded + 1})
+            .on_conflict_do_nothing(index_elements=[object_state.c.watch_id, object_state.c.key])
+            .returning(object_state.c.seq)
+        )
+        return update_cas, insert_cas
 
     def _upserts(self) -> tuple[Any, Any]:
         """The two object_state upserts, built once: building ``excluded`` costs more than the rows."""
