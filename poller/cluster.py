@@ -112,11 +112,14 @@ class Membership:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.every):
+        due = self._clock() + self.every
+        while not self._stop.wait(max(due - self._clock(), 0.0)):
+            due += self.every  # a fixed rhythm: a slow beat does not push the next one back
             try:
                 self.beat()
             except Exception:
                 log.exception("cluster heartbeat")
+            due = max(due, self._clock())
 
     def stop(self) -> None:
         """Stop the heartbeat and give every shard back at once (the others need not wait a lease)."""

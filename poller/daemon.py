@@ -81,7 +81,10 @@ class Daemon:
         # On PostgreSQL, daemons sharing the database split the watches by shard (poller/cluster.py);
         # every commit is fenced by the leases held. SQLite has one daemon (poller/dblock.py).
         self.membership: Membership | None = None
-        self._shards_lock = threading.Lock()
+        # Shard changes reported by the heartbeat thread, applied by the main thread (which also
+        # reloads): the heartbeat never waits on the daemon, so a long reload cannot cost a lease.
+        self._shard_changes: list[tuple[set[int], set[int]]] = []
+        self._shard_changes_lock = threading.Lock()
         if self.store.engine.dialect.name == "postgresql":
             self.membership = Membership(self.store, settings.cluster, self._on_shards)
             self.store.fence = self.membership
@@ -111,7 +114,8 @@ class Daemon:
         """Schedule every watch and the pruning job; unless paused, start polling."""
         now = datetime.now(UTC)
         if self.membership is not None:
-            self.membership.beat()  # claims a share of the shards; _on_shards schedules their watches
+            self.membership.beat()  # claims a share of the shards
+            self._apply_shard_changes()
         else:
             for name in self.current.watches:
                 self._schedule(name, now)
@@ -186,8 +190,8 @@ class Daemon:
                 break
             if self._reload:
                 self._reload = False
-                with self._shards_lock:
-                    self.reload()
+                self.reload()
+            self._apply_shard_changes()
             if ping:
                 self.notifier.watchdog()
             if time.monotonic() >= next_overload_check:
@@ -223,10 +227,19 @@ class Daemon:
         self.timetable.add(name, current.watches[name], trigger, now)
 
     def _on_shards(self, gained: set[int], lost: set[int]) -> None:
+        """Heartbeat thread: note a change of the shards held, for the main thread to apply."""
+        with self._shard_changes_lock:
+            self._shard_changes.append((gained, lost))
+        self._wake.set()
+
+    def _apply_shard_changes(self) -> None:
         """Stop polling the watches of shards lost; resume those of shards gained from their committed state."""
-        assert self.membership is not None
+        with self._shard_changes_lock:
+            changes, self._shard_changes = self._shard_changes, []
+        if self.membership is None or not changes:
+            return
         shard_of = self.membership.shard_of
-        with self._shards_lock:
+        for gained, lost in changes:
             for name in self.current.watches:
                 if shard_of(name) in lost:
                     self.timetable.remove(name)
