@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from alembic import command
+from alembic.config import Config
 from conftest import ConfigFile, run_cli
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
@@ -15,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from poller.cluster import Membership, shard_of
 from poller.config import ClusterSettings
 from poller.model import ObjectState, PollResult, Watch
-from poller.store import Fenced, Store, StoreError, Superseded, fair_share, migrate, open_engine
+from poller.store import Fenced, Store, StoreError, Superseded, fair_share, migrate, migrations_dir, open_engine
 from poller.watchlist import WatchSpec
 
 NOW = datetime(2026, 11, 24, 10, 0, 0, tzinfo=UTC)
@@ -277,3 +279,45 @@ def test_a_daemon_with_another_shard_count_is_refused(stores: list[Store]):
     (m,) = _members(stores[1:2], shards=16)
     m.beat()
     assert len(m.epochs()) == 16
+
+
+def test_migration_0006_numbers_the_history_already_recorded(db_url: str):
+    engine = open_engine(db_url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    with engine.connect() as conn, conn.begin():
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0005")
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO watches (name, bucket, key, kind, active, created_at)"
+                 " VALUES ('a', 'b', 'k', 'key', :y, :t)"),
+            {"y": True, "t": NOW.isoformat()},
+        )  # fmt: skip
+        conn.execute(
+            text("INSERT INTO object_state (watch_id, key, etag, present, consecutive_errors)"
+                 " VALUES (1, 'k', '\"z\"', :y, 0)"),
+            {"y": True},
+        )  # fmt: skip
+        # Two keys' histories interleaved, as a prefix watch writes them.
+        for key, event, etag in [("k", "first_seen", '"x"'), ("j", "first_seen", '"p"'), ("k", "modified", '"y"'),
+                                 ("k", "modified", '"z"'), ("j", "deleted", None)]:  # fmt: skip
+            conn.execute(
+                text(
+                    "INSERT INTO etag_history (watch_id, key, detected_at, event, etag) VALUES (1, :k, :t, :e, :etag)"
+                ),
+                {"k": key, "t": NOW.isoformat(), "e": event, "etag": etag},
+            )
+    migrate(engine)
+    store = Store(engine)
+    try:
+        with engine.connect() as conn:
+            seqs = conn.execute(text("SELECT key, seq FROM etag_history ORDER BY id")).all()
+            assert [tuple(r) for r in seqs] == [("k", 1), ("j", 1), ("k", 2), ("k", 3), ("j", 2)]
+            assert conn.execute(text("SELECT seq FROM object_state")).scalar() == 3
+        # The next change continues the numbering.
+        watch = store.sync_watches([WatchSpec("a", "b", "k", 60.0, None)], NOW).watches["a"]
+        assert store.record([change(watch, state('"z"'), state('"w"'), "modified")]) == {}
+        assert history(store)[-1] == ("modified", '"w"', 4)
+    finally:
+        store.close()
