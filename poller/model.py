@@ -175,9 +175,33 @@ def answer_from_headers(status: int, headers: dict[str, str]) -> Answer:
     )
 
 
+_MONTHS = {
+    m: i for i, m in enumerate(("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1)
+}
+# IMF-fixdate (RFC 9110), what S3 sends in Date and Last-Modified: read by slicing, two per answer.
+_IMF_FIXDATE = re.compile(
+    r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d\d (?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) "
+    r"\d{4} \d\d:\d\d:\d\d GMT",
+    re.ASCII,
+)
+
+
 def _http_date(value: str | None) -> datetime | None:
     if not value:
         return None
+    if _IMF_FIXDATE.fullmatch(value) is not None:
+        try:
+            return datetime(
+                int(value[12:16]),
+                _MONTHS[value[8:11]],
+                int(value[5:7]),
+                int(value[17:19]),
+                int(value[20:22]),
+                int(value[23:25]),
+                tzinfo=UTC,
+            )
+        except ValueError:
+            pass  # an impossible date (31 Feb, second 60): the general parser decides
     try:
         parsed = parsedate_to_datetime(value)
     except (TypeError, ValueError):

@@ -229,3 +229,22 @@ def test_workers_never_hand_out_a_watch_whose_poll_is_not_committed():
         handed.get(timeout=5)
     finally:
         workers.stop()
+
+
+def test_http_dates_read_by_slicing_agree_with_the_email_parser():
+    from email.utils import format_datetime, parsedate_to_datetime
+
+    from poller.model import _http_date
+
+    start = datetime(1970, 1, 1, tzinfo=UTC)
+    for seconds in range(0, 5_000_000_000, 49_999_991):
+        moment = start + timedelta(seconds=seconds)
+        text = format_datetime(moment, usegmt=True)
+        assert _http_date(text) == parsedate_to_datetime(text) == moment, text
+    # Other formats, impossible dates and non-ASCII digits go to the general parser, which decides.
+    assert _http_date("Sunday, 06-Nov-94 08:49:37 GMT") == datetime(1994, 11, 6, 8, 49, 37, tzinfo=UTC)
+    assert _http_date("Sun Nov  6 08:49:37 1994") == datetime(1994, 11, 6, 8, 49, 37, tzinfo=UTC)
+    assert _http_date("Thu, 01 Jan 2026 00:00:00 +0100") == datetime(2025, 12, 31, 23, tzinfo=UTC)
+    assert _http_date("Tue, 31 Feb 2026 00:00:00 GMT") is None
+    odd_digits = "Thu, \u0661\u0662 Jan 2026 00:00:00 GMT"
+    assert _http_date(odd_digits) == parsedate_to_datetime(odd_digits)
