@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -126,7 +126,8 @@ def _confirmed(state: ObjectState, answer: Answer) -> ObjectState:
     date = answer.server_date
     if date is None or (state.observed_server_date is not None and state.observed_server_date >= date):
         return state
-    return replace(state, observed_server_date=date)
+    # Built directly: dataclasses.replace costs ~13 us, and this runs on every 304.
+    return ObjectState(state.etag, state.last_modified, date, state.version_id, state.size, state.present)
 
 
 class SemanticsSink(Protocol):

@@ -46,6 +46,11 @@ def test_304_keeps_stored_values_and_advances_the_confirming_date():
     verdict = classify(SEEN, Answer(304, server_date=later))
     assert verdict.state.etag == E1 and verdict.state.last_modified == T0
     assert verdict.state.observed_server_date == later
+    # Every other field is carried over, including any added to ObjectState later.
+    from dataclasses import replace
+
+    versioned = replace(SEEN, version_id="v1")
+    assert classify(versioned, Answer(304, server_date=later)).state == replace(versioned, observed_server_date=later)
 
 
 def test_200_with_new_state_records_metadata():
