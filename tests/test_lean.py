@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -299,3 +299,13 @@ def test_a_header_value_with_a_line_break_is_refused(value: str) -> None:
     with pytest.raises(ValueError, match="line break"):
         _request_bytes("/bkt/k", {"if-none-match": value})
     assert _request_bytes("/bkt/k", {"if-none-match": '"a"'}) == b'HEAD /bkt/k HTTP/1.1\r\nif-none-match: "a"\r\n\r\n'
+
+
+def test_if_modified_since_is_written_as_format_datetime_writes_it() -> None:
+    from email.utils import format_datetime
+
+    start = datetime(1970, 1, 1, tzinfo=UTC)
+    for seconds in range(0, 5_000_000_000, 49_999_991):
+        moment = start + timedelta(seconds=seconds, microseconds=seconds % 999_999)
+        expected = format_datetime(moment.replace(microsecond=0), usegmt=True)
+        assert header_conditions({"IfModifiedSince": moment})["if-modified-since"] == expected
