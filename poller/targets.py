@@ -20,6 +20,8 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 from botocore.awsrequest import AWSResponse, HTTPHeaders
 
+from poller.safetext import printable
+
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
@@ -61,8 +63,8 @@ class Fallback:
     def message(self, bucket: str) -> str:
         """The one log line for this bucket, e.g. ``s3://b: lean HEAD path not used (...): boto3 sends ...``."""
         # The detail may quote a server's header (a redirect's region): escaped like the bucket name.
-        hint = f"; {_printable(self.hint)}" if self.hint else ""
-        return f"s3://{_printable(bucket)}: lean HEAD path not used ({_printable(self.detail)}): {CPU_NOTE}{hint}"
+        hint = f"; {printable(self.hint)}" if self.hint else ""
+        return f"s3://{printable(bucket)}: lean HEAD path not used ({printable(self.detail)}): {CPU_NOTE}{hint}"
 
 
 def fallback_for_name(bucket: str) -> Fallback | None:
@@ -145,7 +147,7 @@ def capture_head(resolver: S3Client, bucket: str) -> tuple[str, dict[str, str | 
     found: tuple[str, dict[str, str | bytes]] | None = _captured.request
     _captured.request = None
     if found is None:
-        raise ValueError(f"s3://{_printable(bucket)}: the resolver client sent no HeadObject to capture")
+        raise ValueError(f"s3://{printable(bucket)}: the resolver client sent no HeadObject to capture")
     return found
 
 
@@ -207,7 +209,3 @@ def fallback_counts() -> dict[str, int]:
     """Buckets handed to boto3 in this process, by reason."""
     with _counts_lock:
         return dict(_fallback_counts)
-
-
-def _printable(text: str) -> str:
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
