@@ -43,6 +43,7 @@ from poller.s3client import (
     make_client,
     status_of,
 )
+from poller.safetext import printable
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -274,7 +275,8 @@ class Prober:
         except (Inconclusive, ClientError, BotoCoreError, OSError, ValueError) as exc:
             self.book.failed(watch.bucket)
             reason = describe_client_error(exc) if isinstance(exc, ClientError) else str(exc)
-            log.debug("endpoint %s: calibration on %s inconclusive: %s", self.endpoint, watch.url, redact(reason))
+            where, why = printable(watch.url), printable(redact(reason))
+            log.debug("endpoint %s: calibration on %s inconclusive: %s", self.endpoint, where, why)
             return
         self.book.learned(watch.bucket, sem)
         self._publish(watch, sem)
@@ -298,7 +300,8 @@ class Prober:
         if self.sink is None:
             return
         mode = choose_mode(self.setting, sem)
-        text = detail + (f"; {warning}" if warning else "") + f" (measured on {watch.url})"
+        # `poller status` prints this: a key with a line break must not start a line of its own.
+        text = detail + (f"; {warning}" if warning else "") + f" (measured on {printable(watch.url)})"
         try:
             if endpoint_wide or differs:
                 self.sink.save_semantics(self.endpoint, "" if endpoint_wide else bucket, sem, mode, self.now(), text)

@@ -528,3 +528,30 @@ def test_an_object_written_under_2_s_ago_is_not_measured_at_one_date_only(http_c
         assert prober.probe(watch, state).outcome == "unchanged"
         assert len(server.requests) - before == 2  # the unconditional HEAD, then the poll
         assert prober.book.semantics(BUCKET) is None and prober.mode_for(BUCKET) == "etag"
+
+
+def test_the_recorded_detail_of_a_key_with_a_line_break_stays_one_line(http_client):
+    """`poller status` prints the detail: a crafted key must not forge a line there."""
+
+    class Sink:
+        def __init__(self) -> None:
+            self.details: list[str] = []
+
+        def save_semantics(self, endpoint, bucket, sem, mode, learned_at, detail):
+            self.details.append(detail)
+
+        def forget_semantics(self, endpoint, bucket):
+            pass
+
+        def note_version_id_on_404(self, endpoint, value, now):
+            pass
+
+    key = "dir/a\nERROR forged"
+    with semserver("rfc") as server:
+        server.put(BUCKET, key, '"v1"', T0)
+        prober = _prober(server, http_client)
+        prober.sink = sink = Sink()
+        watch = Watch(1, "w", BUCKET, key)
+        prober.probe(watch, prober.probe(watch, None).state)
+        (detail,) = sink.details
+        assert "\n" not in detail and "a\\nERROR forged" in detail
