@@ -149,7 +149,7 @@ def sendable(etag: str) -> bool:
 
 
 def _etag(value: str | None) -> str | None:
-    """The one ETag in a header value; an HTTP client joins repeated headers with ", " (identical ones agree)."""
+    """The one ETag in a header value, quoted; an HTTP client joins repeated headers with ", " (equal ones agree)."""
     if not value:
         return None
     if not sendable(value):
@@ -159,7 +159,8 @@ def _etag(value: str | None) -> str | None:
         if len(tags) != 1 or _ENTITY_TAG.fullmatch(next(iter(tags))) is None:
             raise ProtocolError(f"the server sent conflicting or malformed ETag headers: {value!r}")
         value = tags.pop()
-    return value
+    # Quoted, as the listing and migration 0005 store it: one spelling per ETag, whatever the server sends.
+    return canonical_etag(value)
 
 
 def answer_from_headers(status: int, headers: dict[str, str]) -> Answer:

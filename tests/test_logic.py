@@ -253,3 +253,15 @@ def test_http_dates_read_by_slicing_agree_with_the_email_parser():
     assert _http_date("Tue, 31 Feb 2026 00:00:00 GMT") is None
     odd_digits = "Thu, \u0661\u0662 Jan 2026 00:00:00 GMT"
     assert _http_date(odd_digits) == parsedate_to_datetime(odd_digits)
+
+
+def test_an_unquoted_head_etag_is_stored_in_the_quoted_form_the_listing_and_migration_0005_use():
+    from poller.model import answer_from_headers
+
+    # Migration 0005 quoted every stored ETag; a server that answers HEAD with bare ETags must not
+    # then look changed on the first poll after the upgrade.
+    stored = ObjectState('"abc"', T0, T0 + timedelta(hours=1), None, 3, True)
+    answer = answer_from_headers(200, {"etag": "abc", "last-modified": "Thu, 01 Jan 2026 00:00:00 GMT"})
+    assert answer.etag == '"abc"'
+    assert classify(stored, answer).event is None
+    assert answer_from_headers(304, {"etag": 'W/"w"'}).etag == 'W/"w"'
