@@ -946,7 +946,7 @@ class Store:
                 ).scalar_one()
                 if live:
                     raise StoreError(
-                        f"[cluster] shards = {shards}, but the {live} daemons running on this database use "
+                        f"[cluster] shards = {shards}, but the daemons running on this database ({live}) use "
                         f"{existing}: set the same number in every daemon's config (to change it, stop them all)"
                     )
                 conn.execute(shard_leases.delete())
