@@ -253,7 +253,9 @@ class Book:
         """True when the caller should measure this bucket now (it then must call learned or failed)."""
         now = self._clock()
         with self._lock:
-            entry = self._entries.setdefault(bucket, _Entry())
+            entry = self._entries.get(bucket)  # every poll asks: no throwaway _Entry per call
+            if entry is None:
+                entry = self._entries[bucket] = _Entry()
             stale = entry.due or now - entry.learned_at >= MAX_AGE
             if not stale or entry.busy or now < entry.retry_at:
                 return False
