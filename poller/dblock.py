@@ -45,7 +45,11 @@ def lock_path(url: str) -> Path | None:
         return None
     if parsed.database.startswith("file:"):
         return None  # a SQLite URI filename: leave it to SQLite
-    return Path(parsed.database + ".lock")
+    database = Path(parsed.database)
+    if database.is_symlink():
+        # The same file under another name must take the same lock (SQLite follows the link too).
+        database = database.resolve()
+    return database.with_name(database.name + ".lock")
 
 
 def acquire_writer_lock(url: str, command: str) -> WriterLock | None:

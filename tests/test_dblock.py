@@ -37,3 +37,15 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path: Path):
 
 def test_a_missing_directory_is_left_to_the_database_open(tmp_path: Path):
     assert acquire_writer_lock(f"sqlite:///{tmp_path}/nowhere/p.db", "poller once") is None
+
+
+def test_a_database_reached_through_a_symlink_takes_the_same_lock(tmp_path: Path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "p.db").touch()
+    (tmp_path / "p.db").symlink_to(tmp_path / "real" / "p.db")
+    assert lock_path(f"sqlite:///{tmp_path}/p.db") == tmp_path / "real" / "p.db.lock"
+    held = acquire_writer_lock(f"sqlite:///{tmp_path}/real/p.db", "poller run")
+    assert held is not None
+    with pytest.raises(DatabaseInUse, match="in use by poller run"):
+        acquire_writer_lock(f"sqlite:///{tmp_path}/p.db", "poller once")
+    held.release()
