@@ -159,6 +159,10 @@ def _etag(value: str | None) -> str | None:
         if len(tags) != 1 or _ENTITY_TAG.fullmatch(next(iter(tags))) is None:
             raise ProtocolError(f"the server sent conflicting or malformed ETag headers: {value!r}")
         value = tags.pop()
+    if value in ('""', 'W/""'):
+        # An object always has an ETag; rclone sends this on a HEAD racing a DELETE. Stored, it would
+        # be an invented `modified` (then a `deleted`): an error now, the next poll sees the truth.
+        raise ProtocolError('the server answered with an empty ETag (""): not recorded, polled again next time')
     # Quoted, as the listing and migration 0005 store it: one spelling per ETag, whatever the server sends.
     return canonical_etag(value)
 

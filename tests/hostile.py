@@ -123,6 +123,11 @@ def _etag_value(suffix: str) -> Behaviour:
     return behave
 
 
+def _empty_etag(peer: Peer, req: Request) -> None:
+    # rclone answers a HEAD that races a DELETE this way: 200 with `ETag: ""`.
+    peer.send(render(_replace(head_lines(req, peer.server), "ETag", 'ETag: ""')))
+
+
 def _extra_same_packet(peer: Peer, req: Request) -> None:
     peer.send(answer(req, peer.server) * 2)
 
@@ -271,6 +276,7 @@ BEHAVIOURS: dict[str, Behaviour] = {
     "duplicate_etag_same": _duplicate_etag(True),
     "duplicate_etag_differ": _duplicate_etag(False),
     "stray_before": _stray_before,
+    "empty_etag": _empty_etag,
 }
 
 

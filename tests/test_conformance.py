@@ -77,6 +77,7 @@ CASES: dict[str, Case] = {
         "closed the connection in the middle of the response head",
         "either: http.client takes a head cut short by a close as complete (headers after the cut lost)",
     ),
+    "empty_etag": Case("an empty ETag", "error"),
     "banner": Case(r"not an HTTP response: 'SSH-2\.0-OpenSSH_9\.6'", "error"),
     "head_100k": Case("ok", "ok"),
     "head_10m": Case("response head larger than 256 KiB", "error"),
