@@ -301,9 +301,22 @@ class Daemon:
                 prober = prober_for(new.s3, old.settings.schedule.concurrency, sink=self.store)
             except Exception as exc:  # botocore's many errors: whatever it is, the old client stays
                 return self._refuse(f"{self.config_path}: [s3]: cannot build the S3 client: {exc}")
+        # A poll of a re-pointed watch's old object still in flight would commit that object's state
+        # after the sync dropped it: the next poll of the new object would then compare against it.
+        held = {old.watches[name].id for name in diff.retargeted if name in old.watches}
+        if held and self.workers is not None:
+            drain = self.current.settings.s3.read_timeout * self.current.settings.s3.max_attempts + 5
+            if not self.workers.hold(held, drain):
+                self.workers.release(held)
+                return self._refuse("polls of re-pointed watches still in flight; try the reload again")
         try:
             synced = self.store.sync_watches(list(specs.values()), datetime.now(UTC))
+            # Read before switching over: a database error here refuses the reload, never ends the daemon.
+            added = [synced.watches[name].id for name in diff.added]
+            resumed = self.store.load_states_for(added) if added else ({}, {})
         except Exception as exc:
+            if held and self.workers is not None:
+                self.workers.release(held)
             return self._refuse(describe_db_error(exc, new.database.url))
         self._warn_restart_only(old.settings, new)
         if prober is not None:
@@ -325,7 +338,9 @@ class Daemon:
                 self.timetable.retarget(name, watch)
         # A watch removed by an earlier reload and added back keeps its row and its object_state:
         # resume from that, so a change made while it was out is `modified`, not a new `first_seen`.
-        self.service.resume([synced.watches[name].id for name in diff.added])
+        self.service.resume_from(added, resumed)
+        if held and self.workers is not None:
+            self.workers.release(held)
         now = datetime.now(UTC)
         for name in diff.rescheduled:
             self._schedule(name, now)

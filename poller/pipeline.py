@@ -180,9 +180,14 @@ class PollService:
     def resume(self, watch_ids: Sequence[int]) -> None:
         """Read back the committed state of watches (re-)added by a reload: the database, not the cache,
         holds what the last poll saw, whatever happened while the watch was out of the config."""
-        if not watch_ids:
-            return
-        keyed, prefixed = self.store.load_states_for(watch_ids)
+        if watch_ids:
+            self.resume_from(watch_ids, self.store.load_states_for(watch_ids))
+
+    def resume_from(
+        self, watch_ids: Sequence[int], loaded: tuple[dict[int, ObjectState], dict[int, PrefixState]]
+    ) -> None:
+        """Like ``resume``, with the states already read (a reload reads them before it switches over)."""
+        keyed, prefixed = loaded
         for watch_id in watch_ids:
             self.forget(watch_id)
         self.states.update(keyed)
@@ -293,7 +298,9 @@ class Workers:
         self._on_start = on_start  # gets the lateness (seconds after the scheduled time) of each poll
         self._queue: queue.SimpleQueue[tuple[Watch, datetime] | None] = queue.SimpleQueue()
         self._busy: set[int] = set()
+        self._held: set[int] = set()
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
         self._threads = [
             threading.Thread(target=self._run, name=f"poller-worker-{i}", daemon=True) for i in range(threads)
         ]
@@ -303,11 +310,29 @@ class Workers:
     def submit(self, watch: Watch, scheduled: datetime) -> bool:
         """Queue a due poll; False (skipped) if this watch's previous poll is still queued or not committed."""
         with self._lock:
-            if watch.id in self._busy:
+            if watch.id in self._busy or watch.id in self._held:
                 return False
             self._busy.add(watch.id)
         self._queue.put((watch, scheduled))
         return True
+
+    def hold(self, watch_ids: set[int], timeout: float) -> bool:
+        """Hand out no poll of these watches until ``release``, and wait (up to ``timeout``) until none
+        is queued or uncommitted: a reload that re-points a watch must not let a poll of the old object
+        commit after the old object's state was dropped. False if polls were still in flight."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            self._held |= watch_ids
+            while self._busy & watch_ids:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def release(self, watch_ids: set[int]) -> None:
+        with self._lock:
+            self._held -= watch_ids
 
     def stop(self) -> None:
         """Let running polls finish; queued ones are dropped (the service refuses them once stopped)."""
@@ -333,8 +358,9 @@ class Workers:
                 self._done(watch.id)
 
     def _done(self, watch_id: int) -> None:
-        with self._lock:
+        with self._idle:
             self._busy.discard(watch_id)
+            self._idle.notify_all()
 
 
 def prepare(

@@ -236,6 +236,44 @@ def test_workers_never_hand_out_a_watch_whose_poll_is_not_committed():
         workers.stop()
 
 
+def test_a_held_watch_is_drained_and_not_handed_out_until_released():
+    """A reload that re-points a watch holds it: the poll of the old object in flight commits first."""
+    import queue
+    import threading
+
+    from poller.model import Watch
+    from poller.pipeline import Workers
+
+    handed: queue.Queue = queue.Queue()
+
+    class Service:
+        def start_poll(self, watch, done):
+            handed.put((watch.name, done))
+
+        def stop(self):
+            pass
+
+    workers = Workers(Service(), 2)  # type: ignore[arg-type]
+    due = datetime.now(UTC)
+    a = Watch(1, "a", "bkt", "k1")
+    try:
+        assert workers.submit(a, due)
+        _, committed = handed.get(timeout=5)
+        assert not workers.hold({1}, 0.05), "still in flight: the hold reports it"
+        result: list[bool] = []
+        waiter = threading.Thread(target=lambda: result.append(workers.hold({1}, 10)))
+        waiter.start()
+        committed()  # the old object's poll commits: the hold is then satisfied
+        waiter.join(timeout=10)
+        assert result == [True]
+        assert not workers.submit(a, due), "held: not handed out while the reload re-points it"
+        workers.release({1})
+        assert workers.submit(a, due)
+        handed.get(timeout=5)
+    finally:
+        workers.stop()
+
+
 def test_http_dates_read_by_slicing_agree_with_the_email_parser():
     from email.utils import format_datetime, parsedate_to_datetime
 
