@@ -346,44 +346,55 @@ class Store:
 
     def load_states(self) -> dict[int, ObjectState]:
         """The committed state of every watched object, keyed by watch id."""
-        query = (
-            select(object_state)
-            .join(watches, watches.c.id == object_state.c.watch_id)
-            .where(object_state.c.key == watches.c.key, watches.c.kind == "key")
-        )
-        with self._read() as conn:
-            return {
-                row.watch_id: ObjectState(
-                    etag=row.etag,
-                    last_modified=row.last_modified,
-                    observed_server_date=row.observed_server_date,
-                    version_id=row.version_id,
-                    size=row.size,
-                    present=row.present,
-                )
-                for row in conn.execute(query)
-            }
+        return self._load_states(watches.c.kind == "key")[0]
 
     def load_prefix_states(self) -> dict[int, PrefixState]:
         """The committed per-key states of every prefix watch, keyed by watch id."""
-        rows = (
-            select(object_state, watches.c.key.label("watch_key"))
+        return self._load_states(watches.c.kind == "prefix")[1]
+
+    def load_states_for(self, watch_ids: Sequence[int]) -> tuple[dict[int, ObjectState], dict[int, PrefixState]]:
+        """The committed key states and prefix states of these watches (a watch re-added by a reload resumes
+        from them, so a change made while it was out is ``modified``, not a second ``first_seen``)."""
+        keyed: dict[int, ObjectState] = {}
+        prefixed: dict[int, PrefixState] = {}
+        for start in range(0, len(watch_ids), SYNC_CHUNK):
+            more_keyed, more_prefixed = self._load_states(watches.c.id.in_(list(watch_ids[start : start + SYNC_CHUNK])))
+            keyed.update(more_keyed)
+            prefixed.update(more_prefixed)
+        return keyed, prefixed
+
+    def _load_states(self, where: Any) -> tuple[dict[int, ObjectState], dict[int, PrefixState]]:
+        """Key watches' states and prefix watches' listings from the object_state rows of watches ``where``."""
+        query = (
+            select(object_state, watches.c.key.label("watch_key"), watches.c.kind)
             .join(watches, watches.c.id == object_state.c.watch_id)
-            .where(watches.c.kind == "prefix")
+            .where(where)
         )
-        found: dict[int, PrefixState] = {}
+        keyed: dict[int, ObjectState] = {}
+        prefixed: dict[int, PrefixState] = {}
         with self._read() as conn:
-            for row in conn.execute(rows):
-                entry = found.setdefault(row.watch_id, PrefixState())
+            for row in conn.execute(query):
+                if row.kind != "prefix":
+                    if row.key == row.watch_key:  # a row left by an earlier target is not this watch's state
+                        keyed[row.watch_id] = ObjectState(
+                            etag=row.etag,
+                            last_modified=row.last_modified,
+                            observed_server_date=row.observed_server_date,
+                            version_id=row.version_id,
+                            size=row.size,
+                            present=row.present,
+                        )
+                    continue
+                entry = prefixed.setdefault(row.watch_id, PrefixState())
                 if row.key == row.watch_key:
                     # The list pass's own row: a successful pass means the prefix was listed.
                     if row.last_outcome in ("unchanged", "modified"):
-                        found[row.watch_id] = PrefixState(True, entry.objects)
+                        prefixed[row.watch_id] = PrefixState(True, entry.objects)
                     continue
                 entry.objects[row.key] = ObjectState(
                     etag=row.etag, last_modified=row.last_modified, size=row.size, present=row.present
                 )
-        return found
+        return keyed, prefixed
 
     # --- recording ------------------------------------------------------------------
 
@@ -886,41 +897,6 @@ class Store:
             return inspect(conn).has_table("watches")
 
     # --- reload and CLI look-ups ------------------------------------------------------
-
-    def load_states_for(self, watch_ids: Sequence[int]) -> tuple[dict[int, ObjectState], dict[int, PrefixState]]:
-        """The committed key states and prefix states of these watches (a watch re-added by a reload resumes
-        from them, so a change made while it was out is ``modified``, not a second ``first_seen``)."""
-        keyed: dict[int, ObjectState] = {}
-        prefixed: dict[int, PrefixState] = {}
-        with self._read() as conn:
-            for start in range(0, len(watch_ids), SYNC_CHUNK):
-                chunk = list(watch_ids[start : start + SYNC_CHUNK])
-                rows = conn.execute(
-                    select(object_state, watches.c.key.label("watch_key"), watches.c.kind)
-                    .join(watches, watches.c.id == object_state.c.watch_id)
-                    .where(watches.c.id.in_(chunk))
-                )
-                for row in rows:
-                    if row.kind != "prefix":
-                        if row.key == row.watch_key:
-                            keyed[row.watch_id] = ObjectState(
-                                etag=row.etag,
-                                last_modified=row.last_modified,
-                                observed_server_date=row.observed_server_date,
-                                version_id=row.version_id,
-                                size=row.size,
-                                present=row.present,
-                            )
-                        continue
-                    entry = prefixed.setdefault(row.watch_id, PrefixState())
-                    if row.key == row.watch_key:
-                        if row.last_outcome in ("unchanged", "modified"):
-                            prefixed[row.watch_id] = PrefixState(True, entry.objects)
-                        continue
-                    entry.objects[row.key] = ObjectState(
-                        etag=row.etag, last_modified=row.last_modified, size=row.size, present=row.present
-                    )
-        return keyed, prefixed
 
     def watch_names(self) -> list[str]:
         """Every watch name in the database, active or not (history outlives a watch's removal)."""
