@@ -17,13 +17,13 @@ from urllib.parse import urlsplit
 
 import boto3
 import pytest
-from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ClientError, SSLError
 from conftest import serving
+from test_targets import boto3_sends, lean_for
 
 from poller.config import S3Settings
-from poller.lean import LeanHead, Signer, header_conditions
-from poller.s3client import describe_transport_error, make_client
+from poller.lean import Signer, header_conditions
+from poller.s3client import describe_transport_error
 from poller.targets import request_path, target_from_presigned
 
 KEYS = [
@@ -48,37 +48,6 @@ CONDITIONS: list[dict[str, Any]] = [
     },
 ]
 UNSIGNED_BY_BOTOCORE = {"user-agent", "amz-sdk-invocation-id", "amz-sdk-request", "accept-encoding"}
-
-
-class _Stream:
-    def stream(self) -> Iterator[bytes]:
-        return iter([b""])
-
-
-def lean_for(settings: S3Settings) -> tuple[LeanHead, Any]:
-    session = boto3.session.Session()
-    client = make_client(settings, 1, session)
-    resolver = make_client(settings, 1, session, signature_version="s3v4")
-    return LeanHead(session, client, resolver, 1.0, 1.0, 1), client
-
-
-def boto3_request(client: Any, bucket: str, key: str, conditions: dict[str, Any]) -> tuple[str, dict[str, str]]:
-    """The URL and headers of boto3's HeadObject, captured at before-send (answered 304 locally, never sent)."""
-    captured: list[tuple[str, dict[str, str]]] = []
-
-    def capture(request: Any, **_: Any) -> AWSResponse:
-        headers = {k.lower(): v.decode() if isinstance(v, bytes) else v for k, v in request.headers.items()}
-        captured.append((request.url, headers))
-        return AWSResponse(request.url, 304, {}, _Stream())
-
-    client.meta.events.register("before-send.s3.HeadObject", capture)
-    try:
-        client.head_object(Bucket=bucket, Key=key, **conditions)
-    except client.exceptions.ClientError:
-        pass
-    finally:
-        client.meta.events.unregister("before-send.s3.HeadObject", capture)
-    return captured[0]
 
 
 @pytest.fixture(params=[None, "session-token/with+chars=="], ids=["keys", "keys+token"])
@@ -115,13 +84,13 @@ def test_lean_request_equals_boto3_for_every_key_class_and_addressing_style(
 ) -> None:
     access, secret, token = credentials
     settings = S3Settings(endpoint_url=endpoint, region=region, addressing_style=style)  # type: ignore[arg-type]
-    lean, client = lean_for(settings)
+    lean, client = lean_for(settings, boto3.session.Session())
     target = lean.target(bucket)
     assert target is not None
     signer = Signer()
     for key in KEYS:
         for conditions in CONDITIONS:
-            url, sent = boto3_request(client, bucket, key, conditions)
+            url, sent = boto3_sends(client, bucket, key, conditions)
             parts = urlsplit(url)
             path = request_path(target, key)
             assert f"{parts.scheme}://{parts.netloc}" == target.endpoint, (key, url)
@@ -161,7 +130,7 @@ def test_on_the_wire_both_paths_send_the_same_request(credentials, recorder) -> 
     access, secret, token = credentials
     endpoint, seen = recorder
     settings = S3Settings(endpoint_url=endpoint, addressing_style="path")
-    lean, client = lean_for(settings)
+    lean, client = lean_for(settings, boto3.session.Session())
     target = lean.target("bkt")
     assert target is not None
     for key in KEYS:
@@ -199,11 +168,13 @@ def test_targets_the_lean_path_does_not_serve() -> None:
 
 
 def test_an_access_point_arn_and_a_proxy_go_through_boto3(credentials, monkeypatch) -> None:
-    lean, _ = lean_for(S3Settings(endpoint_url="http://127.0.0.1:9000", addressing_style="path"))
+    settings = S3Settings(endpoint_url="http://127.0.0.1:9000", addressing_style="path")
+    lean, _ = lean_for(settings, boto3.session.Session())
     assert lean.target("arn:aws:s3:us-east-1:123456789012:accesspoint/ap") is None
     monkeypatch.setenv("HTTP_PROXY", "http://proxy.example.test:3128")
     monkeypatch.setenv("NO_PROXY", "")
-    lean, _ = lean_for(S3Settings(endpoint_url="http://s3.example.test:9000", addressing_style="path"))
+    settings = S3Settings(endpoint_url="http://s3.example.test:9000", addressing_style="path")
+    lean, _ = lean_for(settings, boto3.session.Session())
     assert lean.target("bkt") is None
 
 
@@ -253,14 +224,14 @@ def test_https_endpoint_is_verified_against_the_ca_bundle(credentials, tmp_path,
     with serving(handler, tls) as port:
         endpoint = f"https://localhost:{port}"
         # Without the CA, the certificate is refused: an error, never an unverified answer.
-        lean, _ = lean_for(S3Settings(endpoint_url=endpoint, addressing_style="path"))
+        lean, _ = lean_for(S3Settings(endpoint_url=endpoint, addressing_style="path"), boto3.session.Session())
         with pytest.raises(SSLError) as refused:
             lean.head("bkt", "k", {})
         assert "CERTIFICATE_VERIFY_FAILED" in str(refused.value)
         assert "AWS_CA_BUNDLE" in describe_transport_error(refused.value)
         assert handler.seen == []
         monkeypatch.setenv("AWS_CA_BUNDLE", cert)
-        lean, _ = lean_for(S3Settings(endpoint_url=endpoint, addressing_style="path"))
+        lean, _ = lean_for(S3Settings(endpoint_url=endpoint, addressing_style="path"), boto3.session.Session())
         answer = lean.head("bkt", "k", {"IfNoneMatch": '"9b2cf535f27731c974343645a3985328"'})
         assert answer.status == 304 and answer.etag == '"9b2cf535f27731c974343645a3985328"'
         assert lean.head("bkt", "k", {}).status == 304  # the same TLS connection, kept alive
@@ -285,7 +256,7 @@ class _Redirect(http.server.BaseHTTPRequestHandler):
 def test_a_region_redirect_hands_the_bucket_to_boto3(credentials) -> None:
     handler = type("Handler", (_Redirect,), {"agents": []})
     with serving(handler) as port:
-        lean, _ = lean_for(S3Settings(endpoint_url=f"http://127.0.0.1:{port}", max_attempts=1))
+        lean, _ = lean_for(S3Settings(endpoint_url=f"http://127.0.0.1:{port}", max_attempts=1), boto3.session.Session())
         with pytest.raises(ClientError):
             lean.head("bkt", "k", {})
         assert lean.target("bkt") is None  # from now on boto3 serves this bucket
