@@ -10,6 +10,7 @@ marker. Everything it wrote is deleted afterwards (all versions and markers).
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 SAME_SECOND_TRIES = 20
+AGE_TRIES = 12  # half a second each: Last-Modified is truncated, so an object is 2 s old within 3 s
 
 
 class DoctorError(Exception):
@@ -145,9 +147,21 @@ def _measure(client: S3Client, bucket: str, key: str, setting: Setting) -> Repor
     first = head(client, bucket, key)
     if first.etag is None or first.last_modified is None:
         raise Inconclusive("the object was served without ETag or Last-Modified")
+    # The daemon measures only objects at least 2 s old by the server's clock, at Last-Modified + 1 s
+    # and at Last-Modified itself: wait until this one is, so doctor asks exactly what it asks.
+    for _ in range(AGE_TRIES):
+        if since_for(first) != first.last_modified:
+            break
+        time.sleep(0.5)
+        first = head(client, bucket, key)
+    if first.etag is None or first.last_modified is None:
+        raise Inconclusive("the object was served without ETag or Last-Modified")
+    since = since_for(first) or first.last_modified
+    if since == first.last_modified:
+        raise Inconclusive("the server's Date did not pass the object's Last-Modified by 2 s")
     other = NO_MATCH_ETAG
-    since = since_for(first) or first.last_modified  # as the daemon's calibration sends it
-    at = "Last-Modified" if since == first.last_modified else "Last-Modified + 1 s"
+    lm = first.last_modified
+    at = "Last-Modified + 1 s"
     checks = {
         "inm-match": Check(
             "If-None-Match, same ETag",
@@ -185,6 +199,18 @@ def _measure(client: S3Client, bucket: str, key: str, setting: Setting) -> Repor
             "200",
             head(client, bucket, key, IfNoneMatch=other, IfModifiedSince=since),
         ),
+        "ims-equal": Check(
+            "If-Modified-Since = Last-Modified",
+            "If-Modified-Since: Last-Modified",
+            "304",
+            head(client, bucket, key, IfModifiedSince=lm),
+        ),
+        "other-and-ims-equal": Check(
+            "other ETag + If-Modified-Since = Last-Modified",
+            "If-None-Match: other + If-Modified-Since",
+            "200",
+            head(client, bucket, key, IfNoneMatch=other, IfModifiedSince=lm),
+        ),
     }
     calibrated = measure(
         Measured(
@@ -193,6 +219,8 @@ def _measure(client: S3Client, bucket: str, key: str, setting: Setting) -> Repor
             match=checks["inm-match"].answer,
             since=checks["ims-same"].answer,
             mismatch=checks["inm-other"].answer,
+            mismatch_and_equal=checks["other-and-ims-equal"].answer,
+            equal=checks["ims-equal"].answer,
         )
     )
     after: Answer | None = None
