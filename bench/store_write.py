@@ -50,10 +50,14 @@ def batches(watches: list[Watch], count: int, size: int) -> list[list[PollResult
     return out
 
 
-def measure(url: str, count: int, size: int, warmup: int = 3, copy: bool = True) -> dict[str, float]:
+def measure(
+    url: str, count: int, size: int, warmup: int = 3, copy: bool = True, stage: bool = True
+) -> dict[str, float]:
     store = Store(open_engine(url))
     if not copy:
         store._copy_polls = False  # the pipelined executemany path, for comparison
+    if not stage:
+        store._stage_states = False  # object_state upserts row by row (pipelined executemany)
     try:
         migrate(store.engine)
         specs = [WatchSpec(f"w{i}", "bench", f"keys/{i}", 60.0, None) for i in range(size)]
@@ -78,6 +82,11 @@ def main() -> int:
     parser.add_argument(
         "--compare-executemany", action="store_true", help="also time PostgreSQL with poll rows sent by executemany"
     )
+    parser.add_argument(
+        "--compare-row-upserts",
+        action="store_true",
+        help="also time PostgreSQL with object_state upserted row by row (no staging table)",
+    )
     args = parser.parse_args()
     bindir = find_bindir()
     if bindir is None:
@@ -91,6 +100,9 @@ def main() -> int:
         if args.compare_executemany:
             url = server.url(server.create_database())
             results["postgresql (executemany)"] = measure(url, args.batches, args.batch_size, copy=False)
+        if args.compare_row_upserts:
+            url = server.url(server.create_database())
+            results["postgresql (row upserts)"] = measure(url, args.batches, args.batch_size, stage=False)
     finally:
         server.stop()
     print(f"Store.record, {args.batches} batches of {args.batch_size} results (1% with a history event)")

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import (
+    Column,
     Connection,
     Engine,
+    MetaData,
     Table,
     and_,
     bindparam,
@@ -71,6 +73,11 @@ _STATE_COLUMNS = (
     "last_error",
 )
 PRUNE_CHUNK = 5000
+# Below this many object_state rows the staging table's two statements cost more than they save.
+STAGE_MIN_ROWS = 8
+_STAGE_INFO = "poller_staging_tables"
+_OK_COLUMNS = ("watch_id", "key", *_STATE_COLUMNS, "last_changed_at")
+_ERROR_COLUMNS = ("watch_id", "key", "last_polled_at", "last_outcome", "consecutive_errors", "last_error")
 # pg_advisory_xact_lock key serializing migrations across processes: "poller" in ASCII.
 MIGRATION_LOCK = 0x706F6C6C6572
 PRUNE_LOCK = MIGRATION_LOCK + 1
@@ -272,6 +279,10 @@ class Store:
         # The poll rows are most of what the writer writes; COPY costs a third of the client CPU
         # of psycopg's pipelined executemany (bench/store_write.py).
         self._copy_polls = engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
+        # The object_state upserts likewise: COPY into a per-connection temporary table, then one
+        # INSERT ... SELECT ... ON CONFLICT with the same guard, instead of one statement per row.
+        self._stage_states = self._copy_polls
+        self._staged = (self._staged_upsert(error=False), self._staged_upsert(error=True))
         # Set when several daemons share this PostgreSQL database: every commit is fenced by it.
         self.fence: Fence | None = None
 
@@ -489,6 +500,7 @@ class Store:
                 }
                 conditioned = (previous.etag, previous.present) if previous else (None, None)
                 changed.append((i, row, conditioned, history, r.watch.name))
+        created: list[str] = []  # staging tables this transaction created (_write_states)
         with self._tx() as conn:
             failed: dict[int, Exception] = self._fenced(conn, results) if self.fence is not None else {}
             rows = [row for i, row in poll_rows if i not in failed]
@@ -535,11 +547,68 @@ class Store:
                 conn.execute(notifications.insert(), outbox)
             rows = [row for i, row in ok_states if i not in failed]
             if rows:
-                conn.execute(self._upsert_ok, rows)
+                self._write_states(conn, rows, created, error=False)
             rows = [row for i, row in error_states if i not in failed]
             if rows:
-                conn.execute(self._upsert_error, rows)
+                self._write_states(conn, rows, created, error=True)
+            info = conn.info
+        if created:
+            info.setdefault(_STAGE_INFO, set()).update(created)
         return failed
+
+    def _write_states(self, conn: Connection, rows: list[dict[str, Any]], created: list[str], *, error: bool) -> None:
+        """Upsert the object_state rows of unchanged keys (or of errors), in batch order."""
+        if not self._stage_states or len(rows) < STAGE_MIN_ROWS:
+            conn.execute(self._upsert_error if error else self._upsert_ok, rows)
+            return
+        if error:
+            # Errors of one key add up (consecutive_errors + 1 each); the last one's text stays.
+            rows = _fold_errors(rows)
+        elif len({(row["watch_id"], row["key"]) for row in rows}) < len(rows):
+            # One key twice: row by row, each against what the one before it left (the guard, and
+            # last_changed_at kept from an earlier row); one INSERT ... SELECT cannot touch a row twice.
+            conn.execute(self._upsert_ok, rows)
+            return
+        stage, upsert = self._staged[error]
+        if stage.name not in conn.info.get(_STAGE_INFO, ()):
+            # Once per connection; record() notes it only once this transaction committed (a rolled
+            # back CREATE leaves no table), and IF NOT EXISTS covers a commit that failed late.
+            columns = ", ".join(c.name for c in stage.columns)
+            conn.exec_driver_sql(
+                f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage.name} ON COMMIT DELETE ROWS "
+                f"AS SELECT {columns} FROM object_state WITH NO DATA"
+            )
+            created.append(stage.name)
+        _copy_rows(conn, stage, rows)
+        conn.execute(upsert)
+
+    def _staged_upsert(self, *, error: bool) -> tuple[Table, Any]:
+        """A temporary staging table and the upsert from it that equals the row-by-row one."""
+        columns = list(_ERROR_COLUMNS if error else _OK_COLUMNS)
+        stage = Table(
+            "poller_stage_error" if error else "poller_stage_ok",
+            MetaData(),
+            *[Column(c, object_state.c[c].type) for c in columns],
+        )
+        statement = postgresql.insert(object_state).from_select(columns, select(*stage.columns))
+        if error:
+            set_: dict[str, Any] = {
+                "last_polled_at": statement.excluded.last_polled_at,
+                "last_outcome": statement.excluded.last_outcome,
+                "last_error": statement.excluded.last_error,
+                # A staged row carries the count of its key's errors in the batch (_fold_errors).
+                "consecutive_errors": object_state.c.consecutive_errors + statement.excluded.consecutive_errors,
+            }
+            where = None
+        else:
+            set_ = {
+                **{c: statement.excluded[c] for c in _STATE_COLUMNS},
+                "last_changed_at": func.coalesce(statement.excluded.last_changed_at, object_state.c.last_changed_at),
+            }
+            where = _unchanged_guard(statement.excluded)
+        return stage, statement.on_conflict_do_update(
+            index_elements=[object_state.c.watch_id, object_state.c.key], set_=set_, where=where
+        )
 
     def _fenced(self, conn: Connection, results: Sequence[PollResult]) -> dict[int, Exception]:
         """The results whose shard this instance no longer holds at the epoch it claimed, checked (and
@@ -624,15 +693,7 @@ class Store:
                 **{c: ok.excluded[c] for c in _STATE_COLUMNS},
                 "last_changed_at": func.coalesce(ok.excluded.last_changed_at, object_state.c.last_changed_at),
             },
-            # A poll without a change never overwrites a state it did not see: a stale writer's
-            # "unchanged" must not put back the ETag another one has moved on from.
-            where=or_(
-                object_state.c.present.is_(None),
-                and_(
-                    object_state.c.etag.is_not_distinct_from(ok.excluded.etag),
-                    object_state.c.present.is_not_distinct_from(ok.excluded.present),
-                ),
-            ),
+            where=_unchanged_guard(ok.excluded),
         )
         error = self._insert(object_state)
         # An error touches only the bookkeeping columns: the object's state stays as committed.
@@ -1118,6 +1179,28 @@ def _copy_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> No
                 copy.write_row([row[c] for c in columns])
     except dbapi.Error as exc:
         raise DBAPIError.instance(sql, None, exc, dbapi.Error, dialect=conn.dialect) from exc
+
+
+def _unchanged_guard(excluded: Any) -> Any:
+    """A poll without a change never overwrites a state it did not see: a stale writer's
+    "unchanged" must not put back the ETag another one has moved on from."""
+    return or_(
+        object_state.c.present.is_(None),
+        and_(
+            object_state.c.etag.is_not_distinct_from(excluded.etag),
+            object_state.c.present.is_not_distinct_from(excluded.present),
+        ),
+    )
+
+
+def _fold_errors(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (watch_id, key): the last error's values, ``consecutive_errors`` = how many."""
+    folded: dict[tuple[int, str], dict[str, Any]] = {}
+    for row in rows:
+        ident = (row["watch_id"], row["key"])
+        before = folded.pop(ident, None)
+        folded[ident] = {**row, "consecutive_errors": before["consecutive_errors"] + 1} if before else row
+    return list(folded.values())
 
 
 def _key_outcome(event: str | None) -> str:

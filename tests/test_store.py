@@ -22,13 +22,13 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from conftest import ConfigFile, run_cli, wait_for
 from pgserver import PgServer
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, select, text
 from sqlalchemy.exc import IntegrityError
 
 from poller.config import load_settings
 from poller.daemon import Daemon
 from poller.model import ObjectState, PollResult, Watch
-from poller.schema import metadata
+from poller.schema import metadata, object_state, watches
 from poller.sdnotify import Notifier
 from poller.store import Store, StoreError, migrate, migrations_dir, open_engine
 from poller.watchlist import WatchSpec
@@ -426,8 +426,10 @@ def _rows(url: str, since: datetime | None = None) -> dict[str, list[tuple[objec
                 for r in store.history(changes=True, limit=None)
             ),
             "polls": sorted(
-                ((r["watch"], r["key"], r["outcome"], r["http_status"], r["etag"], r["last_modified"])
-                 for r in store.history(since=since, limit=None)),
+                (
+                    (r["watch"], r["key"], r["outcome"], r["http_status"], r["etag"], r["last_modified"])
+                    for r in store.history(since=since, limit=None)
+                ),
                 key=str,
             ),
         }
@@ -525,3 +527,50 @@ def test_status_on_an_empty_postgresql_database_says_what_to_do(pg_server: PgSer
         proc = run_cli("status", "--config", str(config.path))
     assert proc.returncode == 1 and "no poller tables yet: run `poller db upgrade`" in proc.stderr, proc.stderr
     assert "hunter2" not in proc.stdout + proc.stderr
+
+
+def test_batched_state_upserts_apply_as_row_by_row(store: Store):
+    # On PostgreSQL a batch's object_state rows of 8 or more go through a staging table (COPY, then
+    # one upsert): the result must be what applying them one by one gives, repeated keys included.
+    names = [f"w{i}" for i in range(14)]
+    keys = {"w12": "tab\there\\N", "w13": "ünï 'q'"}
+    synced = store.sync_watches([WatchSpec(n, "bucket", keys.get(n, f"key/{n}"), 60.0, None) for n in names], NOW)
+    w = synced.watches
+    store.record([result(w[n]) for n in names[:12]])  # first_seen "e1"; w12 and w13 never stored
+    t2, t3 = NOW + timedelta(minutes=1), NOW + timedelta(minutes=2)
+    t3b = t3 + timedelta(seconds=1)
+    e1, stale = (ObjectState(etag, NOW, NOW, None, 3, True) for etag in ('"e1"', '"e0"'))
+
+    def unchanged(watch: Watch, state: ObjectState = e1, when: datetime = t2) -> PollResult:
+        return PollResult(watch, when, "unchanged", 304, 1.0, state, state, None, None)
+
+    def error(name: str, when: datetime) -> PollResult:
+        return result(w[name], "error", None, when=when)
+
+    # 9 unchanged (one with a stale ETag that must not overwrite "e1") and 8 errors, w12 four times.
+    store.record(
+        [unchanged(w[n]) for n in names[:8]]
+        + [unchanged(w["w8"], stale), error("w9", t2), error("w9", t2 + timedelta(seconds=1)), error("w10", t2)]
+        + [error("w12", t2)] * 4
+        + [error("w13", t2)]
+    )
+    # w0 unchanged twice in one batch; then 8 errors, w9 twice.
+    store.record([unchanged(w[n], when=t3) for n in (*names[:8], "w9", "w10")] + [unchanged(w["w0"], when=t3b)])
+    store.record([error(n, t3) for n in ("w1", "w2", "w3", "w4", "w5", "w9", "w9", "w11")])
+    cols = object_state.c
+    query = select(watches.c.name, cols.key, cols.etag, cols.last_polled_at, cols.last_outcome)
+    query = query.add_columns(cols.consecutive_errors, cols.last_error, cols.seq).join_from(object_state, watches)
+    with store.engine.connect() as conn:
+        got = {r[0]: tuple(r[1:]) for r in conn.execute(query)}
+        staged = conn.info.get("poller_staging_tables")
+    assert got == {
+        "w0": ("key/w0", '"e1"', t3b, "unchanged", 0, None, 1),
+        **{n: (f"key/{n}", '"e1"', t3, "error", 1, "boom", 1) for n in ("w1", "w2", "w3", "w4", "w5", "w11")},
+        **{n: (f"key/{n}", '"e1"', t3, "unchanged", 0, None, 1) for n in ("w6", "w7", "w10")},
+        "w8": ("key/w8", '"e1"', NOW, "modified", 0, None, 1),  # the stale "e0" did not overwrite "e1"
+        "w9": ("key/w9", '"e1"', t3, "error", 2, "boom", 1),  # 2 errors, reset by t3's poll, 2 more
+        "w12": ("tab\there\\N", None, t2, "error", 4, "boom", 0),
+        "w13": ("ünï 'q'", None, t2, "error", 1, "boom", 0),
+    }
+    if store.engine.dialect.name == "postgresql":
+        assert staged == {"poller_stage_ok", "poller_stage_error"}  # the staged path did run
