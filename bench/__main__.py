@@ -1,5 +1,8 @@
 """poller's benchmark: `python -m bench` (full) or `python -m bench --quick` (under 2 minutes).
 
+`python -m bench --store-write` (the writer on SQLite and PostgreSQL, side by side: bench/store_write.py)
+and `--cluster` (several daemons on one PostgreSQL: bench/cluster.py) run those modes instead.
+
 Sets up everything itself on 127.0.0.1, measures the poller and its peers on the same keys and
 server, prints a table, and prints one JSON object as the last line of output.
 """
@@ -381,7 +384,16 @@ def history_latency(workdir: Path, rows: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a spot check in under 2 minutes")
+    parser.add_argument(
+        "--store-write", action="store_true", help="instead: Store.record on SQLite and PostgreSQL (bench.store_write)"
+    )
+    parser.add_argument(
+        "--cluster", action="store_true", help="instead: 3 daemons on one PostgreSQL, kill -9 (bench.cluster)"
+    )
     args = parser.parse_args()
+    if args.store_write or args.cluster:
+        modes = [m for m, on in (("bench.store_write", args.store_write), ("bench.cluster", args.cluster)) if on]
+        raise SystemExit(run_modes(modes))
     # Local servers only: dummy credentials, never real ones (and never an AWS endpoint).
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench-secret", AWS_DEFAULT_REGION="us-east-1")
     for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
@@ -436,6 +448,24 @@ def main() -> None:
         result["signatures"] = signature_check(workdir / "signed", 200)
     print_table(result)
     print(json.dumps(result, separators=(",", ":")))
+
+
+def run_modes(modules: list[str]) -> int:
+    """Run each mode as its own process (each starts its own PostgreSQL), pass its table through,
+    and print their JSON objects merged as the last line."""
+    merged: dict[str, Any] = {}
+    status = 0
+    for module in modules:
+        proc = subprocess.run([sys.executable, "-m", module], stdout=subprocess.PIPE, text=True, check=False)
+        lines = proc.stdout.rstrip("\n").splitlines()
+        print("\n".join(lines[:-1]) + "\n")
+        try:
+            merged.update(json.loads(lines[-1]))
+        except (IndexError, ValueError):
+            merged[module] = {"failed": proc.returncode}
+        status = status or proc.returncode
+    print(json.dumps(merged, separators=(",", ":")))
+    return status
 
 
 def print_table(result: dict[str, Any]) -> None:

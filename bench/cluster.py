@@ -27,6 +27,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cluster", description=__doc__.splitlines()[0])
     parser.add_argument("--watches", type=int, default=3000, help="watches shared by the daemons (default 3000)")
     parser.add_argument("--daemons", type=int, default=3)
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between two polls of a watch (default 1)")
     parser.add_argument("--shards", type=int, default=64)
     parser.add_argument("--lease", type=float, default=6.0, help="seconds (the daemon's default is 15)")
     parser.add_argument("--heartbeat", type=float, default=2.0, help="seconds (the daemon's default is 3)")
@@ -39,6 +40,7 @@ def main() -> int:
         parser.error("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb): apt-get install postgresql")
     plan = clusterrun.Plan(
         watches=args.watches,
+        interval=args.interval,
         daemons=args.daemons,
         shards=args.shards,
         lease=args.lease,
