@@ -27,7 +27,7 @@ from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 from poller import __version__
 from poller.config import NotifySettings, format_duration
-from poller.safetext import printable, redact_url, scrub
+from poller.safetext import host_and_port, printable, redact_url, scrub
 from poller.store import Store, describe_db_error
 
 log = logging.getLogger(__name__)
@@ -176,14 +176,10 @@ def _redirect_target(location: str | None, base: str) -> str:
     if not location:
         return " without a Location header"
     try:
-        parts = urlsplit(urljoin(base, location.strip()))
-        host = parts.hostname or "?"
-        port = parts.port
+        host = host_and_port(urljoin(base, location.strip()), "?")
     except ValueError:
         return " with an unparseable Location header"
-    if ":" in host:
-        host = f"[{host}]"
-    return printable(f" (redirect to host {host}" + (f":{port}" if port else "") + ")")
+    return printable(f" (redirect to host {host})")
 
 
 class Dispatcher:

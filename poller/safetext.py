@@ -17,6 +17,16 @@ def printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
+def host_and_port(url: str, missing: str) -> str:
+    """``host``, ``host:port`` or ``[v6]:port`` of a URL (``missing`` for no host); ValueError if unparseable."""
+    parts = urlsplit(url)
+    host = parts.hostname or missing
+    port = parts.port
+    if ":" in host:
+        host = f"[{host}]"
+    return host + (f":{port}" if port is not None else "")
+
+
 def redact_url(url: str) -> str:
     """``https://user:pw@hooks.example.com:8443/T0K3N?sig=x`` -> ``https://hooks.example.com:8443/…``.
 
@@ -25,13 +35,9 @@ def redact_url(url: str) -> str:
     """
     try:
         parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = parts.port
+        shown = f"{parts.scheme}://{host_and_port(url, '')}"
     except ValueError:
         return "<unparseable URL>"
-    if ":" in host:
-        host = f"[{host}]"
-    shown = f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         shown += "/…"
     return printable(shown)
