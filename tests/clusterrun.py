@@ -14,6 +14,7 @@ import math
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -47,6 +48,20 @@ class Plan:
     restart_at: float = 11.0
     settle: float = 30.0  # the longest wait for the history and the deliveries to catch up
     prefix: str = "cluster/"
+    # Serve each daemon's Prometheus metrics on a port of its own, and sample them (run's ``scrape``)
+    # at the edges of the steady windows: polls, skipped polls, lateness per daemon.
+    metrics: bool = False
+
+    @property
+    def steady_after(self) -> float:
+        """Seconds from a balanced cluster to the steady window: the last claim's heartbeat has passed
+        and the old holder's polls in flight have committed (2 intervals at a short interval)."""
+        return max(2 * self.heartbeat, min(2 * self.interval, 10.0))
+
+    @property
+    def min_window_b(self) -> float:
+        """The shortest steady window after the restart worth measuring."""
+        return min(5 * self.interval, 30.0)
 
     @property
     def takeover_bound(self) -> float:
@@ -99,13 +114,17 @@ def _toml(value: Any) -> str:
     )
 
 
-def write_config(path: Path, plan: Plan, endpoint: str, bucket: str, url: str, hook: str) -> None:
-    sections = {
+def write_config(
+    path: Path, plan: Plan, endpoint: str, bucket: str, url: str, hook: str, metrics_port: int | None = None
+) -> None:
+    sections: dict[str, dict[str, Any]] = {
         "s3": {"endpoint_url": endpoint, "addressing_style": "path", "connect_timeout": "2s", "read_timeout": "5s"},
         "database": {"url": url},
         "schedule": {"interval": f"{plan.interval}s", "concurrency": plan.concurrency},
         "cluster": {"shards": plan.shards, "lease": f"{plan.lease}s", "heartbeat": f"{plan.heartbeat}s"},
     }
+    if metrics_port is not None:
+        sections["metrics"] = {"listen": f"127.0.0.1:{metrics_port}"}
     lines: list[str] = []
     for name, values in sections.items():
         lines.append(f"[{name}]")
@@ -118,8 +137,11 @@ def write_config(path: Path, plan: Plan, endpoint: str, bucket: str, url: str, h
 
 
 class Daemon:
-    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Path, log: Path, env: dict[str, str] | None = None, metrics_port: int | None = None
+    ) -> None:
         self.log_path = log
+        self.metrics_port = metrics_port  # as written in its config, if any
         self._log = log.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "poller", "run", "--config", str(config), "--log-level", "INFO"],
@@ -151,15 +173,50 @@ def _wait(condition: Callable[[], Any], timeout: float, what: str) -> Any:
 
 
 @dataclass
+class Sample:
+    """Each live daemon's metrics and shards at one moment (the edge of a steady window)."""
+
+    at: float  # time.monotonic()
+    metrics: dict[int, dict[str, float]]  # by pid
+    shards: dict[int, list[int]]  # by pid
+
+
+@dataclass
 class Report:
     figures: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    # (start, end) of each steady window, when the plan asked for metrics.
+    windows: list[tuple[Sample, Sample]] = field(default_factory=list)
+
+
+# Given {key: body}, creates the objects and returns {key: ETag}; the default PUTs them one by one.
+Seed = Callable[[dict[str, bytes]], dict[str, str]]
+Scrape = Callable[[int], dict[str, float]]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def run(
-    plan: Plan, s3: Any, endpoint: str, bucket: str, url: str, workdir: Path, env: dict[str, str] | None = None
+    plan: Plan,
+    s3: Any,
+    endpoint: str,
+    bucket: str,
+    url: str,
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    *,
+    seed: Seed | None = None,
+    scrape: Scrape | None = None,
 ) -> Report:
-    """Run the whole scenario; the report's problems are empty when every guarantee held."""
+    """Run the whole scenario; the report's problems are empty when every guarantee held.
+
+    ``seed`` creates the initial objects faster than one PUT each (the bench writes rclone's files);
+    with ``plan.metrics``, ``scrape(port)`` reads a daemon's metrics at the steady windows' edges.
+    """
     rng = random.Random(11)
     names = [f"w{i:05d}" for i in range(plan.watches)]
     keys = {name: f"{plan.prefix}k{i:05d}" for i, name in enumerate(names)}
@@ -172,19 +229,58 @@ def run(
         body = f"{name}:{counter[name]}".encode()
         return str(s3.put_object(Bucket=bucket, Key=keys[name], Body=body)["ETag"])
 
-    for name in names:
-        expected[name].append(("first_seen", put(name)))
-        present[name] = True
+    seeding = time.monotonic()
+    if seed is None:
+        for name in names:
+            expected[name].append(("first_seen", put(name)))
+    else:
+        bodies = {}
+        for name in names:
+            counter[name] += 1
+            bodies[keys[name]] = f"{name}:{counter[name]}".encode()
+        etags = seed(bodies)
+        for name in names:
+            expected[name].append(("first_seen", etags[keys[name]]))
+    present.update(dict.fromkeys(names, True))
+    seeded_s = time.monotonic() - seeding
 
     receiver = Receiver()
-    config = workdir / "cluster.toml"
-    write_config(config, plan, endpoint, bucket, url, receiver.url)
+    configs: list[tuple[Path, int | None]] = []
+
+    def new_config(label: str) -> tuple[Path, int | None]:
+        # One file per daemon when each serves its metrics on its own port; else one shared file.
+        if not plan.metrics and configs:
+            return configs[0]
+        port = _free_port() if plan.metrics else None
+        path = workdir / (f"cluster-{label}.toml" if plan.metrics else "cluster.toml")
+        write_config(path, plan, endpoint, bucket, url, receiver.url, port)
+        configs.append((path, port))
+        return path, port
+
+    def start_daemon(label: str, log_name: str) -> Daemon:
+        path, port = new_config(label)
+        return Daemon(path, workdir / log_name, env, port)
+
     store = Store(open_engine(url))
     daemons: list[Daemon] = []
     report = Report()
+    report.figures["seed_objects_s"] = round(seeded_s, 1)
+
+    def sample() -> Sample:
+        at = time.monotonic()
+        holders = {r["pid"]: list(r["shards"]) for r in store.cluster_status() if r["heartbeat_age"] < plan.lease}
+        metrics = {}
+        for d in daemons:
+            if scrape is not None and d.metrics_port is not None and d.proc.poll() is None:
+                metrics[d.proc.pid] = scrape(d.metrics_port)
+        return Sample(at, metrics, {pid: holders.get(pid, []) for pid in metrics})
+
+    measuring = plan.metrics and scrape is not None
     try:
+        # Every config is written before the first start: writing a large watch list is no start-up time.
+        made = [new_config(str(i)) for i in range(plan.daemons)]
         started = time.monotonic()
-        daemons = [Daemon(config, workdir / f"daemon{i}.log", env) for i in range(plan.daemons)]
+        daemons = [Daemon(path, workdir / f"daemon{i}.log", env, port) for i, (path, port) in enumerate(made)]
 
         def balanced(count: int) -> list[dict[str, Any]] | None:
             rows = [r for r in store.cluster_status() if r["heartbeat_age"] < plan.lease]
@@ -200,11 +296,15 @@ def run(
             return n == plan.watches
 
         _wait(lambda: balanced(plan.daemons), 60, f"{plan.daemons} daemons to split the shards")
-        # A watch is first polled at its phase, up to one interval after its daemon claims it.
-        _wait(first_seen_all, 60 + 2 * plan.interval, "every key's first sighting")
         report.figures["start_to_balanced_s"] = round(time.monotonic() - started, 1)
-        time.sleep(plan.interval * 2)  # let the last handover's watches reach their next slot
+        # A watch is first polled at its phase, up to one interval after its daemon claims it; each
+        # first sighting is a recorded change, so this phase costs more than the steady one.
+        _wait(first_seen_all, 60 + 2 * plan.interval + plan.watches / 100, "every key's first sighting")
+        report.figures["start_to_first_seen_all_s"] = round(time.monotonic() - started, 1)
+        time.sleep(plan.steady_after)  # let the last handover's watches reach their next slot
         steady_a = datetime.now(UTC)
+        window_a = sample() if measuring else None
+        window_b: Sample | None = None
 
         last_change: dict[str, float] = {name: 0.0 for name in names}
         t0 = time.monotonic()
@@ -220,22 +320,26 @@ def run(
             # restart is at least a few intervals long.
             if elapsed < plan.mutate_seconds:
                 return True
-            long_enough = steady_b is not None and datetime.now(UTC) - steady_b >= timedelta(seconds=5 * plan.interval)
-            return not long_enough and elapsed < plan.mutate_seconds + 20
+            long_enough = steady_b is not None and datetime.now(UTC) - steady_b >= timedelta(seconds=plan.min_window_b)
+            return not long_enough and elapsed < plan.mutate_seconds + 20 + plan.min_window_b
 
         while going(elapsed := time.monotonic() - t0):
             if killed_at is None and elapsed >= plan.kill_at:
                 victim = daemons[1]
                 rows = [r for r in store.cluster_status() if r["pid"] == victim.proc.pid]
                 victim_shards = rows[0]["shards"] if rows else []
+                if window_a is not None:
+                    report.windows.append((window_a, sample()))
                 victim.proc.send_signal(signal.SIGKILL)
                 victim.proc.wait()
                 killed_at = datetime.now(UTC)
             if restarted_at is None and elapsed >= plan.restart_at:
-                daemons.append(Daemon(config, workdir / "daemon-restarted.log", env))
+                daemons.append(start_daemon("restarted", "daemon-restarted.log"))
                 restarted_at = time.monotonic()
             if steady_b is None and restarted_at is not None and balanced(plan.daemons):
-                steady_b = datetime.now(UTC) + timedelta(seconds=plan.heartbeat + plan.interval * 2)
+                steady_b = datetime.now(UTC) + timedelta(seconds=plan.heartbeat + plan.steady_after)
+            if measuring and window_b is None and steady_b is not None and datetime.now(UTC) >= steady_b:
+                window_b = sample()
             now = time.monotonic()
             if now < next_change:
                 time.sleep(min(next_change - now, 0.05))
@@ -257,6 +361,8 @@ def run(
             last_change[name] = time.monotonic()
             changes += 1
         mutation_end = datetime.now(UTC)
+        if window_b is not None:
+            report.windows.append((window_b, sample()))
         if steady_b is None:
             steady_b = mutation_end
             report.problems.append("the restarted daemon did not get a share of the shards before the end")
