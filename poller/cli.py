@@ -61,6 +61,7 @@ def _open_store(settings: Settings, *, readonly: bool) -> Any:
 
     try:
         store = Store(open_engine(settings.database.url, readonly=readonly))
+        store.keep_samples = settings.database.sample_retention > 0
         if readonly and not store.has_schema():
             raise StoreError(
                 f"database {redact(settings.database.url)} has no poller tables yet: run `poller db upgrade` "

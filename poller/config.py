@@ -79,6 +79,31 @@ def format_duration(seconds: float) -> str:
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_size(value: object) -> int:
+    """Turn ``"2GB"``, ``"500MiB"``, ``"1.5G"`` or a number of bytes into bytes."""
+    if isinstance(value, bool):
+        raise ValueError('expected a size such as "500MB" or "2GB"')
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a size must not be negative")
+        return int(value)
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value.strip())
+        if match:
+            unit = match.group(2).lower()
+            base = _SIZE_UNITS[unit[:1] if unit[:1] in "kmgt" else ""]
+            if "i" in unit:
+                base = 1024 ** "_kmgt".index(unit[0]) if unit[0] in "kmgt" else 1
+            return int(float(match.group(1)) * base)
+    raise ValueError(f'expected a size such as "500MB" or "2GB", got {value!r}')
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
+
 
 def _positive(name: str, value: float) -> float:
     if value <= 0:
@@ -239,10 +264,16 @@ def _check_aws_profile(profile: str) -> None:
 class DatabaseSettings(_Section):
     url: str = "sqlite:///poller.db"
     poll_retention: Duration = 30 * 86400.0
+    # Every poll's exact time and duration (poll_samples); 0 keeps none. Runs keep every poll counted.
+    sample_retention: Duration = 3600.0
+    # Prune the oldest poll runs beyond this many bytes of rows and indexes; 0: no limit.
+    max_db_size: ByteSize = 0
 
     @model_validator(mode="after")
     def _check(self) -> DatabaseSettings:
         _positive("poll_retention", self.poll_retention)
+        if self.sample_retention < 0:
+            raise ValueError("sample_retention must not be negative (0 keeps no samples)")
         if not self.url.strip():
             raise ValueError("url must not be empty")
         return self

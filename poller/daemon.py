@@ -33,7 +33,8 @@ from poller.watchlist import WatchSpec, diff_watch_lists, require_watches, specs
 
 log = logging.getLogger(__name__)
 
-PRUNE_EVERY = 3600.0
+# Often enough that poll_samples holds little more than sample_retention (default 1 h).
+PRUNE_EVERY = 300.0
 STATUS_EVERY = 10.0
 
 
@@ -64,6 +65,7 @@ class Daemon:
             # Before the slow start-up (migrations, watch sync): a SIGTERM then still ends cleanly.
             self._install_signals()
         self.store = Store(open_engine(settings.database.url))
+        self.store.keep_samples = settings.database.sample_retention > 0
         self.service, specs, synced = prepare(settings, self.store)
         # From here on the watch list lives in `specs`; the validated models of 100,000 watches
         # would keep ~65 MB alive for nothing (a reload validates the file anew).
@@ -268,14 +270,30 @@ class Daemon:
         return counts
 
     def _prune(self) -> None:
-        cutoff = datetime.now(UTC) - timedelta(seconds=self.current.settings.database.poll_retention)
+        db = self.current.settings.database
+        now = datetime.now(UTC)
+        cutoff = now - timedelta(seconds=db.poll_retention)
         try:
-            removed = self.store.prune_polls(cutoff)
+            if self.store.has_legacy_polls():
+                # Rows from before the run-length log (revision 0007): fold them in, a chunk per
+                # transaction, while polling goes on.
+                log.info("converting poll rows of an older poller into runs, in the background")
+                converted = self.store.convert_legacy_polls(_Progress("converting old poll rows").update)
+                log.info("converted %d old poll rows into runs", converted)
+            pruned = self.store.prune_polls(
+                cutoff, now - timedelta(seconds=db.sample_retention), db.max_db_size or None
+            )
         except Exception as exc:
             log.error("pruning polls older than %s failed: %s", cutoff.isoformat(), describe_db_error(exc, ""))
             return
-        if removed:
-            log.info("pruned %d poll rows older than %s", removed, cutoff.strftime("%Y-%m-%dT%H:%M:%SZ"))
+        if pruned.runs or pruned.samples:
+            log.info(
+                "pruned %d poll runs that ended before %s and %d poll samples%s",
+                pruned.runs,
+                cutoff.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                pruned.samples,
+                f"; {pruned.for_size} of the runs to stay under max_db_size" if pruned.for_size else "",
+            )
 
     # --- reload ---------------------------------------------------------------------
 
@@ -325,6 +343,7 @@ class Daemon:
         else:
             self.service.prober.relearn()  # a new prober learns anew; this one measures again
         self.current = _Running(new, specs, synced.watches)
+        self.store.keep_samples = new.database.sample_retention > 0
         self.recorder.route = make_route(new.notify) if new.notify else None
         self.dispatcher.set_sinks(new.notify)
         for name in diff.removed:
@@ -399,3 +418,18 @@ class Daemon:
 def run_daemon(config_path: Path, settings: Settings) -> int:
     """Entry point of `poller run`."""
     return Daemon(config_path, settings, signals=True).run()
+
+
+class _Progress:
+    """A progress line at most every 10 s for a long chore (rows done of about how many)."""
+
+    def __init__(self, what: str, every: float = 10.0) -> None:
+        self.what = what
+        self.every = every
+        self.last = time.monotonic()
+
+    def update(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every or done >= total:
+            self.last = now
+            log.info("%s: %d of %d (%.0f%%)", self.what, done, total, 100.0 * done / max(total, 1))

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     String,
     Table,
     Text,
@@ -114,13 +115,50 @@ object_state = Table(
     # How many changes of this key etag_history holds; a change commits only if the stored state is
     # the one its poll conditioned on (compare-and-set), and its history row takes seq + 1.
     Column("seq", BigInt, nullable=False, server_default="0", default=0),
+    Column("run_id", BigInteger),  # this key's open row of poll_runs
 )
 
-polls = Table(
-    "polls",
+# The run-length poll log (poller.runs): consecutive polls of one key with the same outcome, status,
+# ETag, Last-Modified and error are one row. Times are epoch milliseconds, durations microseconds;
+# the views ``polls`` and ``poll_samples_view`` present them as before (ISO text / timestamptz).
+poll_runs = Table(
+    "poll_runs",
     metadata,
     Column("id", BigInt, primary_key=True),
     Column("watch_id", BigInt, ForeignKey("watches.id"), nullable=False),
+    Column("key", Text),  # NULL: the watch's key (filled in if the watch is re-pointed)
+    Column("outcome", SmallInteger, nullable=False),  # 0 unchanged, 1 modified, 2 missing, 3 error
+    Column("http_status", Integer),
+    Column("etag", Text),
+    Column("last_modified", BigInteger),  # epoch ms
+    Column("error", Text),
+    Column("first_at", BigInteger, nullable=False),  # epoch ms of the run's first poll
+    Column("last_at", BigInteger, nullable=False),  # epoch ms of its latest poll
+    Column("count", BigInteger, nullable=False),
+    Column("duration_min_us", BigInteger, nullable=False),
+    Column("duration_sum_us", BigInteger, nullable=False),
+    Column("duration_max_us", BigInteger, nullable=False),
+    Index("ix_poll_runs_watch_id_first_at", "watch_id", "first_at"),
+    Index("ix_poll_runs_last_at", "last_at"),
+)
+
+# Every poll's exact time and duration, for a short window (database.sample_retention).
+poll_samples = Table(
+    "poll_samples",
+    metadata,
+    Column("id", BigInt, primary_key=True),
+    Column("run_id", BigInteger, nullable=False),
+    Column("polled_at", BigInteger, nullable=False),  # epoch ms
+    Column("duration_us", BigInteger, nullable=False),
+)
+
+# The per-poll table of revisions 0001-0006, renamed by 0007 and folded into poll_runs in chunks
+# (Store.convert_legacy_polls), then dropped.
+polls_legacy = Table(
+    "polls_legacy",
+    MetaData(),
+    Column("id", BigInt, primary_key=True),
+    Column("watch_id", BigInt, nullable=False),
     Column("key", Text, nullable=False),
     Column("polled_at", UTCDateTime, nullable=False),
     Column("outcome", String(16), nullable=False),
@@ -129,8 +167,6 @@ polls = Table(
     Column("last_modified", UTCDateTime),
     Column("duration_ms", Float),
     Column("error", Text),
-    Index("ix_polls_watch_id_polled_at", "watch_id", "polled_at"),
-    Index("ix_polls_polled_at", "polled_at"),
 )
 
 etag_history = Table(

@@ -40,13 +40,16 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from poller.model import ObjectState, PollResult, PrefixState, Watch
 from poller.redact import redact
+from poller.runs import OUTCOME_CODES, OUTCOMES, Identity, Poll, Segment, from_ms, segments, to_ms
 from poller.safetext import printable
 from poller.schema import (
     etag_history,
     instances,
     notifications,
     object_state,
-    polls,
+    poll_runs,
+    poll_samples,
+    polls_legacy,
     server_semantics,
     shard_leases,
     watches,
@@ -73,6 +76,10 @@ _STATE_COLUMNS = (
     "last_error",
 )
 PRUNE_CHUNK = 5000
+# Runs removed per step to fit max_db_size: the size is measured again after each step.
+SIZE_CHUNK = 500
+# Pre-0007 poll rows folded into runs per transaction (about 50-100 ms of write lock on SQLite).
+LEGACY_CHUNK = 5000
 # Below this many object_state rows the staging table's two statements cost more than they save.
 STAGE_MIN_ROWS = 8
 _STAGE_INFO = "poller_staging_tables"
@@ -110,6 +117,14 @@ class Fence(Protocol):
     def shard_of(self, name: str) -> int: ...
 
     def epochs(self) -> dict[int, int]: ...
+
+
+@dataclass(slots=True)
+class Pruned:
+    runs: int = 0
+    samples: int = 0
+    for_size: int = 0  # runs removed to keep the database under max_db_size
+    legacy: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,10 +293,13 @@ class Store:
         self._cas = self._cas_statements()
         # The poll rows are most of what the writer writes; COPY costs a third of the client CPU
         # of psycopg's pipelined executemany (bench/store_write.py).
-        self._copy_polls = engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
+        self._copy = engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
         # The object_state upserts likewise: COPY into a per-connection temporary table, then one
         # INSERT ... SELECT ... ON CONFLICT with the same guard, instead of one statement per row.
-        self._stage_states = self._copy_polls
+        self._stage_states = self._copy
+        self._run_sql = _RunStatements(engine.dialect.name)
+        # Every poll's exact time and duration go to poll_samples too (database.sample_retention > 0).
+        self.keep_samples = True
         self._staged = (self._staged_upsert(error=False), self._staged_upsert(error=True))
         # Set when several daemons share this PostgreSQL database: every commit is fenced by it.
         self.fence: Fence | None = None
@@ -350,6 +368,12 @@ class Store:
                 if (row.bucket, row.key, row.kind) != (spec.bucket, spec.key, spec.kind):
                     # Another object (or prefix) now: its old state must not feed the next poll.
                     conn.execute(object_state.delete().where(object_state.c.watch_id == row.id))
+                    # Runs name their key only when it is not the watch's: the old key's runs keep theirs.
+                    conn.execute(
+                        update(poll_runs)
+                        .where(poll_runs.c.watch_id == row.id, poll_runs.c.key.is_(None))
+                        .values(key=row.key)
+                    )
                     retargeted.add(row.id)
             ids = {row.name: row.id for row in conn.execute(select(watches.c.id, watches.c.name))}
         result = {name: s.as_watch(ids[name]) for name, s in wanted.items()}
@@ -420,29 +444,15 @@ class Store:
         """
         if not results:
             return {}
-        poll_rows: list[tuple[int, dict[str, Any]]] = []
+        run_polls: list[tuple[int, Poll]] = []
         # (index, state row, previous (etag, present), history row, watch name) of each changed key
         changed: list[tuple[int, dict[str, Any], tuple[str | None, bool | None], dict[str, Any], str]] = []
         ok_states: list[tuple[int, dict[str, Any]]] = []
         error_states: list[tuple[int, dict[str, Any]]] = []
         for i, r in enumerate(results):
             state = r.state
-            poll_rows.append(
-                (
-                    i,
-                    {
-                        "watch_id": r.watch.id,
-                        "key": r.watch.key,
-                        "polled_at": r.polled_at,
-                        "outcome": r.outcome,
-                        "http_status": r.http_status,
-                        "etag": (state or r.previous or ObjectState()).etag,
-                        "last_modified": (state or r.previous or ObjectState()).last_modified,
-                        "duration_ms": round(r.duration_ms, 3),
-                        "error": r.error,
-                    },
-                )
-            )
+            seen = state or r.previous or ObjectState()
+            run_polls.append((i, _run_poll(r, seen)))
             if state is None:
                 error_states.append(
                     (
@@ -503,11 +513,6 @@ class Store:
         created: list[str] = []  # staging tables this transaction created (_write_states)
         with self._tx() as conn:
             failed: dict[int, Exception] = self._fenced(conn, results) if self.fence is not None else {}
-            rows = [row for i, row in poll_rows if i not in failed]
-            if rows and self._copy_polls:
-                _copy_rows(conn, polls, rows)
-            elif rows:
-                conn.execute(polls.insert(), rows)
             outbox: list[dict[str, Any]] = []
             history_rows: list[dict[str, Any]] = []
             # Changes are rare next to polls: one compare-and-set each, so a change that another writer
@@ -551,6 +556,9 @@ class Store:
             rows = [row for i, row in error_states if i not in failed]
             if rows:
                 self._write_states(conn, rows, created, error=True)
+            # After the states: a key's open run is found through its object_state row.
+            # A superseded change's poll still happened and is counted; a fenced one is not ours.
+            self._write_runs(conn, [poll for i, poll in run_polls if not isinstance(failed.get(i), Fenced)], created)
             info = conn.info
         if created:
             info.setdefault(_STAGE_INFO, set()).update(created)
@@ -581,6 +589,70 @@ class Store:
             created.append(stage.name)
         _copy_rows(conn, stage, rows)
         conn.execute(upsert)
+
+    def _write_runs(self, conn: Connection, polls: list[Poll], created: list[str]) -> None:
+        """Extend each key's open run, or open a new one, and write the samples (poller.runs)."""
+        if not polls:
+            return
+        folded = segments(polls)
+        sql = self._run_sql
+        dbapi = conn.dialect.loaded_dbapi
+        try:
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            try:
+                if self._copy and len(folded) >= STAGE_MIN_ROWS:
+                    run_ids = self._extend_staged(conn, cursor, folded, created)
+                else:
+                    run_ids = {}
+                    for n, seg in enumerate(folded):
+                        if seg.may_extend:
+                            cursor.execute(sql.extend, (*_run_totals(seg), seg.watch_id, seg.state_key, *seg.identity))
+                            row = cursor.fetchone()
+                            if row is not None:
+                                run_ids[n] = row[0]
+                opened: list[tuple[int, int, str]] = []
+                samples: list[tuple[int, int, int]] = []
+                for n, seg in enumerate(folded):
+                    run_id = run_ids.get(n)
+                    if run_id is None:
+                        cursor.execute(
+                            sql.insert, (seg.watch_id, seg.run_key, *seg.identity, seg.first_at, *_run_totals(seg))
+                        )
+                        run_id = cursor.fetchone()[0]
+                        if seg.opens:
+                            opened.append((run_id, seg.watch_id, seg.state_key))
+                    if self.keep_samples:
+                        samples += [(run_id, at, duration) for at, duration in seg.samples]
+                if opened:
+                    cursor.executemany(sql.open, opened)
+                if samples and self._copy:
+                    with cursor.copy("COPY poll_samples (run_id, polled_at, duration_us) FROM STDIN") as copy:
+                        for sample in samples:
+                            copy.write_row(sample)
+                elif samples:
+                    cursor.executemany(sql.sample, samples)
+            finally:
+                cursor.close()
+        except dbapi.Error as exc:
+            raise DBAPIError.instance("poll_runs", None, exc, dbapi.Error, dialect=conn.dialect) from exc
+
+    def _extend_staged(
+        self, conn: Connection, cursor: Any, folded: list[Segment], created: list[str]
+    ) -> dict[int, int]:
+        """PostgreSQL: extend the open runs of a batch in one UPDATE ... FROM a COPY-staged table."""
+        if _RUN_STAGE not in conn.info.get(_STAGE_INFO, ()):
+            cursor.execute(
+                f"CREATE TEMPORARY TABLE IF NOT EXISTS {_RUN_STAGE} (n integer, watch_id bigint, state_key text, "
+                "outcome smallint, http_status integer, etag text, last_modified bigint, error text, "
+                "last_at bigint, count bigint, dmin bigint, dsum bigint, dmax bigint) ON COMMIT DELETE ROWS"
+            )
+            created.append(_RUN_STAGE)
+        with cursor.copy(f"COPY {_RUN_STAGE} FROM STDIN") as copy:
+            for n, seg in enumerate(folded):
+                if seg.may_extend:
+                    copy.write_row((n, seg.watch_id, seg.state_key, *seg.identity, *_run_totals(seg)))
+        cursor.execute(self._run_sql.extend_staged)
+        return {n: run_id for n, run_id in cursor.fetchall()}
 
     def _staged_upsert(self, *, error: bool) -> tuple[Table, Any]:
         """A temporary staging table and the upsert from it that equals the row-by-row one."""
@@ -708,33 +780,220 @@ class Store:
         )
         return ok, error
 
-    def prune_polls(self, before: datetime) -> int:
-        """Delete poll rows older than ``before`` in short transactions; return how many went.
+    def prune_polls(
+        self, before: datetime, samples_before: datetime | None = None, max_bytes: int | None = None
+    ) -> Pruned:
+        """Delete poll runs that ended before ``before`` and samples older than ``samples_before``,
+        then, with ``max_bytes``, the oldest runs until the database's used size fits; in short
+        transactions (PRUNE_CHUNK rows each, so the writer never waits long).
 
         On PostgreSQL one process at a time prunes (a session advisory lock): the others skip.
         """
         if self.engine.dialect.name != "postgresql":
-            return self._prune(before)
+            return self._prune(before, samples_before, max_bytes)
         with self.engine.connect() as conn:
             if not conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": PRUNE_LOCK}).scalar():
                 conn.rollback()
-                return 0
+                return Pruned()
             conn.commit()
             try:
-                return self._prune(before)
+                return self._prune(before, samples_before, max_bytes)
             finally:
                 conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": PRUNE_LOCK})
                 conn.commit()
 
-    def _prune(self, before: datetime) -> int:
-        total = 0
+    def _prune(self, before: datetime, samples_before: datetime | None, max_bytes: int | None) -> Pruned:
+        done = Pruned()
+        if self.has_legacy_polls():
+            self.convert_legacy_polls()
+        done.samples = self._prune_samples(to_ms(samples_before or before))
+        done.runs = self._prune_runs(to_ms(before))
+        if max_bytes is not None:
+            done.for_size = self._prune_for_size(max_bytes)
+            done.runs += done.for_size
+        return done
+
+    def has_legacy_polls(self) -> bool:
+        """Whether per-poll rows from before revision 0007 are still waiting to become runs."""
+        with self._read() as conn:
+            return inspect(conn).has_table(polls_legacy.name)
+
+    def convert_legacy_polls(
+        self, progress: Callable[[int, int], None] | None = None, chunk: int = LEGACY_CHUNK
+    ) -> int:
+        """Fold the pre-0007 ``polls_legacy`` rows into poll_runs, ``chunk`` rows per transaction,
+        then drop the table; return how many rows went. Resumable: each chunk commits its runs and
+        deletes its rows together, so a kill leaves nothing half done and the next call goes on."""
+        if not self.has_legacy_polls():
+            return 0
+        with self._read() as conn:
+            left = int(conn.execute(select(func.count()).select_from(polls_legacy)).scalar() or 0)
+            keys = dict(conn.execute(select(watches.c.id, watches.c.key)).tuples().all())
+        order = (polls_legacy.c.watch_id, polls_legacy.c.polled_at, polls_legacy.c.id)
+        done = 0
         while True:
             with self._tx() as conn:
-                ids = select(polls.c.id).where(polls.c.polled_at < before).limit(PRUNE_CHUNK).scalar_subquery()
-                deleted = conn.execute(polls.delete().where(polls.c.id.in_(ids))).rowcount
+                rows = conn.execute(select(polls_legacy).order_by(*order).limit(chunk)).all()
+                if not rows:
+                    conn.execute(text(f"DROP TABLE {polls_legacy.name}"))
+                    break
+                polls = [
+                    Poll(
+                        row.watch_id,
+                        row.key,
+                        None if keys.get(row.watch_id) == row.key else row.key,
+                        (
+                            OUTCOME_CODES.get(row.outcome, OUTCOME_CODES["error"]),
+                            row.http_status,
+                            row.etag,
+                            None if row.last_modified is None else to_ms(row.last_modified),
+                            row.error,
+                        ),
+                        to_ms(row.polled_at),
+                        max(0, round((row.duration_ms or 0.0) * 1000)),
+                    )
+                    for row in rows
+                ]
+                for seg in segments(polls):
+                    if not (seg.may_extend and self._extend_converted(conn, seg)):
+                        conn.execute(
+                            poll_runs.insert().values(
+                                watch_id=seg.watch_id,
+                                key=seg.run_key,
+                                outcome=seg.identity[0],
+                                http_status=seg.identity[1],
+                                etag=seg.identity[2],
+                                last_modified=seg.identity[3],
+                                error=seg.identity[4],
+                                first_at=seg.first_at,
+                                last_at=seg.last_at,
+                                count=seg.count,
+                                duration_min_us=seg.duration_min,
+                                duration_sum_us=seg.duration_sum,
+                                duration_max_us=seg.duration_max,
+                            )
+                        )
+                ids = [row.id for row in rows]
+                conn.execute(polls_legacy.delete().where(polls_legacy.c.id.in_(ids)))
+            done += len(rows)
+            if progress is not None:
+                progress(done, max(left, done))
+        return done
+
+    def _extend_converted(self, conn: Connection, seg: Segment) -> bool:
+        """Continue the run an earlier chunk left for this key, if this segment has its identity."""
+        latest = conn.execute(
+            select(poll_runs)
+            .where(
+                poll_runs.c.watch_id == seg.watch_id,
+                poll_runs.c.first_at <= seg.first_at,
+                poll_runs.c.key.is_not_distinct_from(seg.run_key),
+            )
+            .order_by(poll_runs.c.first_at.desc(), poll_runs.c.id.desc())
+            .limit(1)
+        ).first()
+        if latest is None or latest.last_at > seg.first_at:
+            return False
+        if (latest.outcome, latest.http_status, latest.etag, latest.last_modified, latest.error) != seg.identity:
+            return False
+        conn.execute(
+            update(poll_runs)
+            .where(poll_runs.c.id == latest.id)
+            .values(
+                last_at=seg.last_at,
+                count=poll_runs.c.count + seg.count,
+                duration_sum_us=poll_runs.c.duration_sum_us + seg.duration_sum,
+                duration_min_us=min(latest.duration_min_us, seg.duration_min),
+                duration_max_us=max(latest.duration_max_us, seg.duration_max),
+            )
+        )
+        return True
+
+    def _prune_for_size(self, max_bytes: int) -> int:
+        """Delete the oldest runs until the used size fits ``max_bytes``; return how many went."""
+        total = 0
+        if self.engine.dialect.name == "sqlite":
+            # SQLite frees a page as soon as it empties, so the size can be measured after each chunk.
+            # The per-poll samples go first (they are detail; the runs hold the accounting).
+            while self.used_bytes() > max_bytes and self._prune_samples(None, chunks=1):
+                pass
+            while self.used_bytes() > max_bytes:
+                removed = self._prune_runs(None, chunks=1, limit=SIZE_CHUNK)
+                if not removed:
+                    break
+                total += removed
+            return total
+        # PostgreSQL's statistics lag the deletes: remove, once per pass, as many runs as the
+        # excess is worth at the table's current bytes per run; the next pass corrects.
+        with self._read() as conn:
+            excess = self.used_bytes() - max_bytes
+            if excess <= 0:
+                return 0
+            size, rows = conn.exec_driver_sql(
+                "SELECT pg_total_relation_size('poll_runs'), reltuples FROM pg_class WHERE oid = 'poll_runs'::regclass"
+            ).one()
+            if rows <= 0:  # never analyzed yet, so not large: count
+                rows = conn.execute(select(func.count()).select_from(poll_runs)).scalar()
+        if not rows:
+            return 0
+        wanted = min(int(rows), -(-excess * int(rows) // max(int(size), 1)))
+        while total < wanted:
+            removed = self._prune_runs(None, chunks=1, limit=min(SIZE_CHUNK, wanted - total))
+            if not removed:
+                break
+            total += removed
+        return total
+
+    def _prune_runs(self, before_ms: int | None, chunks: int | None = None, limit: int = PRUNE_CHUNK) -> int:
+        """Delete runs that ended before ``before_ms`` (None: the oldest), ``limit`` per transaction."""
+        total = 0
+        oldest = select(poll_runs.c.id).order_by(poll_runs.c.last_at).limit(limit)
+        if before_ms is not None:
+            oldest = oldest.where(poll_runs.c.last_at < before_ms)
+        statement = poll_runs.delete().where(poll_runs.c.id.in_(oldest.scalar_subquery()))
+        while chunks is None or chunks > 0:
+            with self._tx() as conn:
+                deleted = conn.execute(statement).rowcount
             total += deleted
+            chunks = None if chunks is None else chunks - 1
+            if deleted < limit:
+                break
+        return total
+
+    def _prune_samples(self, before_ms: int | None, chunks: int | None = None) -> int:
+        """Delete samples older than ``before_ms`` (None: the oldest), a chunk per transaction."""
+        # Ids follow time: look only at the oldest chunk each time, and stop at the first chunk that
+        # is not all old, so no transaction scans past PRUNE_CHUNK rows.
+        ids = select(poll_samples.c.id).order_by(poll_samples.c.id).limit(PRUNE_CHUNK).scalar_subquery()
+        statement = poll_samples.delete().where(poll_samples.c.id.in_(ids))
+        if before_ms is not None:
+            statement = statement.where(poll_samples.c.polled_at < before_ms)
+        total = 0
+        while chunks is None or chunks > 0:
+            with self._tx() as conn:
+                deleted = conn.execute(statement).rowcount
+            total += deleted
+            chunks = None if chunks is None else chunks - 1
             if deleted < PRUNE_CHUNK:
-                return total
+                break
+        return total
+
+    def used_bytes(self) -> int:
+        """Bytes the database's rows and indexes occupy (free pages and dead rows not counted)."""
+        with self._read() as conn:
+            if self.engine.dialect.name == "sqlite":
+                size = conn.exec_driver_sql(
+                    "SELECT (SELECT page_count FROM pragma_page_count()) - (SELECT freelist_count FROM "
+                    "pragma_freelist_count()), (SELECT page_size FROM pragma_page_size())"
+                ).one()
+                return int(size[0]) * int(size[1])
+            # Deleted rows keep their space until vacuumed: count each table's live share of it.
+            value = conn.exec_driver_sql(
+                "SELECT COALESCE(sum(pg_total_relation_size(relid) * CASE WHEN n_live_tup + n_dead_tup > 0 "
+                "THEN n_live_tup::float8 / (n_live_tup + n_dead_tup) ELSE 1 END), 0) "
+                "FROM pg_stat_user_tables WHERE schemaname = current_schema()"
+            ).scalar()
+            return int(value or 0)
 
     # --- reading --------------------------------------------------------------------
 
@@ -772,42 +1031,83 @@ class Store:
         changes: bool = False,
         limit: int | None = 100,
     ) -> list[dict[str, Any]]:
-        """Poll rows, or ETag history events with ``changes``, newest first."""
-        table = etag_history if changes else polls
-        ts = table.c.detected_at if changes else table.c.polled_at
-        cols = (
-            [
-                ts.label("time"),
+        """Poll runs (consecutive identical outcomes of a key), or ETag history events with
+        ``changes``, newest first; a run is "since" a time when its latest poll is."""
+        if changes:
+            return self._changes(watch, since, limit)
+        r = poll_runs
+        query = (
+            select(
+                r.c.last_at,
+                r.c.first_at,
+                r.c.count,
                 watches.c.name.label("watch"),
                 watches.c.bucket,
-                table.c.key,
-                table.c.event,
-                table.c.etag,
-                table.c.previous_etag,
-                table.c.last_modified,
-                table.c.version_id,
-                table.c.size,
-            ]
-            if changes
-            else [
-                ts.label("time"),
-                watches.c.name.label("watch"),
-                watches.c.bucket,
-                table.c.key,
-                table.c.outcome,
-                table.c.http_status,
-                table.c.etag,
-                table.c.last_modified,
-                table.c.duration_ms,
-                table.c.error,
-            ]
+                func.coalesce(r.c.key, watches.c.key).label("key"),
+                r.c.outcome,
+                r.c.http_status,
+                r.c.etag,
+                r.c.last_modified,
+                r.c.duration_min_us,
+                r.c.duration_sum_us,
+                r.c.duration_max_us,
+                r.c.error,
+            )
+            .select_from(r)
+            .join(watches, watches.c.id == r.c.watch_id)
         )
-        query = select(*cols).select_from(table).join(watches, watches.c.id == table.c.watch_id)
         if watch is not None:
             query = query.where(_name_filter(watch, self.engine.dialect.name))
         if since is not None:
-            query = query.where(ts >= since)
-        query = query.order_by(ts.desc(), table.c.id.desc())
+            query = query.where(r.c.last_at >= to_ms(since))
+        query = query.order_by(r.c.last_at.desc(), r.c.id.desc())
+        if limit is not None:
+            query = query.limit(limit)
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        return [
+            {
+                "time": from_ms(row.last_at),
+                "first": from_ms(row.first_at),
+                "count": row.count,
+                "watch": row.watch,
+                "bucket": row.bucket,
+                "key": row.key,
+                "outcome": OUTCOMES.get(row.outcome, "error"),
+                "http_status": row.http_status,
+                "etag": row.etag,
+                "last_modified": None if row.last_modified is None else from_ms(row.last_modified),
+                "duration_ms": round(row.duration_sum_us / row.count / 1000, 3),
+                "duration_min_ms": row.duration_min_us / 1000,
+                "duration_max_ms": row.duration_max_us / 1000,
+                "error": row.error,
+            }
+            for row in rows
+        ]
+
+    def _changes(self, watch: str | None, since: datetime | None, limit: int | None) -> list[dict[str, Any]]:
+        h = etag_history
+        query = (
+            select(
+                h.c.detected_at.label("time"),
+                watches.c.name.label("watch"),
+                watches.c.bucket,
+                h.c.key,
+                h.c.event,
+                h.c.etag,
+                h.c.previous_etag,
+                h.c.last_modified,
+                h.c.version_id,
+                h.c.size,
+            )
+            .select_from(h)
+            .join(watches, watches.c.id == h.c.watch_id)
+        )
+        if watch is not None:
+            query = query.where(_name_filter(watch, self.engine.dialect.name))
+        if since is not None:
+            query = query.where(h.c.detected_at >= since)
+        query = query.order_by(h.c.detected_at.desc(), h.c.id.desc())
         if limit is not None:
             query = query.limit(limit)
         with self._read() as conn:
@@ -1217,3 +1517,64 @@ def _name_filter(pattern: str, dialect: str) -> Any:
         return watches.c.name.op("GLOB")(pattern.replace("[", "[[]"))
     escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return watches.c.name.like(escaped.replace("*", "%").replace("?", "_"), escape="\\")
+
+
+_RUN_STAGE = "poller_stage_runs"
+
+
+def _run_poll(r: PollResult, seen: ObjectState) -> Poll:
+    """The run log's view of one result (poll rows carry the state the poll saw, or the stored one)."""
+    identity: Identity = (
+        OUTCOME_CODES[r.outcome],
+        r.http_status,
+        seen.etag,
+        None if seen.last_modified is None else to_ms(seen.last_modified),
+        r.error,
+    )
+    return Poll(r.watch.id, r.watch.key, None, identity, to_ms(r.polled_at), max(0, round(r.duration_ms * 1000)))
+
+
+def _run_totals(seg: Segment) -> tuple[int, int, int, int, int]:
+    return (seg.last_at, seg.count, seg.duration_min, seg.duration_sum, seg.duration_max)
+
+
+class _RunStatements:
+    """The run log's statements in the driver's own parameter style (the writer's hottest path
+    skips SQLAlchemy's per-row parameter processing)."""
+
+    def __init__(self, dialect: str) -> None:
+        pg = dialect == "postgresql"
+        same = "IS NOT DISTINCT FROM" if pg else "IS"
+        least, greatest = ("least", "greatest") if pg else ("min", "max")
+        mark = "%s" if pg else "?"
+
+        def p(sql: str) -> str:
+            return sql.replace("?", mark)
+
+        totals = (
+            f"last_at = {greatest}(last_at, ?), count = count + ?, duration_min_us = {least}(duration_min_us, ?), "
+            f"duration_sum_us = duration_sum_us + ?, duration_max_us = {greatest}(duration_max_us, ?)"
+        )
+        identity = (
+            f"outcome = ? AND http_status {same} ? AND etag {same} ? AND last_modified {same} ? AND error {same} ?"
+        )
+        self.extend = p(
+            f"UPDATE poll_runs SET {totals} WHERE id = (SELECT run_id FROM object_state WHERE watch_id = ? "
+            f"AND key = ?) AND {identity} RETURNING id"
+        )
+        self.insert = p(
+            "INSERT INTO poll_runs (watch_id, key, outcome, http_status, etag, last_modified, error, first_at, "
+            "last_at, count, duration_min_us, duration_sum_us, duration_max_us) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id"
+        )
+        self.open = p("UPDATE object_state SET run_id = ? WHERE watch_id = ? AND key = ?")
+        self.sample = p("INSERT INTO poll_samples (run_id, polled_at, duration_us) VALUES (?, ?, ?)")
+        self.extend_staged = (
+            "UPDATE poll_runs r SET last_at = greatest(r.last_at, s.last_at), count = r.count + s.count, "
+            "duration_min_us = least(r.duration_min_us, s.dmin), duration_sum_us = r.duration_sum_us + s.dsum, "
+            f"duration_max_us = greatest(r.duration_max_us, s.dmax) FROM {_RUN_STAGE} s "
+            "JOIN object_state o ON o.watch_id = s.watch_id AND o.key = s.state_key "
+            "WHERE r.id = o.run_id AND r.outcome = s.outcome AND r.http_status IS NOT DISTINCT FROM s.http_status "
+            "AND r.etag IS NOT DISTINCT FROM s.etag AND r.last_modified IS NOT DISTINCT FROM s.last_modified "
+            "AND r.error IS NOT DISTINCT FROM s.error RETURNING s.n, r.id"
+        )

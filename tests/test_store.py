@@ -145,9 +145,27 @@ def test_sync_retarget_drops_old_state(store: Store):
 
 def test_prune(store: Store):
     watch = store.sync_watches(specs("a"), NOW).watches["a"]
-    store.record([result(watch, "unchanged", None, when=NOW - timedelta(days=d)) for d in range(10)])
-    assert store.prune_polls(NOW - timedelta(days=4, hours=12)) == 5
-    assert len(store.history(limit=None)) == 5
+    # A new ETag each day: ten runs, one a day, each with its sample.
+    for d in range(9, -1, -1):
+        store.record([result(watch, etag=f'"e{d}"', when=NOW - timedelta(days=d))])
+    pruned = store.prune_polls(NOW - timedelta(days=4, hours=12), NOW - timedelta(days=1, hours=12))
+    assert (pruned.runs, pruned.samples, pruned.for_size) == (5, 8, 0)
+    assert [r["etag"] for r in store.history(limit=None)] == [f'"e{d}"' for d in range(5)]
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM poll_samples")).scalar() == 2
+
+
+def test_prune_by_size_removes_the_oldest_runs_first(store: Store):
+    watch = store.sync_watches(specs("a"), NOW).watches["a"]
+    store.record([result(watch, etag=f'"e{n}"', when=NOW - timedelta(minutes=3000 - n)) for n in range(3000)])
+    used = store.used_bytes()
+    pruned = store.prune_polls(NOW - timedelta(days=30), NOW - timedelta(days=30), max_bytes=used // 2)
+    assert 0 < pruned.for_size == pruned.runs < 3000
+    left = store.history(limit=None)
+    # What is left is the newest runs, without a gap.
+    assert [r["etag"] for r in left] == [f'"e{n}"' for n in range(2999, 2999 - len(left), -1)]
+    if store.engine.dialect.name == "sqlite":  # PostgreSQL's estimate settles over passes
+        assert store.used_bytes() <= used // 2
 
 
 @pytest.mark.parametrize(
@@ -214,13 +232,16 @@ def _insert_big_ids(store: Store, watch: Watch, big: int) -> None:
     """Move every id past 2**31: sequences on PostgreSQL, a high rowid on SQLite."""
     with store.engine.begin() as conn:
         if conn.dialect.name == "postgresql":
-            for table in ("polls", "etag_history", "notifications"):
+            for table in ("poll_runs", "etag_history", "notifications"):
                 conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), {big})"))
             return
         when = "2026-01-01T00:00:00.000000+00:00"
         conn.execute(
-            text("INSERT INTO polls (id, watch_id, key, polled_at, outcome) VALUES (:id, :w, 'k', :t, 'unchanged')"),
-            {"id": big, "w": watch.id, "t": when},
+            text(
+                "INSERT INTO poll_runs (id, watch_id, outcome, first_at, last_at, count, duration_min_us,"
+                " duration_sum_us, duration_max_us) VALUES (:id, :w, 0, 1, 1, 1, 1, 1, 1)"
+            ),
+            {"id": big, "w": watch.id},
         )
         conn.execute(
             text("INSERT INTO etag_history (id, watch_id, key, detected_at, event) VALUES (:id, :w, 'k', :t, 'x')"),
@@ -245,7 +266,7 @@ def test_ids_and_sizes_are_64_bit(store: Store):
     (change,) = [c for c in store.history(changes=True) if c["event"] == "first_seen"]
     assert change["size"] == size
     with store.engine.connect() as conn:
-        assert conn.execute(text("SELECT max(id) FROM polls")).scalar() == big + 1
+        assert conn.execute(text("SELECT max(id) FROM poll_runs")).scalar() == big + 1
         assert conn.execute(text("SELECT max(id) FROM etag_history")).scalar() == big + 1
         assert conn.execute(text("SELECT max(history_id) FROM notifications")).scalar() == big + 1
     (due,) = store.due_notifications(NOW)
@@ -254,7 +275,8 @@ def test_ids_and_sizes_are_64_bit(store: Store):
 
 def test_times_are_timestamps_on_postgresql(store: Store):
     watch = store.sync_watches(specs("a"), NOW).watches["a"]
-    store.record([result(watch, when=NOW + timedelta(hours=h)) for h in (0, 1, 2)])
+    for h in (0, 1, 2):
+        store.record([result(watch, etag=f'"e{h}"', when=NOW + timedelta(hours=h))])
     with store.engine.connect() as conn:
         if conn.dialect.name == "postgresql":
             kinds = dict(
@@ -262,6 +284,7 @@ def test_times_are_timestamps_on_postgresql(store: Store):
                     text(
                         "SELECT table_name || '.' || column_name, data_type FROM information_schema.columns"
                         " WHERE column_name IN ('polled_at', 'detected_at', 'learned_at', 'created_at')"
+                        " AND table_name <> 'poll_samples'"  # epoch ms; poll_samples_view has the timestamptz"
                     )
                 ).all()
             )
@@ -318,6 +341,7 @@ def test_migration_0005_converts_existing_rows(db_url: str):
     migrate(engine)
     store = Store(engine)
     try:
+        assert store.convert_legacy_polls() == 5 and not store.has_legacy_polls()
         when = datetime(2026, 11, 24, 11, 30, 0, 250000, tzinfo=UTC)
         assert store.load_states()[1].etag == '"abc-2"' and store.load_states()[1].last_modified == when
         (change,) = store.history(changes=True)
@@ -331,7 +355,7 @@ def test_migration_0005_converts_existing_rows(db_url: str):
         watch = store.sync_watches([WatchSpec("a", "b", "k", 60.0, None)], NOW).watches["a"]
         store.record([result(watch, when=when + timedelta(minutes=1))])
         with engine.connect() as conn:
-            assert conn.execute(text("SELECT max(id) FROM polls")).scalar() == 6
+            assert conn.execute(text("SELECT max(id) FROM poll_runs")).scalar() == 6
             diff = compare_metadata(MigrationContext.configure(conn), metadata)
         assert diff == []
     finally:
@@ -573,4 +597,4 @@ def test_batched_state_upserts_apply_as_row_by_row(store: Store):
         "w13": ("ünï 'q'", None, t2, "error", 1, "boom", 0),
     }
     if store.engine.dialect.name == "postgresql":
-        assert staged == {"poller_stage_ok", "poller_stage_error"}  # the staged path did run
+        assert staged == {"poller_stage_ok", "poller_stage_error", "poller_stage_runs"}  # the staged paths ran
