@@ -203,6 +203,7 @@ def main() -> int:
         restart_at=args.seconds * 2 / 3,
         settle=60.0,
         metrics=True,
+        progress=True,
     )
     # rclone without --auth-key takes any signature; the daemons still sign with these.
     env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_DEFAULT_REGION": "us-east-1"}
