@@ -185,6 +185,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=90.0, help="length of the change phase")
     parser.add_argument("--rate", type=float, default=20.0, help="changes per second over all keys")
     parser.add_argument("--concurrency", type=int, default=32, help="[schedule] concurrency of each daemon")
+    parser.add_argument("--json-key", default="cluster", help="the key of the figures in the last line's JSON")
     args = parser.parse_args()
     bindir = find_bindir()
     if bindir is None:
@@ -244,7 +245,7 @@ def main() -> int:
     print_rate_table(rate)
     print("  problems: " + ("; ".join(report.problems) if report.problems else "none"))
     print(f"  wall time: {time.monotonic() - started:.0f}s")
-    print(json.dumps({"cluster": {**figures, "rate": rate}, "problems": report.problems}))
+    print(json.dumps({args.json_key: {**figures, "rate": rate, "problems": report.problems}}))
     return 1 if report.problems else 0
 
 
