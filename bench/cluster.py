@@ -56,6 +56,55 @@ def rclone_seed(root: Path, s3: Any) -> clusterrun.Seed:
     return seed
 
 
+def _ticks(path: str) -> float:
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_probe(rclone_pid: int, pg_data: Path) -> clusterrun.CpuProbe:
+    """CPU seconds so far: each daemon, PostgreSQL (the postmaster and its backends), rclone, this
+    harness (its webhook receiver included), and the machine's busy and stolen time."""
+    postmaster = int((pg_data / "postmaster.pid").read_text().split()[0])
+
+    def probe(daemons: list[int]) -> dict[str, float]:
+        out = {f"daemon {pid}": _ticks(f"/proc/{pid}/stat") for pid in daemons}
+        pg = 0.0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+                ppid = int(text.rsplit(")", 1)[1].split()[1])
+                if ppid == postmaster or int(stat.parent.name) == postmaster:
+                    pg += _ticks(str(stat))
+            except (OSError, ValueError, IndexError):
+                continue  # a backend that just went
+        out["postgres"] = pg
+        out["rclone"] = _ticks(f"/proc/{rclone_pid}/stat")
+        out["harness"] = _ticks(f"/proc/{os.getpid()}/stat")
+        cpu_line = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        ticks = [int(v) for v in cpu_line]
+        hz = os.sysconf("SC_CLK_TCK")
+        # user nice system idle iowait irq softirq steal ...
+        out["machine busy"] = (sum(ticks[:8]) - ticks[3] - ticks[4] - ticks[7]) / hz
+        out["machine steal"] = ticks[7] / hz
+        return out
+
+    return probe
+
+
+def cpu_figures(windows: list[tuple[clusterrun.Sample, clusterrun.Sample]]) -> list[dict[str, Any]]:
+    """Cores used in each steady window, by process; "others" is what the machine did besides."""
+    out = []
+    for a, b in windows:
+        seconds = b.at - a.at
+        if seconds <= 0:
+            continue
+        used = {k: round((b.cpu[k] - a.cpu[k]) / seconds, 2) for k in b.cpu if k in a.cpu}
+        ours = sum(v for k, v in used.items() if not k.startswith("machine"))
+        used["others"] = round(used.get("machine busy", 0.0) - ours, 2)
+        out.append(used)
+    return out
+
+
 def _delta(before: dict[str, float], after: dict[str, float], prefix: str) -> float:
     return sum(v - before.get(k, 0.0) for k, v in after.items() if k.startswith(prefix))
 
@@ -227,6 +276,7 @@ def main() -> int:
                 env,
                 seed=rclone_seed(workdir / "rclone", s3),
                 scrape=_scrape,
+                cpu=cpu_probe(server.procs[0].pid, pg.data),
             )
         finally:
             pg.stop()
@@ -234,6 +284,7 @@ def main() -> int:
     figures = report.figures
     figures.update(startup_figures(report.windows))
     rate = rate_figures(plan, report.windows)
+    rate["cores_used"] = cpu_figures(report.windows)
     print(
         f"{plan.daemons} daemons, {plan.watches:,} watches every {plan.interval:g}s "
         f"({plan.watches / plan.interval:,.1f} polls/s demanded), {plan.shards} shards, "
@@ -243,6 +294,8 @@ def main() -> int:
         print(f"  {key:<40}{value}")
     print("  steady windows: A = before the kill, B = after the restart's rebalance")
     print_rate_table(rate)
+    for name, used in zip("AB", rate["cores_used"], strict=False):
+        print(f"  cores used in window {name}: " + ", ".join(f"{k} {v}" for k, v in used.items()))
     print("  problems: " + ("; ".join(report.problems) if report.problems else "none"))
     print(f"  wall time: {time.monotonic() - started:.0f}s")
     print(json.dumps({args.json_key: {**figures, "rate": rate, "problems": report.problems}}))

@@ -185,6 +185,7 @@ class Sample:
     at: float  # time.monotonic()
     metrics: dict[int, dict[str, float]]  # by pid
     shards: dict[int, list[int]]  # by pid
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds so far, by process (run's ``cpu``)
 
 
 @dataclass
@@ -198,6 +199,8 @@ class Report:
 # Given {key: body}, creates the objects and returns {key: ETag}; the default PUTs them one by one.
 Seed = Callable[[dict[str, bytes]], dict[str, str]]
 Scrape = Callable[[int], dict[str, float]]
+# Given the live daemons' pids, CPU seconds used so far by each process of interest (and the machine).
+CpuProbe = Callable[[list[int]], dict[str, float]]
 
 
 def _free_port() -> int:
@@ -217,6 +220,7 @@ def run(
     *,
     seed: Seed | None = None,
     scrape: Scrape | None = None,
+    cpu: CpuProbe | None = None,
 ) -> Report:
     """Run the whole scenario; the report's problems are empty when every guarantee held.
 
@@ -279,7 +283,8 @@ def run(
         for d in daemons:
             if scrape is not None and d.metrics_port is not None and d.proc.poll() is None:
                 metrics[d.proc.pid] = scrape(d.metrics_port)
-        return Sample(at, metrics, {pid: holders.get(pid, []) for pid in metrics})
+        used = cpu([d.proc.pid for d in daemons if d.proc.poll() is None]) if cpu is not None else {}
+        return Sample(at, metrics, {pid: holders.get(pid, []) for pid in metrics}, used)
 
     measuring = plan.metrics and scrape is not None
     begun = time.monotonic()
