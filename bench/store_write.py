@@ -55,7 +55,7 @@ def measure(
 ) -> dict[str, float]:
     store = Store(open_engine(url))
     if not copy:
-        store._copy_polls = False  # the pipelined executemany path, for comparison
+        store._copy = False  # the pipelined executemany path, for comparison
     if not stage:
         store._stage_states = False  # object_state upserts row by row (pipelined executemany)
     try:

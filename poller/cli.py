@@ -306,7 +306,10 @@ STATUS_COLUMNS = (
     "consecutive_errors",
     "last_error",
 )
-POLL_COLUMNS = ("time", "watch", "key", "outcome", "http_status", "etag", "last_modified", "duration_ms", "error")
+# A row of `history` is a run of identical polls: "time" is the latest, "first" the earliest.
+POLL_COLUMNS = (
+    "time", "first", "count", "watch", "key", "outcome", "http_status", "etag", "last_modified", "duration_ms", "error"
+)  # fmt: skip
 CHANGE_COLUMNS = ("time", "watch", "key", "event", "etag", "previous_etag", "last_modified", "version_id", "size")
 
 
@@ -448,12 +451,55 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     store = _open_store(settings, readonly=False)
     try:
         migrate(store.engine)
+        if store.has_legacy_polls():
+            # Poll rows of a release before the run-length log: fold them in now, with progress.
+            def progress(done: int, total: int) -> None:
+                print(f"\rconverting old poll rows into runs: {done:,} of {total:,}", end="", file=sys.stderr)
+
+            converted = store.convert_legacy_polls(progress)
+            print(f"\nconverted {converted:,} poll rows into runs", file=sys.stderr)
     finally:
         store.close()
     from poller.redact import redact
 
     print(f"database {redact(settings.database.url)} is up to date")
     return EXIT_OK
+
+
+def cmd_db_stats(args: argparse.Namespace) -> int:
+    """Rows and bytes per table, and the size the database heads for at the last day's rate."""
+    _, settings = _settings(args)
+    store = _open_store(settings, readonly=True)
+    try:
+        stats = store.stats(datetime.now(UTC))
+    finally:
+        store.close()
+    tables = stats["tables"]
+    if args.format != "table":
+        _emit(tables, ("table", "rows", "bytes"), args.format)
+        return EXIT_OK
+    _emit([{**t, "bytes": _size(t["bytes"])} for t in tables], ("table", "rows", "bytes"), "table")
+    print(f"\ndatabase: {_size(stats['total_bytes'])} on disk, {_size(stats['used_bytes'])} in use")
+    print(f"last 24 h: {stats['runs_last_day']:,} poll runs, {stats['changes_last_day']:,} changes")
+    by_name = {t["table"]: t for t in tables}
+    retention_days = settings.database.poll_retention / 86400
+    for table, count, what in (
+        ("poll_runs", stats["runs_last_day"] * retention_days, f"at poll_retention ({retention_days:g} days)"),
+        ("etag_history", stats["changes_last_day"] * 365, "after a year (kept forever)"),
+    ):
+        row = by_name[table]
+        if row["rows"]:
+            per_row = row["bytes"] / row["rows"]
+            print(f"projected {table}: {_size(int(count * per_row))} {what}, at {per_row:.0f} bytes per row")
+    return EXIT_OK
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return f"{n} B"
 
 
 # --- parser ---------------------------------------------------------------------------
@@ -527,6 +573,13 @@ def build_parser() -> argparse.ArgumentParser:
         description=(cmd_db_upgrade.__doc__ or "").strip(),
     )
     up.set_defaults(func=cmd_db_upgrade)
+    stats = db_sub.add_parser(
+        "stats",
+        parents=[common, fmt],
+        help=(cmd_db_stats.__doc__ or "").strip(),
+        description=(cmd_db_stats.__doc__ or "").strip(),
+    )
+    stats.set_defaults(func=cmd_db_stats)
     return parser
 
 

@@ -108,6 +108,10 @@ class Superseded(Exception):
     """A change not recorded: the stored state moved on from the one its poll conditioned on."""
 
 
+class _StaleRuns(Exception):
+    """The cache of open runs disagrees with the database: the batch is redone without it."""
+
+
 class Fence(Protocol):
     """What a daemon sharing the database with others holds (poller.cluster.Membership)."""
 
@@ -298,6 +302,10 @@ class Store:
         # INSERT ... SELECT ... ON CONFLICT with the same guard, instead of one statement per row.
         self._stage_states = self._copy
         self._run_sql = _RunStatements(engine.dialect.name)
+        # Each watch's open run id, as committed. Only where this process is the one writer (SQLite's
+        # lock file sees to it): with several daemons another may open a run, so the database is asked.
+        self._cache_runs = engine.dialect.name == "sqlite"
+        self._open_runs: dict[int, tuple[int, Identity]] = {}
         # Every poll's exact time and duration go to poll_samples too (database.sample_retention > 0).
         self.keep_samples = True
         self._staged = (self._staged_upsert(error=False), self._staged_upsert(error=True))
@@ -375,6 +383,7 @@ class Store:
                         .values(key=row.key)
                     )
                     retargeted.add(row.id)
+                    self._open_runs.pop(row.id, None)
             ids = {row.name: row.id for row in conn.execute(select(watches.c.id, watches.c.name))}
         result = {name: s.as_watch(ids[name]) for name, s in wanted.items()}
         return SyncResult(result, frozenset(retargeted))
@@ -442,6 +451,14 @@ class Store:
         holds the watch's shard: nothing of it was written) or ``Superseded`` (the stored state is
         not the one the poll conditioned on: its poll row was written, its change was not).
         """
+        try:
+            return self._record(results, route)
+        except _StaleRuns as exc:
+            log.warning("recording polls: %s; asking the database instead", exc)
+            self._open_runs.clear()
+            return self._record(results, route)
+
+    def _record(self, results: Sequence[PollResult], route: Route | None) -> dict[int, Exception]:
         if not results:
             return {}
         run_polls: list[tuple[int, Poll]] = []
@@ -511,6 +528,7 @@ class Store:
                 conditioned = (previous.etag, previous.present) if previous else (None, None)
                 changed.append((i, row, conditioned, history, r.watch.name))
         created: list[str] = []  # staging tables this transaction created (_write_states)
+        learned: list[tuple[int, int, Identity]] = []  # (watch id, run id, identity) of open runs
         with self._tx() as conn:
             failed: dict[int, Exception] = self._fenced(conn, results) if self.fence is not None else {}
             outbox: list[dict[str, Any]] = []
@@ -558,10 +576,14 @@ class Store:
                 self._write_states(conn, rows, created, error=True)
             # After the states: a key's open run is found through its object_state row.
             # A superseded change's poll still happened and is counted; a fenced one is not ours.
-            self._write_runs(conn, [poll for i, poll in run_polls if not isinstance(failed.get(i), Fenced)], created)
+            recorded = [poll for i, poll in run_polls if not isinstance(failed.get(i), Fenced)]
+            self._write_runs(conn, recorded, created, learned)
             info = conn.info
         if created:
             info.setdefault(_STAGE_INFO, set()).update(created)
+        if learned and self._cache_runs:
+            # Committed: the next polls of these watches extend their open runs by id.
+            self._open_runs.update((watch_id, (run_id, identity)) for watch_id, run_id, identity in learned)
         return failed
 
     def _write_states(self, conn: Connection, rows: list[dict[str, Any]], created: list[str], *, error: bool) -> None:
@@ -590,8 +612,14 @@ class Store:
         _copy_rows(conn, stage, rows)
         conn.execute(upsert)
 
-    def _write_runs(self, conn: Connection, polls: list[Poll], created: list[str]) -> None:
-        """Extend each key's open run, or open a new one, and write the samples (poller.runs)."""
+    def _write_runs(
+        self, conn: Connection, polls: list[Poll], created: list[str], learned: list[tuple[int, int, Identity]]
+    ) -> None:
+        """Extend each key's open run, or open a new one, and write the samples (poller.runs).
+
+        ``learned`` receives (watch id, run id, identity) of the runs open after this batch, for
+        the cache of open runs once the transaction has committed.
+        """
         if not polls:
             return
         folded = segments(polls)
@@ -603,13 +631,7 @@ class Store:
                 if self._copy and len(folded) >= STAGE_MIN_ROWS:
                     run_ids = self._extend_staged(conn, cursor, folded, created)
                 else:
-                    run_ids = {}
-                    for n, seg in enumerate(folded):
-                        if seg.may_extend:
-                            cursor.execute(sql.extend, (*_run_totals(seg), seg.watch_id, seg.state_key, *seg.identity))
-                            row = cursor.fetchone()
-                            if row is not None:
-                                run_ids[n] = row[0]
+                    run_ids = self._extend_rows(cursor, folded, learned)
                 opened: list[tuple[int, int, str]] = []
                 samples: list[tuple[int, int, int]] = []
                 for n, seg in enumerate(folded):
@@ -621,6 +643,8 @@ class Store:
                         run_id = cursor.fetchone()[0]
                         if seg.opens:
                             opened.append((run_id, seg.watch_id, seg.state_key))
+                            if seg.run_key is None:
+                                learned.append((seg.watch_id, run_id, seg.identity))
                     if self.keep_samples:
                         samples += [(run_id, at, duration) for at, duration in seg.samples]
                 if opened:
@@ -635,6 +659,38 @@ class Store:
                 cursor.close()
         except dbapi.Error as exc:
             raise DBAPIError.instance("poll_runs", None, exc, dbapi.Error, dialect=conn.dialect) from exc
+
+    def _extend_rows(
+        self, cursor: Any, folded: list[Segment], learned: list[tuple[int, int, Identity]]
+    ) -> dict[int, int]:
+        """Extend open runs: by cached id in one executemany where this process is the only writer,
+        else (and for a watch not cached yet) row by row through object_state.run_id."""
+        sql = self._run_sql
+        run_ids: dict[int, int] = {}
+        known: list[tuple[Any, ...]] = []
+        cached = self._open_runs
+        for n, seg in enumerate(folded):
+            if not seg.may_extend:
+                continue
+            open_run = cached.get(seg.watch_id) if self._cache_runs and seg.run_key is None else None
+            if open_run is not None:
+                if open_run[1] == seg.identity:
+                    run_ids[n] = open_run[0]
+                    known.append((*_run_totals(seg), open_run[0], seg.watch_id, *seg.identity))
+                continue  # a different identity: the cache knows the open run cannot be extended
+            cursor.execute(sql.extend, (*_run_totals(seg), seg.watch_id, seg.state_key, *seg.identity))
+            row = cursor.fetchone()
+            if row is not None:
+                run_ids[n] = row[0]
+                if seg.opens and seg.run_key is None:
+                    learned.append((seg.watch_id, row[0], seg.identity))
+        if known:
+            cursor.executemany(sql.extend_known, known)
+            if cursor.rowcount != len(known):
+                # The cache disagrees with the database (say, an open run pruned): redo the batch
+                # without it (record() rolls back and retries once).
+                raise _StaleRuns(f"{len(known) - cursor.rowcount} cached open runs no longer match")
+        return run_ids
 
     def _extend_staged(
         self, conn: Connection, cursor: Any, folded: list[Segment], created: list[str]
@@ -812,6 +868,55 @@ class Store:
             done.for_size = self._prune_for_size(max_bytes)
             done.runs += done.for_size
         return done
+
+    def stats(self, now: datetime) -> dict[str, Any]:
+        """Rows and bytes per table, and what the last 24 hours added (for `poller db stats`)."""
+        tables = [t.name for t in (watches, object_state, poll_runs, poll_samples, etag_history, notifications)]
+        with self._read() as conn:
+            if self.has_legacy_polls():
+                tables.append(polls_legacy.name)
+            rows = {t: int(conn.exec_driver_sql(f"SELECT count(*) FROM {t}").scalar() or 0) for t in tables}
+            if self.engine.dialect.name == "sqlite":
+                # dbstat reads every page once: seconds on a large file, fine for a maintenance command.
+                sizes: dict[str, int] = {}
+                for name, size in conn.exec_driver_sql(
+                    "SELECT m.tbl_name, sum(d.pgsize) FROM dbstat d JOIN sqlite_master m ON m.name = d.name "
+                    "GROUP BY m.tbl_name"
+                ):
+                    sizes[name] = int(size)
+                total = sum(sizes.values())
+            else:
+                sizes = {
+                    t: int(conn.exec_driver_sql(f"SELECT pg_total_relation_size('{t}')").scalar() or 0) for t in tables
+                }
+                total = int(conn.exec_driver_sql("SELECT pg_database_size(current_database())").scalar() or 0)
+            day_ms = to_ms(now - timedelta(days=1))
+            runs_day = self._rows_since(conn, poll_runs, poll_runs.c.first_at, day_ms)
+            changes_day = self._rows_since(conn, etag_history, etag_history.c.detected_at, now - timedelta(days=1))
+        return {
+            "tables": [{"table": t, "rows": rows[t], "bytes": sizes.get(t, 0)} for t in tables],
+            "total_bytes": total,
+            "used_bytes": self.used_bytes(),
+            "runs_last_day": runs_day,
+            "changes_last_day": changes_day,
+        }
+
+    @staticmethod
+    def _rows_since(conn: Connection, table: Table, column: Any, since: Any) -> int:
+        """Rows added since ``since``: ids grow with time, so binary-search the first id (log n lookups)."""
+        lo, hi = conn.execute(select(func.min(table.c.id), func.max(table.c.id))).one()
+        if lo is None:
+            return 0
+        last = hi
+        while lo < hi:
+            mid = (lo + hi) // 2
+            # The first row at or after mid (ids may have gaps).
+            row = conn.execute(select(table.c.id, column).where(table.c.id >= mid).order_by(table.c.id).limit(1)).one()
+            if row[1] >= since:
+                hi = mid
+            else:
+                lo = row[0] + 1
+        return int(last - lo + 1) if lo <= last else 0
 
     def has_legacy_polls(self) -> bool:
         """Whether per-poll rows from before revision 0007 are still waiting to become runs."""
@@ -1561,6 +1666,9 @@ class _RunStatements:
         self.extend = p(
             f"UPDATE poll_runs SET {totals} WHERE id = (SELECT run_id FROM object_state WHERE watch_id = ? "
             f"AND key = ?) AND {identity} RETURNING id"
+        )
+        self.extend_known = p(
+            f"UPDATE poll_runs SET {totals} WHERE id = ? AND watch_id = ? AND key IS NULL AND {identity}"
         )
         self.insert = p(
             "INSERT INTO poll_runs (watch_id, key, outcome, http_status, etag, last_modified, error, first_at, "

@@ -116,7 +116,11 @@ def poll_count(db: Path, watch: str) -> int:
         return 0
     try:
         return int(
-            query(db, "SELECT count(*) FROM polls p JOIN watches w ON w.id = p.watch_id WHERE w.name = ?", watch)[0][0]
+            query(
+                db,
+                "SELECT COALESCE(sum(p.count), 0) FROM polls p JOIN watches w ON w.id = p.watch_id WHERE w.name = ?",
+                watch,
+            )[0][0]
         )
     except sqlite3.OperationalError:
         return 0

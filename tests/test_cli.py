@@ -95,7 +95,14 @@ def test_history_formats_and_filters(config: ConfigFile, s3, bucket):
     assert run_cli("once", "--config", str(config.path)).returncode == 0
     args = ["--config", str(config.path)]
     table = run_cli("history", *args)
-    assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:4] == ["time", "watch", "key", "outcome"]
+    assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:6] == [
+        "time",
+        "first",
+        "count",
+        "watch",
+        "key",
+        "outcome",
+    ]
     as_json = json.loads(run_cli("history", "app-config", "--format", "json", *args).stdout)
     assert [r["watch"] for r in as_json] == ["app-config"]
     assert as_json[0]["time"].endswith("Z") and as_json[0]["outcome"] == "modified"
@@ -118,7 +125,10 @@ def test_db_upgrade(config: ConfigFile):
     config.write([])
     proc = run_cli("db", "upgrade", "--config", str(config.path))
     assert proc.returncode == 0, proc.stderr
-    tables = {r[0] for r in sqlite3.connect(config.db).execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    tables = {
+        r[0]
+        for r in sqlite3.connect(config.db).execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")
+    }
     assert {"watches", "object_state", "polls", "etag_history", "alembic_version"} <= tables
 
 

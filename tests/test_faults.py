@@ -48,7 +48,8 @@ def outcomes(db: Path, watch: str) -> list[str]:
             r[0]
             for r in query(
                 db,
-                "SELECT p.outcome FROM polls p JOIN watches w ON w.id = p.watch_id WHERE w.name = ? ORDER BY p.id",
+                "SELECT p.outcome FROM poll_samples_view p JOIN watches w ON w.id = p.watch_id "
+                "WHERE w.name = ? ORDER BY p.id",
                 watch,
             )
         ]
@@ -61,7 +62,7 @@ def errors_of(db: Path, watch: str) -> list[str]:
         r[0]
         for r in query(
             db,
-            "SELECT p.error FROM polls p JOIN watches w ON w.id = p.watch_id "
+            "SELECT p.error FROM poll_samples_view p JOIN watches w ON w.id = p.watch_id "
             "WHERE w.name = ? AND p.outcome = 'error' ORDER BY p.id",
             watch,
         )
@@ -255,9 +256,9 @@ def test_kill_9_during_heavy_polling(config, s3, bucket, start_daemon):
     for attempt in range(20):
         daemon = start_daemon(config)
         daemon.notify.wait("READY=1")
-        floor = len(query(config.db, "SELECT id FROM polls")) if attempt else 0
+        floor = len(query(config.db, "SELECT id FROM poll_samples")) if attempt else 0
         wait_for(
-            lambda floor=floor: len(query(config.db, "SELECT id FROM polls")) > floor + rng.randint(5, 150),
+            lambda floor=floor: len(query(config.db, "SELECT id FROM poll_samples")) > floor + rng.randint(5, 150),
             what="heavy polling",
         )
         daemon.proc.send_signal(signal.SIGKILL)
@@ -267,8 +268,9 @@ def test_kill_9_during_heavy_polling(config, s3, bucket, start_daemon):
         # No half-written result: every history event has its poll row, in the same transaction.
         orphans = query(
             config.db,
-            "SELECT count(*) FROM etag_history h WHERE NOT EXISTS (SELECT 1 FROM polls p "
-            "WHERE p.watch_id = h.watch_id AND p.polled_at = h.detected_at)",
+            # (samples keep milliseconds: compare the times to the millisecond)
+            "SELECT count(*) FROM etag_history h WHERE NOT EXISTS (SELECT 1 FROM poll_samples_view p "
+            "WHERE p.watch_id = h.watch_id AND substr(p.polled_at, 1, 23) = substr(h.detected_at, 1, 23))",
         )
         assert orphans == [(0,)]
         # The object state agrees with the newest history event of each watch.

@@ -44,5 +44,7 @@ def test_wheel_ships_migrations_and_they_run(tmp_path: Path):
         timeout=60,
     )
     assert run.returncode == 0, run.stderr
-    tables = {r[0] for r in sqlite3.connect(db).execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    tables = {
+        r[0] for r in sqlite3.connect(db).execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")
+    }
     assert {"watches", "object_state", "polls", "etag_history"} <= tables

@@ -153,7 +153,13 @@ def test_recipe_results_say_what_their_titles_say(databases: dict[str, str]):
     assert [(r[0], r[1]) for r in failing] == [("flaky", 2)]
     rates = [
         plain(r)
-        for r in run("postgresql", databases["postgresql"], by_title["Error rate per watch over the retained polls"][0])
+        for r in run(
+            "postgresql",
+            databases["postgresql"],
+            by_title["Error rate per watch over the retained polls (a polls row is a run of `count` identical polls)"][
+                0
+            ],
+        )
     ]
     assert rates[0] == ("flaky", 3, 2, 66.7)
     latest = run("sqlite", databases["sqlite"], by_title["Latest change per key"][0])

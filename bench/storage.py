@@ -1,0 +1,397 @@
+"""Storage over a year's scale: the run-length poll log next to the per-poll table it replaced.
+
+`python -m bench.storage [--watches 100000] [--history-watches 5000] [--days 30]` (SQLite):
+
+1. **Writer**: the same workload (each watch keeps its ETag; 1% of polls find a change, 0.1% an
+   error) recorded by `Store.record` of this tree and of the last per-poll release (commit
+   ``01ef6c6``, checked out into a temporary directory), each in its own process: CPU per poll.
+2. **Size**: a database built synthetically for ``--watches`` watches polled every 60 s for
+   ``--days`` days: every watch's state and open run, and the full history of runs and changes of
+   ``--history-watches`` of them, scaled up linearly to all watches; the per-poll table's bytes per
+   row are measured on 1,000,000 rows of it and scaled to the same number of polls.
+3. **Queries** on that database, through the real CLI (a new process each, as an operator runs
+   them): `poller status`, `poller history --since 1h`, `poller history WATCH --limit 0` (30 days).
+4. **Pruning**: one pass that removes the oldest day; the longest write transaction it held.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+OLD_RELEASE = "01ef6c6"
+ROOT = Path(__file__).resolve().parent.parent
+INTERVAL_MS = 60_000
+CHANGE_RATE = 0.01
+ERROR_RATE = 0.001
+
+# --- 1. writer cost, this tree vs the per-poll release --------------------------------------
+
+WRITER = r"""
+import json, sys, time
+from datetime import UTC, datetime, timedelta
+from poller.model import ObjectState, PollResult
+from poller.store import Store, migrate, open_engine
+from poller.watchlist import WatchSpec
+url, watches_n, batches_n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+store = Store(open_engine(url)); migrate(store.engine)
+specs = [WatchSpec(f"w{i}", "bench", f"keys/{i}", 60.0, None) for i in range(watches_n)]
+watches = list(store.sync_watches(specs, datetime.now(UTC)).watches.values())
+start = datetime(2026, 11, 26, tzinfo=UTC)
+etags = {}
+work, n = [], 0
+for b in range(batches_n):
+    batch = []
+    for i in range(size):
+        w = watches[n % watches_n]
+        when = start + timedelta(milliseconds=n)
+        old = etags.get(w.id)
+        prev = None if old is None else ObjectState(old, start, start, None, 1024, True)
+        if old is None or n % 100 == 50:
+            etags[w.id] = f'"{n:032x}"'
+            state = ObjectState(etags[w.id], when, when, None, 1024, True)
+            event = "first_seen" if old is None else "modified"
+            batch.append(PollResult(w, when, "modified", 200, 3.2, prev, state, event, None))
+        elif n % 1000 == 7:
+            batch.append(PollResult(w, when, "error", 503, 9.1, prev, None, None, "HTTP 503 SlowDown"))
+        else:
+            batch.append(PollResult(w, when, "unchanged", 304, 1.7, prev, prev, None, None))
+        n += 1
+    work.append(batch)
+warm = max(1, watches_n // size + 1)  # every watch polled once (its first sighting) before timing
+for batch in work[:warm]:
+    store.record(batch)
+wall, cpu = time.perf_counter(), time.process_time()
+for batch in work[warm:]:
+    store.record(batch)
+wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+rows = (batches_n - warm) * size
+print(json.dumps({"polls": rows, "polls_per_s": rows / wall, "cpu_us_per_poll": cpu * 1e6 / rows}))
+"""
+
+
+def writer_cost(source: Path, workdir: Path, watches: int, batches: int, size: int) -> dict[str, float]:
+    url = f"sqlite:///{workdir / f'writer-{source.name}.db'}"
+    env = {**os.environ, "PYTHONPATH": str(source)}
+    out = subprocess.run(
+        [sys.executable, "-c", WRITER, url, str(watches), str(batches), str(size)],
+        env=env, capture_output=True, text=True, check=True, cwd=workdir,
+    )  # fmt: skip
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def old_release(workdir: Path) -> Path:
+    """The per-poll release's package and migrations, checked out beside the benchmark."""
+    target = workdir / "per-poll"
+    target.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", OLD_RELEASE, "poller", "migrations"], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target
+
+
+# --- 2. a synthetic database --------------------------------------------------------------
+
+
+def build(db: Path, watches: int, history_watches: int, days: int, now_ms: int, seed: int = 7) -> dict[str, int]:
+    """Write the run log a daemon would have left: states and open runs of every watch, the
+    full history of ``history_watches``. Returns how many runs and changes it wrote."""
+    from poller.store import Store, migrate, open_engine
+    from poller.watchlist import WatchSpec
+
+    store = Store(open_engine(f"sqlite:///{db}"))
+    migrate(store.engine)
+    start = datetime.fromtimestamp(now_ms / 1000 - days * 86400, UTC)
+    store.sync_watches(
+        [WatchSpec(f"w{i:06d}", "bench", f"data/part-{i:06d}.parquet", 60.0, None) for i in range(watches)], start
+    )
+    store.close()
+    rng = random.Random(seed)
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = OFF")  # building, not measuring durability
+    first_ms = now_ms - days * 86_400_000
+    polls_per_watch = days * 86_400_000 // INTERVAL_MS
+    changes_n = 0
+    run_id = 0
+    run_rows: list[tuple[Any, ...]] = []
+    history_rows: list[tuple[Any, ...]] = []
+    state_rows: list[tuple[Any, ...]] = []
+
+    def iso(ms: int) -> str:
+        return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="microseconds")
+
+    def run(*row: Any) -> None:
+        nonlocal run_id
+        run_id += 1
+        run_rows.append((run_id, *row))
+
+    def flush() -> None:
+        conn.executemany(
+            "INSERT INTO poll_runs (id, watch_id, key, outcome, http_status, etag, last_modified, error, first_at, "
+            "last_at, count, duration_min_us, duration_sum_us, duration_max_us) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            run_rows,
+        )
+        conn.executemany(
+            "INSERT INTO etag_history (watch_id, key, detected_at, event, etag, previous_etag, last_modified, "
+            "version_id, size, seq) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            history_rows,
+        )
+        conn.executemany(
+            "INSERT INTO object_state (watch_id, key, etag, last_modified, observed_server_date, version_id, size, "
+            "present, last_polled_at, last_outcome, consecutive_errors, last_error, last_changed_at, seq, run_id) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            state_rows,
+        )
+        conn.commit()
+        run_rows.clear()
+        history_rows.clear()
+        state_rows.clear()
+
+    for w in range(1, watches + 1):
+        key = f"data/part-{w - 1:06d}.parquet"
+        etag = f'"{rng.getrandbits(128):032x}"'
+        seq = 1
+        if w <= history_watches:
+            # Poll numbers at which this watch saw a change or an error, then the runs between them.
+            events = sorted(
+                [(p, "change") for p in rng.sample(range(1, polls_per_watch), int(polls_per_watch * CHANGE_RATE))]
+                + [(p, "error") for p in rng.sample(range(1, polls_per_watch), int(polls_per_watch * ERROR_RATE))]
+            )
+            history_rows.append((w, key, iso(first_ms), "first_seen", etag, None, iso(first_ms), None, 4096, 1))
+            run(w, None, 1, 200, etag, first_ms, None, first_ms, first_ms, 1, 9000, 9000, 9000)
+            previous = 0
+            for p, kind in events:
+                if p - previous > 1:  # the unchanged polls before this event
+                    a, b, n = (
+                        first_ms + (previous + 1) * INTERVAL_MS,
+                        first_ms + (p - 1) * INTERVAL_MS,
+                        p - previous - 1,
+                    )
+                    run(w, None, 0, 304, etag, first_ms, None, a, b, n, 4000, 8000 * n, 30000)
+                at = first_ms + p * INTERVAL_MS
+                if kind == "change":
+                    new = f'"{rng.getrandbits(128):032x}"'
+                    seq += 1
+                    history_rows.append((w, key, iso(at), "modified", new, etag, iso(at), None, 4096, seq))
+                    etag = new
+                    changes_n += 1
+                    run(w, None, 1, 200, etag, at, None, at, at, 1, 9000, 9000, 9000)
+                else:
+                    run(w, None, 3, 503, etag, first_ms, "HTTP 503 SlowDown", at, at, 1, 20000, 20000, 20000)
+                previous = p
+            open_from = first_ms + (previous + 1) * INTERVAL_MS
+        else:
+            open_from = now_ms - rng.randrange(1, 3 * 86_400_000)  # an open run that began lately
+            history_rows.append((w, key, iso(open_from), "first_seen", etag, None, iso(open_from), None, 4096, 1))
+        changes_n += 1  # the first sighting
+        count = max(1, (now_ms - open_from) // INTERVAL_MS)
+        last = now_ms - rng.randrange(INTERVAL_MS)
+        run(w, None, 0, 304, etag, first_ms, None, open_from, last, count, 4000, 8000 * count, 30000)
+        state_rows.append(
+            (w, key, etag, iso(first_ms), iso(last), None, 4096, 1, iso(last), "unchanged", 0, None, None, seq, run_id)
+        )
+        if len(run_rows) >= 50_000 or w == watches:
+            flush()
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return {"runs": run_id, "changes": changes_n}
+
+
+def table_bytes(db: Path) -> dict[str, int]:
+    conn = sqlite3.connect(db)
+    try:
+        rows = conn.execute(
+            "SELECT m.tbl_name, sum(d.pgsize) FROM dbstat d JOIN sqlite_master m ON m.name = d.name GROUP BY m.tbl_name"
+        ).fetchall()
+    finally:
+        conn.close()
+    return {name: int(size) for name, size in rows}
+
+
+def per_poll_bytes(db: Path, rows: int = 1_000_000) -> float:
+    """Bytes per row of the per-poll table (with its two indexes), measured on ``rows`` rows."""
+    conn = sqlite3.connect(db)
+    conn.executescript(
+        "CREATE TABLE polls (id INTEGER PRIMARY KEY, watch_id INTEGER NOT NULL, key TEXT NOT NULL, "
+        "polled_at VARCHAR(32) NOT NULL, outcome VARCHAR(16) NOT NULL, http_status INTEGER, etag TEXT, "
+        "last_modified VARCHAR(32), duration_ms FLOAT, error TEXT);"
+        "CREATE INDEX ix_polls_watch_id_polled_at ON polls (watch_id, polled_at);"
+        "CREATE INDEX ix_polls_polled_at ON polls (polled_at);"
+    )
+    start = datetime(2026, 11, 1, tzinfo=UTC)
+    rng = random.Random(3)
+    etag = f'"{rng.getrandbits(128):032x}"'
+    lm = start.isoformat(timespec="microseconds")
+    batch = []
+    for n in range(rows):
+        when = (start + timedelta(milliseconds=600 * n)).isoformat(timespec="microseconds")
+        batch.append(
+            (
+                n % 100_000 + 1,
+                f"data/part-{n % 100_000:06d}.parquet",
+                when,
+                "unchanged",
+                304,
+                etag,
+                lm,
+                1.7 + n % 7,
+                None,
+            )
+        )
+        if len(batch) == 100_000:
+            conn.executemany(
+                "INSERT INTO polls (watch_id, key, polled_at, outcome, http_status, etag, last_modified, duration_ms, "
+                "error) VALUES (?,?,?,?,?,?,?,?,?)",
+                batch,
+            )
+            batch.clear()
+    conn.commit()
+    conn.close()
+    return table_bytes(db)["polls"] / rows
+
+
+# --- 3. queries and 4. pruning ---------------------------------------------------------------
+
+
+def cli_seconds(config: Path, *args: str, repeat: int = 3) -> float:
+    """The best of ``repeat`` wall times of `poller ARGS` in a new process, output discarded."""
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "poller", *args, "--config", str(config)], check=True,
+                       stdout=subprocess.DEVNULL, cwd=config.parent)  # fmt: skip
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def prune_lock_ms(db: Path, before: datetime) -> tuple[int, float, float]:
+    """One pruning pass over ``db``: runs removed, the longest write transaction (ms), total seconds."""
+    from poller.store import Store, open_engine
+
+    store = Store(open_engine(f"sqlite:///{db}"))
+    longest = [0.0]
+    plain = store._tx
+
+    @contextmanager
+    def timed():  # type: ignore[no-untyped-def]
+        t = time.perf_counter()
+        with plain() as conn:
+            yield conn
+        longest[0] = max(longest[0], (time.perf_counter() - t) * 1000)
+
+    store._tx = timed  # type: ignore[method-assign]
+    t = time.perf_counter()
+    pruned = store.prune_polls(before, before)
+    total = time.perf_counter() - t
+    store.close()
+    return pruned.runs, longest[0], total
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.storage", description=__doc__.splitlines()[0])
+    parser.add_argument("--watches", type=int, default=100_000)
+    parser.add_argument("--history-watches", type=int, default=5_000, help="watches given their full history")
+    parser.add_argument("--days", type=int, default=30)
+    parser.add_argument("--writer-batches", type=int, default=60)
+    parser.add_argument("--json", action="store_true", help="one JSON line instead of the table")
+    args = parser.parse_args()
+    out: dict[str, Any] = {"watches": args.watches, "days": args.days, "history_watches": args.history_watches}
+    with tempfile.TemporaryDirectory(prefix="poller-storage-") as tmp:
+        work = Path(tmp)
+        old = old_release(work)
+        for name, source in (("per-poll", old), ("runs", ROOT)):
+            out[f"writer_{name}"] = writer_cost(source, work, 10_000, args.writer_batches, 1000)
+        now = datetime.now(UTC).replace(microsecond=0)
+        now_ms = int(now.timestamp() * 1000)
+        db = work / "runs.db"
+        t = time.perf_counter()
+        built = build(db, args.watches, args.history_watches, args.days, now_ms)
+        out["build_s"] = time.perf_counter() - t
+        sizes = table_bytes(db)
+        scale = args.watches / args.history_watches
+        others = args.watches - args.history_watches  # one run and one change each, already full-scale
+        runs_bytes_per_row = sizes["poll_runs"] / built["runs"]
+        history_bytes_per_row = sizes["etag_history"] / built["changes"]
+        full_runs = (built["runs"] - others) * scale
+        full_changes = (built["changes"] - others) * scale
+        fixed = sum(v for k, v in sizes.items() if k not in ("poll_runs", "etag_history", "poll_samples"))
+        samples_bytes = 3600_000 // INTERVAL_MS * args.watches * 24  # 1 h of samples at ~24 bytes
+        out["runs_db"] = {
+            "runs": int(full_runs),
+            "changes": int(full_changes),
+            "bytes_per_run": runs_bytes_per_row,
+            "bytes_per_change": history_bytes_per_row,
+            "poll_log_bytes": int(full_runs * runs_bytes_per_row + samples_bytes),
+            "history_bytes": int(full_changes * history_bytes_per_row),
+            "other_bytes": fixed,
+        }
+        polls_total = args.watches * args.days * 86_400_000 // INTERVAL_MS
+        per_poll = per_poll_bytes(work / "per-poll.db")
+        out["per_poll_db"] = {
+            "polls": polls_total,
+            "bytes_per_poll": per_poll,
+            "poll_log_bytes": int(polls_total * per_poll),
+        }
+        config = work / "config.toml"
+        config.write_text(f'watch = []\n[database]\nurl = "sqlite:///{db}"\n')
+        config.chmod(0o600)
+        out["cli_s"] = {
+            "status": cli_seconds(config, "status"),
+            "history --since 1h": cli_seconds(config, "history", "--since", "1h"),
+            "history WATCH (30 days, all rows)": cli_seconds(config, "history", "w000001", "--limit", "0"),
+            "--version (start-up alone)": cli_seconds(config, "--version"),
+        }
+        removed, longest, total = prune_lock_ms(db, now - timedelta(days=args.days - 1))
+        out["prune"] = {"runs_removed": removed, "longest_tx_ms": longest, "seconds": total}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        report(out)
+    return 0
+
+
+def report(out: dict[str, Any]) -> None:
+    gb = 1e9
+    r, p = out["runs_db"], out["per_poll_db"]
+    print(f"storage: {out['watches']:,} watches every 60 s for {out['days']} days, 1% changes, 0.1% errors (SQLite)")
+    print(
+        f"  full history built for {out['history_watches']:,} watches and scaled linearly; build {out['build_s']:.0f} s"
+    )
+    print(f"  {'':32} {'per-poll (01ef6c6)':>20} {'run-length (this tree)':>24}")
+    print(f"  {'rows for every poll':32} {p['polls']:>20,} {r['runs']:>24,}")
+    print(f"  {'bytes per row (with indexes)':32} {p['bytes_per_poll']:>20.0f} {r['bytes_per_run']:>24.0f}")
+    print(f"  {'poll log on disk':32} {p['poll_log_bytes'] / gb:>19.1f}G {r['poll_log_bytes'] / gb:>23.2f}G")
+    print(f"  {'etag_history (same in both)':32} {r['history_bytes'] / gb:>19.2f}G {r['history_bytes'] / gb:>23.2f}G")
+    total_old = p["poll_log_bytes"] + r["history_bytes"] + r["other_bytes"]
+    total_new = r["poll_log_bytes"] + r["history_bytes"] + r["other_bytes"]
+    print(f"  {'total':32} {total_old / gb:>19.1f}G {total_new / gb:>23.2f}G   (target < 2 GB)")
+    wo, wn = out["writer_per-poll"], out["writer_runs"]
+    print(
+        f"  {'writer CPU per poll':32} {wo['cpu_us_per_poll']:>18.1f}us {wn['cpu_us_per_poll']:>22.1f}us"
+        "   (target: no higher)"
+    )
+    print(f"  {'writer polls/s':32} {wo['polls_per_s']:>20,.0f} {wn['polls_per_s']:>24,.0f}")
+    for name, seconds in out["cli_s"].items():
+        print(f"  CLI {name:40} {seconds * 1000:>8.0f} ms")
+    pr = out["prune"]
+    print(
+        f"  prune pass: {pr['runs_removed']:,} runs in {pr['seconds']:.1f} s, longest write transaction "
+        f"{pr['longest_tx_ms']:.0f} ms (target < 50 ms)"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
