@@ -78,8 +78,9 @@ _STATE_COLUMNS = (
 PRUNE_CHUNK = 5000
 # Runs removed per step to fit max_db_size: the size is measured again after each step.
 SIZE_CHUNK = 500
-# Pre-0007 poll rows folded into runs per transaction (about 50-100 ms of write lock on SQLite).
-LEGACY_CHUNK = 5000
+# Pre-0007 poll rows folded into runs per transaction: the write lock is held while they are read,
+# folded and written (about 100 ms on a busy 2-core machine), so the daemon's writer waits little.
+LEGACY_CHUNK = 1000
 # Below this many object_state rows the staging table's two statements cost more than they save.
 STAGE_MIN_ROWS = 8
 _STAGE_INFO = "poller_staging_tables"
@@ -88,6 +89,7 @@ _ERROR_COLUMNS = ("watch_id", "key", "last_polled_at", "last_outcome", "consecut
 # pg_advisory_xact_lock key serializing migrations across processes: "poller" in ASCII.
 MIGRATION_LOCK = 0x706F6C6C6572
 PRUNE_LOCK = MIGRATION_LOCK + 1
+CONVERT_LOCK = MIGRATION_LOCK + 2
 # How long a daemon may hold an outbox row it is delivering (well past any sink's timeout); a
 # claim of a daemon whose heartbeat stopped lapses sooner, after one lease.
 CLAIM_SECONDS = 600.0
@@ -933,11 +935,16 @@ class Store:
             return 0
         with self._read() as conn:
             left = int(conn.execute(select(func.count()).select_from(polls_legacy)).scalar() or 0)
-            keys = dict(conn.execute(select(watches.c.id, watches.c.key)).tuples().all())
+            keys = {row.id: row.key for row in conn.execute(select(watches.c.id, watches.c.key))}
         order = (polls_legacy.c.watch_id, polls_legacy.c.polled_at, polls_legacy.c.id)
         done = 0
         while True:
             with self._tx() as conn:
+                if conn.dialect.name == "postgresql":
+                    # Two converters (a daemon and `poller db upgrade`) take turns, chunk by chunk.
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CONVERT_LOCK})
+                if not inspect(conn).has_table(polls_legacy.name):
+                    break  # another process finished it
                 rows = conn.execute(select(polls_legacy).order_by(*order).limit(chunk)).all()
                 if not rows:
                     conn.execute(text(f"DROP TABLE {polls_legacy.name}"))
@@ -959,60 +966,37 @@ class Store:
                     )
                     for row in rows
                 ]
-                for seg in segments(polls):
-                    if not (seg.may_extend and self._extend_converted(conn, seg)):
-                        conn.execute(
-                            poll_runs.insert().values(
-                                watch_id=seg.watch_id,
-                                key=seg.run_key,
-                                outcome=seg.identity[0],
-                                http_status=seg.identity[1],
-                                etag=seg.identity[2],
-                                last_modified=seg.identity[3],
-                                error=seg.identity[4],
-                                first_at=seg.first_at,
-                                last_at=seg.last_at,
-                                count=seg.count,
-                                duration_min_us=seg.duration_min,
-                                duration_sum_us=seg.duration_sum,
-                                duration_max_us=seg.duration_max,
-                            )
-                        )
-                ids = [row.id for row in rows]
-                conn.execute(polls_legacy.delete().where(polls_legacy.c.id.in_(ids)))
+                self._write_converted(conn, segments(polls), [row.id for row in rows])
             done += len(rows)
             if progress is not None:
                 progress(done, max(left, done))
         return done
 
-    def _extend_converted(self, conn: Connection, seg: Segment) -> bool:
-        """Continue the run an earlier chunk left for this key, if this segment has its identity."""
-        latest = conn.execute(
-            select(poll_runs)
-            .where(
-                poll_runs.c.watch_id == seg.watch_id,
-                poll_runs.c.first_at <= seg.first_at,
-                poll_runs.c.key.is_not_distinct_from(seg.run_key),
-            )
-            .order_by(poll_runs.c.first_at.desc(), poll_runs.c.id.desc())
-            .limit(1)
-        ).first()
-        if latest is None or latest.last_at > seg.first_at:
-            return False
-        if (latest.outcome, latest.http_status, latest.etag, latest.last_modified, latest.error) != seg.identity:
-            return False
-        conn.execute(
-            update(poll_runs)
-            .where(poll_runs.c.id == latest.id)
-            .values(
-                last_at=seg.last_at,
-                count=poll_runs.c.count + seg.count,
-                duration_sum_us=poll_runs.c.duration_sum_us + seg.duration_sum,
-                duration_min_us=min(latest.duration_min_us, seg.duration_min),
-                duration_max_us=max(latest.duration_max_us, seg.duration_max),
-            )
-        )
-        return True
+    def _write_converted(self, conn: Connection, folded: list[Segment], ids: list[int]) -> None:
+        """Write the runs of one chunk of old poll rows (continuing the run an earlier chunk left
+        for a key when this chunk starts with its identity) and delete the rows, in the driver's
+        own terms: SQLAlchemy's per-statement overhead was most of the time."""
+        sql = self._run_sql
+        dbapi = conn.dialect.loaded_dbapi
+        new: list[tuple[Any, ...]] = []
+        try:
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            try:
+                for seg in folded:
+                    if seg.may_extend:
+                        cursor.execute(sql.latest_converted, (seg.watch_id, seg.first_at, seg.run_key))
+                        latest = cursor.fetchone()
+                        if latest is not None and latest[1] <= seg.first_at and tuple(latest[2:]) == seg.identity:
+                            cursor.execute(sql.extend_converted, (*_run_totals(seg), latest[0]))
+                            continue
+                    new.append((seg.watch_id, seg.run_key, *seg.identity, seg.first_at, *_run_totals(seg)))
+                if new:
+                    cursor.executemany(sql.insert_plain, new)
+                cursor.executemany(sql.delete_legacy, [(i,) for i in ids])
+            finally:
+                cursor.close()
+        except dbapi.Error as exc:
+            raise DBAPIError.instance("polls_legacy", None, exc, dbapi.Error, dialect=conn.dialect) from exc
 
     def _prune_for_size(self, max_bytes: int) -> int:
         """Delete the oldest runs until the used size fits ``max_bytes``; return how many went."""
@@ -1676,6 +1660,14 @@ class _RunStatements:
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id"
         )
         self.open = p("UPDATE object_state SET run_id = ? WHERE watch_id = ? AND key = ?")
+        self.insert_plain = self.insert.removesuffix(" RETURNING id")
+        # Folding the old per-poll table (Store.convert_legacy_polls).
+        self.latest_converted = p(
+            "SELECT id, last_at, outcome, http_status, etag, last_modified, error FROM poll_runs "
+            f"WHERE watch_id = ? AND first_at <= ? AND key {same} ? ORDER BY first_at DESC, id DESC LIMIT 1"
+        )
+        self.extend_converted = p(f"UPDATE poll_runs SET {totals} WHERE id = ?")
+        self.delete_legacy = p("DELETE FROM polls_legacy WHERE id = ?")
         self.sample = p("INSERT INTO poll_samples (run_id, polled_at, duration_us) VALUES (?, ?, ?)")
         self.extend_staged = (
             "UPDATE poll_runs r SET last_at = greatest(r.last_at, s.last_at), count = r.count + s.count, "

@@ -1,0 +1,322 @@
+"""The run-length poll log (poller.runs, Store.record, migration 0007) on every backend."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, text
+
+from poller.model import ObjectState, PollResult, Watch
+from poller.runs import Poll, from_ms, segments, to_ms
+from poller.store import Store, migrate, migrations_dir, open_engine
+from poller.watchlist import WatchSpec
+
+NOW = datetime(2026, 11, 24, 10, 0, 0, 123000, tzinfo=UTC)
+A = (0, 304, '"a"', None, None)
+B = (1, 200, '"b"', None, None)
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    engine = open_engine(db_url)
+    migrate(engine)
+    s = Store(engine)
+    yield s
+    s.close()
+
+
+def watch_of(store: Store, name: str = "w", key: str = "k") -> Watch:
+    return store.sync_watches([WatchSpec(name, "bucket", key, 60.0, None)], NOW).watches[name]
+
+
+def poll(watch: Watch, at: datetime, outcome: str = "unchanged", etag: str = '"e1"', error: str | None = None,
+         ms: float = 2.0) -> PollResult:  # fmt: skip
+    """A poll of a key whose stored state is ``etag`` (a change for "modified")."""
+    state = ObjectState(etag, NOW, at, None, 10, True)
+    if outcome == "error":
+        return PollResult(watch, at, "error", 503, ms, state, None, None, error or "HTTP 503")
+    if outcome == "modified":
+        return PollResult(watch, at, "modified", 200, ms, None, state, "first_seen", None)
+    return PollResult(watch, at, "unchanged", 304, ms, state, state, None, None)
+
+
+def runs(store: Store) -> list[tuple[Any, ...]]:
+    """(outcome, count, first, last, error) of every run, oldest first, through the `polls` view."""
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT outcome, count, first_polled_at, polled_at, error FROM polls ORDER BY first_polled_at, id")
+        ).all()
+    return [(r[0], r[1], _time(r[2]), _time(r[3]), r[4]) for r in rows]
+
+
+def _time(value: Any) -> datetime:
+    return value.astimezone(UTC) if isinstance(value, datetime) else datetime.fromisoformat(value)
+
+
+def at(seconds: float) -> datetime:
+    return NOW + timedelta(seconds=seconds)
+
+
+# --- pure folding ---------------------------------------------------------------------------
+
+
+def test_segments_fold_a_batch_per_key_in_order():
+    polls = [
+        Poll(1, "k", None, A, 1000, 10),
+        Poll(2, "q", None, A, 1001, 30),
+        Poll(1, "k", None, A, 2000, 20),
+        Poll(1, "k", None, B, 3000, 5),
+        Poll(1, "k", None, A, 4000, 7),
+    ]
+    got = [(s.watch_id, s.identity, s.count, s.first_at, s.last_at, s.may_extend, s.opens) for s in segments(polls)]
+    assert got == [
+        (1, A, 2, 1000, 2000, True, False),  # continues key 1's open run if that has identity A
+        (2, A, 1, 1001, 1001, True, True),
+        (1, B, 1, 3000, 3000, False, False),
+        (1, A, 1, 4000, 4000, False, True),  # A again after B: a new run, key 1's open run afterwards
+    ]
+    first = segments(polls)[0]
+    assert (first.duration_min, first.duration_sum, first.duration_max) == (10, 30, 20)
+    assert first.samples == [(1000, 10), (2000, 20)]
+
+
+def test_epoch_milliseconds_round_trip_and_floor():
+    t = datetime(2026, 11, 24, 10, 0, 0, 123999, tzinfo=UTC)
+    assert from_ms(to_ms(t)) == t.replace(microsecond=123000)
+    with pytest.raises(ValueError, match="naive"):
+        to_ms(datetime(2026, 1, 1))
+
+
+# --- the store, on every backend -----------------------------------------------------------
+
+
+def test_identical_polls_are_one_run_and_every_poll_is_counted(store: Store):
+    w = watch_of(store)
+    store.record([poll(w, at(0), "modified")])
+    for n in range(1, 4):  # three batches of unchanged polls: one run
+        store.record([poll(w, at(60 * n))])
+    store.record([poll(w, at(240), "error", error="HTTP 503 SlowDown")])
+    store.record([poll(w, at(300), "error", error="HTTP 503 SlowDown"), poll(w, at(330), "error", error="timeout")])
+    store.record([poll(w, at(360)), poll(w, at(420))])  # recovery, then unchanged again in the same batch
+    assert runs(store) == [
+        ("modified", 1, at(0), at(0), None),
+        ("unchanged", 3, at(60), at(180), None),
+        ("error", 2, at(240), at(300), "HTTP 503 SlowDown"),
+        ("error", 1, at(330), at(330), "timeout"),
+        ("unchanged", 2, at(360), at(420), None),
+    ]
+    with store.engine.connect() as conn:
+        samples = conn.execute(text("SELECT outcome, polled_at, duration_ms FROM poll_samples_view ORDER BY id")).all()
+        durations = conn.execute(text("SELECT duration_ms, duration_min_ms, duration_max_ms FROM polls")).all()
+    assert [(s[0], _time(s[1])) for s in samples][:3] == [
+        ("modified", at(0)),
+        ("unchanged", at(60)),
+        ("unchanged", at(120)),
+    ]
+    assert len(samples) == 9 and all(float(s[2]) == 2.0 for s in samples)
+    assert {tuple(float(v) for v in d) for d in durations} == {(2.0, 2.0, 2.0)}
+    history = store.history(limit=None)
+    assert [(r["outcome"], r["count"], r["first"], r["time"]) for r in history][:2] == [
+        ("unchanged", 2, at(360), at(420)),
+        ("error", 1, at(330), at(330)),
+    ]
+    assert [r["time"] for r in store.history(since=at(300), limit=None)] == [at(420), at(330), at(300)]
+
+
+def test_a_run_survives_a_new_store_and_a_stale_open_run_is_not_extended(store: Store, db_url: str):
+    w = watch_of(store)
+    store.record([poll(w, at(0), "modified")])
+    store.record([poll(w, at(60))])
+    # Another process (a restart) goes on with the same run through object_state.run_id.
+    again = Store(open_engine(store.engine.url.render_as_string(hide_password=False)))
+    again.record([poll(w, at(120))])
+    # The open run disappears under the first store (pruned): its cached id must not be used.
+    with store.engine.begin() as conn:
+        conn.execute(text("DELETE FROM poll_runs WHERE outcome = 0"))
+    store.record([poll(w, at(180))])
+    again.close()
+    assert runs(store) == [("modified", 1, at(0), at(0), None), ("unchanged", 1, at(180), at(180), None)]
+
+
+def test_a_retargeted_watch_keeps_the_old_key_on_its_runs(store: Store):
+    w = watch_of(store, key="old/key")
+    store.record([poll(w, at(0), "modified"), poll(w, at(60))])
+    w2 = watch_of(store, key="new/key")
+    store.record([poll(w2, at(120), "modified")])
+    with store.engine.connect() as conn:
+        keys = conn.execute(text("SELECT key, count FROM polls ORDER BY id")).all()
+        stored = conn.execute(text("SELECT key FROM poll_runs ORDER BY id")).scalars().all()
+    assert [tuple(k) for k in keys] == [("old/key", 1), ("old/key", 1), ("new/key", 1)]
+    assert stored == ["old/key", "old/key", None]  # the watch's own key is not repeated in its rows
+
+
+def test_samples_can_be_turned_off(store: Store):
+    store.keep_samples = False
+    w = watch_of(store)
+    store.record([poll(w, at(0), "modified"), poll(w, at(60))])
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM poll_samples")).scalar() == 0
+    assert [r[1] for r in runs(store)] == [1, 1]
+
+
+# --- migration 0007: the per-poll table folds into runs, resumably -----------------------------
+
+
+def _upgrade_to(engine: Engine, revision: str) -> None:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    with engine.connect() as conn, conn.begin():
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+
+
+def _legacy_database(url: str, watches: int, polls_each: int) -> list[tuple[Any, ...]]:
+    """A database as the per-poll release left it; returns the poll rows written."""
+    engine = open_engine(url)
+    _upgrade_to(engine, "0006")
+    pg = engine.dialect.name == "postgresql"
+    rows = []
+    for w in range(1, watches + 1):
+        for n in range(polls_each):
+            when = NOW + timedelta(seconds=60 * n)
+            # An error every 50th poll, a change every 20th: runs of 19 or fewer in between.
+            if n % 50 == 49:
+                outcome, status, etag, error = "error", 503, f'"e{n // 20}"', "HTTP 503"
+            elif n % 20 == 0:
+                outcome, status, etag, error = "modified", 200, f'"e{n // 20}"', None
+            else:
+                outcome, status, etag, error = "unchanged", 304, f'"e{n // 20}"', None
+            stamp: Any = when if pg else when.isoformat(timespec="microseconds")
+            modified: Any = NOW if pg else NOW.isoformat(timespec="microseconds")
+            rows.append((w, f"k/{w}", stamp, outcome, status, etag, modified, 1.5, error))
+    with engine.begin() as conn:
+        for w in range(1, watches + 1):
+            conn.execute(
+                text("INSERT INTO watches (name, bucket, key, kind, active, created_at) "
+                     "VALUES (:n, 'b', :k, 'key', :yes, :t)"),
+                {"n": f"w{w}", "k": f"k/{w}", "yes": True, "t": rows[0][2]},
+            )  # fmt: skip
+        conn.execute(
+            text(
+                "INSERT INTO polls (watch_id, key, polled_at, outcome, http_status, etag, last_modified, duration_ms,"
+                " error) VALUES (:w, :k, :t, :o, :s, :e, :lm, :d, :err)"
+            ),
+            [dict(zip(("w", "k", "t", "o", "s", "e", "lm", "d", "err"), r, strict=True)) for r in rows],
+        )
+    engine.dispose()
+    return rows
+
+
+def _expected_runs(polls_each: int) -> list[tuple[str, int]]:
+    out: list[tuple[str, int]] = []
+    last: tuple[str, str] | None = None
+    for n in range(polls_each):
+        ident = ("error", "") if n % 50 == 49 else ("modified", str(n)) if n % 20 == 0 else ("unchanged", str(n // 20))
+        if last == ident and ident[0] != "modified":
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((ident[0], 1))
+        last = ident
+    return out
+
+
+def test_migration_folds_old_poll_rows_in_chunks_and_resumes(db_url: str):
+    rows = _legacy_database(db_url, watches=3, polls_each=120)
+    engine = open_engine(db_url)
+    migrate(engine)
+    store = Store(engine)
+    try:
+        assert store.has_legacy_polls()
+
+        class Killed(Exception):
+            pass
+
+        def die_after_two(done: int, total: int) -> None:
+            if done >= 2 * 37:
+                raise Killed
+
+        with pytest.raises(Killed):  # a crash between chunks: what committed is whole
+            store.convert_legacy_polls(die_after_two, chunk=37)
+        with engine.connect() as conn:
+            folded = conn.execute(text("SELECT COALESCE(sum(count), 0) FROM poll_runs")).scalar()
+            left = conn.execute(text("SELECT count(*) FROM polls_legacy")).scalar()
+        assert (folded, folded + left) == (74, len(rows))
+        assert store.convert_legacy_polls(chunk=37) == len(rows) - 74
+        assert not store.has_legacy_polls()
+        got = [(r["outcome"], r["count"]) for r in reversed(store.history(watch="w2", limit=None))]
+        assert got == _expected_runs(120)  # runs split by the chunks were joined again
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT sum(count) FROM polls")).scalar() == len(rows)
+        # The daemon goes on from here: the first poll opens a new run after the converted ones.
+        watch = store.sync_watches([WatchSpec("w1", "b", "k/1", 60.0, None)], NOW).watches["w1"]
+        store.record([poll(watch, NOW + timedelta(days=1), etag='"e5"')])
+        assert store.history(watch="w1", limit=1)[0]["count"] == 1
+    finally:
+        store.close()
+
+
+def test_kill_9_during_db_upgrade_then_the_next_run_finishes(tmp_path: Path):
+    db = tmp_path / "old.db"
+    rows = _legacy_database(f"sqlite:///{db}", watches=20, polls_each=2500)
+    config = tmp_path / "c.toml"
+    config.write_text(f'watch = []\n[database]\nurl = "sqlite:///{db}"\n')
+    config.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POLLER_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "poller", "db", "upgrade", "--config", str(config)],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    seen = b""
+    while b"converting old poll rows" not in seen or seen.count(b"\r") < 3:
+        chunk = proc.stderr.read1(256)  # type: ignore[attr-defined]
+        assert chunk, f"db upgrade ended before converting: {seen.decode(errors='replace')}"
+        seen += chunk
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    folded = conn.execute("SELECT COALESCE(sum(count), 0) FROM poll_runs").fetchone()[0]
+    left = conn.execute("SELECT count(*) FROM polls_legacy").fetchone()[0]
+    conn.close()
+    assert folded > 0 and left > 0 and folded + left == len(rows), (folded, left)
+    again = subprocess.run(
+        [sys.executable, "-m", "poller", "db", "upgrade", "--config", str(config)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert f"converted {left:,} poll rows into runs" in again.stderr
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT sum(count) FROM polls").fetchone()[0] == len(rows)
+    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'polls_legacy'").fetchone()[0] == 0
+    per_watch = conn.execute(
+        "SELECT outcome, count FROM polls WHERE watch_id = 7 ORDER BY first_polled_at, id"
+    ).fetchall()
+    conn.close()
+    assert per_watch == _expected_runs(2500)
+
+
+def test_db_stats(config, tmp_path: Path):
+    from conftest import run_cli
+
+    db = config.db
+    _legacy_database(f"sqlite:///{db}", watches=2, polls_each=100)
+    config.write([])
+    assert run_cli("db", "upgrade", "--config", str(config.path)).returncode == 0
+    out = run_cli("db", "stats", "--config", str(config.path))
+    assert out.returncode == 0, out.stderr
+    assert "poll_runs" in out.stdout and "etag_history" in out.stdout and "in use" in out.stdout
+    as_json = run_cli("db", "stats", "--format", "json", "--config", str(config.path))
+    tables = {t["table"]: t for t in __import__("json").loads(as_json.stdout)}
+    assert tables["poll_runs"]["rows"] == len(_expected_runs(100)) * 2 and tables["poll_runs"]["bytes"] > 0
