@@ -16,14 +16,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
-from botocore.exceptions import InvalidConfigError, InvalidRegionError, NoRegionError, ProfileNotFound
 from sqlalchemy.exc import SQLAlchemyError
 
 from poller import __version__
 from poller.config import ConfigError, Settings, find_config, format_duration, load_settings, parse_duration
 from poller.logs import setup_logging
-from poller.pipeline import iso
-from poller.safetext import printable
+from poller.safetext import iso, printable
 from poller.store import StoreError
 
 log = logging.getLogger("poller")
@@ -92,7 +90,10 @@ def _cell(value: Any, escape: bool) -> Any:
     """One output value; ``escape`` for table and CSV, where a line break in a watch name, key or
     error text would otherwise start a forged row (JSON escapes it itself)."""
     if isinstance(value, datetime):
-        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if value.microsecond else iso(value)
+        # isoformat, not strftime: a status of 100,000 watches formats 300,000 of these.
+        if value.tzinfo is not UTC:
+            value = value.astimezone(UTC)
+        return value.isoformat(timespec="microseconds" if value.microsecond else "seconds")[:-6] + "Z"
     if isinstance(value, float):
         return round(value, 1)
     if escape and isinstance(value, str):
@@ -102,21 +103,28 @@ def _cell(value: Any, escape: bool) -> Any:
 
 def _emit(rows: list[dict[str, Any]], columns: Sequence[str], fmt: str) -> None:
     out = sys.stdout
-    cooked = [{c: _cell(row.get(c), fmt != "json") for c in columns} for row in rows]
     if fmt == "json":
+        cooked = [{c: _cell(row.get(c), False) for c in columns} for row in rows]
         json.dump(cooked, out, indent=2, ensure_ascii=False)
         out.write("\n")
         return
+    text = [_text_row(row, columns) for row in rows]
     if fmt == "csv":
-        writer = csv.DictWriter(out, fieldnames=list(columns), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(cooked)
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(text)
         return
-    text = [[printable("" if v is None else str(v)) for v in row.values()] for row in cooked]
     widths = [max([len(c)] + [len(r[i]) for r in text]) for i, c in enumerate(columns)]
     out.write("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip() + "\n")
     for r in text:
         out.write("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() + "\n")
+
+
+def _text_row(row: dict[str, Any], columns: Sequence[str]) -> list[str]:
+    """A row as table or CSV text, escaped (a line break in a name, key or error would forge a row)."""
+    cells = [v if type(v) is str else "" if v is None else str(_cell(v, False)) for v in map(row.get, columns)]
+    # One check for the whole row: escaping is the rare case.
+    return cells if "".join(cells).isprintable() else [printable(c) for c in cells]
 
 
 # --- commands -------------------------------------------------------------------------
@@ -318,7 +326,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     _, settings = _settings(args)
     store = _open_store(settings, readonly=True)
     try:
-        rows = store.status()
+        rows = store.status(display=True)
         deliveries = store.notification_counts()
         servers = store.server_semantics()
         daemons = store.cluster_status()
@@ -595,10 +603,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeFailure as exc:
         print(f"poller: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except (ProfileNotFound, InvalidRegionError, InvalidConfigError, NoRegionError) as exc:
-        # Config validation catches these at load; this covers an AWS config file edited since.
-        print(f"poller: the AWS client cannot be built from this configuration: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except StoreError as exc:
         print(f"poller: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -613,6 +617,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `poller history | head`: the reader left; that is not an error.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except Exception as exc:
+        # botocore is imported lazily (`status` and `history` never need it): match its errors here.
+        from botocore.exceptions import InvalidConfigError, InvalidRegionError, NoRegionError, ProfileNotFound
+
+        if not isinstance(exc, ProfileNotFound | InvalidRegionError | InvalidConfigError | NoRegionError):
+            raise
+        # Config validation catches these at load; this covers an AWS config file edited since.
+        print(f"poller: the AWS client cannot be built from this configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from poller.metrics import Metrics
 from poller.model import KeyChange, ObjectState, Outcome, PollResult, PrefixState, Watch
 from poller.notify import make_route
 from poller.probe import Prober, prober_for
-from poller.safetext import printable
+from poller.safetext import iso, printable
 from poller.store import Fenced, Route, Store, Superseded, SyncResult, describe_db_error, migrate
 from poller.watchlist import WatchSpec, specs_from_settings
 
@@ -377,13 +377,6 @@ def prepare(
     synced = store.sync_watches(list(specs.values()), datetime.now(UTC))
     recorder = Recorder(store, make_route(settings.notify) if settings.notify else None)
     return PollService(store, prober, recorder, settings.database.url, log_polls=log_polls), specs, synced
-
-
-def iso(value: datetime | None) -> str:
-    """UTC ISO-8601 with a Z, seconds precision (for logs and CLI output)."""
-    if value is None:
-        return "-"
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def describe_result(r: PollResult) -> str:

@@ -7,6 +7,7 @@ query, which often carry a token, are never shown.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 
@@ -60,3 +61,10 @@ def scrub(text: str, url: str) -> str:
     for piece in sorted(candidates, key=len, reverse=True):
         text = text.replace(piece, "…")
     return printable(text)
+
+
+def iso(value: datetime | None) -> str:
+    """UTC ISO-8601 with a Z, seconds precision (for logs and CLI output)."""
+    if value is None:
+        return "-"
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -22,9 +22,11 @@ from sqlalchemy import (
     Connection,
     Engine,
     MetaData,
+    String,
     Table,
     and_,
     bindparam,
+    case,
     create_engine,
     event,
     func,
@@ -32,6 +34,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    type_coerce,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -1086,31 +1089,61 @@ class Store:
 
     # --- reading --------------------------------------------------------------------
 
-    def status(self) -> list[dict[str, Any]]:
-        """One row per active watch with its latest state."""
+    def status(self, *, display: bool = False) -> list[dict[str, Any]]:
+        """One row per active watch with its latest state; with ``display``, times come as the CLI
+        shows them (``2026-11-24T10:00:00Z``), formatted by the database: 100,000 watches' worth of
+        datetime parsing and formatting in Python took most of `poller status`."""
+        state = object_state.c
+        times = (state.last_modified, state.last_polled_at, state.last_changed_at)
+        if display:
+            times = tuple(self._display_time(t).label(t.name) for t in times)
         query = (
             select(
                 watches.c.name,
                 watches.c.bucket,
                 watches.c.key,
-                object_state.c.last_outcome,
-                object_state.c.etag,
-                object_state.c.last_modified,
-                object_state.c.last_polled_at,
-                object_state.c.consecutive_errors,
-                object_state.c.last_error,
-                object_state.c.last_changed_at,
+                state.last_outcome,
+                state.etag,
+                times[0],
+                times[1],
+                state.consecutive_errors,
+                state.last_error,
+                times[2],
             )
             .select_from(watches)
-            .outerjoin(
-                object_state,
-                and_(object_state.c.watch_id == watches.c.id, object_state.c.key == watches.c.key),
-            )
+            .outerjoin(object_state, and_(state.watch_id == watches.c.id, state.key == watches.c.key))
             .where(watches.c.active.is_(True))
             .order_by(watches.c.name)
         )
         with self._read() as conn:
-            return [dict(row._mapping) for row in conn.execute(query)]
+            if display:
+                # Every column is text or a number here: the driver's own rows skip SQLAlchemy's
+                # per-row processing (a third of the time at 100,000 watches).
+                sql = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
+                cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+                try:
+                    cursor.execute(sql)
+                    keys = [d[0] for d in cursor.description]
+                    return [dict(zip(keys, row, strict=True)) for row in cursor.fetchall()]
+                finally:
+                    cursor.close()
+            result = conn.execute(query)
+            keys = list(result.keys())
+            return [dict(zip(keys, row, strict=True)) for row in result]
+
+    def _display_time(self, column: Any) -> Any:
+        """``column`` as UTC text with a Z, microseconds only when there are some (as the CLI writes)."""
+        if self.engine.dialect.name == "postgresql":
+            utc = func.timezone("UTC", column)
+            micro = func.to_char(utc, 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+            whole = func.to_char(utc, 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+            return case((func.date_trunc("second", column) == column, whole), else_=micro)
+        # The stored text is fixed-width ISO-8601 with microseconds and +00:00 (schema.to_text).
+        raw = type_coerce(column, String)
+        return case(
+            (func.substr(raw, 21, 6) == "000000", func.substr(raw, 1, 19) + "Z"),
+            else_=func.substr(raw, 1, 26) + "Z",
+        )
 
     def history(
         self,
