@@ -78,7 +78,7 @@ _STATE_COLUMNS = (
     "consecutive_errors",
     "last_error",
 )
-PRUNE_CHUNK = 5000
+PRUNE_CHUNK = 1000
 # Runs removed per step to fit max_db_size: the size is measured again after each step.
 SIZE_CHUNK = 500
 # Pre-0007 poll rows folded into runs per transaction: the write lock is held while they are read,

@@ -320,3 +320,19 @@ def test_db_stats(config, tmp_path: Path):
     as_json = run_cli("db", "stats", "--format", "json", "--config", str(config.path))
     tables = {t["table"]: t for t in __import__("json").loads(as_json.stdout)}
     assert tables["poll_runs"]["rows"] == len(_expected_runs(100)) * 2 and tables["poll_runs"]["bytes"] > 0
+
+
+def test_the_daemon_folds_old_poll_rows_in_the_background(config, s3, bucket, start_daemon):
+    from conftest import wait_for
+    from daemonproc import poll_count, query
+
+    rows = _legacy_database(f"sqlite:///{config.db}", watches=3, polls_each=400)
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v")
+    config.write([{"name": "a", "bucket": bucket, "key": "k"}])
+    daemon = start_daemon(config)
+    daemon.notify.wait("READY=1")
+    wait_for(lambda: f"converted {len(rows)} old poll rows into runs" in daemon.log, timeout=60, what="conversion")
+    assert query(config.db, "SELECT sum(count) FROM polls WHERE watch_id <= 3") == [(len(rows),)]
+    before = poll_count(config.db, "a")
+    wait_for(lambda: poll_count(config.db, "a") > before, what="polling goes on")
+    assert daemon.stop() == 0
