@@ -12,6 +12,7 @@ Prints a table and one JSON object as the last line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -235,6 +236,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=20.0, help="changes per second over all keys")
     parser.add_argument("--concurrency", type=int, default=32, help="[schedule] concurrency of each daemon")
     parser.add_argument("--json-key", default="cluster", help="the key of the figures in the last line's JSON")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (daemon logs, configs)")
     args = parser.parse_args()
     bindir = find_bindir()
     if bindir is None:
@@ -259,7 +261,12 @@ def main() -> int:
     env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_DEFAULT_REGION": "us-east-1"}
     os.environ.update(env)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="poller-bench-cluster-") as tmp:
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            tmp = tempfile.mkdtemp(prefix="poller-bench-cluster-")
+            print(f"work directory (kept): {tmp}", file=sys.stderr, flush=True)
+        else:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="poller-bench-cluster-"))
         workdir = Path(tmp)
         server = start_rclone(workdir, 1)  # one file, so the bucket's directory exists
         pg = PgServer(bindir, durable=True).start()
