@@ -197,15 +197,15 @@ _CREDENTIAL_SOURCES = ("Environment", "Ec2InstanceMetadata", "EcsContainer")
 
 def _check_aws_profile(profile: str) -> None:
     """Check, offline, that the profile (or $AWS_PROFILE) exists and its credential settings are coherent."""
+    name = profile or os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE") or ""
+    if not name:
+        return  # before importing botocore: `poller status` has no use for it (half a second)
     import shlex
     import shutil
 
     import botocore.session
     from botocore.exceptions import BotoCoreError
 
-    name = profile or os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE") or ""
-    if not name:
-        return
     where = "profile" if profile else "$AWS_PROFILE"
     files = "the AWS config files (~/.aws/config, ~/.aws/credentials, $AWS_CONFIG_FILE, $AWS_SHARED_CREDENTIALS_FILE)"
     try:

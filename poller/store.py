@@ -78,7 +78,11 @@ _STATE_COLUMNS = (
     "consecutive_errors",
     "last_error",
 )
-PRUNE_CHUNK = 1000
+# Rows deleted per pruning transaction. A run's entry in ix_poll_runs_watch_id_first_at sits on its
+# own page (watches interleave), so each run deleted dirties a page: 1,000 held the write lock
+# ~150 ms on a large file, 250 about a quarter of that. Samples have no secondary index.
+PRUNE_CHUNK = 250
+SAMPLE_PRUNE_CHUNK = 2000
 # Runs removed per step to fit max_db_size: the size is measured again after each step.
 SIZE_CHUNK = 500
 # Pre-0007 poll rows folded into runs per transaction: the write lock is held while they are read,
@@ -846,7 +850,7 @@ class Store:
     ) -> Pruned:
         """Delete poll runs that ended before ``before`` and samples older than ``samples_before``,
         then, with ``max_bytes``, the oldest runs until the database's used size fits; in short
-        transactions (PRUNE_CHUNK rows each, so the writer never waits long).
+        transactions (PRUNE_CHUNK / SAMPLE_PRUNE_CHUNK rows each, so the writer never waits long).
 
         On PostgreSQL one process at a time prunes (a session advisory lock): the others skip.
         """
@@ -1055,8 +1059,8 @@ class Store:
     def _prune_samples(self, before_ms: int | None, chunks: int | None = None) -> int:
         """Delete samples older than ``before_ms`` (None: the oldest), a chunk per transaction."""
         # Ids follow time: look only at the oldest chunk each time, and stop at the first chunk that
-        # is not all old, so no transaction scans past PRUNE_CHUNK rows.
-        ids = select(poll_samples.c.id).order_by(poll_samples.c.id).limit(PRUNE_CHUNK).scalar_subquery()
+        # is not all old, so no transaction scans past SAMPLE_PRUNE_CHUNK rows.
+        ids = select(poll_samples.c.id).order_by(poll_samples.c.id).limit(SAMPLE_PRUNE_CHUNK).scalar_subquery()
         statement = poll_samples.delete().where(poll_samples.c.id.in_(ids))
         if before_ms is not None:
             statement = statement.where(poll_samples.c.polled_at < before_ms)
@@ -1066,7 +1070,7 @@ class Store:
                 deleted = conn.execute(statement).rowcount
             total += deleted
             chunks = None if chunks is None else chunks - 1
-            if deleted < PRUNE_CHUNK:
+            if deleted < SAMPLE_PRUNE_CHUNK:
                 break
         return total
 
