@@ -336,3 +336,21 @@ def test_the_daemon_folds_old_poll_rows_in_the_background(config, s3, bucket, st
     before = poll_count(config.db, "a")
     wait_for(lambda: poll_count(config.db, "a") > before, what="polling goes on")
     assert daemon.stop() == 0
+
+
+def test_large_batches_extend_runs_like_small_ones(store: Store):
+    # On PostgreSQL a batch of 8 keys or more extends its runs through a COPY-staged UPDATE.
+    synced = store.sync_watches([WatchSpec(f"w{i}", "bucket", f"k{i}", 60.0, None) for i in range(20)], NOW)
+    ws = [synced.watches[f"w{i}"] for i in range(20)]
+    store.record([poll(w, at(0), "modified") for w in ws])
+    for n in range(1, 4):
+        batch = [poll(w, at(60 * n)) for w in ws]
+        if n == 2:
+            batch += [poll(ws[3], at(60 * n + 1), "error"), poll(ws[3], at(60 * n + 2))]  # a key twice more
+        store.record(batch)
+    counts: dict[str, list[tuple[str, int]]] = {}
+    for row in reversed(store.history(limit=None)):
+        counts.setdefault(row["watch"], []).append((row["outcome"], row["count"]))
+    assert counts["w0"] == [("modified", 1), ("unchanged", 3)]
+    assert counts["w3"] == [("modified", 1), ("unchanged", 2), ("error", 1), ("unchanged", 2)]
+    assert all(c == [("modified", 1), ("unchanged", 3)] for name, c in counts.items() if name != "w3")
