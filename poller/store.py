@@ -1182,13 +1182,7 @@ class Store:
             .select_from(r)
             .join(watches, watches.c.id == r.c.watch_id)
         )
-        if watch is not None:
-            query = query.where(_name_filter(watch, self.engine.dialect.name))
-        if since is not None:
-            query = query.where(r.c.last_at >= to_ms(since))
-        query = query.order_by(r.c.last_at.desc(), r.c.id.desc())
-        if limit is not None:
-            query = query.limit(limit)
+        query = self._newest_first(query, r.c.last_at, r.c.id, watch, None if since is None else to_ms(since), limit)
         with self._read() as conn:
             rows = conn.execute(query).all()
         return [
@@ -1229,15 +1223,18 @@ class Store:
             .select_from(h)
             .join(watches, watches.c.id == h.c.watch_id)
         )
+        query = self._newest_first(query, h.c.detected_at, h.c.id, watch, since, limit)
+        with self._read() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def _newest_first(self, query: Any, time: Any, id_: Any, watch: str | None, since: Any, limit: int | None) -> Any:
+        """``query`` filtered by watch name (or glob) and ``time >= since``, newest first, at most ``limit``."""
         if watch is not None:
             query = query.where(_name_filter(watch, self.engine.dialect.name))
         if since is not None:
-            query = query.where(h.c.detected_at >= since)
-        query = query.order_by(h.c.detected_at.desc(), h.c.id.desc())
-        if limit is not None:
-            query = query.limit(limit)
-        with self._read() as conn:
-            return [dict(row._mapping) for row in conn.execute(query)]
+            query = query.where(time >= since)
+        query = query.order_by(time.desc(), id_.desc())
+        return query if limit is None else query.limit(limit)
 
     # --- notification outbox ----------------------------------------------------------
 
