@@ -142,15 +142,16 @@ def build(
     def iso(ms: int) -> str:
         return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="microseconds")
 
-    def run(*row: Any) -> None:
+    def run(*row: Any, ended: bool = True) -> None:
         nonlocal run_id
         run_id += 1
-        run_rows.append((run_id, *row))
+        run_rows.append((run_id, *row, row[8] if ended else None))
 
     def flush() -> None:
         conn.executemany(
             "INSERT INTO poll_runs (id, watch_id, key, outcome, http_status, etag, last_modified, error, first_at, "
-            "last_at, count, duration_min_us, duration_sum_us, duration_max_us) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "last_at, count, duration_min_us, duration_sum_us, duration_max_us, ended_at) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             run_rows,
         )
         conn.executemany(
@@ -208,7 +209,7 @@ def build(
         changes_n += 1  # the first sighting
         count = max(1, (now_ms - open_from) // INTERVAL_MS)
         last = now_ms - rng.randrange(INTERVAL_MS)
-        run(w, None, 0, 304, etag, first_ms, None, open_from, last, count, 4000, 8000 * count, 30000)
+        run(w, None, 0, 304, etag, first_ms, None, open_from, last, count, 4000, 8000 * count, 30000, ended=False)
         state_rows.append(
             (w, key, etag, iso(first_ms), iso(last), None, 4096, 1, iso(last), "unchanged", 0, None, None, seq, run_id)
         )

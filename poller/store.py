@@ -391,6 +391,11 @@ class Store:
                         .where(poll_runs.c.watch_id == row.id, poll_runs.c.key.is_(None))
                         .values(key=row.key)
                     )
+                    conn.execute(
+                        update(poll_runs)
+                        .where(poll_runs.c.watch_id == row.id, poll_runs.c.ended_at.is_(None))
+                        .values(ended_at=poll_runs.c.last_at)
+                    )
                     retargeted.add(row.id)
                     self._open_runs.pop(row.id, None)
             ids = {row.name: row.id for row in conn.execute(select(watches.c.id, watches.c.name))}
@@ -646,8 +651,10 @@ class Store:
                 for n, seg in enumerate(folded):
                     run_id = run_ids.get(n)
                     if run_id is None:
+                        ended = None if seg.opens else seg.last_at
                         cursor.execute(
-                            sql.insert, (seg.watch_id, seg.run_key, *seg.identity, seg.first_at, *_run_totals(seg))
+                            sql.insert,
+                            (seg.watch_id, seg.run_key, *seg.identity, seg.first_at, ended, *_run_totals(seg)),
                         )
                         run_id = cursor.fetchone()[0]
                         if seg.opens:
@@ -657,6 +664,7 @@ class Store:
                     if self.keep_samples:
                         samples += [(run_id, at, duration) for at, duration in seg.samples]
                 if opened:
+                    cursor.executemany(sql.close, [(watch_id, key) for _, watch_id, key in opened])
                     cursor.executemany(sql.open, opened)
                 if samples and self._copy:
                     with cursor.copy("COPY poll_samples (run_id, polled_at, duration_us) FROM STDIN") as copy:
@@ -994,9 +1002,10 @@ class Store:
                         cursor.execute(sql.latest_converted, (seg.watch_id, seg.first_at, seg.run_key))
                         latest = cursor.fetchone()
                         if latest is not None and latest[1] <= seg.first_at and tuple(latest[2:]) == seg.identity:
-                            cursor.execute(sql.extend_converted, (*_run_totals(seg), latest[0]))
+                            cursor.execute(sql.extend_converted, (*_run_totals(seg), seg.last_at, latest[0]))
                             continue
-                    new.append((seg.watch_id, seg.run_key, *seg.identity, seg.first_at, *_run_totals(seg)))
+                    # Every converted run is over: the daemon opens the next one.
+                    new.append((seg.watch_id, seg.run_key, *seg.identity, seg.first_at, seg.last_at, *_run_totals(seg)))
                 if new:
                     cursor.executemany(sql.insert_plain, new)
                 cursor.executemany(sql.delete_legacy, [(i,) for i in ids])
@@ -1041,12 +1050,23 @@ class Store:
         return total
 
     def _prune_runs(self, before_ms: int | None, chunks: int | None = None, limit: int = PRUNE_CHUNK) -> int:
-        """Delete runs that ended before ``before_ms`` (None: the oldest), ``limit`` per transaction."""
+        """Delete runs that ended before ``before_ms`` (None: the oldest), ``limit`` per transaction;
+        with ``before_ms``, then the open runs not extended since (a watch removed long ago)."""
         total = 0
-        oldest = select(poll_runs.c.id).order_by(poll_runs.c.last_at).limit(limit)
+        oldest = select(poll_runs.c.id).where(poll_runs.c.ended_at.is_not(None))
         if before_ms is not None:
-            oldest = oldest.where(poll_runs.c.last_at < before_ms)
+            oldest = oldest.where(poll_runs.c.ended_at < before_ms)
+        oldest = oldest.order_by(poll_runs.c.ended_at).limit(limit)
         statement = poll_runs.delete().where(poll_runs.c.id.in_(oldest.scalar_subquery()))
+        if before_ms is not None and chunks is None:
+            # Found outside the write lock (a scan of the open runs); the delete checks again.
+            stale_open = and_(poll_runs.c.ended_at.is_(None), poll_runs.c.last_at < before_ms)
+            with self._read() as conn:
+                stale = list(conn.execute(select(poll_runs.c.id).where(stale_open)).scalars())
+            for start in range(0, len(stale), limit):
+                with self._tx() as conn:
+                    ids = stale[start : start + limit]
+                    total += conn.execute(poll_runs.delete().where(poll_runs.c.id.in_(ids), stale_open)).rowcount
         while chunks is None or chunks > 0:
             with self._tx() as conn:
                 deleted = conn.execute(statement).rowcount
@@ -1162,8 +1182,9 @@ class Store:
         if changes:
             return self._changes(watch, since, limit)
         r = poll_runs
-        query = (
+        base = (
             select(
+                r.c.id,
                 r.c.last_at,
                 r.c.first_at,
                 r.c.count,
@@ -1182,9 +1203,15 @@ class Store:
             .select_from(r)
             .join(watches, watches.c.id == r.c.watch_id)
         )
-        query = self._newest_first(query, r.c.last_at, r.c.id, watch, None if since is None else to_ms(since), limit)
+        since_ms = None if since is None else to_ms(since)
+        # Ended runs by their index on ended_at, open ones (one per key) by theirs; newest of both.
+        ended = self._newest_first(base.where(r.c.ended_at.is_not(None)), r.c.ended_at, r.c.id, watch, since_ms, limit)
+        going = self._newest_first(base.where(r.c.ended_at.is_(None)), r.c.last_at, r.c.id, watch, since_ms, limit)
         with self._read() as conn:
-            rows = conn.execute(query).all()
+            rows = sorted([*conn.execute(ended), *conn.execute(going)], key=lambda row: (row.last_at, row.id))
+        rows.reverse()
+        if limit is not None:
+            rows = rows[:limit]
         return [
             {
                 "time": from_ms(row.last_at),
@@ -1681,17 +1708,20 @@ class _RunStatements:
         identity = (
             f"outcome = ? AND http_status {same} ? AND etag {same} ? AND last_modified {same} ? AND error {same} ?"
         )
+        open_run = "(SELECT run_id FROM object_state WHERE watch_id = ? AND key = ?)"
         self.extend = p(
-            f"UPDATE poll_runs SET {totals} WHERE id = (SELECT run_id FROM object_state WHERE watch_id = ? "
-            f"AND key = ?) AND {identity} RETURNING id"
+            f"UPDATE poll_runs SET {totals} WHERE id = {open_run} AND ended_at IS NULL AND {identity} RETURNING id"
         )
         self.extend_known = p(
-            f"UPDATE poll_runs SET {totals} WHERE id = ? AND watch_id = ? AND key IS NULL AND {identity}"
+            f"UPDATE poll_runs SET {totals} WHERE id = ? AND watch_id = ? AND key IS NULL AND ended_at IS NULL "
+            f"AND {identity}"
         )
+        # A key's open run ends when its next run begins (before object_state points at the new one).
+        self.close = p(f"UPDATE poll_runs SET ended_at = last_at WHERE id = {open_run} AND ended_at IS NULL")
         self.insert = p(
             "INSERT INTO poll_runs (watch_id, key, outcome, http_status, etag, last_modified, error, first_at, "
-            "last_at, count, duration_min_us, duration_sum_us, duration_max_us) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id"
+            "ended_at, last_at, count, duration_min_us, duration_sum_us, duration_max_us) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id"
         )
         self.open = p("UPDATE object_state SET run_id = ? WHERE watch_id = ? AND key = ?")
         self.insert_plain = self.insert.removesuffix(" RETURNING id")
@@ -1700,7 +1730,7 @@ class _RunStatements:
             "SELECT id, last_at, outcome, http_status, etag, last_modified, error FROM poll_runs "
             f"WHERE watch_id = ? AND first_at <= ? AND key {same} ? ORDER BY first_at DESC, id DESC LIMIT 1"
         )
-        self.extend_converted = p(f"UPDATE poll_runs SET {totals} WHERE id = ?")
+        self.extend_converted = p(f"UPDATE poll_runs SET {totals}, ended_at = {greatest}(last_at, ?) WHERE id = ?")
         self.delete_legacy = p("DELETE FROM polls_legacy WHERE id = ?")
         self.sample = p("INSERT INTO poll_samples (run_id, polled_at, duration_us) VALUES (?, ?, ?)")
         self.extend_staged = (
@@ -1708,7 +1738,8 @@ class _RunStatements:
             "duration_min_us = least(r.duration_min_us, s.dmin), duration_sum_us = r.duration_sum_us + s.dsum, "
             f"duration_max_us = greatest(r.duration_max_us, s.dmax) FROM {_RUN_STAGE} s "
             "JOIN object_state o ON o.watch_id = s.watch_id AND o.key = s.state_key "
-            "WHERE r.id = o.run_id AND r.outcome = s.outcome AND r.http_status IS NOT DISTINCT FROM s.http_status "
+            "WHERE r.id = o.run_id AND r.ended_at IS NULL AND r.outcome = s.outcome "
+            "AND r.http_status IS NOT DISTINCT FROM s.http_status "
             "AND r.etag IS NOT DISTINCT FROM s.etag AND r.last_modified IS NOT DISTINCT FROM s.last_modified "
             "AND r.error IS NOT DISTINCT FROM s.error RETURNING s.n, r.id"
         )

@@ -125,6 +125,10 @@ def test_identical_polls_are_one_run_and_every_poll_is_counted(store: Store):
         ("unchanged", at(120)),
     ]
     assert len(samples) == 9 and all(float(s[2]) == 2.0 for s in samples)
+    with store.engine.connect() as conn:
+        # One open run per key; every other run ended at its last poll.
+        assert conn.execute(text("SELECT count(*) FROM poll_runs WHERE ended_at IS NULL")).scalar() == 1
+        assert conn.execute(text("SELECT count(*) FROM poll_runs WHERE ended_at <> last_at")).scalar() == 0
     assert {tuple(float(v) for v in d) for d in durations} == {(2.0, 2.0, 2.0)}
     history = store.history(limit=None)
     assert [(r["outcome"], r["count"], r["first"], r["time"]) for r in history][:2] == [

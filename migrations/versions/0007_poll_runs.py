@@ -70,6 +70,7 @@ def upgrade() -> None:
         sa.Column("error", sa.Text()),
         sa.Column("first_at", sa.BigInteger(), nullable=False),
         sa.Column("last_at", sa.BigInteger(), nullable=False),
+        sa.Column("ended_at", sa.BigInteger()),
         sa.Column("count", sa.BigInteger(), nullable=False),
         sa.Column("duration_min_us", sa.BigInteger(), nullable=False),
         sa.Column("duration_sum_us", sa.BigInteger(), nullable=False),
@@ -78,7 +79,14 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name="pk_poll_runs"),
     )
     op.create_index("ix_poll_runs_watch_id_first_at", "poll_runs", ["watch_id", "first_at"])
-    op.create_index("ix_poll_runs_last_at", "poll_runs", ["last_at"])
+    op.create_index("ix_poll_runs_ended_at", "poll_runs", ["ended_at"])
+    open_runs = sa.text("ended_at IS NULL")
+    op.create_index("ix_poll_runs_open", "poll_runs", ["watch_id"], sqlite_where=open_runs, postgresql_where=open_runs)
+    if pg:
+        # Room in each page for the new version of a row: an open run's extension, and a poll's
+        # object_state update, are then HOT updates (no index entries written).
+        op.execute("ALTER TABLE poll_runs SET (fillfactor = 70)")
+        op.execute("ALTER TABLE object_state SET (fillfactor = 70)")
     op.create_table(
         "poll_samples",
         sa.Column("id", pk, nullable=False),
@@ -103,8 +111,11 @@ def downgrade() -> None:
     op.execute("DROP VIEW poll_samples_view")
     op.execute("DROP VIEW polls")
     op.drop_column("object_state", "run_id")
+    if pg:
+        op.execute("ALTER TABLE object_state RESET (fillfactor)")
     op.drop_table("poll_samples")
-    op.drop_index("ix_poll_runs_last_at", "poll_runs")
+    op.drop_index("ix_poll_runs_open", "poll_runs")
+    op.drop_index("ix_poll_runs_ended_at", "poll_runs")
     op.drop_index("ix_poll_runs_watch_id_first_at", "poll_runs")
     op.drop_table("poll_runs")
     inspector = sa.inspect(bind)
