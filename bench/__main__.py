@@ -306,29 +306,33 @@ def table_bytes(db: Path, tables: dict[str, tuple[str, ...]]) -> dict[str, int]:
 
 
 def db_figures(db: Path) -> dict[str, Any]:
-    """Bytes per 1,000,000 poll rows and per history event, measured on a benchmark run's database."""
+    """Bytes of the poll log (runs and samples) per 1,000,000 polls, and per history event, measured
+    on a benchmark run's database."""
     conn = sqlite3.connect(db)
     try:
-        n_polls = conn.execute("SELECT count(*) FROM polls").fetchone()[0]
+        n_polls = conn.execute("SELECT COALESCE(sum(count), 0) FROM poll_runs").fetchone()[0]
         n_events = conn.execute("SELECT count(*) FROM etag_history").fetchone()[0]
     finally:
         conn.close()
     sizes = table_bytes(
         db,
         {
-            "polls": ("ix_polls_watch_id_polled_at", "ix_polls_polled_at"),
+            "poll_runs": ("ix_poll_runs_watch_id_first_at", "ix_poll_runs_ended_at", "ix_poll_runs_open"),
+            "poll_samples": (),
             "etag_history": ("ix_etag_history_watch_id_detected_at", "ix_etag_history_detected_at"),
         },
     )
+    poll_log = sizes["poll_runs"] + sizes["poll_samples"]
     return {
-        "db_mb_per_million_polls": round(sizes["polls"] / max(n_polls, 1) * 1_000_000 / 2**20, 1),
+        "db_mb_per_million_polls": round(poll_log / max(n_polls, 1) * 1_000_000 / 2**20, 1),
         "db_bytes_per_history_event": round(sizes["etag_history"] / max(n_events, 1)),
         "polls_measured": n_polls,
     }
 
 
 def history_latency(workdir: Path, rows: int) -> dict[str, Any]:
-    """`poller history --since 1h` on a database with ``rows`` poll rows spread over 30 days."""
+    """`poller history --since 1h` on a database with ``rows`` poll runs spread over 30 days (ended
+    ones: each stands for a change or an error and the polls around it)."""
     from poller.store import Store, migrate, open_engine
 
     db = workdir / "history.db"
@@ -341,18 +345,19 @@ def history_latency(workdir: Path, rows: int) -> dict[str, Any]:
         "INSERT INTO watches (id, name, bucket, key, kind, active, created_at) VALUES (?, ?, 'b', ?, 'key', 1, ?)",
         [(i, f"w{i}", f"k{i}", now.isoformat()) for i in range(1, 1001)],
     )
-    step = 30 * 86400 / rows
-    # Spread the rows over the last 30 days, newest last, in the text format poller writes.
+    step_ms = 30 * 86_400_000 // rows
+    now_ms = int(now.timestamp() * 1000)
+    # Spread the runs over the last 30 days, newest last, each 3 polls long.
     conn.execute(
         """
         WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < ? - 1)
-        INSERT INTO polls (watch_id, key, polled_at, outcome, http_status, etag, duration_ms)
-        SELECT 1 + i % 1000, 'k' || (1 + i % 1000),
-               strftime('%Y-%m-%dT%H:%M:%S', ?, '-' || ((? - 1 - i) * ?) || ' seconds') || '.000000+00:00',
-               'unchanged', 304, '"0123456789abcdef0123456789abcdef"', 4.2
+        INSERT INTO poll_runs (watch_id, outcome, http_status, etag, first_at, last_at, ended_at, count,
+                               duration_min_us, duration_sum_us, duration_max_us)
+        SELECT 1 + i % 1000, 0, 304, '"0123456789abcdef0123456789abcdef"',
+               ? - (? - i) * ?, ? - (? - i) * ? + 2, ? - (? - i) * ? + 2, 3, 4200, 12600, 4200
         FROM n
         """,
-        (rows, now.strftime("%Y-%m-%d %H:%M:%S"), rows, step),
+        (rows, now_ms, rows, step_ms, now_ms, rows, step_ms, now_ms, rows, step_ms),
     )
     conn.commit()
     conn.close()
@@ -530,7 +535,7 @@ def print_table(result: dict[str, Any]) -> None:
     )
     h = result["history"]
     print(
-        f"\nhistory --since 1h on {h['history_rows']:,} poll rows ({h['history_db_mb']} MB): "
+        f"\nhistory --since 1h on {h['history_rows']:,} poll runs ({h['history_db_mb']} MB): "
         f"query {h['history_query_ms']} ms, whole CLI {h['history_cli_ms']} ms"
     )
 
