@@ -311,9 +311,12 @@ class Store:
         # INSERT ... SELECT ... ON CONFLICT with the same guard, instead of one statement per row.
         self._stage_states = self._copy
         self._run_sql = _RunStatements(engine.dialect.name)
-        # Each watch's open run id, as committed. Only where this process is the one writer (SQLite's
-        # lock file sees to it): with several daemons another may open a run, so the database is asked.
-        self._cache_runs = engine.dialect.name == "sqlite"
+        # Each watch's open run (id, identity), as committed here. A run is open (ended_at IS NULL)
+        # only while object_state points at it, so a cached id that is no longer open fails its
+        # guard and the database is asked instead. Where this process is the only writer (SQLite: its
+        # lock file sees to it) the cache is the truth: a different identity means a new run.
+        self._cache_runs = True
+        self._authoritative = engine.dialect.name == "sqlite"
         self._open_runs: dict[int, tuple[int, Identity]] = {}
         # Every poll's exact time and duration go to poll_samples too (database.sample_retention > 0).
         self.keep_samples = True
@@ -643,7 +646,7 @@ class Store:
             cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
             try:
                 if self._copy and len(folded) >= STAGE_MIN_ROWS:
-                    run_ids = self._extend_staged(conn, cursor, folded, created)
+                    run_ids = self._extend_staged(conn, cursor, folded, created, learned)
                 else:
                     run_ids = self._extend_rows(cursor, folded, learned)
                 opened: list[tuple[int, int, str]] = []
@@ -690,10 +693,11 @@ class Store:
             if not seg.may_extend:
                 continue
             open_run = cached.get(seg.watch_id) if self._cache_runs and seg.run_key is None else None
-            if open_run is not None:
-                if open_run[1] == seg.identity:
-                    run_ids[n] = open_run[0]
-                    known.append((*_run_totals(seg), open_run[0], seg.watch_id, *seg.identity))
+            if open_run is not None and open_run[1] == seg.identity:
+                run_ids[n] = open_run[0]
+                known.append((*_run_totals(seg), open_run[0], seg.watch_id, *seg.identity))
+                continue
+            if open_run is not None and self._authoritative:
                 continue  # a different identity: the cache knows the open run cannot be extended
             cursor.execute(sql.extend, (*_run_totals(seg), seg.watch_id, seg.state_key, *seg.identity))
             row = cursor.fetchone()
@@ -710,22 +714,48 @@ class Store:
         return run_ids
 
     def _extend_staged(
-        self, conn: Connection, cursor: Any, folded: list[Segment], created: list[str]
+        self,
+        conn: Connection,
+        cursor: Any,
+        folded: list[Segment],
+        created: list[str],
+        learned: list[tuple[int, int, Identity]],
     ) -> dict[int, int]:
-        """PostgreSQL: extend the open runs of a batch in one UPDATE ... FROM a COPY-staged table."""
+        """PostgreSQL: extend the open runs of a batch in one UPDATE ... FROM a COPY-staged table,
+        by cached id where there is one (a primary-key join), else through object_state.run_id."""
         if _RUN_STAGE not in conn.info.get(_STAGE_INFO, ()):
             cursor.execute(
-                f"CREATE TEMPORARY TABLE IF NOT EXISTS {_RUN_STAGE} (n integer, watch_id bigint, state_key text, "
-                "outcome smallint, http_status integer, etag text, last_modified bigint, error text, "
-                "last_at bigint, count bigint, dmin bigint, dsum bigint, dmax bigint) ON COMMIT DELETE ROWS"
+                f"CREATE TEMPORARY TABLE IF NOT EXISTS {_RUN_STAGE} (n integer, run_id bigint, watch_id bigint, "
+                "state_key text, outcome smallint, http_status integer, etag text, last_modified bigint, "
+                "error text, last_at bigint, count bigint, dmin bigint, dsum bigint, dmax bigint) "
+                "ON COMMIT DELETE ROWS"
             )
             created.append(_RUN_STAGE)
+        cached = self._open_runs
+        guessed: set[int] = set()
         with cursor.copy(f"COPY {_RUN_STAGE} FROM STDIN") as copy:
             for n, seg in enumerate(folded):
-                if seg.may_extend:
-                    copy.write_row((n, seg.watch_id, seg.state_key, *seg.identity, *_run_totals(seg)))
+                if not seg.may_extend:
+                    continue
+                open_run = cached.get(seg.watch_id) if seg.run_key is None else None
+                run_id = open_run[0] if open_run is not None and open_run[1] == seg.identity else None
+                if run_id is not None:
+                    guessed.add(n)
+                copy.write_row((n, run_id, seg.watch_id, seg.state_key, *seg.identity, *_run_totals(seg)))
         cursor.execute(self._run_sql.extend_staged)
-        return {n: run_id for n, run_id in cursor.fetchall()}
+        run_ids = {n: run_id for n, run_id in cursor.fetchall()}
+        for n in guessed - run_ids.keys():
+            # The cached run is over (another daemon held the key meanwhile): ask object_state.
+            seg = folded[n]
+            cursor.execute(self._run_sql.extend, (*_run_totals(seg), seg.watch_id, seg.state_key, *seg.identity))
+            row = cursor.fetchone()
+            if row is not None:
+                run_ids[n] = row[0]
+        for n, run_id in run_ids.items():
+            seg = folded[n]
+            if seg.opens and seg.run_key is None and n not in guessed:
+                learned.append((seg.watch_id, run_id, seg.identity))
+        return run_ids
 
     def _staged_upsert(self, *, error: bool) -> tuple[Table, Any]:
         """A temporary staging table and the upsert from it that equals the row-by-row one."""
@@ -1737,8 +1767,9 @@ class _RunStatements:
             "UPDATE poll_runs r SET last_at = greatest(r.last_at, s.last_at), count = r.count + s.count, "
             "duration_min_us = least(r.duration_min_us, s.dmin), duration_sum_us = r.duration_sum_us + s.dsum, "
             f"duration_max_us = greatest(r.duration_max_us, s.dmax) FROM {_RUN_STAGE} s "
-            "JOIN object_state o ON o.watch_id = s.watch_id AND o.key = s.state_key "
-            "WHERE r.id = o.run_id AND r.ended_at IS NULL AND r.outcome = s.outcome "
+            "WHERE r.id = COALESCE(s.run_id, (SELECT o.run_id FROM object_state o "
+            "WHERE o.watch_id = s.watch_id AND o.key = s.state_key)) "
+            "AND r.watch_id = s.watch_id AND r.ended_at IS NULL AND r.outcome = s.outcome "
             "AND r.http_status IS NOT DISTINCT FROM s.http_status "
             "AND r.etag IS NOT DISTINCT FROM s.etag AND r.last_modified IS NOT DISTINCT FROM s.last_modified "
             "AND r.error IS NOT DISTINCT FROM s.error RETURNING s.n, r.id"

@@ -358,3 +358,28 @@ def test_large_batches_extend_runs_like_small_ones(store: Store):
     assert counts["w0"] == [("modified", 1), ("unchanged", 3)]
     assert counts["w3"] == [("modified", 1), ("unchanged", 2), ("error", 1), ("unchanged", 2)]
     assert all(c == [("modified", 1), ("unchanged", 3)] for name, c in counts.items() if name != "w3")
+
+
+@pytest.mark.parametrize("others", [0, 10])  # 10 more keys: PostgreSQL's staged path
+def test_a_cached_open_run_that_another_writer_ended_is_not_extended(store: Store, db_url: str, others: int):
+    # Two writers on one database (two daemons, a shard handed over and back): each caches the open
+    # runs it wrote, and a cached run the other one ended must not swallow later polls.
+    names = ["w", *[f"o{i}" for i in range(others)]]
+    synced = store.sync_watches([WatchSpec(n, "bucket", f"k/{n}", 60.0, None) for n in names], NOW)
+    w, rest = synced.watches["w"], [synced.watches[n] for n in names[1:]]
+    other = Store(open_engine(store.engine.url.render_as_string(hide_password=False)))
+    try:
+        store.record([poll(w, at(0), "modified"), *[poll(o, at(0), "modified") for o in rest]])
+        store.record([poll(w, at(60)), *[poll(o, at(60)) for o in rest]])  # cached: w's unchanged run
+        other.record([poll(w, at(120), "error"), *[poll(o, at(120)) for o in rest]])
+        other.record([poll(w, at(180)), *[poll(o, at(180)) for o in rest]])  # unchanged again: a new run
+        store.record([poll(w, at(240)), *[poll(o, at(240)) for o in rest]])  # extends that one
+    finally:
+        other.close()
+    got = [(r["outcome"], r["count"], r["first"], r["time"]) for r in reversed(store.history(watch="w", limit=None))]
+    assert got == [
+        ("modified", 1, at(0), at(0)),
+        ("unchanged", 1, at(60), at(60)),
+        ("error", 1, at(120), at(120)),
+        ("unchanged", 2, at(180), at(240)),
+    ]
