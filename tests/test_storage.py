@@ -314,16 +314,19 @@ def test_kill_9_during_db_upgrade_then_the_next_run_finishes(tmp_path: Path):
 def test_db_stats(config, tmp_path: Path):
     from conftest import run_cli
 
-    db = config.db
-    _legacy_database(f"sqlite:///{db}", watches=2, polls_each=100)
     config.write([])
-    assert run_cli("db", "upgrade", "--config", str(config.path)).returncode == 0
+    store = Store(open_engine(f"sqlite:///{config.db}"))
+    migrate(store.engine)
+    w = watch_of(store)
+    store.record([poll(w, at(0), "modified"), poll(w, at(60)), poll(w, at(120), "error"), poll(w, at(180))])
+    store.close()
     out = run_cli("db", "stats", "--config", str(config.path))
     assert out.returncode == 0, out.stderr
     assert "poll_runs" in out.stdout and "etag_history" in out.stdout and "in use" in out.stdout
     as_json = run_cli("db", "stats", "--format", "json", "--config", str(config.path))
     tables = {t["table"]: t for t in __import__("json").loads(as_json.stdout)}
-    assert tables["poll_runs"]["rows"] == len(_expected_runs(100)) * 2 and tables["poll_runs"]["bytes"] > 0
+    assert tables["poll_runs"]["rows"] == 4 and tables["poll_runs"]["bytes"] > 0
+    assert tables["poll_samples"]["rows"] == 4 and tables["etag_history"]["rows"] == 1
 
 
 def test_the_daemon_folds_old_poll_rows_in_the_background(config, s3, bucket, start_daemon):
