@@ -38,6 +38,20 @@ for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "POLLER_CONFIG", "NOTIFY_SOCKET
     os.environ.pop(_var, None)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """The whole suite (`pytest` with no paths) runs on one xdist worker per CPU; named files or tests
+    run in this process, unless -n says otherwise."""
+    # Most of the suite's time is CPU (each `python -m poller` costs ~1 s of imports), so a worker
+    # per core. Each worker is its own session: its own moto server and PostgreSQL server.
+    if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput"):
+        return
+    if config.option.numprocesses is None and config.args_source == pytest.Config.ArgsSource.TESTPATHS:
+        config.option.numprocesses = "auto"
+        if config.option.dist == "no":
+            config.option.dist = "worksteal"  # tests vary from 1 ms to 50 s: idle workers take over the rest
+
+
 @contextlib.contextmanager
 def serving(handler: type[http.server.BaseHTTPRequestHandler], tls: Any = None) -> Iterator[int]:
     """A real HTTP(S) server on 127.0.0.1 answering with ``handler``; yields its port."""
@@ -72,27 +86,29 @@ def wait_for(condition: Callable[[], Any], timeout: float = 15.0, interval: floa
 
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A moto server subprocess in server mode on 127.0.0.1."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    """A moto server subprocess on 127.0.0.1 (tests/motoserver.py), one per session: one per xdist worker."""
+    workdir = tmp_path_factory.mktemp("moto")
+    log, port_file = workdir / "moto.log", workdir / "port"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            [sys.executable, str(Path(__file__).with_name("motoserver.py")), str(port_file)],
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    endpoint = f"http://127.0.0.1:{port}"
 
-    def up() -> bool:
+    def up() -> str | None:
         if proc.poll() is not None:
             raise AssertionError(f"moto server exited: {log.read_text()}")
+        if not port_file.exists():
+            return None
+        endpoint = f"http://127.0.0.1:{port_file.read_text()}"
         try:
             urllib.request.urlopen(endpoint + "/moto-api/", timeout=1).close()
         except OSError:
-            return False
-        return True
+            return None
+        return endpoint
 
-    wait_for(up, timeout=30, what="moto server")
+    endpoint = str(wait_for(up, timeout=30, what="moto server"))
     yield endpoint
     proc.terminate()
     proc.wait(10)

@@ -59,7 +59,6 @@ class PgServer:
         # The benchmark asks for a durable server to compare commits honestly with SQLite's.
         self.options = [
             "-c listen_addresses=127.0.0.1",
-            f"-c port={self.port}",
             f"-c unix_socket_directories={self.root}",
             "-c max_connections=200",
         ]
@@ -82,8 +81,16 @@ class PgServer:
             "--no-locale",
             "--no-sync",
         )  # fmt: skip
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
-                  "-o", " ".join(self.options), "start")  # fmt: skip
+        for attempt in range(3):
+            # The port was free when picked; another process (a parallel test worker) may have taken it since.
+            try:
+                self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
+                          "-o", " ".join([*self.options, f"-c port={self.port}"]), "start")  # fmt: skip
+                break
+            except RuntimeError as exc:
+                if attempt == 2 or "already in use" not in str(exc):
+                    raise
+                self.port = _free_port()
         self.admin(f"CREATE DATABASE {TEMPLATE}")
         return self
 
