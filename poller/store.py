@@ -733,19 +733,25 @@ class Store:
             created.append(_RUN_STAGE)
         cached = self._open_runs
         guessed: set[int] = set()
+        asked: list[int] = []
         with cursor.copy(f"COPY {_RUN_STAGE} FROM STDIN") as copy:
             for n, seg in enumerate(folded):
                 if not seg.may_extend:
                     continue
                 open_run = cached.get(seg.watch_id) if seg.run_key is None else None
-                run_id = open_run[0] if open_run is not None and open_run[1] == seg.identity else None
-                if run_id is not None:
-                    guessed.add(n)
-                copy.write_row((n, run_id, seg.watch_id, seg.state_key, *seg.identity, *_run_totals(seg)))
-        cursor.execute(self._run_sql.extend_staged)
-        run_ids = {n: run_id for n, run_id in cursor.fetchall()}
-        for n in guessed - run_ids.keys():
-            # The cached run is over (another daemon held the key meanwhile): ask object_state.
+                if open_run is None or open_run[1] != seg.identity:
+                    asked.append(n)  # after a change, a restart or a handover: object_state knows
+                    continue
+                guessed.add(n)
+                copy.write_row((n, open_run[0], seg.watch_id, seg.state_key, *seg.identity, *_run_totals(seg)))
+        run_ids: dict[int, int] = {}
+        if guessed:
+            # Joined by primary key only, so the plan stays a few index lookups per row however
+            # many open runs there are (through object_state it hashed every open run).
+            cursor.execute(self._run_sql.extend_staged)
+            run_ids.update(cursor.fetchall())
+        for n in [*asked, *sorted(guessed - run_ids.keys())]:
+            # Not cached, or the cached run is over (another daemon held the key meanwhile).
             seg = folded[n]
             cursor.execute(self._run_sql.extend, (*_run_totals(seg), seg.watch_id, seg.state_key, *seg.identity))
             row = cursor.fetchone()
@@ -1767,9 +1773,8 @@ class _RunStatements:
             "UPDATE poll_runs r SET last_at = greatest(r.last_at, s.last_at), count = r.count + s.count, "
             "duration_min_us = least(r.duration_min_us, s.dmin), duration_sum_us = r.duration_sum_us + s.dsum, "
             f"duration_max_us = greatest(r.duration_max_us, s.dmax) FROM {_RUN_STAGE} s "
-            "WHERE r.id = COALESCE(s.run_id, (SELECT o.run_id FROM object_state o "
-            "WHERE o.watch_id = s.watch_id AND o.key = s.state_key)) "
-            "AND r.watch_id = s.watch_id AND r.ended_at IS NULL AND r.outcome = s.outcome "
+            "WHERE r.id = s.run_id AND r.watch_id = s.watch_id AND r.key IS NULL AND r.ended_at IS NULL "
+            "AND r.outcome = s.outcome "
             "AND r.http_status IS NOT DISTINCT FROM s.http_status "
             "AND r.etag IS NOT DISTINCT FROM s.etag AND r.last_modified IS NOT DISTINCT FROM s.last_modified "
             "AND r.error IS NOT DISTINCT FROM s.error RETURNING s.n, r.id"
