@@ -287,6 +287,29 @@ def cli_seconds(config: Path, *args: str, repeat: int = 3) -> float:
     return best
 
 
+def query_ms(db: Path, now: datetime, repeat: int = 3) -> dict[str, float]:
+    """The same operator queries in-process (the Store's own calls, without Python's start-up)."""
+    from poller.store import Store, open_engine
+
+    store = Store(open_engine(f"sqlite:///{db}", readonly=True))
+    calls = {
+        "status (100,000 rows, display)": lambda: store.status(display=True),
+        "history --since 1h": lambda: store.history(since=now - timedelta(hours=1)),
+        "history WATCH (30 days, all rows)": lambda: store.history(watch="w000001", limit=None),
+        "history WATCH --since 1h": lambda: store.history(watch="w000001", since=now - timedelta(hours=1)),
+    }
+    out = {}
+    for name, call in calls.items():
+        best = float("inf")
+        for _ in range(repeat):
+            t = time.perf_counter()
+            call()
+            best = min(best, time.perf_counter() - t)
+        out[name] = round(best * 1000, 1)
+    store.close()
+    return out
+
+
 def prune_lock_ms(db: Path, before: datetime) -> tuple[int, float, float]:
     """One pruning pass over ``db``: runs removed, the longest write transaction (ms), total seconds."""
     from poller.store import Store, open_engine
@@ -377,6 +400,7 @@ def main() -> int:
             "history WATCH (30 days, all rows)": cli_seconds(config, "history", "w000001", "--limit", "0"),
             "--version (start-up alone)": cli_seconds(config, "--version"),
         }
+        out["query_ms"] = query_ms(db, now)
         removed, longest, total = prune_lock_ms(db, now - timedelta(days=args.days - 1))
         out["prune"] = {"runs_removed": removed, "longest_tx_ms": longest, "seconds": total}
     if args.json:
@@ -413,6 +437,8 @@ def report(out: dict[str, Any]) -> None:
         print(f"  {'writer polls/s':32} {wo['polls_per_s']:>20,.0f} {wn['polls_per_s']:>24,.0f}")
     for name, seconds in out["cli_s"].items():
         print(f"  CLI {name:40} {seconds * 1000:>8.0f} ms")
+    for name, ms in out.get("query_ms", {}).items():
+        print(f"  in-process {name:33} {ms:>8.1f} ms")
     pr = out["prune"]
     print(
         f"  prune pass: {pr['runs_removed']:,} runs in {pr['seconds']:.1f} s, longest write transaction "

@@ -1445,10 +1445,16 @@ class Store:
 
     # --- reload and CLI look-ups ------------------------------------------------------
 
-    def watch_names(self) -> list[str]:
-        """Every watch name in the database, active or not (history outlives a watch's removal)."""
+    def watch_names(self, pattern: str | None = None, limit: int | None = None) -> list[str]:
+        """Watch names in the database, active or not (history outlives a watch's removal), matching
+        ``pattern`` (a name or a glob) if given, at most ``limit``."""
+        query = select(watches.c.name).order_by(watches.c.name)
+        if pattern is not None:
+            query = query.where(_name_filter(pattern, self.engine.dialect.name))
+        if limit is not None:
+            query = query.limit(limit)
         with self._read() as conn:
-            return [row.name for row in conn.execute(select(watches.c.name).order_by(watches.c.name))]
+            return [row.name for row in conn.execute(query)]
 
     # --- several daemons (PostgreSQL; design.md section 6) -------------------------------
 
