@@ -1087,7 +1087,7 @@ class Store:
 
     def _prune_runs(self, before_ms: int | None, chunks: int | None = None, limit: int = PRUNE_CHUNK) -> int:
         """Delete runs that ended before ``before_ms`` (None: the oldest), ``limit`` per transaction;
-        with ``before_ms``, then the open runs not extended since (a watch removed long ago)."""
+        with ``before_ms``, also the open runs not extended since (a watch removed long ago)."""
         total = 0
         oldest = select(poll_runs.c.id).where(poll_runs.c.ended_at.is_not(None))
         if before_ms is not None:
@@ -1103,6 +1103,12 @@ class Store:
                 with self._tx() as conn:
                     ids = stale[start : start + limit]
                     total += conn.execute(poll_runs.delete().where(poll_runs.c.id.in_(ids), stale_open)).rowcount
+        return total + self._delete_in_chunks(statement, limit, chunks)
+
+    def _delete_in_chunks(self, statement: Any, limit: int, chunks: int | None) -> int:
+        """Run a DELETE of at most ``limit`` rows, a transaction each, until it deletes fewer (or
+        ``chunks`` times); return how many rows went."""
+        total = 0
         while chunks is None or chunks > 0:
             with self._tx() as conn:
                 deleted = conn.execute(statement).rowcount
@@ -1120,15 +1126,7 @@ class Store:
         statement = poll_samples.delete().where(poll_samples.c.id.in_(ids))
         if before_ms is not None:
             statement = statement.where(poll_samples.c.polled_at < before_ms)
-        total = 0
-        while chunks is None or chunks > 0:
-            with self._tx() as conn:
-                deleted = conn.execute(statement).rowcount
-            total += deleted
-            chunks = None if chunks is None else chunks - 1
-            if deleted < SAMPLE_PRUNE_CHUNK:
-                break
-        return total
+        return self._delete_in_chunks(statement, SAMPLE_PRUNE_CHUNK, chunks)
 
     def used_bytes(self) -> int:
         """Bytes the database's rows and indexes occupy (free pages and dead rows not counted)."""
