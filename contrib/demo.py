@@ -147,7 +147,7 @@ key = "incoming/later.txt"
         print(poller("status"))
         print("== poller history --changes   (every ETag change)")
         print(poller("history", "--changes"))
-        print("== poller history app-config --limit 8   (every poll, newest first)")
+        print("== poller history app-config --limit 8   (runs of identical polls, newest first)")
         print(poller("history", "app-config", "--limit", "8"))
         print(f"The database is {HERE / 'poller.db'}; try: sqlite3 {HERE / 'poller.db'} 'SELECT * FROM etag_history'")
     finally:
