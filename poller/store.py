@@ -137,7 +137,6 @@ class Pruned:
     runs: int = 0
     samples: int = 0
     for_size: int = 0  # runs removed to keep the database under max_db_size
-    legacy: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,7 +314,6 @@ class Store:
         # only while object_state points at it, so a cached id that is no longer open fails its
         # guard and the database is asked instead. Where this process is the only writer (SQLite: its
         # lock file sees to it) the cache is the truth: a different identity means a new run.
-        self._cache_runs = True
         self._authoritative = engine.dialect.name == "sqlite"
         self._open_runs: dict[int, tuple[int, Identity]] = {}
         # Every poll's exact time and duration go to poll_samples too (database.sample_retention > 0).
@@ -598,7 +596,7 @@ class Store:
             info = conn.info
         if created:
             info.setdefault(_STAGE_INFO, set()).update(created)
-        if learned and self._cache_runs:
+        if learned:
             # Committed: the next polls of these watches extend their open runs by id.
             self._open_runs.update((watch_id, (run_id, identity)) for watch_id, run_id, identity in learned)
         return failed
@@ -692,7 +690,7 @@ class Store:
         for n, seg in enumerate(folded):
             if not seg.may_extend:
                 continue
-            open_run = cached.get(seg.watch_id) if self._cache_runs and seg.run_key is None else None
+            open_run = cached.get(seg.watch_id) if seg.run_key is None else None
             if open_run is not None and open_run[1] == seg.identity:
                 run_ids[n] = open_run[0]
                 known.append((*_run_totals(seg), open_run[0], seg.watch_id, *seg.identity))
@@ -913,8 +911,6 @@ class Store:
 
     def _prune(self, before: datetime, samples_before: datetime | None, max_bytes: int | None) -> Pruned:
         done = Pruned()
-        if self.has_legacy_polls():
-            self.convert_legacy_polls()
         done.samples = self._prune_samples(to_ms(samples_before or before))
         done.runs = self._prune_runs(to_ms(before))
         if max_bytes is not None:
@@ -926,7 +922,7 @@ class Store:
         """Rows and bytes per table, and what the last 24 hours added (for `poller db stats`)."""
         tables = [t.name for t in (watches, object_state, poll_runs, poll_samples, etag_history, notifications)]
         with self._read() as conn:
-            if self.has_legacy_polls():
+            if inspect(conn).has_table(polls_legacy.name):
                 tables.append(polls_legacy.name)
             rows = {t: int(conn.exec_driver_sql(f"SELECT count(*) FROM {t}").scalar() or 0) for t in tables}
             if self.engine.dialect.name == "sqlite":
