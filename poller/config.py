@@ -80,7 +80,6 @@ def format_duration(seconds: float) -> str:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
 
 def parse_size(value: object) -> int:
@@ -95,10 +94,8 @@ def parse_size(value: object) -> int:
         match = _SIZE.fullmatch(value.strip())
         if match:
             unit = match.group(2).lower()
-            base = _SIZE_UNITS[unit[:1] if unit[:1] in "kmgt" else ""]
-            if "i" in unit:
-                base = 1024 ** "_kmgt".index(unit[0]) if unit[0] in "kmgt" else 1
-            return int(float(match.group(1)) * base)
+            power = "_kmgt".index(unit[0]) if unit[:1] in ("k", "m", "g", "t") else 0
+            return int(float(match.group(1)) * (1024 if "i" in unit else 1000) ** power)
     raise ValueError(f'expected a size such as "500MB" or "2GB", got {value!r}')
 
 
