@@ -86,7 +86,9 @@ def main() -> int:
     parser.add_argument("--batches", type=int, default=30, help="timed batches per database (default 30)")
     parser.add_argument("--batch-size", type=int, default=1000, help="results per batch (default 1000)")
     parser.add_argument(
-        "--compare-executemany", action="store_true", help="also time PostgreSQL with poll rows sent by executemany"
+        "--compare-executemany",
+        action="store_true",
+        help="also time PostgreSQL without COPY (samples by executemany, open runs extended row by row)",
     )
     parser.add_argument(
         "--compare-row-upserts",

@@ -249,5 +249,17 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture
+def store(db_url: str) -> Iterator[Any]:
+    """A migrated ``poller.store.Store`` over ``db_url``: the store contract, on every backend."""
+    from poller.store import Store, migrate, open_engine
+
+    engine = open_engine(db_url)
+    migrate(engine)
+    s = Store(engine)
+    yield s
+    s.close()
+
+
 # The daemon-as-a-subprocess fixture lives with its helpers; imported last (it imports from here).
 from daemonproc import start_daemon  # noqa: E402, F401

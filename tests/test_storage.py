@@ -7,7 +7,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,15 +24,6 @@ from poller.watchlist import WatchSpec
 NOW = datetime(2026, 11, 24, 10, 0, 0, 123000, tzinfo=UTC)
 A = (0, 304, '"a"', None, None)
 B = (1, 200, '"b"', None, None)
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[Store]:
-    engine = open_engine(db_url)
-    migrate(engine)
-    s = Store(engine)
-    yield s
-    s.close()
 
 
 def watch_of(store: Store, name: str = "w", key: str = "k") -> Watch:

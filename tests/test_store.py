@@ -9,7 +9,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,15 +33,6 @@ from poller.store import Store, StoreError, migrate, migrations_dir, open_engine
 from poller.watchlist import WatchSpec
 
 NOW = datetime(2026, 11, 24, 10, 0, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[Store]:
-    engine = open_engine(db_url)
-    migrate(engine)
-    s = Store(engine)
-    yield s
-    s.close()
 
 
 sqlite_only = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
