@@ -169,6 +169,8 @@ CONFIG_ERRORS = [
     ('[[watch]]\nname = "m"\nbucket = "b"\n', ["watch #1", "'m'", "key", "missing"]),
     ('[s3]\nconditional = "maybe"\n', ["[s3]", "conditional"]),
     ("[schedule]\nconcurrency = 0\n", ["[schedule]", "concurrency"]),
+    ('[database]\nmax_db_size = "2 parsecs"\n', ["[database]", "max_db_size", "500MB"]),
+    ('[database]\nsample_retention = "-1h"\n', ["[database]", "sample_retention", "duration"]),
     ('[schedul]\ninterval = "1s"\n', ["schedul", "unknown key"]),
     ('[[watch]\nbucket = "b"\n', ["TOML syntax error", "line 1"]),
 ]
