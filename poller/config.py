@@ -15,7 +15,7 @@ import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,6 +23,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from poller.redact import redact
 from poller.safetext import printable, redact_url
+from poller.signals import WATCH_EVENTS
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,25 @@ def format_duration(seconds: float) -> str:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def parse_alert_after(value: object) -> int | float:
+    """``3`` (consecutive errors, an int) or ``"10m"`` (how long a streak lasts, seconds as a float)."""
+    if isinstance(value, bool | float):
+        raise ValueError('expected a number of consecutive errors (3) or a duration ("10m"); 0 turns alerts off')
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must not be negative (0 turns failure alerts off)")
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("a duration must be greater than zero (0 turns failure alerts off)")
+    return float(seconds)
+
+
+AlertAfter = Annotated[int | float, BeforeValidator(parse_alert_after)]
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)", re.IGNORECASE)
 
@@ -280,13 +300,47 @@ class ScheduleSettings(_Section):
     interval: Duration = 60.0
     jitter: Duration = 0.0
     concurrency: int = Field(default=32, ge=1, le=1024)
+    # Signal defaults for every watch (poller.signals); a watch may set its own.
+    expect_change_within: Duration | None = None
+    expect_change_by: str | None = None
+    expect_grace: Duration | None = None
+    settle: Duration | None = None
+    alert_after: AlertAfter = 3
 
     @model_validator(mode="after")
     def _check(self) -> ScheduleSettings:
         _positive("interval", self.interval)
         if self.jitter < 0:
             raise ValueError("jitter must not be negative")
+        _check_signals(self)
         return self
+
+
+class _SignalFields(Protocol):
+    @property
+    def expect_change_within(self) -> float | None: ...
+    @property
+    def expect_change_by(self) -> str | None: ...
+    @property
+    def expect_grace(self) -> float | None: ...
+    @property
+    def settle(self) -> float | None: ...
+
+
+def _check_signals(section: _SignalFields) -> None:
+    if section.expect_change_within is not None:
+        _positive("expect_change_within", section.expect_change_within)
+    if section.expect_change_within is not None and section.expect_change_by is not None:
+        raise ValueError("set either expect_change_within or expect_change_by, not both")
+    if section.expect_change_by is not None:
+        try:
+            _check_cron(section.expect_change_by)
+        except ValueError as exc:
+            raise ValueError(f"expect_change_by: {exc}") from None
+    if section.expect_grace is not None and section.expect_grace < 0:
+        raise ValueError("expect_grace must not be negative")
+    if section.settle is not None:
+        _positive("settle", section.settle)
 
 
 def _account_id(value: object) -> object:
@@ -314,9 +368,15 @@ class WatchSettings(_Section):
     # bucket; S3 refuses (403) when the bucket is not owned by this account id.
     request_payer: Literal["requester"] | None = None
     expected_bucket_owner: AccountId | None = None
+    expect_change_within: Duration | None = None
+    expect_change_by: str | None = None
+    expect_grace: Duration | None = None
+    settle: Duration | None = None
+    alert_after: AlertAfter | None = None
 
     @model_validator(mode="after")
     def _check(self) -> WatchSettings:
+        _check_signals(self)
         if not self.bucket.strip():
             raise ValueError("bucket must not be empty")
         if self.prefix is None and not self.key:
@@ -439,7 +499,8 @@ class ClusterSettings(_Section):
         return self
 
 
-EVENTS = ("first_seen", "modified", "deleted", "created")
+OBJECT_EVENTS = ("first_seen", "modified", "deleted", "created")
+EVENTS = OBJECT_EVENTS + WATCH_EVENTS
 _HOSTNAME = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 

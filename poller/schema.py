@@ -117,6 +117,7 @@ object_state = Table(
     # the one its poll conditioned on (compare-and-set), and its history row takes seq + 1.
     Column("seq", BigInt, nullable=False, server_default="0", default=0),
     Column("run_id", BigInteger),  # this key's open row of poll_runs
+    Column("error_since", UTCDateTime),  # when the current (or latest) error streak began
 )
 
 # The run-length poll log (poller.runs): consecutive polls of one key with the same outcome, status,
@@ -202,11 +203,33 @@ etag_history = Table(
     Index("uq_etag_history_watch_id_key_seq", "watch_id", "key", "seq", unique=True),
 )
 
+# Signals about a watch over time (poller.signals): stale, fresh, settled, failing, recovered,
+# access_lost. ``dedup`` names the occurrence (a deadline, a burst's last change, a streak's start):
+# unique per watch and event, so no daemon records one signal twice.
+watch_events = Table(
+    "watch_events",
+    metadata,
+    Column("id", BigInt, primary_key=True),
+    Column("watch_id", BigInt, ForeignKey("watches.id"), nullable=False),
+    Column("key", Text, nullable=False),
+    Column("event", String(16), nullable=False),
+    Column("detected_at", UTCDateTime, nullable=False),
+    Column("etag", Text),
+    Column("error", Text),
+    Column("detail", Text),  # a JSON object (poller.signals)
+    Column("dedup", Text, nullable=False),
+    Index("uq_watch_events_watch_id_event_dedup", "watch_id", "event", "dedup", unique=True),
+    Index("ix_watch_events_watch_id_detected_at", "watch_id", "detected_at"),
+    Index("ix_watch_events_detected_at", "detected_at"),
+)
+
 notifications = Table(
     "notifications",
     metadata,
     Column("id", BigInt, primary_key=True),
-    Column("history_id", BigInt, ForeignKey("etag_history.id"), nullable=False),
+    # The event delivered: a change (history_id) or a signal (event_id); exactly one is set.
+    Column("history_id", BigInt, ForeignKey("etag_history.id")),
+    Column("event_id", BigInt, ForeignKey("watch_events.id")),
     Column("sink", Text, nullable=False),
     Column("status", String(16), nullable=False),  # pending | delivered | failed
     Column("created_at", UTCDateTime, nullable=False),

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from poller.config import ConfigError, Settings, watch_interval
 from poller.model import Payer, Watch
+from poller.signals import Rules
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +102,30 @@ def specs_from_settings(settings: Settings) -> dict[str, WatchSpec]:
         )
         for w in settings.watch
     }
+
+
+def rules_from_settings(settings: Settings) -> dict[str, Rules]:
+    """Each watch's signal rules: its own, else the ``[schedule]`` defaults.
+
+    A watch that sets either deadline rule replaces both defaults (a cron deadline does not also
+    inherit a default ``expect_change_within``).
+    """
+    d = settings.schedule
+    rules: dict[str, Rules] = {}
+    for w in settings.watch:
+        own_deadline = w.expect_change_within is not None or w.expect_change_by is not None
+        src = w if own_deadline else d
+        alert = d.alert_after if w.alert_after is None else w.alert_after
+        grace = w.expect_grace if w.expect_grace is not None else d.expect_grace
+        rules[w.name] = Rules(
+            expect_change_within=src.expect_change_within,
+            expect_change_by=src.expect_change_by,
+            expect_grace=grace or 0.0,
+            settle=d.settle if w.settle is None else w.settle,
+            alert_after_errors=alert if isinstance(alert, int) and alert > 0 else None,
+            alert_after_seconds=alert if isinstance(alert, float) else None,
+        )
+    return rules
 
 
 def diff_watch_lists(old: Mapping[str, WatchSpec], new: Mapping[str, WatchSpec]) -> WatchListDiff:

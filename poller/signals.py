@@ -1,0 +1,132 @@
+"""Watch signals for data pipelines: freshness deadlines, settling, failing and recovery (pure logic).
+
+A signal is a fact about a watch over time rather than about one poll: "no change arrived by its
+deadline" (``stale``, then ``fresh``), "the burst of changes has been quiet for ``settle``"
+(``settled``), "the watch keeps failing" (``failing``, then ``recovered``), "a readable object
+answers 403" (``access_lost``). Everything here is computed from stored facts (the last change,
+the last poll, the error streak), so a restarted daemon or a second one reaches the same answer;
+the store records each signal once (a unique ``dedup`` key per watch and event).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from apscheduler.triggers.cron import CronTrigger
+
+WATCH_EVENTS = ("stale", "fresh", "settled", "failing", "recovered", "access_lost")
+# The changes that count as a delivery for a freshness deadline, and that open a burst to settle.
+FRESH_EVENTS = ("modified", "created")
+BURST_EVENTS = ("modified", "created", "deleted")
+MAX_BURST_KEYS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """One watch's signal rules, from its config (``[[watch]]`` over ``[schedule]``)."""
+
+    expect_change_within: float | None = None  # seconds after the last change
+    expect_change_by: str | None = None  # crontab (UTC): a change is due by each fire time ...
+    expect_grace: float = 0.0  # ... plus this
+    settle: float | None = None  # seconds of confirmed quiet after a burst of changes
+    alert_after_errors: int | None = 3  # consecutive errors that make a watch failing
+    alert_after_seconds: float | None = None  # or: failing for this long
+
+    @property
+    def has_deadline(self) -> bool:
+        return self.expect_change_within is not None or self.expect_change_by is not None
+
+    @property
+    def describe_deadline(self) -> str:
+        if self.expect_change_within is not None:
+            return f"expect_change_within {_span(self.expect_change_within)}"
+        grace = f" (grace {_span(self.expect_grace)})" if self.expect_grace else ""
+        return f"expect_change_by {self.expect_change_by}{grace}"
+
+
+def _span(seconds: float) -> str:
+    from poller.config import format_duration
+
+    return format_duration(seconds)
+
+
+@lru_cache(maxsize=256)
+def _cron(expr: str) -> CronTrigger:
+    from apscheduler.triggers.cron import CronTrigger
+
+    return CronTrigger.from_crontab(expr, timezone=UTC)
+
+
+def next_fire(expr: str, after: datetime) -> datetime | None:
+    """The first fire time of crontab ``expr`` (UTC) strictly after ``after``."""
+    # get_next_fire_time(None, t) may return t itself; a microsecond later makes it strict.
+    fire = _cron(expr).get_next_fire_time(None, after + timedelta(microseconds=1))
+    return None if fire is None else fire.astimezone(UTC)
+
+
+def deadline(rules: Rules, last_change_at: datetime) -> datetime | None:
+    """When the next change is due, given the last one (or when watching began): None without a rule.
+
+    With ``expect_change_by`` a change is due by the first fire time after the last change, plus
+    the grace (as healthchecks-style cron checks do): a late delivery never counts for the next one.
+    """
+    if rules.expect_change_within is not None:
+        return last_change_at + timedelta(seconds=rules.expect_change_within)
+    if rules.expect_change_by is not None:
+        fire = next_fire(rules.expect_change_by, last_change_at)
+        return None if fire is None else fire + timedelta(seconds=rules.expect_grace)
+    return None
+
+
+def is_failing(rules: Rules, consecutive_errors: int, error_since: datetime | None, now: datetime) -> bool:
+    """True once an error streak reaches the watch's ``alert_after`` (a count or a duration)."""
+    if consecutive_errors <= 0:
+        return False
+    if rules.alert_after_errors is not None and consecutive_errors >= rules.alert_after_errors:
+        return True
+    if rules.alert_after_seconds is not None and error_since is not None:
+        return now - error_since >= timedelta(seconds=rules.alert_after_seconds)
+    return False
+
+
+def is_settled(
+    settle: float, last_change_at: datetime, last_polled_at: datetime | None, last_outcome: str | None
+) -> bool:
+    """A burst is settled once a successful poll, ``settle`` or more after its last change, saw no change.
+
+    The poll is the confirmation: waiting alone is not (a failed poll confirms nothing, and neither
+    does a poll that itself found a change).
+    """
+    if last_polled_at is None or last_outcome not in ("unchanged", "missing"):
+        return False
+    return last_polled_at >= last_change_at + timedelta(seconds=settle)
+
+
+def iso(value: datetime) -> str:
+    """The dedup/detail form of a time: UTC, millisecond precision, ``Z``."""
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def burst_detail(keys: Iterable[str], changes: int, started: datetime, last: datetime, settle: float) -> str:
+    """The ``detail`` JSON of a settled event: the keys changed in the burst (capped), and its span."""
+    unique = sorted(set(keys))
+    return dumps(
+        {
+            "keys": unique[:MAX_BURST_KEYS],
+            "keys_truncated": len(unique) > MAX_BURST_KEYS,
+            "changes": changes,
+            "burst_started_at": iso(started),
+            "last_change_at": iso(last),
+            "settle_seconds": settle,
+        }
+    )
+
+
+def dumps(detail: Mapping[str, Any]) -> str:
+    return json.dumps(detail, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
