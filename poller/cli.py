@@ -318,7 +318,9 @@ STATUS_COLUMNS = (
 POLL_COLUMNS = (
     "time", "first", "count", "watch", "key", "outcome", "http_status", "etag", "last_modified", "duration_ms", "error"
 )  # fmt: skip
-CHANGE_COLUMNS = ("time", "watch", "key", "event", "etag", "previous_etag", "last_modified", "version_id", "size")
+CHANGE_COLUMNS = (
+    "time", "watch", "key", "event", "etag", "previous_etag", "last_modified", "version_id", "size", "error"
+)  # fmt: skip
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -550,7 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("watch", nargs="?", metavar="WATCH", help="watch name, or a glob such as 'app-*'")
     history.add_argument("--since", metavar="WHEN", help="only rows newer than a duration ago (24h, 7d) or a time")
     history.add_argument(
-        "--changes", action="store_true", help="ETag history events only (first_seen, modified, deleted, created)"
+        "--changes",
+        action="store_true",
+        help="events only: ETag changes (first_seen, modified, deleted, created) and watch signals "
+        "(stale, fresh, settled, failing, recovered, access_lost)",
     )
     history.add_argument("--limit", type=int, default=100, help="at most this many rows (default 100; 0 = all)")
     notify = sub.add_parser("notify", help="notification deliveries", description="Notification deliveries.")

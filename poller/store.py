@@ -6,6 +6,7 @@ batch, each result all-or-nothing), prune old polls, and read status and history
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
@@ -55,6 +56,7 @@ from poller.schema import (
     polls_legacy,
     server_semantics,
     shard_leases,
+    watch_events,
     watches,
 )
 from poller.watchlist import WatchSpec
@@ -1263,10 +1265,36 @@ class Store:
         ]
 
     def _changes(self, watch: str | None, since: datetime | None, limit: int | None) -> list[dict[str, Any]]:
+        """ETag history events and watch signals (the event row of poller.events), newest first."""
+        h, e = etag_history, watch_events
+        changes = self._newest_first(self._change_query(), h.c.detected_at, h.c.id, watch, since, limit)
+        signals = self._newest_first(self._signal_query(), e.c.detected_at, e.c.id, watch, since, limit)
+        with self._read() as conn:
+            rows = [*map(_change_row, conn.execute(changes)), *map(_signal_row, conn.execute(signals))]
+        rows.sort(key=lambda row: (row["time"], row["event_id"] or 0, row["history_id"] or 0), reverse=True)
+        return rows if limit is None else rows[:limit]
+
+    def events_after(self, history_id: int, event_id: int, limit: int = 1000) -> list[dict[str, Any]]:
+        """Events committed with ids above the given ones, oldest first (for ``history --follow``).
+
+        On PostgreSQL ids are taken before commit, so a caller tailing several writers re-asks a
+        window below its cursor and drops what it has seen.
+        """
+        h, e = etag_history, watch_events
+        changes = self._change_query().where(h.c.id > history_id).order_by(h.c.id).limit(limit)
+        signals = self._signal_query().where(e.c.id > event_id).order_by(e.c.id).limit(limit)
+        with self._read() as conn:
+            rows = [*map(_change_row, conn.execute(changes)), *map(_signal_row, conn.execute(signals))]
+        rows.sort(key=lambda row: (row["time"], row["history_id"] or 0, row["event_id"] or 0))
+        return rows
+
+    @staticmethod
+    def _change_query() -> Any:
         h = etag_history
-        query = (
+        return (
             select(
-                h.c.detected_at.label("time"),
+                h.c.id,
+                h.c.detected_at,
                 watches.c.name.label("watch"),
                 watches.c.bucket,
                 h.c.key,
@@ -1276,13 +1304,31 @@ class Store:
                 h.c.last_modified,
                 h.c.version_id,
                 h.c.size,
+                h.c.seq,
             )
             .select_from(h)
             .join(watches, watches.c.id == h.c.watch_id)
         )
-        query = self._newest_first(query, h.c.detected_at, h.c.id, watch, since, limit)
-        with self._read() as conn:
-            return [dict(row._mapping) for row in conn.execute(query)]
+
+    @staticmethod
+    def _signal_query() -> Any:
+        e = watch_events
+        return (
+            select(
+                e.c.id,
+                e.c.detected_at,
+                watches.c.name.label("watch"),
+                watches.c.bucket,
+                e.c.key,
+                e.c.event,
+                e.c.etag,
+                e.c.error,
+                e.c.detail,
+                e.c.dedup,
+            )
+            .select_from(e)
+            .join(watches, watches.c.id == e.c.watch_id)
+        )
 
     def _newest_first(self, query: Any, time: Any, id_: Any, watch: str | None, since: Any, limit: int | None) -> Any:
         """``query`` filtered by watch name (or glob) and ``time >= since``, newest first, at most ``limit``."""
@@ -1296,35 +1342,47 @@ class Store:
     # --- notification outbox ----------------------------------------------------------
 
     def due_notifications(self, now: datetime, limit: int = 100) -> list[dict[str, Any]]:
-        """Pending deliveries whose next attempt is due, with the event they carry, oldest first."""
-        query = (
-            select(
-                notifications.c.id,
-                notifications.c.sink,
-                notifications.c.attempts,
-                notifications.c.queued_at,
-                etag_history.c.id.label("history_id"),
-                etag_history.c.event,
-                etag_history.c.detected_at,
-                etag_history.c.key,
-                etag_history.c.etag,
-                etag_history.c.previous_etag,
-                etag_history.c.last_modified,
-                etag_history.c.version_id,
-                etag_history.c.size,
-                watches.c.name.label("watch"),
-                watches.c.bucket,
-            )
-            .join(etag_history, etag_history.c.id == notifications.c.history_id)
-            .join(watches, watches.c.id == etag_history.c.watch_id)
-            .where(notifications.c.status == "pending", notifications.c.next_attempt_at <= now)
-            .order_by(notifications.c.next_attempt_at, notifications.c.id)
-            .limit(limit)
-        )
+        """Pending deliveries whose next attempt is due, with the event they carry (the event row of
+        poller.events plus the outbox's id, sink, attempts, queued_at), oldest first."""
+        query = self._outbox_query().where(notifications.c.status == "pending", notifications.c.next_attempt_at <= now)
+        query = query.order_by(notifications.c.next_attempt_at, notifications.c.id).limit(limit)
         if self.fence is not None:
             return self._claim_notifications(query, now, limit)
         with self._read() as conn:
-            return [dict(row._mapping) for row in conn.execute(query)]
+            return [_outbox_row(row) for row in conn.execute(query)]
+
+    @staticmethod
+    def _outbox_query() -> Any:
+        """Outbox rows with their event: a change (etag_history) or a signal (watch_events)."""
+        n, h, e = notifications, etag_history, watch_events
+        return (
+            select(
+                n.c.id,
+                n.c.sink,
+                n.c.attempts,
+                n.c.queued_at,
+                n.c.history_id,
+                n.c.event_id,
+                func.coalesce(h.c.event, e.c.event).label("event"),
+                func.coalesce(h.c.detected_at, e.c.detected_at).label("detected_at"),
+                func.coalesce(h.c.key, e.c.key).label("key"),
+                func.coalesce(h.c.etag, e.c.etag).label("etag"),
+                h.c.previous_etag,
+                h.c.last_modified,
+                h.c.version_id,
+                h.c.size,
+                h.c.seq,
+                e.c.error,
+                e.c.detail,
+                e.c.dedup,
+                watches.c.name.label("watch"),
+                watches.c.bucket,
+            )
+            .select_from(n)
+            .outerjoin(h, h.c.id == n.c.history_id)
+            .outerjoin(e, e.c.id == n.c.event_id)
+            .join(watches, watches.c.id == func.coalesce(h.c.watch_id, e.c.watch_id))
+        )
 
     def _claim_notifications(self, query: Any, now: datetime, limit: int) -> list[dict[str, Any]]:
         """Several daemons: claim due rows (SKIP LOCKED, so two never take one row) for this instance;
@@ -1362,7 +1420,7 @@ class Store:
             )
             if not ids:
                 return []
-            return [dict(row._mapping) for row in conn.execute(query.where(notifications.c.id.in_(ids)))]
+            return [_outbox_row(row) for row in conn.execute(query.where(notifications.c.id.in_(ids)))]
 
     def delivered(self, notification_id: int, now: datetime) -> None:
         self._update_notification(
@@ -1419,11 +1477,12 @@ class Store:
                 notifications.c.created_at,
                 notifications.c.delivered_at,
                 watches.c.name.label("watch"),
-                etag_history.c.event,
-                etag_history.c.etag,
+                func.coalesce(etag_history.c.event, watch_events.c.event).label("event"),
+                func.coalesce(etag_history.c.etag, watch_events.c.etag).label("etag"),
             )
-            .join(etag_history, etag_history.c.id == notifications.c.history_id)
-            .join(watches, watches.c.id == etag_history.c.watch_id)
+            .outerjoin(etag_history, etag_history.c.id == notifications.c.history_id)
+            .outerjoin(watch_events, watch_events.c.id == notifications.c.event_id)
+            .join(watches, watches.c.id == func.coalesce(etag_history.c.watch_id, watch_events.c.watch_id))
             .order_by(notifications.c.id.desc())
             .limit(limit)
         )
@@ -1652,6 +1711,69 @@ class Store:
             if not inspect(conn).has_table("server_semantics"):
                 return []
             return [dict(row._mapping) for row in conn.execute(query)]
+
+
+def _change_row(row: Any) -> dict[str, Any]:
+    """An etag_history row as an event row (poller.events); ``time`` is the CLI's name for detected_at."""
+    return {
+        "time": row.detected_at,
+        "detected_at": row.detected_at,
+        "history_id": row.id,
+        "event_id": None,
+        "watch": row.watch,
+        "bucket": row.bucket,
+        "key": row.key,
+        "event": row.event,
+        "etag": row.etag,
+        "previous_etag": row.previous_etag,
+        "last_modified": row.last_modified,
+        "version_id": row.version_id,
+        "size": row.size,
+        "seq": row.seq,
+        "error": None,
+        "detail": None,
+        "dedup": None,
+    }
+
+
+def _signal_row(row: Any) -> dict[str, Any]:
+    """A watch_events row as an event row (poller.events)."""
+    return {
+        "time": row.detected_at,
+        "detected_at": row.detected_at,
+        "history_id": None,
+        "event_id": row.id,
+        "watch": row.watch,
+        "bucket": row.bucket,
+        "key": row.key,
+        "event": row.event,
+        "etag": row.etag,
+        "previous_etag": None,
+        "last_modified": None,
+        "version_id": None,
+        "size": None,
+        "seq": None,
+        "error": row.error,
+        "detail": _detail(row.detail),
+        "dedup": row.dedup,
+    }
+
+
+def _outbox_row(row: Any) -> dict[str, Any]:
+    """An outbox row with its event (poller.events' event row plus id, sink, attempts, queued_at)."""
+    out = dict(row._mapping)
+    out["detail"] = _detail(out["detail"])
+    return out
+
+
+def _detail(text_: str | None) -> dict[str, Any] | None:
+    if not text_:
+        return None
+    try:
+        value = json.loads(text_)
+    except ValueError:
+        return {"text": text_}
+    return value if isinstance(value, dict) else {"value": value}
 
 
 def _copy_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
