@@ -50,6 +50,48 @@ class Rules:
         return f"expect_change_by {self.expect_change_by}{grace}"
 
 
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """One signal to record; the store writes it once per (watch, event, dedup)."""
+
+    watch_id: int
+    watch: str  # the name, for routing to sinks
+    key: str
+    event: str
+    detected_at: datetime
+    dedup: str
+    etag: str | None = None
+    error: str | None = None
+    detail: str | None = None  # a JSON object (dumps)
+
+
+def streak_signals(
+    rules: Rules,
+    *,
+    watch_id: int,
+    watch: str,
+    key: str,
+    now: datetime,
+    consecutive_errors: int,
+    error_since: datetime | None,
+    last_error: str | None,
+    http_status: int | None,
+    was_present: bool | None,
+    etag: str | None,
+) -> list[Signal]:
+    """The signals an error streak calls for after its latest poll: ``access_lost`` at once when a
+    readable object answers 403, ``failing`` once the streak reaches ``alert_after``."""
+    since = error_since or now
+    out: list[Signal] = []
+    if http_status == 403 and was_present:
+        detail = dumps({"since": iso(since), "http_status": 403})
+        out.append(Signal(watch_id, watch, key, "access_lost", now, iso(since), etag, last_error, detail))
+    if is_failing(rules, consecutive_errors, since, now):
+        detail = dumps({"consecutive_errors": consecutive_errors, "since": iso(since), "http_status": http_status})
+        out.append(Signal(watch_id, watch, key, "failing", now, iso(since), etag, last_error, detail))
+    return out
+
+
 def _span(seconds: float) -> str:
     from poller.config import format_duration
 

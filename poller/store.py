@@ -35,6 +35,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    tuple_,
     type_coerce,
     update,
 )
@@ -59,6 +60,8 @@ from poller.schema import (
     watch_events,
     watches,
 )
+from poller.signals import Rules, Signal, streak_signals
+from poller.signals import dumps as signals_dumps
 from poller.watchlist import WatchSpec
 
 if TYPE_CHECKING:
@@ -68,6 +71,7 @@ log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 5000
 SYNC_CHUNK = 5000
+DEFAULT_RULES = Rules()
 _STATE_COLUMNS = (
     "etag",
     "last_modified",
@@ -94,7 +98,9 @@ LEGACY_CHUNK = 1000
 STAGE_MIN_ROWS = 8
 _STAGE_INFO = "poller_staging_tables"
 _OK_COLUMNS = ("watch_id", "key", *_STATE_COLUMNS, "last_changed_at")
-_ERROR_COLUMNS = ("watch_id", "key", "last_polled_at", "last_outcome", "consecutive_errors", "last_error")
+_ERROR_COLUMNS = (
+    "watch_id", "key", "last_polled_at", "last_outcome", "consecutive_errors", "last_error", "error_since"
+)  # fmt: skip
 # pg_advisory_xact_lock key serializing migrations across processes: "poller" in ASCII.
 MIGRATION_LOCK = 0x706F6C6C6572
 PRUNE_LOCK = MIGRATION_LOCK + 1
@@ -323,6 +329,13 @@ class Store:
         self._staged = (self._staged_upsert(error=False), self._staged_upsert(error=True))
         # Set when several daemons share this PostgreSQL database: every commit is fenced by it.
         self.fence: Fence | None = None
+        # Each watch's signal rules by id (set by the daemon); a watch not here gets the defaults.
+        self.rules: dict[int, Rules] = {}
+        # Keys with a failing/access_lost signal not yet followed by recovered: (watch id, key) ->
+        # (the streak's dedup, the signals raised). Loaded from watch_events before the first batch
+        # and again after states are (re)loaded, e.g. when this daemon takes over a shard.
+        self._alerting: dict[tuple[int, str], tuple[str, frozenset[str]]] | None = None
+        self.signal_counts: dict[str, int] = {}
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
@@ -418,6 +431,7 @@ class Store:
         from them, so a change made while it was out is ``modified``, not a second ``first_seen``)."""
         keyed: dict[int, ObjectState] = {}
         prefixed: dict[int, PrefixState] = {}
+        self._alerting = None  # another daemon may have raised or cleared signals of these watches
         for start in range(0, len(watch_ids), SYNC_CHUNK):
             more_keyed, more_prefixed = self._load_states(watches.c.id.in_(list(watch_ids[start : start + SYNC_CHUNK])))
             keyed.update(more_keyed)
@@ -498,6 +512,7 @@ class Store:
                             "last_outcome": "error",
                             "consecutive_errors": 1,
                             "last_error": r.error,
+                            "error_since": r.polled_at,
                         },
                     )
                 )
@@ -591,6 +606,8 @@ class Store:
             rows = [row for i, row in error_states if i not in failed]
             if rows:
                 self._write_states(conn, rows, created, error=True)
+            signals = self._streak_signals(conn, results, ok_states, error_states, changed, failed)
+            raised = self._insert_signals(conn, signals, route) if signals else []
             # After the states: a key's open run is found through its object_state row.
             # A superseded change's poll still happened and is counted; a fenced one is not ours.
             recorded = [poll for i, poll in run_polls if not isinstance(failed.get(i), Fenced)]
@@ -601,7 +618,154 @@ class Store:
         if learned:
             # Committed: the next polls of these watches extend their open runs by id.
             self._open_runs.update((watch_id, (run_id, identity)) for watch_id, run_id, identity in learned)
+        if signals:
+            self._signals_committed(signals, raised)
         return failed
+
+    def _streak_signals(
+        self,
+        conn: Connection,
+        results: Sequence[PollResult],
+        ok_states: list[tuple[int, dict[str, Any]]],
+        error_states: list[tuple[int, dict[str, Any]]],
+        changed: list[tuple[int, dict[str, Any], Any, dict[str, Any], str]],
+        failed: dict[int, Exception],
+    ) -> list[Signal]:
+        """failing / access_lost for this batch's error streaks, recovered for keys back to success.
+
+        Errors are rare next to polls: their keys' streaks are read back after the upsert (one
+        query per batch with errors); successes only look up the small set of alerting keys.
+        """
+        alerting = self._load_alerting(conn)
+        out: list[Signal] = []
+        recovered: set[tuple[int, str]] = set()
+        for i, row in [*ok_states, *((i, row) for i, row, *_ in changed)]:
+            ident = (row["watch_id"], row["key"])
+            if i in failed or ident not in alerting or ident in recovered:
+                continue
+            recovered.add(ident)
+            dedup, raised = alerting[ident]
+            detail = signals_dumps({"since": dedup, "signals": sorted(raised)})
+            r = results[i]
+            out.append(
+                Signal(r.watch.id, r.watch.name, row["key"], "recovered", r.polled_at, dedup, row["etag"], None, detail)
+            )
+        errors = {(row["watch_id"], row["key"]): i for i, row in error_states if i not in failed}
+        if not errors:
+            return out
+        c = object_state.c
+        query = select(c.watch_id, c.key, c.consecutive_errors, c.error_since, c.last_error, c.present, c.etag)
+        for start in range(0, len(errors), SYNC_CHUNK):
+            chunk = list(errors)[start : start + SYNC_CHUNK]
+            for state in conn.execute(query.where(tuple_(c.watch_id, c.key).in_(chunk))):
+                r = results[errors[(state.watch_id, state.key)]]
+                out += streak_signals(
+                    self.rules.get(r.watch.id, DEFAULT_RULES),
+                    watch_id=r.watch.id,
+                    watch=r.watch.name,
+                    key=state.key,
+                    now=r.polled_at,
+                    consecutive_errors=state.consecutive_errors,
+                    error_since=state.error_since,
+                    last_error=state.last_error,
+                    http_status=r.http_status,
+                    was_present=state.present,
+                    etag=state.etag,
+                )
+        return out
+
+    def _load_alerting(self, conn: Connection) -> dict[tuple[int, str], tuple[str, frozenset[str]]]:
+        if self._alerting is not None:
+            return self._alerting
+        e = watch_events.c
+        rows = conn.execute(
+            select(e.watch_id, e.key, e.event, e.dedup).where(e.event.in_(("failing", "access_lost", "recovered")))
+        )
+        raised: dict[tuple[int, str, str], set[str]] = {}
+        for row in rows:
+            raised.setdefault((row.watch_id, row.key, row.dedup), set()).add(row.event)
+        self._alerting = {
+            (watch_id, key): (dedup, frozenset(events))
+            for (watch_id, key, dedup), events in raised.items()
+            if "recovered" not in events
+        }
+        return self._alerting
+
+    def _insert_signals(self, conn: Connection, signals: Sequence[Signal], route: Route | None) -> list[bool]:
+        """Insert each signal unless its (watch, event, dedup) is recorded already; queue its deliveries.
+        Returns, per signal, whether it was new."""
+        e = watch_events
+        statement = (
+            self._insert(e)
+            .on_conflict_do_nothing(index_elements=[e.c.watch_id, e.c.event, e.c.dedup])
+            .returning(e.c.id)
+        )
+        new: list[bool] = []
+        outbox: list[dict[str, Any]] = []
+        for sig in signals:
+            pk = conn.execute(
+                statement.values(
+                    watch_id=sig.watch_id,
+                    key=sig.key,
+                    event=sig.event,
+                    detected_at=sig.detected_at,
+                    etag=sig.etag,
+                    error=sig.error,
+                    detail=sig.detail,
+                    dedup=sig.dedup,
+                )
+            ).scalar()
+            new.append(pk is not None)
+            if pk is None or route is None:
+                continue
+            outbox += [
+                {
+                    "event_id": pk,
+                    "sink": sink,
+                    "status": "pending",
+                    "created_at": sig.detected_at,
+                    "queued_at": sig.detected_at,
+                    "next_attempt_at": sig.detected_at,
+                    "attempts": 0,
+                }
+                for sink in route(sig.watch, sig.event)
+            ]
+        if outbox:
+            conn.execute(notifications.insert(), outbox)
+        return new
+
+    def _signals_committed(self, signals: Sequence[Signal], new: Sequence[bool]) -> None:
+        """After commit: the alerting keys as the database now has them, and the counts for metrics."""
+        alerting = self._alerting
+        for sig, fresh in zip(signals, new, strict=True):
+            ident = (sig.watch_id, sig.key)
+            if fresh:
+                self.signal_counts[sig.event] = self.signal_counts.get(sig.event, 0) + 1
+                log.log(
+                    logging.INFO if sig.event in ("recovered", "fresh", "settled") else logging.WARNING,
+                    "%s %s: %s%s",
+                    printable(sig.watch),
+                    sig.event,
+                    printable(sig.key),
+                    f" ({printable(sig.error)})" if sig.error else "",
+                )
+            if alerting is None:
+                continue
+            if sig.event == "recovered":
+                alerting.pop(ident, None)
+            elif sig.event in ("failing", "access_lost"):
+                dedup, raised = alerting.get(ident, (sig.dedup, frozenset()))
+                if dedup == sig.dedup:
+                    alerting[ident] = (dedup, raised | {sig.event})
+
+    def record_signals(self, signals: Sequence[Signal], route: Route | None = None) -> list[Signal]:
+        """Record time-driven signals (stale, fresh, settled) once each; returns the ones that were new."""
+        if not signals:
+            return []
+        with self._tx() as conn:
+            new = self._insert_signals(conn, signals, route)
+        self._signals_committed(signals, new)
+        return [sig for sig, fresh in zip(signals, new, strict=True) if fresh]
 
     def _write_states(self, conn: Connection, rows: list[dict[str, Any]], created: list[str], *, error: bool) -> None:
         """Upsert the object_state rows of unchanged keys (or of errors), in batch order."""
@@ -779,6 +943,7 @@ class Store:
                 "last_error": statement.excluded.last_error,
                 # A staged row carries the count of its key's errors in the batch (_fold_errors).
                 "consecutive_errors": object_state.c.consecutive_errors + statement.excluded.consecutive_errors,
+                "error_since": _streak_start(statement.excluded),
             }
             where = None
         else:
@@ -885,6 +1050,7 @@ class Store:
                 "last_outcome": error.excluded.last_outcome,
                 "last_error": error.excluded.last_error,
                 "consecutive_errors": object_state.c.consecutive_errors + 1,
+                "error_since": _streak_start(error.excluded),
             },
         )
         return ok, error
@@ -1802,13 +1968,24 @@ def _unchanged_guard(excluded: Any) -> Any:
 
 
 def _fold_errors(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (watch_id, key): the last error's values, ``consecutive_errors`` = how many."""
+    """One row per (watch_id, key): the last error's values, ``consecutive_errors`` = how many,
+    ``error_since`` the first one's time."""
     folded: dict[tuple[int, str], dict[str, Any]] = {}
     for row in rows:
         ident = (row["watch_id"], row["key"])
         before = folded.pop(ident, None)
-        folded[ident] = {**row, "consecutive_errors": before["consecutive_errors"] + 1} if before else row
+        folded[ident] = (
+            {**row, "consecutive_errors": before["consecutive_errors"] + 1, "error_since": before["error_since"]}
+            if before
+            else row
+        )
     return list(folded.values())
+
+
+def _streak_start(excluded: Any) -> Any:
+    """error_since after an error: kept while a streak goes on, the new error's time when one begins."""
+    c = object_state.c
+    return case((or_(c.consecutive_errors == 0, c.error_since.is_(None)), excluded.error_since), else_=c.error_since)
 
 
 def _key_outcome(event: str | None) -> str:

@@ -1,0 +1,179 @@
+"""Watch signals (issue #12): the pure rules (deadlines, settling, failing) and how the store records
+failing / recovered / access_lost once each, on both backends, across restarts and two writers."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from poller.model import ObjectState, PollResult, Watch
+from poller.signals import Rules, deadline, is_failing, is_settled, next_fire
+from poller.store import Store
+from poller.watchlist import WatchSpec
+
+NOW = datetime(2026, 11, 24, 10, 0, 0, tzinfo=UTC)
+SEC = timedelta(seconds=1)
+
+
+# --- pure rules ---------------------------------------------------------------------------
+
+
+def test_expect_change_within_is_due_that_long_after_the_last_change():
+    rules = Rules(expect_change_within=26 * 3600)
+    assert deadline(rules, NOW) == NOW + timedelta(hours=26)
+    assert deadline(Rules(), NOW) is None
+
+
+def test_expect_change_by_is_due_by_the_first_fire_after_the_last_change_plus_grace():
+    rules = Rules(expect_change_by="0 7 * * *", expect_grace=1800)
+    # The 06:10 delivery is due again by tomorrow 07:30.
+    assert deadline(rules, NOW.replace(hour=6, minute=10)) == NOW.replace(hour=7, minute=30)
+    # A late delivery (07:45) never counts for the next day: the next one is due tomorrow 07:30.
+    assert deadline(rules, NOW.replace(hour=7, minute=45)) == NOW.replace(hour=7, minute=30) + timedelta(days=1)
+    # Exactly at the fire time: due at the next one.
+    assert next_fire("0 7 * * *", NOW.replace(hour=7, minute=0)) == NOW.replace(hour=7) + timedelta(days=1)
+
+
+def test_failing_by_count_or_by_duration():
+    three = Rules(alert_after_errors=3)
+    assert not is_failing(three, 2, NOW, NOW)
+    assert is_failing(three, 3, NOW, NOW)
+    ten_min = Rules(alert_after_errors=None, alert_after_seconds=600)
+    assert not is_failing(ten_min, 50, NOW, NOW + timedelta(seconds=599))
+    assert is_failing(ten_min, 2, NOW, NOW + timedelta(seconds=600))
+    assert not is_failing(Rules(alert_after_errors=None), 1000, NOW, NOW + timedelta(days=1))
+
+
+def test_settled_needs_a_successful_poll_that_late_and_that_found_no_change():
+    change = NOW
+    assert not is_settled(300, change, NOW + timedelta(seconds=299), "unchanged")
+    assert is_settled(300, change, NOW + timedelta(seconds=300), "unchanged")
+    assert is_settled(300, change, NOW + timedelta(seconds=400), "missing")
+    # Time alone, a failed poll, or a poll that found a change confirm nothing.
+    assert not is_settled(300, change, None, None)
+    assert not is_settled(300, change, NOW + timedelta(hours=1), "error")
+    assert not is_settled(300, change, NOW + timedelta(hours=1), "modified")
+
+
+# --- recorded by the writer ---------------------------------------------------------------
+
+
+def _watch(store: Store, name: str = "a") -> Watch:
+    return store.sync_watches([WatchSpec(name, "bucket", f"key/{name}", 60.0, None)], NOW).watches[name]
+
+
+def _ok(watch: Watch, when: datetime, *, first: bool = False) -> PollResult:
+    state = ObjectState('"e1"', NOW, when, None, 3, True)
+    return PollResult(watch, when, "modified" if first else "unchanged", 200 if first else 304, 5.0,
+                      None if first else state, state, "first_seen" if first else None)  # fmt: skip
+
+
+def _error(watch: Watch, when: datetime, status: int | None = 503, text: str = "HTTP 503 from server") -> PollResult:
+    return PollResult(watch, when, "error", status, 5.0, None, None, None, text)
+
+
+def _signals(store: Store) -> list[dict[str, Any]]:
+    return [r for r in reversed(store.history(changes=True, limit=None)) if r["event_id"] is not None]
+
+
+def test_failing_once_after_alert_after_errors_then_recovered_once(store: Store):
+    watch = _watch(store)
+    store.record([_ok(watch, NOW, first=True)])
+    store.record([_error(watch, NOW + SEC), _error(watch, NOW + 2 * SEC)])
+    assert _signals(store) == []
+    store.record([_error(watch, NOW + 3 * SEC)])
+    store.record([_error(watch, NOW + 4 * SEC)])
+    signals = _signals(store)
+    assert [s["event"] for s in signals] == ["failing"]
+    assert signals[0]["error"] == "HTTP 503 from server"
+    assert signals[0]["detail"]["consecutive_errors"] == 3
+    assert signals[0]["detail"]["since"] == "2026-11-24T10:00:01.000Z"
+    store.record([_ok(watch, NOW + 5 * SEC), _ok(watch, NOW + 6 * SEC)])
+    events = [s["event"] for s in _signals(store)]
+    assert events == ["failing", "recovered"]
+    # A short streak later (below alert_after): no signal.
+    store.record([_error(watch, NOW + 7 * SEC), _ok(watch, NOW + 8 * SEC)])
+    assert [s["event"] for s in _signals(store)] == ["failing", "recovered"]
+
+
+def test_errors_in_one_batch_count_and_the_streak_starts_at_the_first(store: Store):
+    watch = _watch(store)
+    store.record([_error(watch, NOW + i * SEC) for i in range(1, 5)])
+    [failing] = _signals(store)
+    assert failing["detail"]["since"] == "2026-11-24T10:00:01.000Z"
+    assert failing["detail"]["consecutive_errors"] == 4
+
+
+def test_a_restarted_writer_still_recovers_and_never_raises_twice(store: Store):
+    watch = _watch(store)
+    store.record([_ok(watch, NOW, first=True)])
+    store.record([_error(watch, NOW + i * SEC) for i in range(1, 4)])
+    again = Store(store.engine)  # a restart: nothing in memory
+    again.record([_error(watch, NOW + 4 * SEC)])
+    again.record([_ok(watch, NOW + 5 * SEC)])
+    assert [s["event"] for s in _signals(store)] == ["failing", "recovered"]
+    # The first writer, stale, tries the same recovery: the database refuses the duplicate.
+    store.record([_ok(watch, NOW + 6 * SEC)])
+    assert [s["event"] for s in _signals(store)] == ["failing", "recovered"]
+
+
+def test_403_on_a_readable_object_is_access_lost_at_once_not_a_deletion(store: Store):
+    watch = _watch(store)
+    store.record([_ok(watch, NOW, first=True)])
+    store.record([_error(watch, NOW + SEC, 403, "HTTP 403 Forbidden: access denied")])
+    signals = _signals(store)
+    assert [s["event"] for s in signals] == ["access_lost"]
+    assert signals[0]["detail"] == {"since": "2026-11-24T10:00:01.000Z", "http_status": 403}
+    assert signals[0]["etag"] == '"e1"'
+    store.record([_error(watch, NOW + i * SEC, 403, "HTTP 403") for i in range(2, 5)])
+    assert [s["event"] for s in _signals(store)] == ["access_lost", "failing"]
+    store.record([_ok(watch, NOW + 6 * SEC)])
+    signals = _signals(store)
+    assert [s["event"] for s in signals] == ["access_lost", "failing", "recovered"]
+    assert signals[-1]["detail"]["signals"] == ["access_lost", "failing"]
+    assert not [r for r in store.history(changes=True, limit=None) if r["event"] == "deleted"]
+
+
+def test_403_before_any_success_is_no_access_lost(store: Store):
+    watch = _watch(store)
+    store.record([_error(watch, NOW + SEC, 403, "HTTP 403")])
+    assert _signals(store) == []
+
+
+def test_alert_after_a_duration_and_off(store: Store):
+    watch = _watch(store)
+    store.rules = {watch.id: Rules(alert_after_errors=None, alert_after_seconds=60)}
+    store.record([_error(watch, NOW + i * 10 * SEC) for i in range(6)])  # 0 .. 50 s
+    assert _signals(store) == []
+    store.record([_error(watch, NOW + 60 * SEC)])
+    assert [s["event"] for s in _signals(store)] == ["failing"]
+    other = _watch(store, "b")
+    store.rules[other.id] = Rules(alert_after_errors=None)
+    store.record([_error(other, NOW + i * SEC) for i in range(20)])
+    assert [s["watch"] for s in _signals(store)] == ["a"]
+
+
+def test_signals_are_queued_for_the_sinks_that_route_them(store: Store):
+    watch = _watch(store)
+
+    def route(name: str, event: str) -> list[str]:
+        return ["ops"] if event in ("failing", "recovered") else []
+
+    store.record([_error(watch, NOW + i * SEC) for i in range(3)], route)
+    store.record([_ok(watch, NOW + 4 * SEC)], route)
+    due = store.due_notifications(NOW + timedelta(minutes=1))
+    assert [(d["event"], d["sink"], d["history_id"], d["watch"]) for d in due] == [
+        ("failing", "ops", None, "a"),
+        ("recovered", "ops", None, "a"),
+    ]
+    assert due[0]["event_id"] is not None and due[0]["detail"]["consecutive_errors"] == 3
+    assert [r["event"] for r in store.notification_rows()] == ["recovered", "failing"]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_signal_counts_for_metrics(store: Store):
+    watch = _watch(store)
+    store.record([_error(watch, NOW + i * SEC) for i in range(5)])
+    assert store.signal_counts == {"failing": 1}
