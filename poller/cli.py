@@ -424,6 +424,8 @@ def cmd_history(args: argparse.Namespace) -> int:
     since = _parse_since(args.since) if args.since else None
     if args.limit is not None and args.limit < 0:
         raise UsageError("--limit must be zero or more (0 means no limit)")
+    if args.format == "jsonl" and not args.changes:
+        raise UsageError("--format jsonl prints events as CloudEvents, one per line: add --changes")
     store = _open_store(settings, readonly=True)
     try:
         if args.watch is not None:
@@ -431,6 +433,11 @@ def cmd_history(args: argparse.Namespace) -> int:
         rows = store.history(watch=args.watch, since=since, changes=args.changes, limit=args.limit or None)
     finally:
         store.close()
+    if args.format == "jsonl":
+        from poller.events import cloudevent, unified_row
+
+        sys.stdout.writelines(json.dumps(cloudevent(unified_row(r)), ensure_ascii=False) + "\n" for r in rows)
+        return EXIT_OK
     _emit(rows, CHANGE_COLUMNS if args.changes else POLL_COLUMNS, args.format)
     return EXIT_OK
 
@@ -548,7 +555,13 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = add("doctor", cmd_doctor, [common])
     doctor.add_argument("--bucket", required=True, metavar="SCRATCH", help="a bucket doctor may write to")
     add("status", cmd_status, [common, fmt])
-    history = add("history", cmd_history, [common, fmt])
+    history = add("history", cmd_history, [common])
+    history.add_argument(
+        "--format",
+        choices=["table", "json", "csv", "jsonl"],
+        default="table",
+        help="output format; jsonl (with --changes): one CloudEvent per line, as sinks receive them",
+    )
     history.add_argument("watch", nargs="?", metavar="WATCH", help="watch name, or a glob such as 'app-*'")
     history.add_argument("--since", metavar="WHEN", help="only rows newer than a duration ago (24h, 7d) or a time")
     history.add_argument(

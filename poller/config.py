@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from poller.redact import redact
@@ -557,9 +566,13 @@ class NotifySettings(_Section):
     env: dict[str, str] = Field(default_factory=dict)  # command sinks: variables added to the allow-listed environment
     timeout: Duration = 10.0
     watches: list[str] = Field(default_factory=lambda: ["*"])
-    events: list[str] = Field(default_factory=lambda: list(EVENTS))
+    events: list[str] = Field(default_factory=lambda: list(EVENTS))  # "s3" and "legacy": OBJECT_EVENTS
     backoff: Duration = 5.0  # first retry delay; doubles per attempt, capped at one hour
     max_age: Duration = 86400.0  # give up (status "failed") when undelivered for this long
+    # The document sent (poller.events): CloudEvents 1.0, S3 Event Notification records, or the old shape.
+    format: Literal["cloudevents", "s3", "legacy"] = "cloudevents"
+    # The "s3" format's awsRegion: [s3] region, set by Settings (not a key of its own).
+    _region: str = PrivateAttr(default="")
 
     @model_validator(mode="after")
     def _check(self) -> NotifySettings:
@@ -585,6 +598,15 @@ class NotifySettings(_Section):
         unknown = [e for e in self.events if e not in EVENTS]
         if unknown:
             raise ValueError(f"events: unknown event {unknown[0]!r}; choose from {', '.join(EVENTS)}")
+        if self.format in ("s3", "legacy"):
+            if "events" not in self.model_fields_set:
+                object.__setattr__(self, "events", list(OBJECT_EVENTS))
+            signals = [e for e in self.events if e not in OBJECT_EVENTS]
+            if signals:
+                raise ValueError(
+                    f"field 'events': {signals[0]!r} is a watch event, which format = {self.format!r} cannot carry "
+                    f'(object events only: {", ".join(OBJECT_EVENTS)}); use format = "cloudevents" for watch events'
+                )
         if not self.watches:
             raise ValueError('watches must name at least one glob (default ["*"])')
         return self
@@ -623,6 +645,7 @@ class Settings(BaseSettings):
         for index, sink in enumerate(self.notify):
             if not sink.name:
                 object.__setattr__(sink, "name", f"{sink.type}-{index + 1}")
+            sink._region = self.s3.region
             if sink.name in seen:
                 raise ValueError(f"notify #{index + 1} ({sink.name!r}): field 'name': duplicate sink name")
             seen.add(sink.name)

@@ -1,8 +1,9 @@
-"""Notifications: route change events to sinks, and deliver the outbox at least once.
+"""Notifications: route events to sinks, and deliver the outbox at least once.
 
 The outbox rows are written by the store in the same transaction as the history event they
 carry. The Dispatcher thread delivers due rows with exponential backoff, records every attempt,
 and gives up after the sink's ``max_age``; pending rows survive restarts. It never blocks polling.
+What a sink receives is its ``format``'s document (poller.events), the same for webhooks and commands.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 from poller import __version__
 from poller.config import NotifySettings, format_duration
+from poller.events import content_type, event_id, event_type, iso, render
 from poller.safetext import host_and_port, printable, redact_url, scrub
 from poller.store import Store, describe_db_error
 
@@ -38,7 +40,10 @@ SIGNATURE_HEADER = "X-Poller-Signature"
 # What a command sink inherits from the daemon's environment; everything else (AWS_* credentials,
 # NOTIFY_SOCKET, the daemon's own POLLER_* settings such as a database URL) stays behind.
 INHERITED_ENV = ("PATH", "HOME", "LANG", "TZ")  # and every LC_* locale variable
-EVENT_ENV = ("event", "watch", "bucket", "key", "etag", "previous_etag", "last_modified", "version_id")
+# The POLLER_* variables of an event: row fields, plus its idempotency id and CloudEvents type.
+EVENT_ENV = (
+    "event", "watch", "bucket", "key", "etag", "previous_etag", "last_modified", "version_id", "event_id", "type"
+)  # fmt: skip
 
 # Only http and https, and no redirect handler: a webhook receiver answering 3xx gets a failed attempt,
 # never a second request (a redirected POST becomes a GET to wherever Location points, such as a
@@ -72,25 +77,23 @@ def backoff_delay(base: float, attempts: int) -> float:
     return float(min(base * 2.0 ** max(attempts - 1, 0), MAX_BACKOFF))
 
 
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+def document(sink: NotifySettings, row: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON document ``sink`` receives for one event row, in the sink's format."""
+    return render(row, sink.format, sink=sink.name, region=sink._region)
 
 
-def event_payload(row: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON document a sink receives for one outbox row."""
-    return {
-        "id": row["history_id"],
-        "event": row["event"],
-        "watch": row["watch"],
-        "bucket": row["bucket"],
-        "key": row["key"],
-        "etag": row["etag"],
-        "previous_etag": row["previous_etag"],
-        "last_modified": _iso(row["last_modified"]),
-        "version_id": row["version_id"],
-        "size": row["size"],
-        "detected_at": _iso(row["detected_at"]),
-    }
+def delivery_id(sink: NotifySettings, row: Mapping[str, Any]) -> str:
+    """The X-Poller-Delivery header: the idempotency id; the etag_history id for the legacy format."""
+    return str(row.get("history_id")) if sink.format == "legacy" else event_id(row)
+
+
+def event_env(row: Mapping[str, Any]) -> dict[str, str]:
+    """The ``POLLER_*`` variables of one event (no secret can be among them: row fields and ids only)."""
+    values = {k: row.get(k) for k in EVENT_ENV}
+    values["last_modified"] = iso(row.get("last_modified"))
+    values["event_id"] = event_id(row)
+    values["type"] = event_type(row["event"])
+    return {f"POLLER_{k.upper()}": "" if v is None else str(v) for k, v in values.items()}
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -98,20 +101,20 @@ def sign(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def command_env(sink: NotifySettings, payload: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+def command_env(sink: NotifySettings, row: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
     """The whole environment of a command sink: the allow-list from ``environ``, the sink's ``env``
     table, and the ``POLLER_*`` variables of the event (set last, so nothing overrides them)."""
     env = {k: v for k, v in environ.items() if k in INHERITED_ENV or k.startswith("LC_")}
     env.update(sink.env)
-    env.update({f"POLLER_{k.upper()}": "" if payload.get(k) is None else str(payload[k]) for k in EVENT_ENV})
+    env.update(event_env(row))
     return env
 
 
-def deliver(sink: NotifySettings, payload: dict[str, Any]) -> None:
-    """One attempt to hand ``payload`` to ``sink``; raise DeliveryError on failure."""
-    body = json.dumps(payload, ensure_ascii=False).encode()
+def deliver(sink: NotifySettings, row: Mapping[str, Any]) -> None:
+    """One attempt to hand the event ``row`` to ``sink`` in its format; raise DeliveryError on failure."""
+    body = json.dumps(document(sink, row), ensure_ascii=False).encode()
     if sink.type == "command":
-        env = command_env(sink, payload, os.environ)
+        env = command_env(sink, row, os.environ)
         try:
             proc = subprocess.run(sink.command, input=body, env=env, capture_output=True, timeout=sink.timeout)
         except subprocess.TimeoutExpired:
@@ -123,10 +126,10 @@ def deliver(sink: NotifySettings, payload: dict[str, Any]) -> None:
             raise DeliveryError(f"command exited {proc.returncode}" + (f": {tail[0][:200]}" if tail else ""))
         return
     headers = {
-        "Content-Type": "application/json",
+        "Content-Type": content_type(sink.format),
         "User-Agent": f"poller/{__version__}",
-        "X-Poller-Event": str(payload["event"]),
-        "X-Poller-Delivery": str(payload["id"]),
+        "X-Poller-Event": str(row["event"]),
+        "X-Poller-Delivery": delivery_id(sink, row),
     }
     if sink.secret:
         headers[SIGNATURE_HEADER] = sign(sink.secret, body)
@@ -234,7 +237,9 @@ class Dispatcher:
         return len(rows)
 
     def _attempt(self, row: Mapping[str, Any], now: datetime) -> None:
-        label = printable(f"{row['sink']} {row['event']} of {row['watch']} (event {row['history_id']})")
+        history_id = row.get("history_id")
+        ref = f"event {history_id}" if history_id is not None else f"watch event {row.get('event_id')}"
+        label = printable(f"{row['sink']} {row['event']} of {row['watch']} ({ref})")
         sink = self.sinks.get(row["sink"])
         if sink is None:
             self.store.give_up(row["id"], "sink no longer configured")
@@ -250,7 +255,7 @@ class Dispatcher:
             log.error("notification %s given up after %d attempts (max_age reached)", label, row["attempts"])
             return
         try:
-            deliver(sink, event_payload(row))
+            deliver(sink, row)
         except Exception as exc:
             # Whatever went wrong, it is this attempt's failure, recorded on the row: never a database
             # error, never a row left pending with no attempt counted.

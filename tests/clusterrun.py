@@ -89,7 +89,8 @@ class Receiver:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 with receiver._lock:
-                    receiver.deliveries[int(json.loads(body)["id"])].append(time.time())
+                    # A CloudEvent (the default format): its data carries the etag_history id.
+                    receiver.deliveries[int(json.loads(body)["data"]["history_id"])].append(time.time())
                 self.send_response(204)
                 self.end_headers()
 

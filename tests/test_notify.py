@@ -55,7 +55,7 @@ class Receiver:
         return f"http://127.0.0.1:{self.port}{path}"
 
     def events(self) -> list[tuple[str, str]]:
-        return [(body["watch"], body["event"]) for _, body in self.received]
+        return [(data(body)["watch"], data(body)["event"]) for _, body in self.received]
 
     def close(self) -> None:
         self.server.shutdown()
@@ -67,6 +67,11 @@ def receiver() -> Iterator[Receiver]:
     r = Receiver()
     yield r
     r.close()
+
+
+def data(body: dict[str, Any]) -> dict[str, Any]:
+    """The event fields of a delivered document: a CloudEvent's ``data`` (the default format)."""
+    return body["data"] if "specversion" in body else body
 
 
 def outbox(db: Path) -> list[tuple[Any, ...]]:
@@ -105,9 +110,11 @@ def test_webhook_delivered_with_signature_and_env_free_of_secrets(
     wait_for(lambda: receiver.events() == [("app", "first_seen"), ("app", "modified")], what="modified delivered")
     headers, body = receiver.received[1]
     assert headers["X-Poller-Signature"] == sign(WEBHOOK_SECRET, body["raw"].encode())
-    assert headers["X-Poller-Event"] == "modified"
-    assert body["bucket"] == bucket and body["key"] == "k" and body["previous_etag"] == receiver.received[0][1]["etag"]
-    assert body["detected_at"].endswith("Z")
+    assert headers["X-Poller-Event"] == "modified" and headers["X-Poller-Delivery"] == body["id"]
+    assert headers["Content-Type"] == "application/cloudevents+json; charset=utf-8"
+    assert body["type"] == "io.poller.object.modified" and body["time"].endswith("Z")
+    first = data(receiver.received[0][1])
+    assert data(body)["bucket"] == bucket and data(body)["key"] == "k" and data(body)["previous_etag"] == first["etag"]
     wait_for(lambda: outbox(config.db) == [("hook", "delivered", 1, None)] * 2, what="outbox rows delivered")
     assert daemon.stop() == 0
     leaked = daemon.log + "".join(p.read_bytes().decode("latin-1") for p in config.db.parent.glob("poller.db*"))
@@ -190,8 +197,10 @@ def test_command_sink_with_filters_via_once(config: ConfigFile, s3, bucket, tmp_
     ]
     first = lines[0]
     assert first["env"]["POLLER_BUCKET"] == bucket and first["env"]["POLLER_KEY"] == "a"
-    assert first["env"]["POLLER_ETAG"] == first["stdin"]["etag"] and first["env"]["POLLER_PREVIOUS_ETAG"] == ""
-    assert lines[1]["env"]["POLLER_PREVIOUS_ETAG"] == first["stdin"]["etag"]
+    assert first["env"]["POLLER_ETAG"] == first["stdin"]["data"]["etag"] and first["env"]["POLLER_PREVIOUS_ETAG"] == ""
+    assert lines[1]["env"]["POLLER_PREVIOUS_ETAG"] == first["stdin"]["data"]["etag"]
+    assert first["env"]["POLLER_EVENT_ID"] == first["stdin"]["id"] != lines[1]["stdin"]["id"]
+    assert first["env"]["POLLER_TYPE"] == first["stdin"]["type"] == "io.poller.object.first_seen"
 
 
 def test_failed_command_gives_up_after_max_age_and_retry_requeues(config: ConfigFile, s3, bucket, tmp_path: Path):
@@ -228,6 +237,15 @@ def test_failed_command_gives_up_after_max_age_and_retry_requeues(config: Config
         ('type = "command"', ["notify #1", "command"]),
         ('type = "email"\nurl = "x"', ["notify #1", "type"]),
         ('type = "webhook"\nurl = "http://h/"\nevents = ["changed"]', ["notify #1", "changed"]),
+        ('name = "hook"\ntype = "webhook"\nurl = "http://h/"\nformat = "xml"', ["notify #1 ('hook')", "'format'"]),
+        (
+            'name = "lake"\ntype = "webhook"\nurl = "http://h/"\nformat = "s3"\nevents = ["modified", "stale"]',
+            ["notify #1 ('lake')", "field 'events'", "'stale' is a watch event", "format = 's3'"],
+        ),
+        (
+            'name = "old"\ntype = "command"\ncommand = ["x"]\nformat = "legacy"\nevents = ["failing"]',
+            ["notify #1 ('old')", "field 'events'", "'failing'", "format = 'legacy'"],
+        ),
         (f'type = "webhook"\nurl = "http://h/"\nsecret = 12345{URL_TOKEN[:0]}\nbogus = 1', ["notify #1", "bogus"]),
     ],
 )
@@ -251,7 +269,7 @@ def test_prefix_watch_events_are_notified_per_key(config: ConfigFile, s3, bucket
     assert run_cli("once", "--config", str(config.path)).returncode == 0
     s3.delete_object(Bucket=bucket, Key="drops/b")
     assert run_cli("once", "--config", str(config.path)).returncode == 0
-    got = sorted((body["key"], body["event"]) for _, body in receiver.received)
+    got = sorted((data(body)["key"], data(body)["event"]) for _, body in receiver.received)
     assert got == [("drops/a", "first_seen"), ("drops/b", "deleted"), ("drops/b", "first_seen")]
 
 
@@ -462,11 +480,12 @@ def test_command_env_is_a_pure_function_of_the_allow_list():
     settings = NotifySettings(type="command", command=["x"], env={"EXTRA": "1"})
     env = command_env(
         settings,
-        {"event": "modified", "watch": "w", "etag": None},
+        {"event": "modified", "watch": "w", "key": "k", "seq": 2, "etag": None},
         {"PATH": "/bin", "AWS_SECRET_ACCESS_KEY": "s", "LC_ALL": "C", "POLLER_CONFIG": "/etc/p.toml", "HOME": "/h"},
     )
     assert env["PATH"] == "/bin" and env["HOME"] == "/h" and env["LC_ALL"] == "C" and env["EXTRA"] == "1"
-    assert env["POLLER_EVENT"] == "modified" and env["POLLER_ETAG"] == ""
+    assert env["POLLER_EVENT"] == "modified" and env["POLLER_ETAG"] == "" and env["POLLER_KEY"] == "k"
+    assert env["POLLER_TYPE"] == "io.poller.object.modified" and len(env["POLLER_EVENT_ID"]) == 32
     assert "AWS_SECRET_ACCESS_KEY" not in env and "POLLER_CONFIG" not in env
 
 
