@@ -150,9 +150,11 @@ def is_settled(
     return last_polled_at >= last_change_at + timedelta(seconds=settle)
 
 
-def iso(value: datetime) -> str:
-    """The dedup/detail form of a time: UTC, millisecond precision, ``Z``."""
-    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def iso(value: datetime, *, exact: bool = False) -> str:
+    """The dedup/detail form of a time: UTC, ``Z``, to the millisecond (``exact``: the microsecond,
+    for a dedup that is read back as the lower bound of the next burst)."""
+    spec = "microseconds" if exact else "milliseconds"
+    return value.astimezone(UTC).isoformat(timespec=spec).replace("+00:00", "Z")
 
 
 def burst_detail(keys: Iterable[str], changes: int, started: datetime, last: datetime, settle: float) -> str:

@@ -60,7 +60,7 @@ from poller.schema import (
     watch_events,
     watches,
 )
-from poller.signals import Rules, Signal, streak_signals
+from poller.signals import BURST_EVENTS, FRESH_EVENTS, Rules, Signal, streak_signals
 from poller.signals import dumps as signals_dumps
 from poller.watchlist import WatchSpec
 
@@ -766,6 +766,94 @@ class Store:
             new = self._insert_signals(conn, signals, route)
         self._signals_committed(signals, new)
         return [sig for sig, fresh in zip(signals, new, strict=True) if fresh]
+
+    # --- time-driven signals (poller.signalcheck) ---------------------------------------
+
+    def signal_inputs(self, watch_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """Per watch: when it was created, and its own key's (or prefix's) last change, poll and outcome."""
+        state = object_state.c
+        query = (
+            select(
+                watches.c.id,
+                watches.c.created_at,
+                state.last_changed_at,
+                state.last_polled_at,
+                state.last_outcome,
+                state.etag,
+            )
+            .select_from(watches)
+            .outerjoin(object_state, and_(state.watch_id == watches.c.id, state.key == watches.c.key))
+        )
+        out: dict[int, dict[str, Any]] = {}
+        with self._read() as conn:
+            for start in range(0, len(watch_ids), SYNC_CHUNK):
+                chunk = list(watch_ids[start : start + SYNC_CHUNK])
+                out.update((row.id, dict(row._mapping)) for row in conn.execute(query.where(watches.c.id.in_(chunk))))
+        return out
+
+    def last_fresh_change(self, watch_id: int) -> tuple[datetime, str | None] | None:
+        """The latest delivery of a watch (``modified``/``created``: time, ETag); failing that, the
+        newest object it first saw (by Last-Modified); None if it has seen nothing."""
+        h = etag_history.c
+        query = (
+            select(h.event, h.detected_at, h.last_modified, h.etag)
+            .where(h.watch_id == watch_id, h.event.in_((*FRESH_EVENTS, "first_seen")))
+            .order_by(h.detected_at.desc(), h.id.desc())
+        )
+        first: tuple[datetime, str | None] | None = None
+        with self._read() as conn:
+            for row in conn.execute(query.limit(1000)):
+                if row.event in FRESH_EVENTS:
+                    return row.detected_at, row.etag
+                at = min(row.last_modified or row.detected_at, row.detected_at)
+                if first is None or at > first[0]:
+                    first = (at, row.etag)
+        return first
+
+    def fresh_changes_since(self, since: datetime) -> list[tuple[int, datetime, str | None]]:
+        """Deliveries (``modified``/``created``) detected since ``since``: (watch id, time, ETag)."""
+        h = etag_history.c
+        query = select(h.watch_id, h.detected_at, h.etag).where(h.detected_at >= since, h.event.in_(FRESH_EVENTS))
+        with self._read() as conn:
+            return [(row.watch_id, row.detected_at, row.etag) for row in conn.execute(query)]
+
+    def burst(self, watch_id: int, after: datetime, until: datetime) -> list[tuple[str, datetime]]:
+        """The changes (modified, created, deleted) of a watch in (after, until]: (key, time), oldest first."""
+        h = etag_history.c
+        query = (
+            select(h.key, h.detected_at)
+            .where(h.watch_id == watch_id, h.detected_at > after, h.detected_at <= until, h.event.in_(BURST_EVENTS))
+            .order_by(h.detected_at, h.id)
+        )
+        with self._read() as conn:
+            return [(row.key, row.detected_at) for row in conn.execute(query)]
+
+    def timed_signals(self) -> tuple[dict[int, tuple[str, datetime]], dict[int, str]]:
+        """What watch_events says now: each watch's stale signal not yet followed by fresh (dedup, when
+        raised), and the dedup of each watch's latest settled signal (the burst's last change)."""
+        e = watch_events.c
+        stale: dict[int, tuple[str, datetime]] = {}
+        fresh: set[tuple[int, str]] = set()
+        settled: dict[int, str] = {}
+        query = select(e.watch_id, e.event, e.dedup, e.detected_at).where(e.event.in_(("stale", "fresh", "settled")))
+        with self._read() as conn:
+            for row in conn.execute(query):
+                if row.event == "stale":
+                    if row.watch_id not in stale or row.dedup > stale[row.watch_id][0]:
+                        stale[row.watch_id] = (row.dedup, row.detected_at)
+                elif row.event == "fresh":
+                    fresh.add((row.watch_id, row.dedup))
+                elif row.dedup > settled.get(row.watch_id, ""):
+                    settled[row.watch_id] = row.dedup
+        return {w: v for w, v in stale.items() if (w, v[0]) not in fresh}, settled
+
+    def alerting_watches(self) -> int:
+        """How many watches have a failing or access_lost signal not yet followed by recovered."""
+        alerting = self._alerting
+        if alerting is None:
+            with self._read() as conn:
+                alerting = self._load_alerting(conn)
+        return len({watch_id for watch_id, _key in list(alerting)})  # list(): one atomic copy under the GIL
 
     def _write_states(self, conn: Connection, rows: list[dict[str, Any]], created: list[str], *, error: bool) -> None:
         """Upsert the object_state rows of unchanged keys (or of errors), in batch order."""

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from poller.model import ObjectState, PollResult, Watch
+from poller.signalcheck import SignalCheck, Watched
 from poller.signals import Rules, deadline, is_failing, is_settled, next_fire
 from poller.store import Store
 from poller.watchlist import WatchSpec
@@ -177,3 +178,132 @@ def test_signal_counts_for_metrics(store: Store):
     watch = _watch(store)
     store.record([_error(watch, NOW + i * SEC) for i in range(5)])
     assert store.signal_counts == {"failing": 1}
+
+
+# --- time-driven signals: SignalCheck with an injectable clock ---------------------------------
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def _change(watch: Watch, when: datetime, old: str, new: str) -> PollResult:
+    before = ObjectState(old, NOW, when, None, 3, True)
+    after = ObjectState(new, when, when, None, 4, True)
+    return PollResult(watch, when, "modified", 200, 5.0, before, after, "modified")
+
+
+def _check(store: Store, watch: Watch, rules: Rules, at: datetime) -> tuple[SignalCheck, Clock]:
+    clock = Clock(at)
+    check = SignalCheck(store, clock)
+    check.set_watches([Watched(watch.id, watch.name, watch.key, rules)])
+    return check, clock
+
+
+def _events(store: Store) -> list[str]:
+    return [s["event"] for s in _signals(store)]
+
+
+def test_stale_once_at_the_deadline_fresh_at_the_next_delivery_then_stale_again(store: Store):
+    watch = _watch(store)
+    first = PollResult(watch, NOW, "modified", 200, 5.0, None,
+                       ObjectState('"e1"', NOW - timedelta(minutes=10), NOW, None, 3, True), "first_seen")  # fmt: skip
+    store.record([first])
+    rules = Rules(expect_change_within=3600)
+    check, clock = _check(store, watch, rules, NOW + timedelta(minutes=49))
+    assert check.run_once() == []  # due 50 min after the object's Last-Modified
+    clock.now = NOW + timedelta(minutes=51)
+    [stale] = check.run_once()
+    assert (stale.event, stale.dedup) == ("stale", "2026-11-24T10:50:00.000Z")
+    assert check.stale == 1
+    clock.now += timedelta(minutes=5)
+    assert check.run_once() == []  # one signal per missed deadline
+    # A restarted daemon knows it is stale already.
+    again, clock2 = _check(store, watch, rules, clock.now + timedelta(minutes=1))
+    assert again.run_once() == [] and again.stale == 1
+    store.record([_change(watch, NOW + timedelta(minutes=70), '"e1"', '"e2"')])
+    clock2.now = NOW + timedelta(minutes=71)
+    [fresh] = again.run_once()
+    assert (fresh.event, fresh.dedup, fresh.etag) == ("fresh", "2026-11-24T10:50:00.000Z", '"e2"')
+    assert again.stale == 0
+    clock2.now = NOW + timedelta(minutes=131)
+    assert [s.event for s in again.run_once()] == ["stale"]
+    signals = _signals(store)
+    assert [s["event"] for s in signals] == ["stale", "fresh", "stale"]
+    assert signals[0]["detail"] == {
+        "deadline": "2026-11-24T10:50:00.000Z",
+        "last_change_at": "2026-11-24T09:50:00.000Z",
+        "rule": "expect_change_within 1h",
+    }
+
+
+def test_a_daemon_started_after_the_deadline_raises_it_once(store: Store):
+    watch = _watch(store)
+    store.record([_ok(watch, NOW, first=True)])
+    rules = Rules(expect_change_by="0 7 * * *", expect_grace=1800)
+    for _ in range(3):  # three restarts, days later
+        check, _clock = _check(store, watch, rules, NOW + timedelta(days=3))
+        check.run_once()
+    signals = _signals(store)
+    assert [s["event"] for s in signals] == ["stale"]
+    # The first sighting's Last-Modified is NOW (10:00): due the next day at 07:00 + 30 min.
+    assert signals[0]["dedup"] == "2026-11-25T07:30:00.000Z"
+    assert signals[0]["detail"]["rule"] == "expect_change_by 0 7 * * * (grace 30m)"
+
+
+def test_a_watch_that_never_saw_its_object_is_due_from_when_it_was_added(store: Store):
+    watch = _watch(store)  # created at NOW, never polled successfully
+    store.record([PollResult(watch, NOW, "missing", 404, 5.0, None, ObjectState(present=False), None)])
+    check, clock = _check(store, watch, Rules(expect_change_within=600), NOW + timedelta(minutes=11))
+    [stale] = check.run_once()
+    assert stale.dedup == "2026-11-24T10:10:00.000Z"
+
+
+def test_settled_after_a_confirming_poll_with_the_keys_of_the_burst(store: Store):
+    watch = _watch(store)
+    store.record([_ok(watch, NOW, first=True)])
+    check, clock = _check(store, watch, Rules(settle=300), NOW + timedelta(minutes=10))
+    assert check.run_once() == [] and check.settling == 0  # a first sighting is no burst
+    t1, t2 = NOW + timedelta(minutes=11), NOW + timedelta(minutes=12)
+    store.record([_change(watch, t1, '"e1"', '"e2"'), _change(watch, t2, '"e2"', '"e3"')])
+    unchanged = ObjectState('"e3"', t2, t2, None, 4, True)
+
+    def poll(at: datetime) -> None:
+        store.record([PollResult(watch, at, "unchanged", 304, 5.0, unchanged, unchanged, None)])
+
+    poll(t2 + timedelta(seconds=200))
+    clock.now = t2 + timedelta(seconds=400)  # the time has passed, but no poll has confirmed it yet
+    assert check.run_once() == [] and check.settling == 1
+    store.record([_error(watch, t2 + timedelta(seconds=420))])
+    assert check.run_once() == []  # a failed poll confirms nothing
+    poll(t2 + timedelta(seconds=480))
+    [settled] = check.run_once()
+    assert settled.event == "settled" and check.settling == 0
+    detail = _signals(store)[-1]["detail"]
+    assert detail["keys"] == ["key/a"] and detail["changes"] == 2
+    assert detail["burst_started_at"] == "2026-11-24T10:11:00.000Z"
+    assert detail["last_change_at"] == "2026-11-24T10:12:00.000Z"
+    clock.now += timedelta(minutes=10)
+    poll(clock.now)
+    assert check.run_once() == []
+    # A restart does not settle the same burst again; the next burst settles with its own keys.
+    again, clock2 = _check(store, watch, Rules(settle=300), clock.now)
+    assert again.run_once() == []
+    t3 = clock.now + timedelta(minutes=1)
+    store.record([_change(watch, t3, '"e3"', '"e4"')])
+    after = ObjectState('"e4"', t3, t3, None, 4, True)
+    store.record([PollResult(watch, t3 + timedelta(minutes=6), "unchanged", 304, 5.0, after, after, None)])
+    clock2.now = t3 + timedelta(minutes=7)
+    [second] = again.run_once()
+    assert second.event == "settled" and _signals(store)[-1]["detail"]["changes"] == 1
+    assert _events(store) == ["settled", "settled"]
+
+
+def test_watches_without_rules_are_not_checked(store: Store):
+    watch = _watch(store)
+    check, _clock = _check(store, watch, Rules(), NOW + timedelta(days=30))
+    assert check.watched == {} and check.run_once() == []

@@ -1,0 +1,158 @@
+"""The time-driven signals (stale, fresh, settled), checked every few seconds from what is committed.
+
+A deadline or a quiet period passes without any poll result to react to, so these are not the
+writer's (failing/recovered/access_lost are). Every check reads the stored facts again (each
+watch's last delivery, its own key's last change and last poll, the signals already recorded), so a
+daemon restarted after a deadline still raises it, and the store's unique (watch, event, dedup)
+makes sure that happens once however many daemons or restarts try.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from poller.signals import Rules, Signal, burst_detail, deadline, dumps, is_settled, iso
+from poller.store import Route, Store
+
+log = logging.getLogger(__name__)
+
+# A burst that ended before a watch had ever settled is reported only if it is this recent: adding
+# `settle` to a watch does not announce last year's changes.
+FIRST_BURST_LOOKBACK = timedelta(days=7)
+# Changes are re-read this far behind the last check: a slow writer's commit may carry an earlier time.
+RESCAN_MARGIN = timedelta(minutes=5)
+
+
+@dataclass(frozen=True, slots=True)
+class Watched:
+    """A watch as the check needs it: its id, name, own key (or prefix), and rules."""
+
+    id: int
+    name: str
+    key: str
+    rules: Rules
+
+
+class SignalCheck:
+    """Raises stale/fresh/settled for the watches it is given; ``run_once`` is one pass."""
+
+    def __init__(self, store: Store, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.store = store
+        self.clock = clock
+        self.watched: dict[int, Watched] = {}
+        self._loaded = False
+        self._fresh: dict[int, tuple[datetime, str | None]] = {}  # last delivery per watch
+        self._open_stale: dict[int, tuple[str, datetime]] = {}  # stale not yet fresh: (dedup, raised)
+        self._settled: dict[int, datetime] = {}  # the last change of the latest settled burst
+        self._bursts: dict[int, tuple[datetime, list[tuple[str, datetime]]]] = {}  # pending, by last change
+        self._scanned: datetime | None = None
+        self.settling = 0  # watches with an unsettled burst at the last pass (a gauge)
+
+    def set_watches(self, watched: Collection[Watched]) -> None:
+        """The watches to check (those with a deadline or settle rule); the others are ignored."""
+        self.watched = {w.id: w for w in watched if w.rules.has_deadline or w.rules.settle is not None}
+
+    @property
+    def stale(self) -> int:
+        return sum(1 for watch_id in self._open_stale if watch_id in self.watched)
+
+    def run_once(self, route: Route | None = None, owned: Callable[[str], bool] | None = None) -> list[Signal]:
+        """Check every watch (``owned`` ones only, with several daemons) once; record and return the new signals."""
+        now = self.clock()
+        if not self._loaded:
+            self._open_stale, settled = self.store.timed_signals()
+            self._settled = {w: _parse(dedup) for w, dedup in settled.items()}
+            self._loaded = True
+        self._scan(now)
+        mine = [w for w in self.watched.values() if owned is None or owned(w.name)]
+        inputs = self.store.signal_inputs([w.id for w in mine])
+        signals: list[Signal] = []
+        settling = 0
+        for w in mine:
+            row = inputs.get(w.id)
+            if row is None:
+                continue
+            if w.rules.has_deadline:
+                signals += self._deadline(w, row["created_at"], now)
+            if w.rules.settle is not None:
+                found, pending = self._settle(w, w.rules.settle, row, now)
+                signals += found
+                settling += pending
+        self.settling = settling
+        return self.store.record_signals(signals, route)
+
+    def _scan(self, now: datetime) -> None:
+        """Take in the deliveries committed since the last pass (the watches already known)."""
+        if self._scanned is not None:
+            for watch_id, at, etag in self.store.fresh_changes_since(self._scanned - RESCAN_MARGIN):
+                known = self._fresh.get(watch_id)
+                if known is not None and at > known[0]:
+                    self._fresh[watch_id] = (at, etag)
+        self._scanned = now
+
+    def _deadline(self, w: Watched, created_at: datetime, now: datetime) -> list[Signal]:
+        if w.id not in self._fresh:
+            found = self.store.last_fresh_change(w.id)
+            if found is not None:
+                self._fresh[w.id] = found
+        last, etag = self._fresh.get(w.id, (None, None))
+        since = last or created_at
+        opened = self._open_stale.get(w.id)
+        if opened is not None:
+            stale_deadline = _parse(opened[0])
+            if last is None or last <= stale_deadline:
+                return []  # still stale: one signal per missed deadline
+            del self._open_stale[w.id]
+            detail = dumps({"stale_deadline": opened[0], "stale_at": iso(opened[1])})
+            return [Signal(w.id, w.name, w.key, "fresh", now, opened[0], etag, None, detail)]
+        due = deadline(w.rules, since)
+        if due is None or now < due:
+            return []
+        dedup = iso(due)
+        self._open_stale[w.id] = (dedup, now)
+        detail = dumps(
+            {
+                "deadline": dedup,
+                "last_change_at": None if last is None else iso(last),
+                "rule": w.rules.describe_deadline,
+            }
+        )
+        return [Signal(w.id, w.name, w.key, "stale", now, dedup, etag, None, detail)]
+
+    def _burst(self, watch_id: int, before: datetime, last_change: datetime) -> list[tuple[str, datetime]]:
+        """The burst ending at ``last_change``, read once per last change (a pending one is asked every pass)."""
+        cached = self._bursts.get(watch_id)
+        if cached is None or cached[0] != last_change:
+            cached = (last_change, self.store.burst(watch_id, before, last_change))
+            self._bursts[watch_id] = cached
+        return cached[1]
+
+    def _settle(self, w: Watched, settle: float, row: dict[str, object], now: datetime) -> tuple[list[Signal], int]:
+        """(the settled signal if due, 1 if a burst is still waiting to settle)."""
+        last_change = row["last_changed_at"]
+        if not isinstance(last_change, datetime):
+            return [], 0
+        before = self._settled.get(w.id) or now - FIRST_BURST_LOOKBACK
+        if last_change <= before:
+            return [], 0
+        polled = row["last_polled_at"]
+        outcome = row["last_outcome"]
+        changes = self._burst(w.id, before, last_change)
+        if not changes:
+            return [], 0  # only first sightings: nothing was written, nothing to settle
+        if not is_settled(settle, last_change, polled if isinstance(polled, datetime) else None, str(outcome)):
+            return [], 1
+        self._settled[w.id] = last_change
+        del self._bursts[w.id]
+        keys = [key for key, _at in changes]
+        detail = burst_detail(keys, len(changes), changes[0][1], last_change, settle)
+        etag = row["etag"] if isinstance(row["etag"], str) else None
+        return [Signal(w.id, w.name, w.key, "settled", now, iso(last_change, exact=True), etag, None, detail)], 0
+
+
+def _parse(stamp: str) -> datetime:
+    """A dedup time (``iso``) back to a datetime."""
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).astimezone(UTC)
