@@ -258,7 +258,7 @@ def test_a_daemon_started_after_the_deadline_raises_it_once(store: Store):
 def test_a_watch_that_never_saw_its_object_is_due_from_when_it_was_added(store: Store):
     watch = _watch(store)  # created at NOW, never polled successfully
     store.record([PollResult(watch, NOW, "missing", 404, 5.0, None, ObjectState(present=False), None)])
-    check, clock = _check(store, watch, Rules(expect_change_within=600), NOW + timedelta(minutes=11))
+    check, _clock = _check(store, watch, Rules(expect_change_within=600), NOW + timedelta(minutes=11))
     [stale] = check.run_once()
     assert stale.dedup == "2026-11-24T10:10:00.000Z"
 
