@@ -159,9 +159,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_once(args: argparse.Namespace) -> int:
     """Poll every watch once, record the outcomes, print them; exit 1 if any poll failed."""
-    from poller.notify import Dispatcher
+    from poller.notify import Dispatcher, make_route
     from poller.pipeline import describe_result, poll_all, prepare
-    from poller.watchlist import require_watches
+    from poller.signalcheck import SignalCheck, watched_from
+    from poller.watchlist import require_watches, rules_from_settings
 
     path, settings = _settings(args)
     require_watches(settings, str(path))
@@ -172,6 +173,10 @@ def cmd_once(args: argparse.Namespace) -> int:
             service, _, synced = prepare(settings, store, log_polls=False)
             results = poll_all(service, list(synced.watches.values()), settings.schedule.concurrency)
             service.recorder.close()
+            # Deadlines and quiet periods too: a cron-driven `once` raises stale/fresh/settled as the daemon would.
+            check = SignalCheck(store)
+            check.set_watches(watched_from(synced.watches, rules_from_settings(settings)))
+            raised = check.run_once(make_route(settings.notify) if settings.notify else None)
             if settings.notify:
                 # One attempt at each due delivery; what fails stays queued for the next run or the daemon.
                 dispatcher = Dispatcher(store, settings.notify, settings.database.url)
@@ -189,6 +194,8 @@ def cmd_once(args: argparse.Namespace) -> int:
             continue
         print(describe_result(result))
         failed += result.outcome == "error"
+    for sig in raised:
+        print(printable(f"{sig.watch} {sig.event}: {sig.key}" + (f" ({sig.error})" if sig.error else "")))
     return EXIT_FAILED if failed else EXIT_OK
 
 

@@ -27,15 +27,19 @@ from poller.notify import Dispatcher, make_route
 from poller.pipeline import Workers, prepare
 from poller.probe import prober_for
 from poller.sdnotify import Notifier, watchdog_interval
+from poller.signalcheck import SignalCheck, watched_from
 from poller.store import Store, describe_db_error, open_engine
 from poller.timetable import PhasedIntervalTrigger, Timetable, phase_of, trigger_for
-from poller.watchlist import WatchSpec, diff_watch_lists, require_watches, specs_from_settings
+from poller.watchlist import WatchSpec, diff_watch_lists, require_watches, rules_from_settings, specs_from_settings
 
 log = logging.getLogger(__name__)
 
 # Often enough that poll_samples holds little more than sample_retention (default 1 h).
 PRUNE_EVERY = 300.0
 STATUS_EVERY = 10.0
+# Deadlines and quiet periods are checked this often (longer for many watches: a pass reads each
+# checked watch's row).
+SIGNALS_EVERY = 5.0
 
 
 class StartupError(Exception):
@@ -67,6 +71,8 @@ class Daemon:
         self.store = Store(open_engine(settings.database.url))
         self.store.keep_samples = settings.database.sample_retention > 0
         self.service, specs, synced = prepare(settings, self.store)
+        self.signals = SignalCheck(self.store)
+        self.signals.set_watches(watched_from(synced.watches, rules_from_settings(settings)))
         # From here on the watch list lives in `specs`; the validated models of 100,000 watches
         # would keep ~65 MB alive for nothing (a reload validates the file anew).
         settings.watch.clear()
@@ -77,6 +83,7 @@ class Daemon:
         if settings.metrics.listen:
             self.metrics = Metrics()
             self.metrics.add_gauges(self._watch_outcomes, self.store.notification_counts)
+            self.metrics.add_signal_gauges(self._signal_states, lambda: dict(self.store.signal_counts))
             self.service.metrics = self.metrics
         self.current = _Running(settings, specs, synced.watches)
         self.workers: Workers | None = None
@@ -104,7 +111,8 @@ class Daemon:
                 ) from None
         self.timetable = Timetable(self._submit, self._on_skipped)
         self.scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(1)},
+            # Signals on their own thread: a long pruning pass must not delay a deadline.
+            executors={"default": ThreadPoolExecutor(1), "signals": ThreadPoolExecutor(1)},
             # misfire_grace_time=None: a late housekeeping run still runs (design.md section 7).
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=UTC,
@@ -127,6 +135,15 @@ class Daemon:
             id="__prune__",
             name="prune old polls",
             next_run_time=datetime.now(UTC) + timedelta(seconds=5),
+        )
+        every = max(SIGNALS_EVERY, min(60.0, len(self.signals.watched) / 2000))
+        self.scheduler.add_job(
+            self._check_signals,
+            PhasedIntervalTrigger(every, phase_of("signals", every)),
+            id="__signals__",
+            name="check deadlines and quiet periods",
+            executor="signals",
+            next_run_time=datetime.now(UTC) + timedelta(seconds=1),
         )
         self.scheduler.start(paused=paused)
         if not paused:
@@ -269,6 +286,23 @@ class Daemon:
             counts[state] = counts.get(state, 0) + 1
         return counts
 
+    def _signal_states(self) -> dict[str, int]:
+        return {
+            "stale": self.signals.stale,
+            "failing": self.store.alerting_watches(),
+            "settling": self.signals.settling,
+        }
+
+    def _check_signals(self) -> None:
+        owned = self.membership.holds if self.membership is not None else None
+        try:
+            raised = self.signals.run_once(self.recorder.route, owned)
+        except Exception as exc:
+            log.error("checking deadlines and quiet periods failed: %s; trying again", describe_db_error(exc, ""))
+            return
+        if raised:
+            self.dispatcher.wake()
+
     def _prune(self) -> None:
         db = self.current.settings.database
         now = datetime.now(UTC)
@@ -343,6 +377,9 @@ class Daemon:
         else:
             self.service.prober.relearn()  # a new prober learns anew; this one measures again
         self.current = _Running(new, specs, synced.watches)
+        rules = rules_from_settings(new)
+        self.store.rules = {watch.id: rules[name] for name, watch in synced.watches.items()}
+        self.signals.set_watches(watched_from(synced.watches, rules))
         self.store.keep_samples = new.database.sample_retention > 0
         self.recorder.route = make_route(new.notify) if new.notify else None
         self.dispatcher.set_sinks(new.notify)

@@ -63,6 +63,33 @@ class _Gauges(Collector):
         yield backlog
 
 
+class _Signals(Collector):
+    """Watches in each signal state, and the watch signals recorded by this process, by event."""
+
+    def __init__(self, states: Callable[[], dict[str, int]], recorded: Callable[[], dict[str, int]]) -> None:
+        self._states = states
+        self._recorded = recorded
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        try:
+            states = self._states()
+        except Exception as exc:  # a locked database must not break the scrape
+            log.warning("metrics: cannot read the watch signals: %s", exc)
+            states = {}
+        for state, help_ in (
+            ("stale", "Watches whose expected change is overdue (stale, not yet fresh)"),
+            ("failing", "Watches failing (alert_after reached) or with access lost, not yet recovered"),
+            ("settling", "Watches with a burst of changes not yet settled"),
+        ):
+            yield GaugeMetricFamily(f"poller_{state}_watches", help_, value=states.get(state, 0))
+        family = CounterMetricFamily(
+            "poller_watch_events", "Watch signals recorded (stale, fresh, settled, failing, ...)", labels=["event"]
+        )
+        for event, n in sorted(self._recorded().items()):
+            family.add_metric([event], n)
+        yield family
+
+
 class _LeanFallbacks(Collector):
     """Buckets whose HEADs boto3 sends instead of the lean path, by reason (counted in poller.targets)."""
 
@@ -131,6 +158,9 @@ class Metrics:
 
     def add_gauges(self, outcomes: Callable[[], dict[str, int]], backlog: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_Gauges(outcomes, backlog))
+
+    def add_signal_gauges(self, states: Callable[[], dict[str, int]], recorded: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(_Signals(states, recorded))
 
     def serve(self, listen: str) -> None:
         """Serve /metrics on ``host:port``."""

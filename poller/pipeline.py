@@ -27,7 +27,7 @@ from poller.notify import make_route
 from poller.probe import Prober, prober_for
 from poller.safetext import iso, printable
 from poller.store import Fenced, Route, Store, Superseded, SyncResult, describe_db_error, migrate
-from poller.watchlist import WatchSpec, specs_from_settings
+from poller.watchlist import WatchSpec, rules_from_settings, specs_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -375,6 +375,8 @@ def prepare(
     specs = specs_from_settings(settings)
     migrate(store.engine)
     synced = store.sync_watches(list(specs.values()), datetime.now(UTC))
+    rules = rules_from_settings(settings)
+    store.rules = {watch.id: rules[name] for name, watch in synced.watches.items()}
     recorder = Recorder(store, make_route(settings.notify) if settings.notify else None)
     return PollService(store, prober, recorder, settings.database.url, log_polls=log_polls), specs, synced
 

@@ -10,10 +10,11 @@ makes sure that happens once however many daemons or restarts try.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from poller.model import Watch
 from poller.signals import Rules, Signal, burst_detail, deadline, dumps, is_settled, iso
 from poller.store import Route, Store
 
@@ -34,6 +35,11 @@ class Watched:
     name: str
     key: str
     rules: Rules
+
+
+def watched_from(watches: Mapping[str, Watch], rules: Mapping[str, Rules]) -> list[Watched]:
+    """The check's view of a synced watch list and its rules (poller.watchlist.rules_from_settings)."""
+    return [Watched(w.id, name, w.key, rules[name]) for name, w in watches.items() if name in rules]
 
 
 class SignalCheck:

@@ -112,12 +112,13 @@ def rules_from_settings(settings: Settings) -> dict[str, Rules]:
     """
     d = settings.schedule
     rules: dict[str, Rules] = {}
+    shared: dict[Rules, Rules] = {}  # one object per distinct set of rules, however many watches
     for w in settings.watch:
         own_deadline = w.expect_change_within is not None or w.expect_change_by is not None
         src = w if own_deadline else d
         alert = d.alert_after if w.alert_after is None else w.alert_after
         grace = w.expect_grace if w.expect_grace is not None else d.expect_grace
-        rules[w.name] = Rules(
+        these = Rules(
             expect_change_within=src.expect_change_within,
             expect_change_by=src.expect_change_by,
             expect_grace=grace or 0.0,
@@ -125,6 +126,7 @@ def rules_from_settings(settings: Settings) -> dict[str, Rules]:
             alert_after_errors=alert if isinstance(alert, int) and alert > 0 else None,
             alert_after_seconds=alert if isinstance(alert, float) else None,
         )
+        rules[w.name] = shared.setdefault(these, these)
     return rules
 
 

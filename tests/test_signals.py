@@ -3,10 +3,17 @@ failing / recovered / access_lost once each, on both backends, across restarts a
 
 from __future__ import annotations
 
+import json
+import sqlite3
+import urllib.request
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import ConfigFile, free_port, run_cli, wait_for
+from daemonproc import query
+from prometheus_client.parser import text_string_to_metric_families
 
 from poller.model import ObjectState, PollResult, Watch
 from poller.signalcheck import SignalCheck, Watched
@@ -307,3 +314,69 @@ def test_watches_without_rules_are_not_checked(store: Store):
     watch = _watch(store)
     check, _clock = _check(store, watch, Rules(), NOW + timedelta(days=30))
     assert check.watched == {} and check.run_once() == []
+
+
+# --- end to end: the daemon against the S3 server -------------------------------------------
+
+
+def _watch_events(db: Path, watch: str) -> list[tuple[str, str | None, str | None]]:
+    sql = (
+        "SELECT e.event, e.detail, e.error FROM watch_events e JOIN watches w ON w.id = e.watch_id "
+        "WHERE w.name = ? ORDER BY e.id"
+    )
+    try:
+        return [tuple(r) for r in query(db, sql, watch)]  # type: ignore[misc]
+    except sqlite3.OperationalError:
+        return []
+
+
+def _kinds(db: Path, watch: str) -> list[str]:
+    return [e[0] for e in _watch_events(db, watch)]
+
+
+def test_daemon_raises_stale_fresh_settled_failing_recovered(config: ConfigFile, s3, bucket, start_daemon):
+    s3.put_object(Bucket=bucket, Key="feed.csv", Body=b"v1")
+    s3.put_object(Bucket=bucket, Key="drop/a", Body=b"a1")
+    missing_bucket = f"{bucket}-later"
+    config.write(
+        [
+            {"name": "feed", "bucket": bucket, "key": "feed.csv", "settle": "2s", "expect_change_within": "4s"},
+            {"name": "parts", "bucket": bucket, "prefix": "drop/", "settle": "2s"},
+            {"name": "gone", "bucket": missing_bucket, "key": "x", "alert_after": 2},
+        ],
+        metrics={"listen": f"127.0.0.1:{free_port()}"},
+    )
+    daemon = start_daemon(config)
+    daemon.notify.wait("READY=1")
+    wait_for(lambda: _kinds(config.db, "gone") == ["failing"], what="failing after two errors")
+    wait_for(lambda: _kinds(config.db, "feed")[:1] == ["stale"], what="stale 4 s after the object's Last-Modified")
+    assert "stale" not in _kinds(config.db, "parts")  # no deadline set there
+    metrics = _scrape(config)
+    assert metrics["poller_failing_watches"] == 1 and metrics["poller_stale_watches"] == 1
+    s3.put_object(Bucket=bucket, Key="feed.csv", Body=b"v2")
+    wait_for(lambda: _kinds(config.db, "feed")[:3] == ["stale", "fresh", "settled"], what="fresh, then settled")
+    s3.put_object(Bucket=bucket, Key="drop/b", Body=b"b1")
+    s3.put_object(Bucket=bucket, Key="drop/c", Body=b"c1")
+    wait_for(lambda: "settled" in _kinds(config.db, "parts"), what="the prefix settled")
+    [(_, detail, _)] = [e for e in _watch_events(config.db, "parts") if e[0] == "settled"]
+    assert json.loads(detail or "{}")["keys"] == ["drop/b", "drop/c"]
+    s3.create_bucket(Bucket=missing_bucket)
+    s3.put_object(Bucket=missing_bucket, Key="x", Body=b"x")
+    wait_for(lambda: _kinds(config.db, "gone") == ["failing", "recovered"], what="recovered")
+    wait_for(lambda: _scrape(config)["poller_failing_watches"] == 0, what="failing gauge back to 0")
+    assert daemon.stop() == 0
+    assert "gone failing: x" in daemon.log
+    history = run_cli("history", "--changes", "--config", str(config.path))
+    assert history.returncode == 0 and "recovered" in history.stdout and "settled" in history.stdout
+
+
+def _scrape(config: ConfigFile) -> dict[str, float]:
+    url = f"http://{config.sections['metrics']['listen']}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if not sample.labels
+    }
