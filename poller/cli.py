@@ -320,6 +320,8 @@ STATUS_COLUMNS = (
     "last_polled_at",
     "consecutive_errors",
     "last_error",
+    "signals",  # stale, settling, failing (poller.signals)
+    "deadline",  # when the next change is due (expect_change_within / expect_change_by)
 )
 # A row of `history` is a run of identical polls: "time" is the latest, "first" the earliest.
 POLL_COLUMNS = (
@@ -331,7 +333,7 @@ CHANGE_COLUMNS = (
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """One row per watch: last outcome, ETag, Last-Modified, last polled, consecutive errors."""
+    """One row per watch: last outcome, ETag, Last-Modified, last polled, consecutive errors, signals, deadline."""
     _, settings = _settings(args)
     store = _open_store(settings, readonly=True)
     try:

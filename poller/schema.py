@@ -223,6 +223,17 @@ watch_events = Table(
     Index("ix_watch_events_detected_at", "detected_at"),
 )
 
+# Each checked watch's time-driven signal state, as its daemon last computed it (poller.signalcheck),
+# for `poller status` and plain SQL: the next deadline, stale since, a burst settling since.
+watch_signals = Table(
+    "watch_signals",
+    metadata,
+    Column("watch_id", BigInt, ForeignKey("watches.id"), primary_key=True, autoincrement=False),
+    Column("deadline_at", UTCDateTime),
+    Column("stale_since", UTCDateTime),
+    Column("settling_since", UTCDateTime),
+)
+
 notifications = Table(
     "notifications",
     metadata,

@@ -55,6 +55,7 @@ class SignalCheck:
         self._settled: dict[int, datetime] = {}  # the last change of the latest settled burst
         self._bursts: dict[int, tuple[datetime, list[tuple[str, datetime]]]] = {}  # pending, by last change
         self._scanned: datetime | None = None
+        self._shown: dict[int, tuple[datetime | None, ...]] = {}  # what watch_signals holds per watch
         self.settling = 0  # watches with an unsettled burst at the last pass (a gauge)
 
     def set_watches(self, watched: Collection[Watched]) -> None:
@@ -77,18 +78,33 @@ class SignalCheck:
         inputs = self.store.signal_inputs([w.id for w in mine])
         signals: list[Signal] = []
         settling = 0
+        changed: list[dict[str, object]] = []
         for w in mine:
             row = inputs.get(w.id)
             if row is None:
                 continue
+            due = since = None
             if w.rules.has_deadline:
-                signals += self._deadline(w, row["created_at"], now)
-            if w.rules.settle is not None:
-                found, pending = self._settle(w, w.rules.settle, row, now)
+                found, due = self._deadline(w, row["created_at"], now)
                 signals += found
-                settling += pending
+            if w.rules.settle is not None:
+                found, since = self._settle(w, w.rules.settle, row, now)
+                signals += found
+                settling += since is not None
+            opened = self._open_stale.get(w.id)
+            shown = (due, None if opened is None else opened[1], since)
+            if self._shown.get(w.id) != shown:
+                changed.append({"watch_id": w.id, "deadline_at": due, "stale_since": shown[1], "settling_since": since})
+                self._shown[w.id] = shown
         self.settling = settling
-        return self.store.record_signals(signals, route)
+        recorded = self.store.record_signals(signals, route)
+        try:
+            self.store.save_watch_signals(changed)
+        except Exception:
+            for row in changed:  # written again next pass
+                self._shown.pop(int(str(row["watch_id"])), None)
+            raise
+        return recorded
 
     def _scan(self, now: datetime) -> None:
         """Take in the deliveries committed since the last pass (the watches already known)."""
@@ -99,24 +115,25 @@ class SignalCheck:
                     self._fresh[watch_id] = (at, etag)
         self._scanned = now
 
-    def _deadline(self, w: Watched, created_at: datetime, now: datetime) -> list[Signal]:
+    def _deadline(self, w: Watched, created_at: datetime, now: datetime) -> tuple[list[Signal], datetime | None]:
+        """(stale or fresh if due, the deadline now in force)."""
         if w.id not in self._fresh:
             found = self.store.last_fresh_change(w.id)
             if found is not None:
                 self._fresh[w.id] = found
         last, etag = self._fresh.get(w.id, (None, None))
-        since = last or created_at
         opened = self._open_stale.get(w.id)
+        signals: list[Signal] = []
         if opened is not None:
             stale_deadline = _parse(opened[0])
             if last is None or last <= stale_deadline:
-                return []  # still stale: one signal per missed deadline
+                return [], stale_deadline  # still stale: one signal per missed deadline
             del self._open_stale[w.id]
             detail = dumps({"stale_deadline": opened[0], "stale_at": iso(opened[1])})
-            return [Signal(w.id, w.name, w.key, "fresh", now, opened[0], etag, None, detail)]
-        due = deadline(w.rules, since)
+            signals.append(Signal(w.id, w.name, w.key, "fresh", now, opened[0], etag, None, detail))
+        due = deadline(w.rules, last or created_at)
         if due is None or now < due:
-            return []
+            return signals, due
         dedup = iso(due)
         self._open_stale[w.id] = (dedup, now)
         detail = dumps(
@@ -126,7 +143,8 @@ class SignalCheck:
                 "rule": w.rules.describe_deadline,
             }
         )
-        return [Signal(w.id, w.name, w.key, "stale", now, dedup, etag, None, detail)]
+        signals.append(Signal(w.id, w.name, w.key, "stale", now, dedup, etag, None, detail))
+        return signals, due
 
     def _burst(self, watch_id: int, before: datetime, last_change: datetime) -> list[tuple[str, datetime]]:
         """The burst ending at ``last_change``, read once per last change (a pending one is asked every pass)."""
@@ -136,27 +154,29 @@ class SignalCheck:
             self._bursts[watch_id] = cached
         return cached[1]
 
-    def _settle(self, w: Watched, settle: float, row: dict[str, object], now: datetime) -> tuple[list[Signal], int]:
-        """(the settled signal if due, 1 if a burst is still waiting to settle)."""
+    def _settle(
+        self, w: Watched, settle: float, row: dict[str, object], now: datetime
+    ) -> tuple[list[Signal], datetime | None]:
+        """(the settled signal if due, the start of a burst still waiting to settle)."""
         last_change = row["last_changed_at"]
         if not isinstance(last_change, datetime):
-            return [], 0
+            return [], None
         before = self._settled.get(w.id) or now - FIRST_BURST_LOOKBACK
         if last_change <= before:
-            return [], 0
+            return [], None
         polled = row["last_polled_at"]
         outcome = row["last_outcome"]
         changes = self._burst(w.id, before, last_change)
         if not changes:
-            return [], 0  # only first sightings: nothing was written, nothing to settle
+            return [], None  # only first sightings: nothing was written, nothing to settle
         if not is_settled(settle, last_change, polled if isinstance(polled, datetime) else None, str(outcome)):
-            return [], 1
+            return [], changes[0][1]
         self._settled[w.id] = last_change
         del self._bursts[w.id]
         keys = [key for key, _at in changes]
         detail = burst_detail(keys, len(changes), changes[0][1], last_change, settle)
         etag = row["etag"] if isinstance(row["etag"], str) else None
-        return [Signal(w.id, w.name, w.key, "settled", now, iso(last_change, exact=True), etag, None, detail)], 0
+        return [Signal(w.id, w.name, w.key, "settled", now, iso(last_change, exact=True), etag, None, detail)], None
 
 
 def _parse(stamp: str) -> datetime:

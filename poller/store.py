@@ -58,6 +58,7 @@ from poller.schema import (
     server_semantics,
     shard_leases,
     watch_events,
+    watch_signals,
     watches,
 )
 from poller.signals import BURST_EVENTS, FRESH_EVENTS, Rules, Signal, streak_signals
@@ -847,6 +848,18 @@ class Store:
                     settled[row.watch_id] = row.dedup
         return {w: v for w, v in stale.items() if (w, v[0]) not in fresh}, settled
 
+    def save_watch_signals(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Upsert watch_signals rows (watch_id, deadline_at, stale_since, settling_since)."""
+        if not rows:
+            return
+        statement = self._insert(watch_signals)
+        statement = statement.on_conflict_do_update(
+            index_elements=[watch_signals.c.watch_id],
+            set_={c: statement.excluded[c] for c in ("deadline_at", "stale_since", "settling_since")},
+        )
+        with self._tx() as conn:
+            conn.execute(statement, list(rows))
+
     def alerting_watches(self) -> int:
         """How many watches have a failing or access_lost signal not yet followed by recovered."""
         alerting = self._alerting
@@ -1404,9 +1417,27 @@ class Store:
         shows them (``2026-11-24T10:00:00Z``), formatted by the database: 100,000 watches' worth of
         datetime parsing and formatting in Python took most of `poller status`."""
         state = object_state.c
-        times = (state.last_modified, state.last_polled_at, state.last_changed_at)
+        sig = watch_signals.c
+        times = (state.last_modified, state.last_polled_at, state.last_changed_at, sig.deadline_at)
         if display:
             times = tuple(self._display_time(t).label(t.name) for t in times)
+        alert, recovered = watch_events.alias("alert"), watch_events.alias("recovered")
+        # A failing/access_lost signal with no recovered of the same streak (the unique index answers both).
+        alerting = (
+            select(alert.c.id)
+            .where(
+                alert.c.watch_id == watches.c.id,
+                alert.c.event.in_(("failing", "access_lost")),
+                ~select(recovered.c.id)
+                .where(
+                    recovered.c.watch_id == alert.c.watch_id,
+                    recovered.c.event == "recovered",
+                    recovered.c.dedup == alert.c.dedup,
+                )
+                .exists(),
+            )
+            .exists()
+        )
         query = (
             select(
                 watches.c.name,
@@ -1419,9 +1450,14 @@ class Store:
                 state.consecutive_errors,
                 state.last_error,
                 times[2],
+                times[3].label("deadline"),
+                case((sig.stale_since.is_not(None), 1), else_=0).label("stale"),
+                case((sig.settling_since.is_not(None), 1), else_=0).label("settling"),
+                case((alerting, 1), else_=0).label("failing"),
             )
             .select_from(watches)
             .outerjoin(object_state, and_(state.watch_id == watches.c.id, state.key == watches.c.key))
+            .outerjoin(watch_signals, sig.watch_id == watches.c.id)
             .where(watches.c.active.is_(True))
             .order_by(watches.c.name)
         )
@@ -1434,12 +1470,17 @@ class Store:
                 try:
                     cursor.execute(sql)
                     keys = [d[0] for d in cursor.description]
-                    return [dict(zip(keys, row, strict=True)) for row in cursor.fetchall()]
+                    rows = [dict(zip(keys, row, strict=True)) for row in cursor.fetchall()]
                 finally:
                     cursor.close()
-            result = conn.execute(query)
-            keys = list(result.keys())
-            return [dict(zip(keys, row, strict=True)) for row in result]
+            else:
+                result = conn.execute(query)
+                keys = list(result.keys())
+                rows = [dict(zip(keys, row, strict=True)) for row in result]
+        for row in rows:
+            flags = (row.pop("stale"), row.pop("settling"), row.pop("failing"))
+            row["signals"] = ",".join(n for n, on in zip(("stale", "settling", "failing"), flags, strict=True) if on)
+        return rows
 
     def _display_time(self, column: Any) -> Any:
         """``column`` as UTC text with a Z, microseconds only when there are some (as the CLI writes)."""

@@ -353,8 +353,20 @@ def test_daemon_raises_stale_fresh_settled_failing_recovered(config: ConfigFile,
     assert "stale" not in _kinds(config.db, "parts")  # no deadline set there
     metrics = _scrape(config)
     assert metrics["poller_failing_watches"] == 1 and metrics["poller_stale_watches"] == 1
+    status = run_cli("status", "--format", "json", "--config", str(config.path))
+    assert status.returncode == 0, status.stderr
+    by_name = {row["name"]: row for row in json.loads(status.stdout)}
+    assert by_name["gone"]["signals"] == "failing" and by_name["gone"]["deadline"] is None
+    assert by_name["feed"]["signals"].startswith("stale") and by_name["feed"]["deadline"].endswith("Z")
+    assert by_name["parts"]["signals"] == ""
     s3.put_object(Bucket=bucket, Key="feed.csv", Body=b"v2")
-    wait_for(lambda: _kinds(config.db, "feed")[:3] == ["stale", "fresh", "settled"], what="fresh, then settled")
+    # The next deadline (4 s after v2) may pass before the quiet period is confirmed: a second stale
+    # may come between them.
+    wait_for(
+        lambda: [k for k in _kinds(config.db, "feed") if k != "stale"][:2] == ["fresh", "settled"],
+        what="fresh, then settled",
+    )
+    assert _kinds(config.db, "feed")[:2] == ["stale", "fresh"]
     s3.put_object(Bucket=bucket, Key="drop/b", Body=b"b1")
     s3.put_object(Bucket=bucket, Key="drop/c", Body=b"c1")
     wait_for(lambda: "settled" in _kinds(config.db, "parts"), what="the prefix settled")

@@ -3,7 +3,8 @@
 ``watch_events`` holds facts about a watch over time (poller.signals); its unique
 (watch_id, event, dedup) lets the database refuse a signal recorded twice, by a restarted daemon or
 by a second one. The outbox now carries either a change (``history_id``) or a signal (``event_id``).
-``object_state.error_since`` is when a key's current error streak began.
+``object_state.error_since`` is when a key's current error streak began; ``watch_signals`` holds
+each checked watch's next deadline and whether it is stale or settling (for ``poller status``).
 
 Revision ID: 0008
 Revises: 0007
@@ -44,6 +45,16 @@ def upgrade() -> None:
     op.create_index("uq_watch_events_watch_id_event_dedup", "watch_events", ["watch_id", "event", "dedup"], unique=True)
     op.create_index("ix_watch_events_watch_id_detected_at", "watch_events", ["watch_id", "detected_at"])
     op.create_index("ix_watch_events_detected_at", "watch_events", ["detected_at"])
+    op.create_table(
+        "watch_signals",
+        sa.Column(
+            "watch_id", big, sa.ForeignKey("watches.id", name="fk_watch_signals_watch_id_watches"), nullable=False
+        ),
+        sa.Column("deadline_at", time),
+        sa.Column("stale_since", time),
+        sa.Column("settling_since", time),
+        sa.PrimaryKeyConstraint("watch_id", name="pk_watch_signals"),
+    )
     op.add_column("object_state", sa.Column("error_since", time))
     # A streak already running when this revision lands began no later than the last poll.
     op.execute("UPDATE object_state SET error_since = last_polled_at WHERE consecutive_errors > 0")
@@ -60,6 +71,7 @@ def downgrade() -> None:
         batch.drop_column("event_id")
         batch.alter_column("history_id", existing_type=big_type(), nullable=False)
     op.drop_column("object_state", "error_since")
+    op.drop_table("watch_signals")
     op.drop_table("watch_events")
 
 
