@@ -100,7 +100,12 @@ def parse_alert_after(value: object) -> int | float:
         return value
     if isinstance(value, str) and value.strip().isdigit():
         return int(value.strip())
-    seconds = parse_duration(value)
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        raise ValueError(
+            f'expected a number of consecutive errors (3) or a duration ("10m"), got {_short(value)}'
+        ) from None
     if seconds <= 0:
         raise ValueError("a duration must be greater than zero (0 turns failure alerts off)")
     return float(seconds)

@@ -392,3 +392,58 @@ def _scrape(config: ConfigFile) -> dict[str, float]:
         for sample in family.samples
         if not sample.labels
     }
+
+
+# --- configuration --------------------------------------------------------------------------
+
+
+def _config(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "poller.toml"
+    path.write_text(f'[database]\nurl = "sqlite:///{tmp_path}/p.db"\n' + body, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("body", "fragments"),
+    [
+        ('[[watch]]\nname = "w1"\nbucket = "b"\nkey = "k"\nexpect_change_by = "0 7 * *"\n',
+         ["watch #1 ('w1')", "expect_change_by", "'0 7 * *'"]),
+        ('[[watch]]\nname = "w1"\nbucket = "b"\nkey = "k"\nexpect_change_by = "0 7 * * *"\n'
+         'expect_change_within = "1h"\n',
+         ["watch #1 ('w1')", "either expect_change_within or expect_change_by"]),
+        ('[[watch]]\nname = "w1"\nbucket = "b"\nkey = "k"\nsettle = "0s"\n', ["watch #1 ('w1')", "settle"]),
+        ('[[watch]]\nname = "w1"\nbucket = "b"\nkey = "k"\nalert_after = "soon"\n',
+         ["watch #1 ('w1')", "alert_after", "consecutive errors", "'soon'"]),
+        ('[schedule]\nalert_after = 2.5\n[[watch]]\nbucket = "b"\nkey = "k"\n', ["[schedule]", "alert_after"]),
+        ('[schedule]\nexpect_grace = "-1m"\n[[watch]]\nbucket = "b"\nkey = "k"\n', ["[schedule]", "expect_grace"]),
+    ],
+)  # fmt: skip
+def test_a_wrong_signal_rule_is_a_one_paragraph_exit_2_naming_the_watch_and_field(
+    tmp_path: Path, body: str, fragments: list[str]
+):
+    result = run_cli("check", "--config", str(_config(tmp_path, body)))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+def test_a_watchs_own_rules_replace_the_defaults(tmp_path: Path):
+    from poller.config import load_settings
+    from poller.watchlist import rules_from_settings
+
+    path = _config(
+        tmp_path,
+        '[schedule]\nexpect_change_within = "26h"\nsettle = "5m"\nalert_after = "10m"\n'
+        '[[watch]]\nname = "plain"\nbucket = "bkt"\nkey = "k"\n'
+        '[[watch]]\nname = "nightly"\nbucket = "bkt"\nkey = "n"\nexpect_change_by = "0 7 * * *"\nexpect_grace = "30m"\n'
+        "alert_after = 0\n"
+        '[[watch]]\nname = "count"\nbucket = "bkt"\nkey = "c"\nalert_after = 5\nsettle = "1m"\n',
+    )
+    rules = rules_from_settings(load_settings(path))
+    assert rules["plain"] == Rules(expect_change_within=26 * 3600, settle=300, alert_after_errors=None,
+                                   alert_after_seconds=600)  # fmt: skip
+    assert rules["nightly"] == Rules(expect_change_by="0 7 * * *", expect_grace=1800, settle=300,
+                                     alert_after_errors=None)  # fmt: skip
+    assert rules["count"] == Rules(expect_change_within=26 * 3600, settle=60, alert_after_errors=5)
+    assert rules["plain"] is not rules["nightly"]
