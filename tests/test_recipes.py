@@ -20,6 +20,8 @@ from pgserver import PgServer
 
 from poller.model import ObjectState, PollResult
 from poller.schema import to_text
+from poller.signalcheck import SignalCheck, Watched
+from poller.signals import Rules
 from poller.store import Store, migrate, open_engine
 from poller.watchlist import WatchSpec
 
@@ -84,6 +86,10 @@ def populate(url: str, now: datetime) -> None:
             [err(w["flaky"], now - timedelta(hours=2)), ok(w["app"], now - timedelta(hours=1), '"a2"', None, None)]
         )
         store.record([err(w["flaky"], now - timedelta(hours=1))])
+        # "gone" was due a day after it was first seen: stale (README "Signals").
+        check = SignalCheck(store, lambda: now)
+        check.set_watches([Watched(w["gone"].id, "gone", w["gone"].key, Rules(expect_change_within=86400))])
+        assert [s.event for s in check.run_once()] == ["stale"]
     finally:
         store.close()
 
