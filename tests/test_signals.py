@@ -447,3 +447,31 @@ def test_a_watchs_own_rules_replace_the_defaults(tmp_path: Path):
                                      alert_after_errors=None)  # fmt: skip
     assert rules["count"] == Rules(expect_change_within=26 * 3600, settle=60, alert_after_errors=5)
     assert rules["plain"] is not rules["nightly"]
+
+
+def test_a_reload_applies_new_signal_rules_and_a_bad_one_keeps_the_old(config: ConfigFile, bucket):
+    from poller.config import load_settings
+    from poller.daemon import Daemon
+    from poller.sdnotify import Notifier
+
+    config.write([{"name": "a", "bucket": bucket, "key": "k"}, {"name": "b", "bucket": bucket, "key": "k2"}])
+    daemon = Daemon(config.path, load_settings(config.path), Notifier(""))
+    daemon.start(paused=True)
+    try:
+        ids = {name: w.id for name, w in daemon.current.watches.items()}
+        assert daemon.store.rules[ids["a"]] == Rules() and daemon.signals.watched == {}
+        config.write(
+            [
+                {"name": "a", "bucket": bucket, "key": "k", "settle": "1m", "alert_after": 7},
+                {"name": "b", "bucket": bucket, "key": "k2"},
+            ],
+            schedule={"expect_change_within": "2h"},
+        )
+        assert daemon.reload()
+        assert daemon.store.rules[ids["a"]] == Rules(expect_change_within=7200, settle=60, alert_after_errors=7)
+        assert set(daemon.signals.watched) == {ids["a"], ids["b"]}
+        config.write(schedule={"expect_change_by": "not cron"})
+        assert not daemon.reload()
+        assert daemon.store.rules[ids["b"]] == Rules(expect_change_within=7200)
+    finally:
+        daemon.shutdown()
