@@ -88,9 +88,12 @@ class Receiver:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                # A CloudEvent (the default format): a change's data carries its etag_history id; the
+                # check counts changes, so watch signals (no history id) are acknowledged and not counted.
+                history_id = json.loads(body)["data"].get("history_id")
                 with receiver._lock:
-                    # A CloudEvent (the default format): its data carries the etag_history id.
-                    receiver.deliveries[int(json.loads(body)["data"]["history_id"])].append(time.time())
+                    if history_id is not None:
+                        receiver.deliveries[int(history_id)].append(time.time())
                 self.send_response(204)
                 self.end_headers()
 
