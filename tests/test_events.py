@@ -18,6 +18,8 @@ from typing import Any
 import jsonschema
 import pytest
 from conftest import ConfigFile, run_cli, serving
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from poller.config import EVENTS, OBJECT_EVENTS, NotifySettings
 from poller.events import cloudevent, event_id, legacy_payload, render, s3_event, s3_sequencer, unified_row
@@ -192,6 +194,32 @@ def test_unified_row_takes_history_rows_of_any_age():
     row = unified_row(change)
     assert row["detected_at"] == NOW and row["seq"] is None and row["dedup"] is None
     assert schema_errors(cloudevent(row)) == []
+
+
+TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)  # keys are UTF-8
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    event=st.sampled_from(OBJECT_EVENTS),
+    watch=TEXT.filter(bool),
+    key=TEXT,
+    etag=st.one_of(st.none(), TEXT),
+    version=st.one_of(st.none(), TEXT),
+    size=st.one_of(st.none(), st.integers(0, 2**63 - 1)),
+    seq=st.integers(1, 2**63 - 1),
+)
+def test_any_names_keys_and_etags_make_valid_events(event, watch, key, etag, version, size, seq):
+    row = object_row(event, watch=watch, key=key, etag=etag, version_id=version, size=size, seq=seq)
+    if event == "deleted":
+        row["etag"] = None
+    if event == "first_seen":
+        row["previous_etag"] = None
+    ce = json.loads(json.dumps(cloudevent(row), ensure_ascii=False))
+    assert schema_errors(ce) == []
+    assert urllib.parse.unquote(ce["source"].removeprefix("/poller/watches/")) == watch and ce["subject"] == key
+    [record] = lambda_handler(json.loads(json.dumps(s3_event(row))))
+    assert record["key"] == key and record["sequencer"] == f"{seq:016X}"
 
 
 # --- the idempotency id ---------------------------------------------------------------------------
