@@ -8,6 +8,7 @@ import http.server
 import json
 import subprocess
 import sys
+import tarfile
 import urllib.parse
 import zipfile
 from datetime import UTC, datetime, timedelta
@@ -633,3 +634,16 @@ def test_wheel_ships_the_event_schema(tmp_path: Path):
         timeout=60,
     )
     assert run.returncode == 0 and run.stdout.strip() == SCHEMA["title"], run.stderr
+
+
+@pytest.mark.slow
+def test_sdist_ships_the_event_schema(tmp_path: Path):
+    code = "import sys; from hatchling.build import build_sdist; print(build_sdist(sys.argv[1]))"
+    build = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    assert build.returncode == 0, build.stderr
+    with tarfile.open(tmp_path / build.stdout.strip()) as sdist:
+        [member] = [m for m in sdist.getmembers() if m.name.endswith("/poller/event.schema.json")]
+        shipped = sdist.extractfile(member)
+        assert shipped is not None and json.loads(shipped.read()) == SCHEMA
