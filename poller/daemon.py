@@ -287,11 +287,13 @@ class Daemon:
         return counts
 
     def _signal_states(self) -> dict[str, int]:
-        return {
-            "stale": self.signals.stale,
-            "failing": self.store.alerting_watches(),
-            "settling": self.signals.settling,
-        }
+        """This daemon's watches in each signal state (with several daemons, each counts its own)."""
+        if self.membership is None:
+            failing = self.store.alerting_watches()
+        else:
+            holds = self.membership.holds
+            failing = self.store.alerting_watches({w.id for name, w in self.current.watches.items() if holds(name)})
+        return {"stale": self.signals.stale, "failing": failing, "settling": self.signals.settling}
 
     def _check_signals(self) -> None:
         owned = self.membership.holds if self.membership is not None else None

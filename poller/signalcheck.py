@@ -57,6 +57,7 @@ class SignalCheck:
         self._scanned: datetime | None = None
         self._shown: dict[int, tuple[datetime | None, ...]] = {}  # what watch_signals holds per watch
         self.settling = 0  # watches with an unsettled burst at the last pass (a gauge)
+        self._mine: set[int] = set()  # the watches checked by the last pass
 
     def set_watches(self, watched: Collection[Watched]) -> None:
         """The watches to check (those with a deadline or settle rule); the others are ignored."""
@@ -64,7 +65,9 @@ class SignalCheck:
 
     @property
     def stale(self) -> int:
-        return sum(1 for watch_id in self._open_stale if watch_id in self.watched)
+        """Watches of the last pass (this daemon's) that are stale now."""
+        mine = self._mine
+        return sum(1 for watch_id in list(self._open_stale) if watch_id in mine)
 
     def run_once(self, route: Route | None = None, owned: Callable[[str], bool] | None = None) -> list[Signal]:
         """Check every watch (``owned`` ones only, with several daemons) once; record and return the new signals."""
@@ -75,6 +78,7 @@ class SignalCheck:
             self._loaded = True
         self._scan(now)
         mine = [w for w in self.watched.values() if owned is None or owned(w.name)]
+        self._mine = {w.id for w in mine}
         inputs = self.store.signal_inputs([w.id for w in mine])
         signals: list[Signal] = []
         settling = 0

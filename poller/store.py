@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -860,13 +860,14 @@ class Store:
         with self._tx() as conn:
             conn.execute(statement, list(rows))
 
-    def alerting_watches(self) -> int:
-        """How many watches have a failing or access_lost signal not yet followed by recovered."""
+    def alerting_watches(self, among: Container[int] | None = None) -> int:
+        """How many watches (of ``among``) have a failing or access_lost signal not yet followed by recovered."""
         alerting = self._alerting
         if alerting is None:
             with self._read() as conn:
                 alerting = self._load_alerting(conn)
-        return len({watch_id for watch_id, _key in list(alerting)})  # list(): one atomic copy under the GIL
+        ids = {watch_id for watch_id, _key in list(alerting)}  # list(): one atomic copy under the GIL
+        return len(ids) if among is None else sum(1 for watch_id in ids if watch_id in among)
 
     def _write_states(self, conn: Connection, rows: list[dict[str, Any]], created: list[str], *, error: bool) -> None:
         """Upsert the object_state rows of unchanged keys (or of errors), in batch order."""
@@ -1582,6 +1583,13 @@ class Store:
             rows = [*map(_change_row, conn.execute(changes)), *map(_signal_row, conn.execute(signals))]
         rows.sort(key=lambda row: (row["time"], row["history_id"] or 0, row["event_id"] or 0))
         return rows
+
+    def last_event_ids(self) -> tuple[int, int]:
+        """The highest committed etag_history and watch_events ids (0 for none): where a tail starts."""
+        with self._read() as conn:
+            changes = conn.execute(select(func.max(etag_history.c.id))).scalar()
+            signals = conn.execute(select(func.max(watch_events.c.id))).scalar()
+        return int(changes or 0), int(signals or 0)
 
     @staticmethod
     def _change_query() -> Any:
