@@ -65,6 +65,7 @@ class Daemon:
         self._stop = False
         self._reload = False
         self._status_note = ""
+        self._writer_waits = 0
         if signals:
             # Before the slow start-up (migrations, watch sync): a SIGTERM then still ends cleanly.
             self._install_signals()
@@ -191,11 +192,19 @@ class Daemon:
 
     def _warn_if_overloaded(self) -> None:
         skipped = self.service.stats.last_minute()["skipped"]
+        waits, self._writer_waits = self.recorder.waits - self._writer_waits, self.recorder.waits
         if skipped:
+            cause = (
+                f"the database writer is the bottleneck (workers waited for it {waits} times): raise the intervals "
+                "or move the database to faster storage"
+                if waits
+                else "raise [schedule] concurrency or the intervals"
+            )
             log.warning(
                 "overloaded: %d polls skipped in the last minute because the watch's previous poll had not "
-                "run yet; raise [schedule] concurrency or the intervals",
+                "run yet; %s",
                 skipped,
+                cause,
             )
 
     def _main_loop(self) -> None:

@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 1000
 SMALL_BATCH = 64
 LINGER = 0.02  # seconds
+# Results polled but not yet committed, at most: past this, workers wait for the writer instead of
+# sending HEADs whose results would only queue up (memory stays flat; the timetable counts the
+# polls that could not start as skipped, watch by watch, so no watch starves).
+MAX_PENDING = 8 * MAX_BATCH
 
 
 # Called in the writer thread once a result is committed (None) or could not be (the exception).
@@ -43,17 +47,27 @@ Committed = Callable[[BaseException | None], None]
 class Recorder:
     """A single writer thread that commits many poll results per transaction."""
 
-    def __init__(self, store: Store, route: Route | None = None, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self, store: Store, route: Route | None = None, max_batch: int = MAX_BATCH, max_pending: int = MAX_PENDING
+    ) -> None:
         self._store = store
         self.route = route  # replaced on reload; read once per batch
         self.on_events: Callable[[], None] | None = None  # e.g. wake the notification dispatcher
         self._max_batch = max_batch
+        self._room = threading.Semaphore(max_pending)  # taken by submit, given back after the commit
+        self.waits = 0  # submissions that had to wait for room (the writer is the bottleneck)
         self._queue: queue.SimpleQueue[tuple[PollResult, Committed] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="poller-writer", daemon=True)
         self._thread.start()
 
+    def _wait_for_room(self) -> None:
+        if not self._room.acquire(blocking=False):
+            self.waits += 1
+            self._room.acquire()
+
     def submit(self, result: PollResult) -> Future[None]:
-        """Queue a result; the future completes once it is committed (or fails with the reason)."""
+        """Queue a result; the future completes once it is committed (or fails with the reason).
+        Waits while ``max_pending`` results are uncommitted."""
         future: Future[None] = Future()
 
         def done(exc: BaseException | None) -> None:
@@ -62,11 +76,14 @@ class Recorder:
             else:
                 future.set_exception(exc)
 
+        self._wait_for_room()
         self._queue.put((result, done))
         return future
 
     def submit_nowait(self, result: PollResult, then: Committed) -> None:
-        """Queue a result; ``then`` runs in the writer thread after the commit (or its failure)."""
+        """Queue a result; ``then`` runs in the writer thread after the commit (or its failure).
+        Returns at once unless ``max_pending`` results are uncommitted: then it waits for room."""
+        self._wait_for_room()
         self._queue.put((result, then))
 
     def close(self) -> None:
@@ -103,12 +120,18 @@ class Recorder:
 
     def _commit(self, batch: list[tuple[PollResult, Committed]]) -> None:
         try:
+            self._record(batch)
+        finally:
+            self._room.release(len(batch))
+
+    def _record(self, batch: list[tuple[PollResult, Committed]]) -> None:
+        try:
             refused = self._store.record([r for r, _ in batch], self.route)
         except Exception as exc:
             if len(batch) > 1:
                 # One bad row must not sink the others: retry each on its own.
                 for pair in batch:
-                    self._commit([pair])
+                    self._record([pair])
                 return
             _call(batch[0][1], exc)
             return
