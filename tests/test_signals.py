@@ -7,14 +7,17 @@ import json
 import sqlite3
 import urllib.request
 from datetime import UTC, datetime, timedelta
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from conftest import ConfigFile, free_port, run_cli, wait_for
 from daemonproc import query
 from prometheus_client.parser import text_string_to_metric_families
 
+from poller.events import cloudevent
 from poller.model import ObjectState, PollResult, Watch
 from poller.signalcheck import SignalCheck, Watched
 from poller.signals import Rules, deadline, is_failing, is_settled, next_fire
@@ -82,8 +85,18 @@ def _error(watch: Watch, when: datetime, status: int | None = 503, text: str = "
     return PollResult(watch, when, "error", status, 5.0, None, None, None, text)
 
 
+SCHEMA = jsonschema.Draft202012Validator(
+    json.loads(resources.files("poller").joinpath("event.schema.json").read_text(encoding="utf-8"))
+)
+
+
 def _signals(store: Store) -> list[dict[str, Any]]:
-    return [r for r in reversed(store.history(changes=True, limit=None)) if r["event_id"] is not None]
+    """The watch signals recorded, oldest first; each one, as a CloudEvent, valid against the shipped schema."""
+    rows = [r for r in reversed(store.history(changes=True, limit=None)) if r["event_id"] is not None]
+    for row in rows:
+        errors = [e.message for e in SCHEMA.iter_errors(cloudevent(row))]
+        assert not errors, (row["event"], errors)
+    return rows
 
 
 def test_failing_once_after_alert_after_errors_then_recovered_once(store: Store):
