@@ -313,7 +313,8 @@ class DatabaseSettings(_Section):
 class ScheduleSettings(_Section):
     interval: Duration = 60.0
     jitter: Duration = 0.0
-    concurrency: int = Field(default=32, ge=1, le=1024)
+    # The most polls in flight; worker threads start as the work needs them (rate x round trip).
+    concurrency: int = Field(default=256, ge=1, le=1024)
     # Signal defaults for every watch (poller.signals); a watch may set its own.
     expect_change_within: Duration | None = None
     expect_change_by: str | None = None

@@ -67,3 +67,66 @@ def test_a_failed_commit_gives_its_room_back():
         recorder.submit_nowait(_result(i), errors.append)
     recorder.close()
     assert len(errors) == 6 and all(isinstance(e, RuntimeError) for e in errors)
+
+
+# --- concurrency that follows the work ----------------------------------------------------------
+
+
+class BlockingService:
+    """Stands in for PollService: each poll holds its thread until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.running = 0
+        self.done = 0
+        self.lock = threading.Lock()
+
+    def start_poll(self, watch: Watch, committed: Any) -> None:
+        with self.lock:
+            self.running += 1
+        self.gate.wait()
+        with self.lock:
+            self.running -= 1
+            self.done += 1
+        committed()
+
+    def stop(self) -> None:
+        self.gate.set()
+
+
+def test_threads_are_started_as_polls_wait_up_to_the_ceiling():
+    from poller.pipeline import Workers
+
+    service = BlockingService()
+    workers = Workers(service, 6, first_threads=2)  # type: ignore[arg-type]
+    try:
+        assert workers.threads == 2
+        for i in range(10):
+            assert workers.submit(Watch(i, f"w{i}", "bucket", f"k{i}"), NOW)
+        # Every thread is held by a slow poll: one more per poll due, but never past the ceiling.
+        wait_for(lambda: service.running == 6, what="six polls in flight")
+        assert workers.threads == 6
+        service.gate.set()
+        wait_for(lambda: service.done == 10, what="all ten polls")
+        # Idle threads take new work: no new thread for polls that find one waiting.
+        for i in range(10, 13):
+            assert workers.submit(Watch(i, f"w{i}", "bucket", f"k{i}"), NOW)
+        wait_for(lambda: service.done == 13, what="three more")
+        assert workers.threads == 6
+    finally:
+        workers.stop()
+
+
+def test_fast_polls_need_few_threads():
+    from poller.pipeline import Workers
+
+    service = BlockingService()
+    service.gate.set()  # every poll returns at once
+    workers = Workers(service, 64, first_threads=2)  # type: ignore[arg-type]
+    try:
+        for i in range(200):
+            workers.submit(Watch(i, f"w{i}", "bucket", f"k{i}"), NOW)
+            wait_for(lambda i=i: service.done == i + 1, what=f"poll {i}")
+        assert workers.threads <= 8  # a thread may not be waiting yet when the next poll comes
+    finally:
+        workers.stop()
