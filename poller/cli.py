@@ -431,8 +431,12 @@ def cmd_history(args: argparse.Namespace) -> int:
     """Poll outcomes (or, with --changes, ETag history events), newest first."""
     _, settings = _settings(args)
     since = _parse_since(args.since) if args.since else None
-    if args.limit is not None and args.limit < 0:
+    if args.limit is None:
+        args.limit = 10 if args.follow else 100
+    if args.limit < 0:
         raise UsageError("--limit must be zero or more (0 means no limit)")
+    if args.follow:
+        return _history_follow(args, settings, since)
     if args.format == "jsonl" and not args.changes:
         raise UsageError("--format jsonl prints events as CloudEvents, one per line: add --changes")
     store = _open_store(settings, readonly=True)
@@ -449,6 +453,103 @@ def cmd_history(args: argparse.Namespace) -> int:
         return EXIT_OK
     _emit(rows, CHANGE_COLUMNS if args.changes else POLL_COLUMNS, args.format)
     return EXIT_OK
+
+
+# `history --follow` as a table: rows come one at a time and cannot be measured first, so each column
+# of CHANGE_COLUMNS has a fixed width; a longer value is printed whole and shifts the rest of its line.
+FOLLOW_WIDTHS = (27, 16, 24, 11, 34, 34, 27, 12, 10, 0)
+
+
+class _Stopped(BaseException):
+    """SIGINT or SIGTERM during `history --follow` (a BaseException, like KeyboardInterrupt)."""
+
+
+def _history_follow(args: argparse.Namespace, settings: Settings, since: datetime | None) -> int:
+    """The last --limit events (--since, WATCH), then each new one as it is committed, flushed line by
+    line, until Ctrl-C (exit 130), SIGTERM (143) or the reader leaves (`| head`: exit 0)."""
+    import signal
+    import threading
+
+    from poller import follow
+    from poller.store import describe_db_error
+
+    if args.format == "json":
+        raise UsageError(
+            "--follow prints events as they are committed and never ends, so a JSON array would never "
+            "close: use --format jsonl (one CloudEvent per line), csv or table"
+        )
+    header, line = _follow_lines(args.format)
+    out = sys.stdout
+
+    def write(row: dict[str, Any]) -> None:
+        out.write(line(row))
+        out.flush()
+
+    def report(exc: BaseException | None) -> None:
+        if exc is None:
+            print("poller: the database answers again; following", file=sys.stderr, flush=True)
+        else:
+            text = " ".join(describe_db_error(exc, settings.database.url).split())  # one line, whatever the driver said
+            print(f"poller: {text}; still following, asking again every {follow.RETRY_INTERVAL:g}s",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+    stopped: list[int] = []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        # Raised, not flagged: it must also end a database call that waits (a restarting server).
+        if not stopped:
+            stopped.append(signum)
+            raise _Stopped
+
+    store = _open_store(settings, readonly=True)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if args.watch is not None:
+            _require_watch_name(store, args.watch)
+        matches = follow.name_matcher(args.watch)
+        grace = follow.PG_GRACE if store.engine.dialect.name == "postgresql" else 0.0
+        tail = follow.Tail(store.events_after, grace=grace, match=lambda row: matches(row["watch"]))
+        # The tops first, then the backlog: an event committed in between is in the backlog or comes next.
+        tail.start(store.last_event_ids())
+        backlog = store.history(watch=args.watch, since=since, changes=True, limit=args.limit or None)
+        tail.mark(backlog)
+        if header:
+            out.write(header)
+        for row in reversed(backlog):
+            write(row)
+        out.flush()
+        follow.run(tail, write, threading.Event(), report=report, gone=follow.reader_gone(out))
+    except _Stopped:
+        return 128 + stopped[0]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        store.close()
+    # The reader left: nothing more may reach the closed pipe, not even the flush at exit.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+    return EXIT_OK
+
+
+def _follow_lines(fmt: str) -> tuple[str, Callable[[dict[str, Any]], str]]:
+    """The header (printed once) and one event's line, for `history --follow`."""
+    if fmt == "jsonl":
+        from poller.events import cloudevent, unified_row
+
+        return "", lambda row: json.dumps(cloudevent(unified_row(row)), ensure_ascii=False) + "\n"
+    if fmt == "csv":
+        import io
+
+        def csv_line(cells: Sequence[str]) -> str:
+            buffer = io.StringIO()
+            csv.writer(buffer, lineterminator="\n").writerow(cells)
+            return buffer.getvalue()
+
+        return csv_line(CHANGE_COLUMNS), lambda row: csv_line(_text_row(row, CHANGE_COLUMNS))
+
+    def table_line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, FOLLOW_WIDTHS, strict=True)).rstrip() + "\n"
+
+    return table_line(CHANGE_COLUMNS), lambda row: table_line(_text_row(row, CHANGE_COLUMNS))
 
 
 def _require_watch_name(store: Any, pattern: str) -> None:
@@ -579,7 +680,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="events only: ETag changes (first_seen, modified, deleted, created) and watch signals "
         "(stale, fresh, settled, failing, recovered, access_lost)",
     )
-    history.add_argument("--limit", type=int, default=100, help="at most this many rows (default 100; 0 = all)")
+    history.add_argument("--limit", type=int, help="at most this many rows (default 100, 10 with --follow; 0 = all)")
+    history.add_argument(
+        "--follow",
+        "-f",
+        action="store_true",
+        help="like `tail -f`: the last --limit events (default 10), then each event as it is committed, "
+        "until Ctrl-C; implies --changes; --format table, csv or jsonl",
+    )
     notify = sub.add_parser("notify", help="notification deliveries", description="Notification deliveries.")
     notify_sub = notify.add_subparsers(dest="notify_command", metavar="COMMAND", parser_class=_Parser)
     notify_sub.required = True
