@@ -685,8 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--follow",
         "-f",
         action="store_true",
-        help="like `tail -f`: the last --limit events (default 10), then each event as it is committed, "
-        "until Ctrl-C; implies --changes; --format table, csv or jsonl",
+        help="like `tail -f`: the last --limit events (default 10; --since 0s: none), then each event as it "
+        "is committed, until Ctrl-C; implies --changes; --format table, csv or jsonl",
     )
     notify = sub.add_parser("notify", help="notification deliveries", description="Notification deliveries.")
     notify_sub = notify.add_subparsers(dest="notify_command", metavar="COMMAND", parser_class=_Parser)
