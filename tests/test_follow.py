@@ -399,6 +399,21 @@ def test_follow_a_glob_prints_only_its_watches(cfg: ConfigFile, events: Events, 
     f.stop()
 
 
+def test_follow_shows_what_once_records_from_s3(config: ConfigFile, s3: Any, bucket: str, following: list[Follow]):
+    s3.put_object(Bucket=bucket, Key="drop/data.csv", Body=b"1")
+    config.write([{"name": "vendor", "bucket": bucket, "key": "drop/data.csv"}])
+    assert run_cli("once", "-c", str(config.path)).returncode == 0
+    f = start(following, config, "--format", "jsonl")
+    first = json.loads(f.next())
+    s3.put_object(Bucket=bucket, Key="drop/data.csv", Body=b"2")
+    assert run_cli("once", "-c", str(config.path)).returncode == 0
+    second = json.loads(f.next())
+    assert [first["type"], second["type"]] == ["io.poller.object.first_seen", "io.poller.object.modified"]
+    assert second["data"]["previous_etag"] == first["data"]["etag"] != second["data"]["etag"]
+    assert second["source"] == "/poller/watches/vendor" and second["subject"] == "drop/data.csv"
+    assert f.stop() == (130, "")
+
+
 def test_follow_refuses_json_and_unknown_watches(cfg: ConfigFile, events: Events):
     refused = run_cli("history", "--follow", "--format", "json", "-c", str(cfg.path))
     assert refused.returncode == 2 and "--format jsonl" in refused.stderr and refused.stdout == ""
