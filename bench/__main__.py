@@ -178,6 +178,13 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
+
+
 def _peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -186,11 +193,20 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 def run_poller(
-    server: Server, n_watches: int, seconds: float, workdir: Path, rate: float = TARGET_RATE, saturated: bool = False
+    server: Server,
+    n_watches: int,
+    seconds: float,
+    workdir: Path,
+    rate: float = TARGET_RATE,
+    saturated: bool = False,
+    concurrency: int | None = CONCURRENCY,
 ) -> dict[str, Any]:
-    """Run `poller run` with ``n_watches`` watches at a dense schedule (``rate`` polls/s demanded) and measure."""
+    """Run `poller run` with ``n_watches`` watches at a dense schedule (``rate`` polls/s demanded) and measure.
+
+    ``concurrency`` None leaves the config's default ceiling (threads start as the work needs them).
+    """
     interval = max(n_watches / rate, 0.2)
-    run = workdir / f"poller-{n_watches}-{rate:.0f}"
+    run = workdir / f"poller-{n_watches}-{rate:.0f}-{concurrency or 'auto'}"
     run.mkdir()
     metrics_port = free_port()
     keys = server.keys
@@ -203,7 +219,7 @@ def run_poller(
         f'url = "sqlite:///{run / "poller.db"}"',
         "[schedule]",
         f'interval = "{interval:.3f}s"',
-        f"concurrency = {CONCURRENCY}",
+        *([f"concurrency = {concurrency}"] if concurrency else []),
         "[metrics]",
         f'listen = "127.0.0.1:{metrics_port}"',
     ]
@@ -232,11 +248,13 @@ def run_poller(
         while b"READY=1" not in notify.recv(65536):
             pass
         startup = time.monotonic() - started
+        at_ready = _threads(proc.pid)  # the daemon's own threads and its first 4 workers
         time.sleep(interval + 2)  # warm-up: every watch has had its first (unconditional) poll
         before, cpu0, t0 = _scrape(metrics_port), _cpu_seconds(proc.pid), time.monotonic()
         time.sleep(seconds)
         after, cpu1, t1 = _scrape(metrics_port), _cpu_seconds(proc.pid), time.monotonic()
         rss = _peak_rss_mb(proc.pid)
+        threads = _threads(proc.pid)
     finally:
         proc.terminate()
         proc.wait(60)
@@ -260,6 +278,10 @@ def run_poller(
         "peak_rss_mb": round(rss, 1),
         "startup_s": round(startup, 2),
         "errors": int(errors),
+        "skipped": int(after.get("poller_skipped_polls_total", 0) - before.get("poller_skipped_polls_total", 0)),
+        "threads": threads,
+        "workers": threads - at_ready + 4,
+        "concurrency": concurrency or "default",
         "saturation": saturated or rate > TARGET_RATE,
         "db": str(db),
     }
@@ -400,15 +422,21 @@ def main() -> None:
         "--cluster", action="store_true", help="instead: 3 daemons on one PostgreSQL, kill -9 (bench.cluster)"
     )
     parser.add_argument(
+        "--latency",
+        action="store_true",
+        help="instead: 100,000 watches at 60 s against rclone behind 20/50/80 ms of netem round trip (bench.latency)",
+    )
+    parser.add_argument(
         "--cluster-target",
         action="store_true",
         help="instead: 3 daemons x 30,000 watches at 60 s on one PostgreSQL: sustained rate, lateness (bench.cluster)",
     )
     args = parser.parse_args()
-    if args.store_write or args.cluster or args.cluster_target:
+    if args.store_write or args.cluster or args.cluster_target or args.latency:
         modes = [
             argv
             for argv, on in (
+                (["bench.latency"], args.latency),
                 (["bench.store_write"], args.store_write),
                 (["bench.cluster"], args.cluster),
                 (["bench.cluster", *CLUSTER_TARGET], args.cluster_target),
