@@ -69,7 +69,10 @@ class Daemon:
         if signals:
             # Before the slow start-up (migrations, watch sync): a SIGTERM then still ends cleanly.
             self._install_signals()
-        self.store = Store(open_engine(settings.database.url))
+        # Several daemons (PostgreSQL): a session frozen inside a transaction is ended by the server,
+        # releasing the fencing locks on its shards (5 s at least: never a slow commit of a live one).
+        idle = max(settings.cluster.lease, 5.0)
+        self.store = Store(open_engine(settings.database.url, idle_in_transaction=idle))
         self.store.keep_samples = settings.database.sample_retention > 0
         self.service, specs, synced = prepare(settings, self.store)
         self.signals = SignalCheck(self.store)

@@ -170,11 +170,14 @@ def migrations_dir() -> Path:
     raise StoreError("the database migrations are missing from this installation; reinstall poller")
 
 
-def open_engine(url: str, *, readonly: bool = False) -> Engine:
+def open_engine(url: str, *, readonly: bool = False, idle_in_transaction: float | None = None) -> Engine:
     """An engine with poller's SQLite settings (WAL, busy timeout, foreign keys, explicit BEGIN).
 
     A plain ``postgresql://`` URL means psycopg 3 (the ``postgres`` extra), as
     ``postgresql+psycopg://`` does; SQLAlchemy 2.0 would look for psycopg2 instead.
+    ``idle_in_transaction`` (seconds, PostgreSQL): the server ends a session left idle inside a
+    transaction this long, so a daemon frozen mid-commit (SIGSTOP, a paused VM) cannot keep the row
+    locks that fence its shards, and its shards move on once its lease expires.
     """
     try:
         parsed = make_url(url)
@@ -192,8 +195,11 @@ def open_engine(url: str, *, readonly: bool = False) -> Engine:
             )
         if not path.parent.exists():
             raise StoreError(f"cannot create database {path}: directory {path.parent} does not exist")
+    connect_args: dict[str, Any] = {}
+    if idle_in_transaction and parsed.get_backend_name() == "postgresql":
+        connect_args["options"] = f"-c idle_in_transaction_session_timeout={int(idle_in_transaction * 1000)}"
     try:
-        engine = create_engine(parsed, pool_pre_ping=not is_sqlite)
+        engine = create_engine(parsed, pool_pre_ping=not is_sqlite, connect_args=connect_args)
     except ImportError as exc:
         hint = "; install it with: pip install 'poller[postgres]'" if parsed.get_backend_name() == "postgresql" else ""
         raise StoreError(f"cannot use database {_safe_url(url)}: its driver is not installed ({exc}){hint}") from None

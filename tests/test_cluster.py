@@ -322,3 +322,33 @@ def test_migration_0006_numbers_the_history_already_recorded(db_url: str):
         assert history(store)[-1] == ("modified", '"w"', 4)
     finally:
         store.close()
+
+
+@pg_only
+def test_a_daemon_frozen_inside_a_transaction_does_not_keep_its_shards_locked(db_url: str):
+    """SIGSTOP (or a paused VM) mid-commit: the fencing share lock on its shard rows would block every
+    claim (SKIP LOCKED skips them) for as long as the process stays frozen. The server ends the idle
+    transaction, and the shards can be claimed."""
+    from conftest import wait_for
+
+    frozen_engine = open_engine(db_url, idle_in_transaction=1.0)
+    migrate(frozen_engine)
+    with frozen_engine.begin() as conn:
+        conn.execute(text("INSERT INTO shard_leases (shard, epoch) VALUES (0, 1) ON CONFLICT DO NOTHING"))
+    frozen = frozen_engine.connect()
+    frozen.begin()
+    frozen.execute(text("SELECT shard FROM shard_leases WHERE shard = 0 FOR SHARE"))  # as a commit's fence does
+    other = open_engine(db_url)
+
+    def claimable() -> bool:
+        with other.begin() as conn:
+            rows = conn.execute(text("SELECT shard FROM shard_leases WHERE shard = 0 FOR UPDATE SKIP LOCKED"))
+            return rows.first() is not None
+
+    try:
+        assert not claimable()  # held while the frozen transaction lives
+        wait_for(claimable, 15, what="the server to end the frozen daemon's idle transaction")
+    finally:
+        frozen.invalidate()
+        frozen_engine.dispose()
+        other.dispose()
