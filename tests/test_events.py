@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import http.server
 import json
-import subprocess
 import sys
-import tarfile
 import urllib.parse
-import zipfile
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
@@ -602,48 +599,3 @@ def test_history_changes_jsonl_is_the_delivered_stream(config: ConfigFile, s3, b
     assert [json.loads(line)["data"]["event"] for line in only.stdout.splitlines()] == ["modified"]
     polls = run_cli("history", "--format", "jsonl", "--config", str(config.path))
     assert polls.returncode == 2 and "--changes" in polls.stderr
-
-
-# --- packaging ------------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_wheel_ships_the_event_schema(tmp_path: Path):
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(ROOT)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert build.returncode == 0, build.stderr
-    (wheel,) = (tmp_path / "dist").glob("poller-*.whl")
-    with zipfile.ZipFile(wheel) as archive:
-        assert json.loads(archive.read("poller/event.schema.json")) == SCHEMA
-        archive.extractall(tmp_path / "site")
-    code = (
-        "import json, sys; from importlib import resources; import poller; "
-        "assert poller.__file__.startswith(sys.argv[1]), poller.__file__; "
-        "print(json.loads(resources.files('poller').joinpath('event.schema.json').read_text())['title'])"
-    )
-    run = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "site")],
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"},
-        cwd=tmp_path,
-        timeout=60,
-    )
-    assert run.returncode == 0 and run.stdout.strip() == SCHEMA["title"], run.stderr
-
-
-@pytest.mark.slow
-def test_sdist_ships_the_event_schema(tmp_path: Path):
-    code = "import sys; from hatchling.build import build_sdist; print(build_sdist(sys.argv[1]))"
-    build = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300
-    )
-    assert build.returncode == 0, build.stderr
-    with tarfile.open(tmp_path / build.stdout.strip()) as sdist:
-        [member] = [m for m in sdist.getmembers() if m.name.endswith("/poller/event.schema.json")]
-        shipped = sdist.extractfile(member)
-        assert shipped is not None and json.loads(shipped.read()) == SCHEMA
