@@ -30,7 +30,14 @@ from poller.sdnotify import Notifier, watchdog_interval
 from poller.signalcheck import SignalCheck, watched_from
 from poller.store import Store, describe_db_error, open_engine
 from poller.timetable import PhasedIntervalTrigger, Timetable, phase_of, trigger_for
-from poller.watchlist import WatchSpec, diff_watch_lists, require_watches, rules_from_settings, specs_from_settings
+from poller.watchlist import (
+    WatchSpec,
+    demand,
+    diff_watch_lists,
+    require_watches,
+    rules_from_settings,
+    specs_from_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +160,7 @@ class Daemon:
         if not paused:
             lateness = self.metrics.lateness.observe if self.metrics is not None else None
             self.workers = Workers(self.service, self.current.settings.schedule.concurrency, lateness)
+            self.workers.demand = demand(self.current.specs.values())
             self.timetable.start()
             self.dispatcher.start()
             if self.membership is not None:
@@ -420,6 +428,8 @@ class Daemon:
                     self._schedule(name, now)
         for name in diff.added:
             self._schedule(name, now)
+        if self.workers is not None:
+            self.workers.demand = demand(specs.values())
         self._status_note = ""
         log.info("reloaded %s: %s; watching %d keys", self.config_path, diff.summary(), len(specs))
         self.notifier.ready(self.status_line())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from poller.config import ConfigError, Settings, watch_interval
@@ -128,6 +128,11 @@ def rules_from_settings(settings: Settings) -> dict[str, Rules]:
         )
         rules[w.name] = shared.setdefault(these, these)
     return rules
+
+
+def demand(specs: Iterable[WatchSpec]) -> float:
+    """Polls per second the watch list asks for; a cron watch counts as once a minute, its most."""
+    return sum(1.0 / spec.interval_seconds if spec.interval_seconds else 1.0 / 60 for spec in specs)
 
 
 def diff_watch_lists(old: Mapping[str, WatchSpec], new: Mapping[str, WatchSpec]) -> WatchListDiff:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from conftest import wait_for
 
 from poller.model import ObjectState, PollResult, Watch
@@ -128,5 +129,43 @@ def test_fast_polls_need_few_threads():
             workers.submit(Watch(i, f"w{i}", "bucket", f"k{i}"), NOW)
             wait_for(lambda i=i: service.done == i + 1, what=f"poll {i}")
         assert workers.threads <= 8  # a thread may not be waiting yet when the next poll comes
+    finally:
+        workers.stop()
+
+
+def test_in_flight_target_follows_rate_times_a_fast_poll_within_the_ceiling():
+    from poller.pipeline import FIRST_LIMIT, in_flight_target
+
+    assert in_flight_target(1667, 0.050, 256) == 130  # Little's law x1.5, +4
+    assert in_flight_target(1667, 0.002, 256) == 10
+    assert in_flight_target(1667, 0.500, 256) == 256  # never past the ceiling
+    assert in_flight_target(0.0, 0.050, 256) == 256  # demand unknown: the ceiling
+    assert in_flight_target(1667, 0.0, 256) == FIRST_LIMIT  # nothing timed yet
+    assert in_flight_target(1667, 0.0, 8) == 8
+
+
+def test_demand_of_a_watch_list():
+    from poller.watchlist import WatchSpec, demand
+
+    specs = [WatchSpec(f"w{i}", "bucket", f"k{i}", 60.0, None) for i in range(600)]
+    specs.append(WatchSpec("nightly", "bucket", "n", None, "0 7 * * *"))
+    assert demand(specs) == pytest.approx(10 + 1 / 60)
+
+
+def test_the_thread_limit_follows_the_timed_polls():
+    from poller.pipeline import Workers
+
+    service = BlockingService()
+    service.gate.set()
+    workers = Workers(service, 256, first_threads=1)  # type: ignore[arg-type]
+    try:
+        workers.demand = 1000.0
+        assert workers.limit == 32  # before any poll is timed
+        for i in range(32):
+            workers.submit(Watch(i, f"w{i}", "bucket", f"k{i}"), NOW)
+            wait_for(lambda i=i: service.done == i + 1, what=f"poll {i}")
+        # Polls that return at once: a handful of threads covers 1,000 polls/s.
+        wait_for(lambda: workers.limit < 32, what="the first estimate")
+        assert workers.limit == 5
     finally:
         workers.stop()
