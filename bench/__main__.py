@@ -14,11 +14,13 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -248,16 +250,32 @@ def run_poller(
         while b"READY=1" not in notify.recv(65536):
             pass
         startup = time.monotonic() - started
+        # Keep reading STATUS= lines, as systemd does: a queue left full makes each send wait.
+        threading.Thread(target=_drain, args=(notify,), daemon=True).start()
         at_ready = _threads(proc.pid)  # the daemon's own threads and its first 4 workers
-        time.sleep(interval + 2)  # warm-up: every watch has had its first (unconditional) poll
+        # Warm-up: every watch's first (unconditional) poll recorded, a first sighting each, which
+        # costs several times a steady poll; the window below measures the steady state only.
+        first_pass = _wait_first_pass(metrics_port, n_watches, timeout=max(900.0, 10 * interval))
+        time.sleep(min(interval, 5.0))
         before, cpu0, t0 = _scrape(metrics_port), _cpu_seconds(proc.pid), time.monotonic()
         time.sleep(seconds)
         after, cpu1, t1 = _scrape(metrics_port), _cpu_seconds(proc.pid), time.monotonic()
         rss = _peak_rss_mb(proc.pid)
         threads = _threads(proc.pid)
     finally:
+        stopping = time.monotonic()
         proc.terminate()
-        proc.wait(60)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            # Say where it hangs (py-spy, when installed) rather than only that it did.
+            spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+            dump = subprocess.run([spy, "dump", "--pid", str(proc.pid)], capture_output=True, text=True, check=False)
+            (run / "hang.txt").write_text(dump.stdout + dump.stderr)
+            print(f"poller did not stop within 60 s of SIGTERM; py-spy dump in {run / 'hang.txt'}:\n{dump.stdout}")
+            proc.kill()
+            proc.wait(10)
+        stop_s = time.monotonic() - stopping
         notify.close()
         log.close()
 
@@ -277,6 +295,8 @@ def run_poller(
         "lateness_p99_s": _round(_quantile(before, after, "poller_schedule_lateness_seconds", 0.99)),
         "peak_rss_mb": round(rss, 1),
         "startup_s": round(startup, 2),
+        "first_pass_s": None if first_pass is None else round(first_pass, 1),
+        "stop_s": round(stop_s, 2),
         "errors": int(errors),
         "skipped": int(after.get("poller_skipped_polls_total", 0) - before.get("poller_skipped_polls_total", 0)),
         "threads": threads,
@@ -285,6 +305,25 @@ def run_poller(
         "saturation": saturated or rate > TARGET_RATE,
         "db": str(db),
     }
+
+
+def _drain(sock: socket.socket) -> None:
+    try:
+        while sock.recv(65536):
+            pass
+    except OSError:  # closed at the end of the run
+        return
+
+
+def _wait_first_pass(port: int, n_watches: int, timeout: float) -> float | None:
+    """Seconds until every watch's first sighting is committed (None: not within ``timeout``)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        seen = _scrape(port).get('poller_changes_total{event="first_seen"}', 0.0)
+        if seen >= n_watches:
+            return time.monotonic() - started
+        time.sleep(1.0)
+    return None
 
 
 def _round(value: float | None) -> float | None:

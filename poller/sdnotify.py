@@ -10,7 +10,7 @@ import time
 class Notifier:
     """Sends state lines to systemd; a no-op when not started by systemd (no NOTIFY_SOCKET)."""
 
-    def __init__(self, address: str | None = None) -> None:
+    def __init__(self, address: str | None = None, timeout: float = 0.5) -> None:
         address = address if address is not None else os.environ.get("NOTIFY_SOCKET", "")
         self._sock: socket.socket | None = None
         self._address = ""
@@ -18,6 +18,9 @@ class Notifier:
             # A leading "@" names a socket in the abstract namespace.
             self._address = "\0" + address[1:] if address.startswith("@") else address
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # A datagram to a peer that stopped reading blocks once its queue is full (10 messages
+            # by default): without a timeout the main loop would hang there, deaf to SIGTERM.
+            self._sock.settimeout(timeout)
 
     @property
     def enabled(self) -> bool:

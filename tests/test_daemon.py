@@ -240,3 +240,25 @@ def test_scheduled_pruning_bounds_the_polls_table(config: ConfigFile, s3, bucket
     assert query(config.db, "SELECT min(id) FROM polls")[0][0] > 1, "the oldest polls are gone"
     assert events(config.db, "a") == ["first_seen"], "ETag history is kept forever"
     assert daemon.stop() == 0
+
+
+def test_sd_notify_to_a_peer_that_stopped_reading_never_blocks_the_daemon(tmp_path):
+    """The adversary: a NOTIFY_SOCKET nobody reads. Its queue fills after a few datagrams; a blocking
+    send would then freeze the main loop (no reload, no SIGTERM) for good."""
+    import socket as socket_
+
+    path = tmp_path / "notify.sock"
+    deaf = socket_.socket(socket_.AF_UNIX, socket_.SOCK_DGRAM)
+    deaf.bind(str(path))
+    try:
+        notifier = Notifier(str(path), timeout=0.05)
+        sent = []
+        started = time.monotonic()
+        for i in range(40):
+            sent.append(notifier.status(f"line {i}"))
+        elapsed = time.monotonic() - started
+        assert sent[0] is True and sent[-1] is False  # the queue filled: told, not hung
+        assert elapsed < 40 * 0.05 + 2
+        notifier.close()
+    finally:
+        deaf.close()
