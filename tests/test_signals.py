@@ -488,3 +488,92 @@ def test_a_reload_applies_new_signal_rules_and_a_bad_one_keeps_the_old(config: C
         assert daemon.store.rules[ids["b"]] == Rules(expect_change_within=7200)
     finally:
         daemon.shutdown()
+
+
+def test_every_signal_through_real_polls_of_the_s3_server_with_an_injected_clock(
+    config: ConfigFile, s3, bucket, s3_endpoint
+):
+    """The issue's acceptance run: real polls of the S3 server (through a fault proxy for the errors
+    and the 403), recorded by the real pipeline, time driven by an injected clock."""
+    from faultproxy import FaultProxy
+
+    from poller.config import load_settings
+    from poller.pipeline import poll_all, prepare
+    from poller.signalcheck import watched_from
+    from poller.store import open_engine
+    from poller.watchlist import rules_from_settings
+
+    proxy = FaultProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    for key in ("nightly.csv", "guarded", "drop/a"):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"v1")
+    config.sections["s3"]["endpoint_url"] = proxy.endpoint
+    config.write(
+        [
+            {"name": "nightly", "bucket": bucket, "key": "nightly.csv", "expect_change_within": "1h"},
+            {"name": "drop", "bucket": bucket, "prefix": "drop/", "settle": "5m"},
+            {"name": "guarded", "bucket": bucket, "key": "guarded"},
+            {"name": "flaky", "bucket": bucket, "key": "flaky"},
+        ]
+    )
+    settings = load_settings(config.path)
+    store = Store(open_engine(config.url))
+    try:
+        service, _specs, synced = prepare(settings, store, log_polls=False)
+        t0 = datetime.now(UTC)
+        clock = Clock(t0)
+        service.prober.now = clock
+        watched = watched_from(synced.watches, rules_from_settings(settings))
+        check = SignalCheck(store, clock)
+        check.set_watches(watched)
+        watches = list(synced.watches.values())
+
+        def step(minutes: float) -> list[str]:
+            """Poll every watch at t0 + minutes, then check: the signals raised, as 'watch event'."""
+            clock.now = t0 + timedelta(minutes=minutes)
+            poll_all(service, watches, 4)
+            check.run_once()
+            return [f"{s['watch']} {s['event']}" for s in _signals(store)]
+
+        # 3 errors -> one failing; a success -> one recovered.
+        proxy.set("error", prefix=f"/{bucket}/flaky", status=503)
+        assert step(0) == [] and step(1) == []
+        assert step(2) == ["flaky failing"]
+        assert step(3) == ["flaky failing"]  # once per streak
+        proxy.set("pass")
+        assert step(4) == ["flaky failing", "flaky recovered"]  # 404: an answer, so a success
+        # 403 on an object it could read -> access_lost at once, not a deletion.
+        proxy.set("error", prefix=f"/{bucket}/guarded", status=403)
+        assert step(5)[-1] == "guarded access_lost"
+        proxy.set("pass")
+        assert step(6)[-1] == "guarded recovered"
+        assert not [r for r in store.history(changes=True, limit=None) if r["event"] == "deleted"]
+        # The nightly file's deadline: 1 h after its Last-Modified (about t0).
+        before = step(55)
+        assert "nightly stale" not in before
+        after = step(62)
+        assert after.count("nightly stale") == 1
+        # A restart after the missed deadline: still exactly one stale.
+        restarted = SignalCheck(store, clock)
+        restarted.set_watches(watched)
+        restarted.run_once()
+        assert [s["event"] for s in _signals(store) if s["watch"] == "nightly"] == ["stale"]
+        # Met: the file arrives, fresh; its next deadline is an hour later, and is met in time.
+        s3.put_object(Bucket=bucket, Key="nightly.csv", Body=b"v2")
+        assert step(70)[-1] == "nightly fresh"
+        s3.put_object(Bucket=bucket, Key="nightly.csv", Body=b"v3")
+        step(120)
+        assert step(125).count("nightly stale") == 1  # the second deadline (t0+180 min) is not due
+        # A burst of writes to the prefix: no settled during it, exactly one after 5 quiet minutes.
+        s3.put_object(Bucket=bucket, Key="drop/b", Body=b"b")
+        assert "drop settled" not in step(130)
+        s3.put_object(Bucket=bucket, Key="drop/c", Body=b"c")
+        for minutes in (131, 133, 135.5):  # 0, 2 and 4.5 min after the last change
+            assert "drop settled" not in step(minutes)
+        assert step(136.5).count("drop settled") == 1
+        assert step(140).count("drop settled") == 1
+        [settled] = [s for s in _signals(store) if s["event"] == "settled"]
+        assert settled["detail"]["keys"] == ["drop/b", "drop/c"] and settled["detail"]["changes"] == 2
+        service.recorder.close()
+    finally:
+        store.close()
+        proxy.close()
