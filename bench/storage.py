@@ -24,6 +24,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -310,8 +311,9 @@ def query_ms(db: Path, now: datetime, repeat: int = 3) -> dict[str, float]:
     return out
 
 
-def prune_lock_ms(db: Path, before: datetime) -> tuple[int, float, float]:
-    """One pruning pass over ``db``: runs removed, the longest write transaction (ms), total seconds."""
+def prune_lock_ms(db: Path, before: datetime) -> tuple[int, float, float, float]:
+    """One pruning pass over ``db``: runs removed, the longest write transaction (ms), total seconds,
+    and the longest a concurrent writer waited for the write lock (ms)."""
     from poller.store import Store, open_engine
 
     store = Store(open_engine(f"sqlite:///{db}"))
@@ -326,11 +328,33 @@ def prune_lock_ms(db: Path, before: datetime) -> tuple[int, float, float]:
         longest[0] = max(longest[0], (time.perf_counter() - t) * 1000)
 
     store._tx = timed  # type: ignore[method-assign]
+    # A writer of its own meanwhile, as the daemon's is: how long it waits for the write lock
+    # (BEGIN IMMEDIATE), which is what the target is about. Its connection never checkpoints, so its
+    # own commits carry no checkpoint's cost.
+    waits: list[float] = [0.0]
+    stop = threading.Event()
+
+    def writer() -> None:
+        conn = sqlite3.connect(db, timeout=60, isolation_level=None)
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        while not stop.is_set():
+            t = time.perf_counter()
+            conn.execute("BEGIN IMMEDIATE")
+            waits[0] = max(waits[0], (time.perf_counter() - t) * 1000)
+            conn.execute("UPDATE watches SET active = active WHERE id = 1")
+            conn.execute("COMMIT")
+            stop.wait(0.005)
+        conn.close()
+
+    probe = threading.Thread(target=writer, daemon=True)
+    probe.start()
     t = time.perf_counter()
     pruned = store.prune_polls(before, before)
     total = time.perf_counter() - t
+    stop.set()
+    probe.join()
     store.close()
-    return pruned.runs, longest[0], total
+    return pruned.runs, longest[0], total, waits[0]
 
 
 def main() -> int:
@@ -401,8 +425,8 @@ def main() -> int:
             "--version (start-up alone)": cli_seconds(config, "--version"),
         }
         out["query_ms"] = query_ms(db, now)
-        removed, longest, total = prune_lock_ms(db, now - timedelta(days=args.days - 1))
-        out["prune"] = {"runs_removed": removed, "longest_tx_ms": longest, "seconds": total}
+        removed, longest, total, waited = prune_lock_ms(db, now - timedelta(days=args.days - 1))
+        out["prune"] = {"runs_removed": removed, "longest_tx_ms": longest, "seconds": total, "writer_wait_ms": waited}
     if args.json:
         print(json.dumps(out))
     else:
@@ -442,7 +466,8 @@ def report(out: dict[str, Any]) -> None:
     pr = out["prune"]
     print(
         f"  prune pass: {pr['runs_removed']:,} runs in {pr['seconds']:.1f} s, longest write transaction "
-        f"{pr['longest_tx_ms']:.0f} ms (target < 50 ms)"
+        f"{pr['longest_tx_ms']:.0f} ms (commit and any checkpoint included); a concurrent writer waited "
+        f"{pr['writer_wait_ms']:.0f} ms at most for the write lock (target < 50 ms)"
     )
 
 
