@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Container, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -210,6 +211,21 @@ def open_engine(url: str, *, readonly: bool = False, idle_in_transaction: float 
     return engine
 
 
+def _wal(dbapi_conn: sqlite3.Connection) -> None:
+    """Switch to WAL. On a new file other processes may be switching or migrating at the same moment,
+    and the switch can answer "database is locked" at once, without the busy timeout: try again
+    for as long as that timeout would have waited."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            dbapi_conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _configure_sqlite(engine: Engine, *, readonly: bool) -> None:
     # pysqlite's own transaction handling would make DDL non-transactional and defer BEGIN;
     # take control of BEGIN (SQLAlchemy's pysqlite docs) and use IMMEDIATE for writers so a
@@ -222,7 +238,7 @@ def _configure_sqlite(engine: Engine, *, readonly: bool) -> None:
         if readonly:
             dbapi_conn.execute("PRAGMA query_only = ON")
         else:
-            dbapi_conn.execute("PRAGMA journal_mode = WAL")
+            _wal(dbapi_conn)
             dbapi_conn.execute("PRAGMA synchronous = NORMAL")
 
     @event.listens_for(engine, "begin")
