@@ -140,9 +140,10 @@ def test_503_burst_is_retried_with_a_bounded_request_count(config, s3, bucket, p
     # Half the requests fail: retries absorb it, and nothing is invented.
     proxy.set("error", prefix=f"/{bucket}/", status=500, fraction=0.5)
     start = len(outcomes(config.db, "a"))
-    wait_for(lambda: len(outcomes(config.db, "a")) >= start + 8, what="polls under a 50% error rate")
+    wait_for(lambda: len(outcomes(config.db, "a")) >= start + 24, 60, what="polls under a 50% error rate")
     recent = outcomes(config.db, "a")[start:]
-    assert recent.count("unchanged") > recent.count("error")
+    # A poll fails only when all 3 attempts do (1 in 8); 24 polls keep chance out of the verdict.
+    assert recent.count("unchanged") > 2 * recent.count("error")
     proxy.set("pass")
     assert events(config.db, "a") == ["first_seen"]
     assert daemon.stop() == 0
