@@ -162,7 +162,7 @@ def cmd_once(args: argparse.Namespace) -> int:
     from poller.notify import Dispatcher, make_route
     from poller.pipeline import describe_result, poll_all, prepare
     from poller.signalcheck import SignalCheck, watched_from
-    from poller.watchlist import require_watches, rules_from_settings
+    from poller.watchlist import require_watches
 
     path, settings = _settings(args)
     require_watches(settings, str(path))
@@ -175,7 +175,7 @@ def cmd_once(args: argparse.Namespace) -> int:
             service.recorder.close()
             # Deadlines and quiet periods too: a cron-driven `once` raises stale/fresh/settled as the daemon would.
             check = SignalCheck(store)
-            check.set_watches(watched_from(synced.watches, rules_from_settings(settings)))
+            check.set_watches(watched_from(synced.watches, store.rules))  # as prepare() set them
             raised = check.run_once(make_route(settings.notify) if settings.notify else None)
             if settings.notify:
                 # One attempt at each due delivery; what fails stays queued for the next run or the daemon.

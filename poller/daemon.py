@@ -83,7 +83,7 @@ class Daemon:
         self.store.keep_samples = settings.database.sample_retention > 0
         self.service, specs, synced = prepare(settings, self.store)
         self.signals = SignalCheck(self.store)
-        self.signals.set_watches(watched_from(synced.watches, rules_from_settings(settings)))
+        self.signals.set_watches(watched_from(synced.watches, self.store.rules))  # as prepare() set them
         # From here on the watch list lives in `specs`; the validated models of 100,000 watches
         # would keep ~65 MB alive for nothing (a reload validates the file anew).
         settings.watch.clear()
@@ -401,7 +401,7 @@ class Daemon:
         self.current = _Running(new, specs, synced.watches)
         rules = rules_from_settings(new)
         self.store.rules = {watch.id: rules[name] for name, watch in synced.watches.items()}
-        self.signals.set_watches(watched_from(synced.watches, rules))
+        self.signals.set_watches(watched_from(synced.watches, self.store.rules))
         self.store.keep_samples = new.database.sample_retention > 0
         self.recorder.route = make_route(new.notify) if new.notify else None
         self.dispatcher.set_sinks(new.notify)

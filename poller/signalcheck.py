@@ -37,9 +37,9 @@ class Watched:
     rules: Rules
 
 
-def watched_from(watches: Mapping[str, Watch], rules: Mapping[str, Rules]) -> list[Watched]:
-    """The check's view of a synced watch list and its rules (poller.watchlist.rules_from_settings)."""
-    return [Watched(w.id, name, w.key, rules[name]) for name, w in watches.items() if name in rules]
+def watched_from(watches: Mapping[str, Watch], rules: Mapping[int, Rules]) -> list[Watched]:
+    """The check's view of a synced watch list and its rules by watch id (``Store.rules``)."""
+    return [Watched(w.id, name, w.key, rules[w.id]) for name, w in watches.items() if w.id in rules]
 
 
 class SignalCheck:

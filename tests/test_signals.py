@@ -501,7 +501,6 @@ def test_every_signal_through_real_polls_of_the_s3_server_with_an_injected_clock
     from poller.pipeline import poll_all, prepare
     from poller.signalcheck import watched_from
     from poller.store import open_engine
-    from poller.watchlist import rules_from_settings
 
     proxy = FaultProxy(int(s3_endpoint.rsplit(":", 1)[1]))
     for key in ("nightly.csv", "guarded", "drop/a"):
@@ -522,7 +521,7 @@ def test_every_signal_through_real_polls_of_the_s3_server_with_an_injected_clock
         t0 = datetime.now(UTC)
         clock = Clock(t0)
         service.prober.now = clock
-        watched = watched_from(synced.watches, rules_from_settings(settings))
+        watched = watched_from(synced.watches, store.rules)
         check = SignalCheck(store, clock)
         check.set_watches(watched)
         watches = list(synced.watches.values())
