@@ -65,6 +65,7 @@ from poller.schema import (
 from poller.signals import BURST_EVENTS, FRESH_EVENTS, Rules, Signal, streak_signals
 from poller.signals import dumps as signals_dumps
 from poller.watchlist import WatchSpec
+from poller.writeturns import WriteTurns
 
 if TYPE_CHECKING:
     from poller.calibrate import Semantics
@@ -331,6 +332,9 @@ class Store:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # SQLite writes one transaction at a time: within this process, hand the lock over exactly
+        # and keep pruning behind the writer (poller/writeturns.py). PostgreSQL locks rows.
+        self._turns = WriteTurns() if engine.dialect.name == "sqlite" else None
         self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         self._upsert_ok, self._upsert_error = self._upserts()
         self._cas = self._cas_statements()
@@ -361,8 +365,14 @@ class Store:
         self.signal_counts: dict[str, int] = {}
 
     @contextmanager
-    def _tx(self) -> Iterator[Connection]:
-        with self.engine.begin() as conn:
+    def _tx(self, *, background: bool = False) -> Iterator[Connection]:
+        """A write transaction; on SQLite it first takes this process's write turn (``background``
+        work, pruning, goes only when no other writer of this process is waiting)."""
+        if self._turns is None:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        with self._turns.turn(background=background), self.engine.begin() as conn:
             yield conn
 
     @contextmanager
@@ -1278,7 +1288,7 @@ class Store:
         order = (polls_legacy.c.watch_id, polls_legacy.c.polled_at, polls_legacy.c.id)
         done = 0
         while True:
-            with self._tx() as conn:
+            with self._tx(background=True) as conn:
                 if conn.dialect.name == "postgresql":
                     # Two converters (a daemon and `poller db upgrade`) take turns, chunk by chunk.
                     conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CONVERT_LOCK})
@@ -1388,7 +1398,7 @@ class Store:
             with self._read() as conn:
                 stale = list(conn.execute(select(poll_runs.c.id).where(stale_open)).scalars())
             for start in range(0, len(stale), limit):
-                with self._tx() as conn:
+                with self._tx(background=True) as conn:
                     ids = stale[start : start + limit]
                     total += conn.execute(poll_runs.delete().where(poll_runs.c.id.in_(ids), stale_open)).rowcount
         return total + self._delete_in_chunks(statement, limit, chunks)
@@ -1398,7 +1408,7 @@ class Store:
         ``chunks`` times); return how many rows went."""
         total = 0
         while chunks is None or chunks > 0:
-            with self._tx() as conn:
+            with self._tx(background=True) as conn:
                 deleted = conn.execute(statement).rowcount
             total += deleted
             chunks = None if chunks is None else chunks - 1
