@@ -91,6 +91,8 @@ _STATE_COLUMNS = (
 # own page (watches interleave), so each run deleted dirties a page: 1,000 held the write lock
 # ~150 ms on a large file, 250 about a quarter of that. Samples have no secondary index.
 PRUNE_CHUNK = 250
+# SQLite's default: a commit that leaves the WAL this many pages long checkpoints it.
+WAL_AUTOCHECKPOINT = 1000
 SAMPLE_PRUNE_CHUNK = 2000
 # Runs removed per step to fit max_db_size: the size is measured again after each step.
 SIZE_CHUNK = 500
@@ -372,8 +374,23 @@ class Store:
             with self.engine.begin() as conn:
                 yield conn
             return
-        with self._turns.turn(background=background), self.engine.begin() as conn:
-            yield conn
+        if not background:
+            with self._turns.turn(), self.engine.begin() as conn:
+                yield conn
+            return
+        # A pruning chunk dirties about a page per index entry it deletes, enough for the commit
+        # to cross the WAL's auto-checkpoint mark each time: checkpoint after the turn instead,
+        # where the writer goes on appending meanwhile (PASSIVE blocks no writer).
+        with self.engine.connect() as conn:
+            raw = conn.connection.driver_connection
+            with self._turns.turn(background=True):
+                raw.execute("PRAGMA wal_autocheckpoint = 0")  # type: ignore[union-attr]
+                try:
+                    with conn.begin():
+                        yield conn
+                finally:
+                    raw.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")  # type: ignore[union-attr]
+            raw.execute("PRAGMA wal_checkpoint(PASSIVE)")  # type: ignore[union-attr]
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
