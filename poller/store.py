@@ -26,9 +26,11 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     and_,
     bindparam,
     case,
+    cast,
     create_engine,
     event,
     func,
@@ -1463,9 +1465,30 @@ class Store:
     # --- reading --------------------------------------------------------------------
 
     def status(self, *, display: bool = False) -> list[dict[str, Any]]:
-        """One row per active watch with its latest state; with ``display``, times come as the CLI
-        shows them (``2026-11-24T10:00:00Z``), formatted by the database: 100,000 watches' worth of
-        datetime parsing and formatting in Python took most of `poller status`."""
+        """One row per active watch with its latest state (the STATUS_COLUMNS, and last_changed_at);
+        with ``display``, times come as the CLI shows them (``2026-11-24T10:00:00Z``)."""
+        query = self._status_query(display=display, text_only=False)
+        with self._read() as conn:
+            result = conn.execute(query)
+            keys = list(result.keys())
+            rows = [dict(zip(keys, row, strict=True)) for row in result]
+        return rows
+
+    def status_text(self) -> list[tuple[str, ...]]:
+        """The STATUS_COLUMNS of every active watch as display text ('' for none), by name: what
+        `poller status` prints. The database formats every cell and the driver's own rows skip
+        SQLAlchemy's per-row work: 100,000 watches are ~1.3 million cells."""
+        query = self._status_query(display=True, text_only=True)
+        with self._read() as conn:
+            sql = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            try:
+                cursor.execute(sql)
+                return cursor.fetchall()  # type: ignore[no-any-return]
+            finally:
+                cursor.close()
+
+    def _status_query(self, *, display: bool, text_only: bool) -> Any:
         state = object_state.c
         sig = watch_signals.c
         times = (state.last_modified, state.last_polled_at, state.last_changed_at, sig.deadline_at)
@@ -1488,49 +1511,38 @@ class Store:
             )
             .exists()
         )
-        query = (
-            select(
-                watches.c.name,
-                watches.c.bucket,
-                watches.c.key,
-                state.last_outcome,
-                state.etag,
-                times[0],
-                times[1],
-                state.consecutive_errors,
-                state.last_error,
-                times[2],
-                times[3].label("deadline"),
-                case((sig.stale_since.is_not(None), 1), else_=0).label("stale"),
-                case((sig.settling_since.is_not(None), 1), else_=0).label("settling"),
-                case((alerting, 1), else_=0).label("failing"),
-            )
+        # "stale,settling,failing" as they apply (poller.signals), in that order.
+        signals = func.rtrim(
+            case((sig.stale_since.is_not(None), "stale,"), else_="")
+            + case((sig.settling_since.is_not(None), "settling,"), else_="")
+            + case((alerting, "failing,"), else_=""),
+            ",",
+        )
+        columns: dict[str, Any] = {
+            "name": watches.c.name,
+            "bucket": watches.c.bucket,
+            "key": watches.c.key,
+            "last_outcome": state.last_outcome,
+            "etag": state.etag,
+            "last_modified": times[0],
+            "last_polled_at": times[1],
+            "consecutive_errors": state.consecutive_errors,
+            "last_error": state.last_error,
+            "signals": signals,
+            "deadline": times[3],
+        }
+        if text_only:
+            selected = [func.coalesce(cast(c, Text), "") for c in columns.values()]
+        else:
+            selected = [c.label(name) for name, c in columns.items()] + [times[2].label("last_changed_at")]
+        return (
+            select(*selected)
             .select_from(watches)
             .outerjoin(object_state, and_(state.watch_id == watches.c.id, state.key == watches.c.key))
             .outerjoin(watch_signals, sig.watch_id == watches.c.id)
             .where(watches.c.active.is_(True))
             .order_by(watches.c.name)
         )
-        with self._read() as conn:
-            if display:
-                # Every column is text or a number here: the driver's own rows skip SQLAlchemy's
-                # per-row processing (a third of the time at 100,000 watches).
-                sql = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
-                cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-                try:
-                    cursor.execute(sql)
-                    keys = [d[0] for d in cursor.description]
-                    rows = [dict(zip(keys, row, strict=True)) for row in cursor.fetchall()]
-                finally:
-                    cursor.close()
-            else:
-                result = conn.execute(query)
-                keys = list(result.keys())
-                rows = [dict(zip(keys, row, strict=True)) for row in result]
-        for row in rows:
-            flags = (row.pop("stale"), row.pop("settling"), row.pop("failing"))
-            row["signals"] = ",".join(n for n, on in zip(("stale", "settling", "failing"), flags, strict=True) if on)
-        return rows
 
     def _display_time(self, column: Any) -> Any:
         """``column`` as UTC text with a Z, microseconds only when there are some (as the CLI writes)."""
