@@ -306,7 +306,7 @@ def test_status_text_prints_as_the_generic_table_does(capsys: pytest.CaptureFixt
 
     values = [
         ("a", "b", "k", "unchanged", '"e"', "2026-11-24T10:00:00Z", "2026-11-24T10:00:00.5Z", 0, None, "", None),
-        ("long-name", "b", "evil\nkey", "error", None, None, None, 3, "HTTP 503\r\nx", "failing", "2026-11-25T07:00:00Z"),
+        ("long-name", "b", "evil\nkey", "error", None, None, None, 3, "503\r\nx", "failing", "2026-11-25T07:00:00Z"),
     ]
     dicts = [dict(zip(STATUS_COLUMNS, row, strict=True)) for row in values]
     texts = [tuple("" if v is None else str(v) for v in row) for row in values]
