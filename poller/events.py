@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import quote, quote_plus
 
 from poller.config import OBJECT_EVENTS
+from poller.signals import loads
 
 FORMATS = ("cloudevents", "s3", "legacy")
 SPECVERSION = "1.0"
@@ -49,7 +50,7 @@ def is_object_event(event: str) -> bool:
     return event in OBJECT_EVENTS
 
 
-def iso(value: datetime | None) -> str | None:
+def rfc3339(value: datetime | None) -> str | None:
     """RFC 3339 in UTC with a ``Z``, microseconds kept when there are any."""
     return None if value is None else value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
@@ -87,16 +88,6 @@ def unified_row(row: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _detail(value: Any) -> Any:
-    # The store parses the JSON column; an unparsed one (text) is parsed here rather than sent as a string.
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return {"text": value}
-    return value
-
-
 def event_data(row: Mapping[str, Any]) -> dict[str, Any]:
     """The ``data`` of a CloudEvent: every field of the row, timestamps as RFC 3339 strings."""
     event = row["event"]
@@ -107,17 +98,17 @@ def event_data(row: Mapping[str, Any]) -> dict[str, Any]:
         "event": event,
         "etag": row.get("etag"),
         "previous_etag": row.get("previous_etag"),
-        "last_modified": iso(row.get("last_modified")),
+        "last_modified": rfc3339(row.get("last_modified")),
         "version_id": row.get("version_id"),
         "size": row.get("size"),
-        "detected_at": iso(row.get("detected_at") or row.get("time")),
+        "detected_at": rfc3339(row.get("detected_at") or row.get("time")),
         "sequence": row.get("seq"),
     }
     if is_object_event(event):
         data["history_id"] = row.get("history_id")
     else:
         data["error"] = row.get("error")
-        data["detail"] = _detail(row.get("detail"))
+        data["detail"] = loads(row.get("detail"))  # parsed by the store; text parsed here
         data["dedup"] = row.get("dedup")
         data["watch_event_id"] = row.get("event_id")
     return data
@@ -132,7 +123,7 @@ def cloudevent(row: Mapping[str, Any]) -> dict[str, Any]:
         "source": event_source(row["watch"]),
         "type": event_type(row["event"]),
         "subject": row["key"],
-        "time": iso(detected),
+        "time": rfc3339(detected),
         "datacontenttype": JSON_CONTENT_TYPE,
         "data": event_data(row),
     }
@@ -201,10 +192,10 @@ def legacy_payload(row: Mapping[str, Any]) -> dict[str, Any]:
         "key": row["key"],
         "etag": row.get("etag"),
         "previous_etag": row.get("previous_etag"),
-        "last_modified": iso(row.get("last_modified")),
+        "last_modified": rfc3339(row.get("last_modified")),
         "version_id": row.get("version_id"),
         "size": row.get("size"),
-        "detected_at": iso(row.get("detected_at") or row.get("time")),
+        "detected_at": rfc3339(row.get("detected_at") or row.get("time")),
     }
 
 

@@ -28,7 +28,7 @@ from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 from poller import __version__
 from poller.config import NotifySettings, format_duration
-from poller.events import content_type, event_id, event_type, iso, render
+from poller.events import content_type, event_id, event_type, render, rfc3339
 from poller.safetext import host_and_port, printable, redact_url, scrub
 from poller.store import Store, describe_db_error
 
@@ -90,7 +90,7 @@ def delivery_id(sink: NotifySettings, row: Mapping[str, Any]) -> str:
 def event_env(row: Mapping[str, Any]) -> dict[str, str]:
     """The ``POLLER_*`` variables of one event (no secret can be among them: row fields and ids only)."""
     values = {k: row.get(k) for k in EVENT_ENV}
-    values["last_modified"] = iso(row.get("last_modified"))
+    values["last_modified"] = rfc3339(row.get("last_modified"))
     values["event_id"] = event_id(row)
     values["type"] = event_type(row["event"])
     return {f"POLLER_{k.upper()}": "" if v is None else str(v) for k, v in values.items()}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from poller.model import Watch
-from poller.signals import Rules, Signal, burst_detail, deadline, dumps, is_settled, iso
+from poller.signals import Rules, Signal, burst_detail, deadline, dumps, is_settled, signal_time
 from poller.store import Route, Store
 
 log = logging.getLogger(__name__)
@@ -133,17 +133,17 @@ class SignalCheck:
             if last is None or last <= stale_deadline:
                 return [], stale_deadline  # still stale: one signal per missed deadline
             del self._open_stale[w.id]
-            detail = dumps({"stale_deadline": opened[0], "stale_at": iso(opened[1])})
+            detail = dumps({"stale_deadline": opened[0], "stale_at": signal_time(opened[1])})
             signals.append(Signal(w.id, w.name, w.key, "fresh", now, opened[0], etag, None, detail))
         due = deadline(w.rules, last or created_at)
         if due is None or now < due:
             return signals, due
-        dedup = iso(due)
+        dedup = signal_time(due)
         self._open_stale[w.id] = (dedup, now)
         detail = dumps(
             {
                 "deadline": dedup,
-                "last_change_at": None if last is None else iso(last),
+                "last_change_at": None if last is None else signal_time(last),
                 "rule": w.rules.describe_deadline,
             }
         )
@@ -180,9 +180,11 @@ class SignalCheck:
         keys = [key for key, _at in changes]
         detail = burst_detail(keys, len(changes), changes[0][1], last_change, settle)
         etag = row["etag"] if isinstance(row["etag"], str) else None
-        return [Signal(w.id, w.name, w.key, "settled", now, iso(last_change, exact=True), etag, None, detail)], None
+        return [
+            Signal(w.id, w.name, w.key, "settled", now, signal_time(last_change, exact=True), etag, None, detail)
+        ], None
 
 
 def _parse(stamp: str) -> datetime:
-    """A dedup time (``iso``) back to a datetime."""
+    """A dedup time (``signal_time``) back to a datetime."""
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).astimezone(UTC)

@@ -84,11 +84,13 @@ def streak_signals(
     since = error_since or now
     out: list[Signal] = []
     if http_status == 403 and was_present:
-        detail = dumps({"since": iso(since), "http_status": 403})
-        out.append(Signal(watch_id, watch, key, "access_lost", now, iso(since), etag, last_error, detail))
+        detail = dumps({"since": signal_time(since), "http_status": 403})
+        out.append(Signal(watch_id, watch, key, "access_lost", now, signal_time(since), etag, last_error, detail))
     if is_failing(rules, consecutive_errors, since, now):
-        detail = dumps({"consecutive_errors": consecutive_errors, "since": iso(since), "http_status": http_status})
-        out.append(Signal(watch_id, watch, key, "failing", now, iso(since), etag, last_error, detail))
+        detail = dumps(
+            {"consecutive_errors": consecutive_errors, "since": signal_time(since), "http_status": http_status}
+        )
+        out.append(Signal(watch_id, watch, key, "failing", now, signal_time(since), etag, last_error, detail))
     return out
 
 
@@ -150,7 +152,7 @@ def is_settled(
     return last_polled_at >= last_change_at + timedelta(seconds=settle)
 
 
-def iso(value: datetime, *, exact: bool = False) -> str:
+def signal_time(value: datetime, *, exact: bool = False) -> str:
     """The dedup/detail form of a time: UTC, ``Z``, to the millisecond (``exact``: the microsecond,
     for a dedup that is read back as the lower bound of the next burst)."""
     spec = "microseconds" if exact else "milliseconds"
@@ -165,12 +167,27 @@ def burst_detail(keys: Iterable[str], changes: int, started: datetime, last: dat
             "keys": unique[:MAX_BURST_KEYS],
             "keys_truncated": len(unique) > MAX_BURST_KEYS,
             "changes": changes,
-            "burst_started_at": iso(started),
-            "last_change_at": iso(last),
+            "burst_started_at": signal_time(started),
+            "last_change_at": signal_time(last),
             "settle_seconds": settle,
         }
     )
 
 
 def dumps(detail: Mapping[str, Any]) -> str:
+    """A signal's detail as stored (compact JSON, keys sorted)."""
     return json.dumps(detail, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+
+
+def loads(detail: Any) -> Any:
+    """A stored detail back as an object: JSON text parsed (text that is not JSON as ``{"text": ...}``,
+    a bare value as ``{"value": ...}``); None or '' as None; anything already parsed as it is."""
+    if not isinstance(detail, str):
+        return detail
+    if not detail:
+        return None
+    try:
+        value = json.loads(detail)
+    except ValueError:
+        return {"text": detail}
+    return value if isinstance(value, dict) else {"value": value}

@@ -6,7 +6,6 @@ batch, each result all-or-nothing), prune old polls, and read status and history
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sqlite3
@@ -67,6 +66,7 @@ from poller.schema import (
 )
 from poller.signals import BURST_EVENTS, FRESH_EVENTS, Rules, Signal, streak_signals
 from poller.signals import dumps as signals_dumps
+from poller.signals import loads as signals_loads
 from poller.watchlist import WatchSpec
 from poller.writeturns import WriteTurns
 
@@ -2155,7 +2155,7 @@ def _signal_row(row: Any) -> dict[str, Any]:
         "size": None,
         "seq": None,
         "error": row.error,
-        "detail": _detail(row.detail),
+        "detail": signals_loads(row.detail),
         "dedup": row.dedup,
     }
 
@@ -2163,18 +2163,8 @@ def _signal_row(row: Any) -> dict[str, Any]:
 def _outbox_row(row: Any) -> dict[str, Any]:
     """An outbox row with its event (poller.events' event row plus id, sink, attempts, queued_at)."""
     out = dict(row._mapping)
-    out["detail"] = _detail(out["detail"])
+    out["detail"] = signals_loads(out["detail"])
     return out
-
-
-def _detail(text_: str | None) -> dict[str, Any] | None:
-    if not text_:
-        return None
-    try:
-        value = json.loads(text_)
-    except ValueError:
-        return {"text": text_}
-    return value if isinstance(value, dict) else {"value": value}
 
 
 def _copy_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
