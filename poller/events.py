@@ -182,21 +182,14 @@ def s3_event(row: Mapping[str, Any], *, configuration_id: str = "", region: str 
     return {"Records": [record]}
 
 
+# The fields of the pre-CloudEvents document, in its order (after "id" and "event").
+_LEGACY_FIELDS = ("watch", "bucket", "key", "etag", "previous_etag", "last_modified", "version_id", "size", "detected_at")
+
+
 def legacy_payload(row: Mapping[str, Any]) -> dict[str, Any]:
     """The document sinks received before CloudEvents (``format = "legacy"``): object events only."""
-    return {
-        "id": row.get("history_id"),
-        "event": row["event"],
-        "watch": row["watch"],
-        "bucket": row.get("bucket"),
-        "key": row["key"],
-        "etag": row.get("etag"),
-        "previous_etag": row.get("previous_etag"),
-        "last_modified": rfc3339(row.get("last_modified")),
-        "version_id": row.get("version_id"),
-        "size": row.get("size"),
-        "detected_at": rfc3339(row.get("detected_at") or row.get("time")),
-    }
+    data = event_data(row)
+    return {"id": row.get("history_id"), "event": data["event"], **{k: data[k] for k in _LEGACY_FIELDS}}
 
 
 def render(row: Mapping[str, Any], fmt: str, *, sink: str = "", region: str = "") -> dict[str, Any]:
