@@ -183,7 +183,17 @@ def s3_event(row: Mapping[str, Any], *, configuration_id: str = "", region: str 
 
 
 # The fields of the pre-CloudEvents document, in its order (after "id" and "event").
-_LEGACY_FIELDS = ("watch", "bucket", "key", "etag", "previous_etag", "last_modified", "version_id", "size", "detected_at")
+_LEGACY_FIELDS = (
+    "watch",
+    "bucket",
+    "key",
+    "etag",
+    "previous_etag",
+    "last_modified",
+    "version_id",
+    "size",
+    "detected_at",
+)
 
 
 def legacy_payload(row: Mapping[str, Any]) -> dict[str, Any]:
