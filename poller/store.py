@@ -350,6 +350,7 @@ class Store:
         # Every poll's exact time and duration go to poll_samples too (database.sample_retention > 0).
         self.keep_samples = True
         self._staged = (self._staged_upsert(error=False), self._staged_upsert(error=True))
+        self._staged_first = self._staged_first_sightings()
         # Set when several daemons share this PostgreSQL database: every commit is fenced by it.
         self.fence: Fence | None = None
         # Each watch's signal rules by id (set by the daemon); a watch not here gets the defaults.
@@ -588,12 +589,14 @@ class Store:
             failed: dict[int, Exception] = self._fenced(conn, results) if self.fence is not None else {}
             outbox: list[dict[str, Any]] = []
             history_rows: list[dict[str, Any]] = []
-            # Changes are rare next to polls: one compare-and-set each, so a change that another writer
-            # already recorded (or that no longer follows the stored state) is refused row by row.
+            routed: list[tuple[dict[str, Any], list[str]]] = []
+            first_seqs = self._first_sightings(conn, changed, failed, created) if self._stage_states else {}
+            # Other changes are rare next to polls: one compare-and-set each, so a change that another
+            # writer already recorded (or that no longer follows the stored state) is refused row by row.
             for i, row, conditioned, history, name in changed:
                 if i in failed:
                     continue
-                seq = self._compare_and_set(conn, row, conditioned)
+                seq = first_seqs[i] if i in first_seqs else self._compare_and_set(conn, row, conditioned)
                 if seq is None:
                     failed[i] = Superseded(
                         f"{printable(name)} {printable(history['key'])}: {history['event']} not recorded: the "
@@ -602,14 +605,23 @@ class Store:
                     continue
                 history["seq"] = seq
                 sinks = route(name, history["event"]) if route else []
-                if not sinks:
+                if sinks:
+                    routed.append((history, sinks))
+                else:
                     history_rows.append(history)
-                    continue
-                pk = conn.execute(etag_history.insert().values(**history)).inserted_primary_key
-                assert pk is not None
+            if routed:
+                # One statement for the batch, its ids in the order of the rows (insertmanyvalues).
+                ids = (
+                    conn.execute(
+                        etag_history.insert().returning(etag_history.c.id, sort_by_parameter_order=True),
+                        [history for history, _ in routed],
+                    )
+                    .scalars()
+                    .all()
+                )
                 outbox += [
                     {
-                        "history_id": pk[0],
+                        "history_id": history_id,
                         "sink": sink,
                         "status": "pending",
                         "created_at": history["detected_at"],
@@ -617,6 +629,7 @@ class Store:
                         "next_attempt_at": history["detected_at"],
                         "attempts": 0,
                     }
+                    for history_id, (history, sinks) in zip(ids, routed, strict=True)
                     for sink in sinks
                 ]
             if history_rows:
@@ -939,19 +952,27 @@ class Store:
                     run_ids = self._extend_rows(cursor, folded, learned)
                 opened: list[tuple[int, int, str]] = []
                 samples: list[tuple[int, int, int]] = []
+                new = [n for n in range(len(folded)) if n not in run_ids]
+                if self._copy and len(new) > 1:
+                    # The runs a batch opens (every key's second poll after a start, every change) in
+                    # one pipelined executemany, not a round trip each; their ids come back in order.
+                    cursor.executemany(sql.insert, [_run_row(folded[n]) for n in new], returning=True)
+                    for n in new:
+                        run_ids[n] = cursor.fetchone()[0]
+                        cursor.nextset()
+                    inserted = set(new)
+                else:
+                    inserted = set()
                 for n, seg in enumerate(folded):
                     run_id = run_ids.get(n)
                     if run_id is None:
-                        ended = None if seg.opens else seg.last_at
-                        cursor.execute(
-                            sql.insert,
-                            (seg.watch_id, seg.run_key, *seg.identity, seg.first_at, ended, *_run_totals(seg)),
-                        )
+                        cursor.execute(sql.insert, _run_row(seg))
                         run_id = cursor.fetchone()[0]
-                        if seg.opens:
-                            opened.append((run_id, seg.watch_id, seg.state_key))
-                            if seg.run_key is None:
-                                learned.append((seg.watch_id, run_id, seg.identity))
+                        inserted.add(n)
+                    if n in inserted and seg.opens:
+                        opened.append((run_id, seg.watch_id, seg.state_key))
+                        if seg.run_key is None:
+                            learned.append((seg.watch_id, run_id, seg.identity))
                     if self.keep_samples:
                         samples += [(run_id, at, duration) for at, duration in seg.samples]
                 if opened:
@@ -1079,6 +1100,68 @@ class Store:
         return stage, statement.on_conflict_do_update(
             index_elements=[object_state.c.watch_id, object_state.c.key], set_=set_, where=where
         )
+
+    def _first_sightings(
+        self,
+        conn: Connection,
+        changed: list[tuple[int, dict[str, Any], tuple[str | None, bool | None], dict[str, Any], str]],
+        failed: dict[int, Exception],
+        created: list[str],
+    ) -> dict[int, int | None]:
+        """PostgreSQL: compare-and-set a batch's first sightings in one statement (a daemon's start is
+        all first sightings: row by row each cost about three round trips). By index, the change's
+        sequence number, or None where another writer saw the key first; an index not returned goes
+        row by row."""
+        count: dict[tuple[int, str], int] = {}
+        for i, row, *_ in changed:
+            if i not in failed:
+                ident = (row["watch_id"], row["key"])
+                count[ident] = count.get(ident, 0) + 1
+        # A key with another change in the batch stays row by row, in order: one INSERT ... SELECT
+        # cannot touch a row twice, and its later change is conditioned on this one.
+        firsts = {
+            (row["watch_id"], row["key"]): (i, row)
+            for i, row, conditioned, *_ in changed
+            if i not in failed and conditioned == (None, None) and count[(row["watch_id"], row["key"])] == 1
+        }
+        if len(firsts) < STAGE_MIN_ROWS:
+            return {}
+        stage, statement = self._staged_first
+        if stage.name not in conn.info.get(_STAGE_INFO, ()):
+            columns = ", ".join(c.name for c in stage.columns)
+            conn.exec_driver_sql(
+                f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage.name} ON COMMIT DELETE ROWS "
+                f"AS SELECT {columns} FROM object_state WITH NO DATA"
+            )
+            created.append(stage.name)
+        _copy_rows(conn, stage, [row for _, row in firsts.values()])
+        seqs: dict[int, int | None] = dict.fromkeys((i for i, _ in firsts.values()), None)
+        for watch_id, key, seq in conn.execute(statement):
+            seqs[firsts[(watch_id, key)][0]] = int(seq)
+        return seqs
+
+    def _staged_first_sightings(self) -> tuple[Table, Any]:
+        """The staging table of first sightings and the statement equal to ``_cas_statements``'s
+        UPDATE-then-INSERT for a key never stored: insert it, or take over a row that never held an
+        object (errors only), numbered past every recorded change; a key another writer saw is left
+        alone (not returned)."""
+        columns = list(_OK_COLUMNS)
+        stage = Table("poller_stage_first", MetaData(), *[Column(c, object_state.c[c].type) for c in columns])
+        recorded = (
+            select(func.coalesce(func.max(etag_history.c.seq), 0))
+            .where(etag_history.c.watch_id == stage.c.watch_id, etag_history.c.key == stage.c.key)
+            .scalar_subquery()
+        )
+        statement = postgresql.insert(object_state).from_select([*columns, "seq"], select(*stage.columns, recorded + 1))
+        return stage, statement.on_conflict_do_update(
+            index_elements=[object_state.c.watch_id, object_state.c.key],
+            set_={
+                **{c: statement.excluded[c] for c in columns[2:]},
+                # As the row-by-row UPDATE: greatest(stored seq, recorded) + 1.
+                "seq": func.greatest(object_state.c.seq + 1, statement.excluded.seq),
+            },
+            where=and_(object_state.c.etag.is_(None), object_state.c.present.is_(None)),
+        ).returning(object_state.c.watch_id, object_state.c.key, object_state.c.seq)
 
     def _fenced(self, conn: Connection, results: Sequence[PollResult]) -> dict[int, Exception]:
         """The results whose shard this instance no longer holds at the epoch it claimed, checked (and
@@ -2180,6 +2263,12 @@ def _run_poll(r: PollResult, seen: ObjectState) -> Poll:
 
 def _run_totals(seg: Segment) -> tuple[int, int, int, int, int]:
     return (seg.last_at, seg.count, seg.duration_min, seg.duration_sum, seg.duration_max)
+
+
+def _run_row(seg: Segment) -> tuple[Any, ...]:
+    """The parameters of ``_RunStatements.insert`` for a new run (closed at once unless it stays open)."""
+    ended = None if seg.opens else seg.last_at
+    return (seg.watch_id, seg.run_key, *seg.identity, seg.first_at, ended, *_run_totals(seg))
 
 
 class _RunStatements:

@@ -26,10 +26,10 @@ from sqlalchemy.exc import IntegrityError
 
 from poller.config import load_settings
 from poller.daemon import Daemon
-from poller.model import ObjectState, PollResult, Watch
-from poller.schema import metadata, object_state, watches
+from poller.model import KeyChange, ObjectState, PollResult, Watch
+from poller.schema import etag_history, metadata, notifications, object_state, watches
 from poller.sdnotify import Notifier
-from poller.store import Store, StoreError, migrate, migrations_dir, open_engine
+from poller.store import Store, StoreError, Superseded, migrate, migrations_dir, open_engine
 from poller.watchlist import WatchSpec
 
 NOW = datetime(2026, 11, 24, 10, 0, 0, tzinfo=UTC)
@@ -587,4 +587,70 @@ def test_batched_state_upserts_apply_as_row_by_row(store: Store):
         "w13": ("ünï 'q'", None, t2, "error", 1, "boom", 0),
     }
     if store.engine.dialect.name == "postgresql":
-        assert staged == {"poller_stage_ok", "poller_stage_error", "poller_stage_runs"}  # the staged paths ran
+        staged_paths = {"poller_stage_ok", "poller_stage_error", "poller_stage_runs", "poller_stage_first"}
+        assert staged == staged_paths  # the staged paths ran (the first batch: 12 first sightings)
+
+
+def test_a_batch_of_first_sightings_is_recorded_as_one_by_one(store: Store):
+    # On PostgreSQL a batch's first sightings (8 or more keys) are one compare-and-set statement; the
+    # outcome must be row by row's (SQLite): a key never stored is inserted (seq 1), one with only
+    # errors stored is taken over, one with history from before a retarget is numbered past it, one
+    # another writer saw first is refused (Superseded: no history, no outbox row), one changed twice
+    # in the batch goes row by row; a prefix watch's first-seen keys are first sightings too.
+    names = [f"f{i}" for i in range(10)]
+    prefix = WatchSpec("dir", "bucket", "dir/", 60.0, None, prefix=True)
+    w = store.sync_watches([*specs(*names), prefix], NOW).watches
+    store.record([result(w["f0"], "error", None)])  # f0: an error first, no object stored yet
+    store.record([result(w["f1"], etag='"other"')])  # f1: another writer's first sighting
+    with store.engine.begin() as conn:  # f2: watched before, retargeted away and back (no state row)
+        conn.execute(
+            etag_history.insert().values(
+                watch_id=w["f2"].id, key="key/f2", detected_at=NOW, event="first_seen", etag='"old"', seq=3
+            )
+        )
+    later, again = NOW + timedelta(minutes=1), NOW + timedelta(minutes=2)
+    e1 = ObjectState('"e1"', later, later, None, 3, True)
+    listed = PollResult(
+        w["dir"], later, "modified", 200, 1.0, None, ObjectState(), None, None,
+        changes=(KeyChange("dir/a", "first_seen", None, e1), KeyChange("dir/b", "first_seen", None, e1)),
+    )  # fmt: skip
+    twice = result(w["f3"], event="modified", etag='"e2"', when=again, previous=e1)
+    batch = [result(w[n], when=later) for n in names] + [listed, twice]
+    refused = store.record(batch, lambda name, event: ["hook"])
+    assert list(refused) == [1] and isinstance(refused[1], Superseded)
+    h, n = etag_history.c, notifications.c
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            select(watches.c.name, h.key, h.event, h.etag, h.seq, n.sink)
+            .join_from(etag_history, watches)
+            .outerjoin(notifications, n.history_id == h.id)
+            .order_by(watches.c.name, h.key, h.seq)
+        ).all()
+        states = {
+            (name, key): seq
+            for name, key, seq in conn.execute(
+                select(watches.c.name, object_state.c.key, object_state.c.seq).join_from(object_state, watches)
+            )
+        }
+        staged = conn.info.get("poller_staging_tables", set())
+    assert [tuple(r) for r in rows] == [
+        ("dir", "dir/a", "first_seen", '"e1"', 1, "hook"),
+        ("dir", "dir/b", "first_seen", '"e1"', 1, "hook"),
+        ("f0", "key/f0", "first_seen", '"e1"', 1, "hook"),
+        ("f1", "key/f1", "first_seen", '"other"', 1, None),
+        ("f2", "key/f2", "first_seen", '"old"', 3, None),
+        ("f2", "key/f2", "first_seen", '"e1"', 4, "hook"),
+        ("f3", "key/f3", "first_seen", '"e1"', 1, "hook"),
+        ("f3", "key/f3", "modified", '"e2"', 2, "hook"),
+        *[(name, f"key/{name}", "first_seen", '"e1"', 1, "hook") for name in names[4:]],
+    ]
+    assert states == {
+        **{(name, f"key/{name}"): 1 for name in names},
+        ("f2", "key/f2"): 4,
+        ("f3", "key/f3"): 2,
+        ("dir", "dir/"): 0,
+        ("dir", "dir/a"): 1,
+        ("dir", "dir/b"): 1,
+    }
+    if store.engine.dialect.name == "postgresql":
+        assert "poller_stage_first" in staged  # the batched path did run
