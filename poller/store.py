@@ -351,6 +351,7 @@ class Store:
         self.keep_samples = True
         self._staged = (self._staged_upsert(error=False), self._staged_upsert(error=True))
         self._staged_first = self._staged_first_sightings()
+        self._first_upsert = self._first_values()
         # Set when several daemons share this PostgreSQL database: every commit is fenced by it.
         self.fence: Fence | None = None
         # Each watch's signal rules by id (set by the daemon); a watch not here gets the defaults.
@@ -590,7 +591,7 @@ class Store:
             outbox: list[dict[str, Any]] = []
             history_rows: list[dict[str, Any]] = []
             routed: list[tuple[dict[str, Any], list[str]]] = []
-            first_seqs = self._first_sightings(conn, changed, failed, created) if self._stage_states else {}
+            first_seqs = self._first_sightings(conn, changed, failed, created)
             # Other changes are rare next to polls: one compare-and-set each, so a change that another
             # writer already recorded (or that no longer follows the stored state) is refused row by row.
             for i, row, conditioned, history, name in changed:
@@ -610,28 +611,31 @@ class Store:
                 else:
                     history_rows.append(history)
             if routed:
-                # One statement for the batch, its ids in the order of the rows (insertmanyvalues).
-                ids = (
-                    conn.execute(
-                        etag_history.insert().returning(etag_history.c.id, sort_by_parameter_order=True),
+                # One statement for the batch (insertmanyvalues), each id matched to its row by the
+                # unique (watch_id, key, seq): asking for them in parameter order made SQLite insert
+                # row by row.
+                h = etag_history.c
+                ids = {
+                    (watch_id, key, seq): history_id
+                    for history_id, watch_id, key, seq in conn.execute(
+                        etag_history.insert().returning(h.id, h.watch_id, h.key, h.seq),
                         [history for history, _ in routed],
                     )
-                    .scalars()
-                    .all()
-                )
-                outbox += [
-                    {
-                        "history_id": history_id,
-                        "sink": sink,
-                        "status": "pending",
-                        "created_at": history["detected_at"],
-                        "queued_at": history["detected_at"],
-                        "next_attempt_at": history["detected_at"],
-                        "attempts": 0,
-                    }
-                    for history_id, (history, sinks) in zip(ids, routed, strict=True)
-                    for sink in sinks
-                ]
+                }
+                for history, sinks in routed:
+                    history_id = ids[(history["watch_id"], history["key"], history["seq"])]
+                    outbox += [
+                        {
+                            "history_id": history_id,
+                            "sink": sink,
+                            "status": "pending",
+                            "created_at": history["detected_at"],
+                            "queued_at": history["detected_at"],
+                            "next_attempt_at": history["detected_at"],
+                            "attempts": 0,
+                        }
+                        for sink in sinks
+                    ]
             if history_rows:
                 conn.execute(etag_history.insert(), history_rows)
             if outbox:
@@ -1108,10 +1112,10 @@ class Store:
         failed: dict[int, Exception],
         created: list[str],
     ) -> dict[int, int | None]:
-        """PostgreSQL: compare-and-set a batch's first sightings in one statement (a daemon's start is
-        all first sightings: row by row each cost about three round trips). By index, the change's
-        sequence number, or None where another writer saw the key first; an index not returned goes
-        row by row."""
+        """Compare-and-set a batch's first sightings in one statement (a daemon's start is all first
+        sightings: row by row each cost two statements, on PostgreSQL two round trips). By index, the
+        change's sequence number, or None where another writer saw the key first; an index not
+        returned goes row by row."""
         count: dict[tuple[int, str], int] = {}
         for i, row, *_ in changed:
             if i not in failed:
@@ -1124,27 +1128,30 @@ class Store:
             for i, row, conditioned, *_ in changed
             if i not in failed and conditioned == (None, None) and count[(row["watch_id"], row["key"])] == 1
         }
-        if len(firsts) < STAGE_MIN_ROWS:
+        if len(firsts) < (STAGE_MIN_ROWS if self._stage_states else 2):
             return {}
-        stage, statement = self._staged_first
-        if stage.name not in conn.info.get(_STAGE_INFO, ()):
-            columns = ", ".join(c.name for c in stage.columns)
-            conn.exec_driver_sql(
-                f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage.name} ON COMMIT DELETE ROWS "
-                f"AS SELECT {columns} FROM object_state WITH NO DATA"
-            )
-            created.append(stage.name)
-        _copy_rows(conn, stage, [row for _, row in firsts.values()])
+        rows = [row for _, row in firsts.values()]
+        if self._stage_states:
+            stage, statement = self._staged_first
+            if stage.name not in conn.info.get(_STAGE_INFO, ()):
+                columns = ", ".join(c.name for c in stage.columns)
+                conn.exec_driver_sql(
+                    f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage.name} ON COMMIT DELETE ROWS "
+                    f"AS SELECT {columns} FROM object_state WITH NO DATA"
+                )
+                created.append(stage.name)
+            _copy_rows(conn, stage, rows)
+            stored = conn.execute(statement)
+        else:
+            # The same upsert from multi-row VALUES (SQLAlchemy's insertmanyvalues), no staging table.
+            stored = conn.execute(self._first_upsert, rows)
         seqs: dict[int, int | None] = dict.fromkeys((i for i, _ in firsts.values()), None)
-        for watch_id, key, seq in conn.execute(statement):
+        for watch_id, key, seq in stored:
             seqs[firsts[(watch_id, key)][0]] = int(seq)
         return seqs
 
     def _staged_first_sightings(self) -> tuple[Table, Any]:
-        """The staging table of first sightings and the statement equal to ``_cas_statements``'s
-        UPDATE-then-INSERT for a key never stored: insert it, or take over a row that never held an
-        object (errors only), numbered past every recorded change; a key another writer saw is left
-        alone (not returned)."""
+        """The staging table of first sightings (PostgreSQL) and the upsert of first sightings from it."""
         columns = list(_OK_COLUMNS)
         stage = Table("poller_stage_first", MetaData(), *[Column(c, object_state.c[c].type) for c in columns])
         recorded = (
@@ -1153,12 +1160,29 @@ class Store:
             .scalar_subquery()
         )
         statement = postgresql.insert(object_state).from_select([*columns, "seq"], select(*stage.columns, recorded + 1))
-        return stage, statement.on_conflict_do_update(
+        return stage, self._first_sighted(statement)
+
+    def _first_values(self) -> Any:
+        """The upsert of first sightings from one VALUES row each (bound by column name)."""
+        params = {c: bindparam(c, type_=object_state.c[c].type) for c in _OK_COLUMNS}
+        recorded = (
+            select(func.coalesce(func.max(etag_history.c.seq), 0))
+            .where(etag_history.c.watch_id == params["watch_id"], etag_history.c.key == params["key"])
+            .scalar_subquery()
+        )
+        return self._first_sighted(self._insert(object_state).values({**params, "seq": recorded + 1}))
+
+    def _first_sighted(self, statement: Any) -> Any:
+        """``statement`` (an INSERT of first sightings numbered past every recorded change) made equal to
+        ``_cas_statements``'s UPDATE-then-INSERT for a key never stored: insert it, or take over a row
+        that never held an object (errors only); a key another writer saw is left alone (not returned)."""
+        greatest = func.greatest if self.engine.dialect.name == "postgresql" else func.max
+        return statement.on_conflict_do_update(
             index_elements=[object_state.c.watch_id, object_state.c.key],
             set_={
-                **{c: statement.excluded[c] for c in columns[2:]},
+                **{c: statement.excluded[c] for c in _OK_COLUMNS[2:]},
                 # As the row-by-row UPDATE: greatest(stored seq, recorded) + 1.
-                "seq": func.greatest(object_state.c.seq + 1, statement.excluded.seq),
+                "seq": greatest(object_state.c.seq + 1, statement.excluded.seq),
             },
             where=and_(object_state.c.etag.is_(None), object_state.c.present.is_(None)),
         ).returning(object_state.c.watch_id, object_state.c.key, object_state.c.seq)

@@ -21,7 +21,7 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from conftest import ConfigFile, run_cli, wait_for
 from pgserver import PgServer
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, event, select, text
 from sqlalchemy.exc import IntegrityError
 
 from poller.config import load_settings
@@ -592,17 +592,20 @@ def test_batched_state_upserts_apply_as_row_by_row(store: Store):
 
 
 def test_a_batch_of_first_sightings_is_recorded_as_one_by_one(store: Store):
-    # On PostgreSQL a batch's first sightings (8 or more keys) are one compare-and-set statement; the
-    # outcome must be row by row's (SQLite): a key never stored is inserted (seq 1), one with only
-    # errors stored is taken over, one with history from before a retarget is numbered past it, one
-    # another writer saw first is refused (Superseded: no history, no outbox row), one changed twice
-    # in the batch goes row by row; a prefix watch's first-seen keys are first sightings too.
+    # A batch's first sightings are one compare-and-set statement (on PostgreSQL COPY-staged); the
+    # outcome must be row by row's: a key never stored is inserted (seq 1), one with only errors
+    # stored is taken over (numbered past its row), one with history from before a retarget is
+    # numbered past that, one another writer saw first is refused (Superseded: no history, no outbox
+    # row), one changed twice in the batch goes row by row; a prefix's new keys are first sightings too.
     names = [f"f{i}" for i in range(10)]
     prefix = WatchSpec("dir", "bucket", "dir/", 60.0, None, prefix=True)
     w = store.sync_watches([*specs(*names), prefix], NOW).watches
     store.record([result(w["f0"], "error", None)])  # f0: an error first, no object stored yet
     store.record([result(w["f1"], etag='"other"')])  # f1: another writer's first sighting
-    with store.engine.begin() as conn:  # f2: watched before, retargeted away and back (no state row)
+    with store.engine.begin() as conn:
+        # f0's row numbered past its history (history rows deleted by hand); f2: watched before,
+        # retargeted away and back (history, no state row).
+        conn.execute(object_state.update().where(object_state.c.watch_id == w["f0"].id).values(seq=5))
         conn.execute(
             etag_history.insert().values(
                 watch_id=w["f2"].id, key="key/f2", detected_at=NOW, event="first_seen", etag='"old"', seq=3
@@ -616,7 +619,13 @@ def test_a_batch_of_first_sightings_is_recorded_as_one_by_one(store: Store):
     )  # fmt: skip
     twice = result(w["f3"], event="modified", etag='"e2"', when=again, previous=e1)
     batch = [result(w[n], when=later) for n in names] + [listed, twice]
-    refused = store.record(batch, lambda name, event: ["hook"])
+    statements: list[str] = []
+    listen = ("before_cursor_execute", lambda conn, cursor, sql, *_: statements.append(sql))
+    event.listen(store.engine, *listen)
+    try:
+        refused = store.record(batch, lambda name, event: ["hook"])
+    finally:
+        event.remove(store.engine, *listen)
     assert list(refused) == [1] and isinstance(refused[1], Superseded)
     h, n = etag_history.c, notifications.c
     with store.engine.connect() as conn:
@@ -636,7 +645,7 @@ def test_a_batch_of_first_sightings_is_recorded_as_one_by_one(store: Store):
     assert [tuple(r) for r in rows] == [
         ("dir", "dir/a", "first_seen", '"e1"', 1, "hook"),
         ("dir", "dir/b", "first_seen", '"e1"', 1, "hook"),
-        ("f0", "key/f0", "first_seen", '"e1"', 1, "hook"),
+        ("f0", "key/f0", "first_seen", '"e1"', 6, "hook"),
         ("f1", "key/f1", "first_seen", '"other"', 1, None),
         ("f2", "key/f2", "first_seen", '"old"', 3, None),
         ("f2", "key/f2", "first_seen", '"e1"', 4, "hook"),
@@ -646,11 +655,16 @@ def test_a_batch_of_first_sightings_is_recorded_as_one_by_one(store: Store):
     ]
     assert states == {
         **{(name, f"key/{name}"): 1 for name in names},
+        ("f0", "key/f0"): 6,
         ("f2", "key/f2"): 4,
         ("f3", "key/f3"): 2,
         ("dir", "dir/"): 0,
         ("dir", "dir/a"): 1,
         ("dir", "dir/b"): 1,
     }
+    # The batched path did run: one statement for the 11 first sightings, f3's three row by row
+    # (UPDATE, INSERT; UPDATE), the prefix's own row (an upsert); one for the history rows.
+    assert sum(sql.startswith(("INSERT INTO object_state", "UPDATE object_state")) for sql in statements) == 5
+    assert sum(sql.startswith("INSERT INTO etag_history") for sql in statements) == 1
     if store.engine.dialect.name == "postgresql":
-        assert "poller_stage_first" in staged  # the batched path did run
+        assert "poller_stage_first" in staged
