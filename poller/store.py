@@ -956,27 +956,18 @@ class Store:
                     run_ids = self._extend_rows(cursor, folded, learned)
                 opened: list[tuple[int, int, str]] = []
                 samples: list[tuple[int, int, int]] = []
+                # The runs a batch opens (every key's first polls after a start, every change).
                 new = [n for n in range(len(folded)) if n not in run_ids]
-                if self._copy and len(new) > 1:
-                    # The runs a batch opens (every key's second poll after a start, every change) in
-                    # one pipelined executemany, not a round trip each; their ids come back in order.
-                    cursor.executemany(sql.insert, [_run_row(folded[n]) for n in new], returning=True)
-                    for n in new:
-                        run_ids[n] = cursor.fetchone()[0]
-                        cursor.nextset()
-                    inserted = set(new)
-                else:
-                    inserted = set()
+                ids = _each_returning(cursor, sql.insert, [_run_row(folded[n]) for n in new], self._copy)
+                inserted = dict(zip(new, ids, strict=True))
                 for n, seg in enumerate(folded):
                     run_id = run_ids.get(n)
                     if run_id is None:
-                        cursor.execute(sql.insert, _run_row(seg))
-                        run_id = cursor.fetchone()[0]
-                        inserted.add(n)
-                    if n in inserted and seg.opens:
-                        opened.append((run_id, seg.watch_id, seg.state_key))
-                        if seg.run_key is None:
-                            learned.append((seg.watch_id, run_id, seg.identity))
+                        run_id = inserted[n]
+                        if seg.opens:
+                            opened.append((run_id, seg.watch_id, seg.state_key))
+                            if seg.run_key is None:
+                                learned.append((seg.watch_id, run_id, seg.identity))
                     if self.keep_samples:
                         samples += [(run_id, at, duration) for at, duration in seg.samples]
                 if opened:
@@ -1063,13 +1054,13 @@ class Store:
             # many open runs there are (through object_state it hashed every open run).
             cursor.execute(self._run_sql.extend_staged)
             run_ids.update(cursor.fetchall())
-        for n in [*asked, *sorted(guessed - run_ids.keys())]:
-            # Not cached, or the cached run is over (another daemon held the key meanwhile).
-            seg = folded[n]
-            cursor.execute(self._run_sql.extend, (*_run_totals(seg), seg.watch_id, seg.state_key, *seg.identity))
-            row = cursor.fetchone()
-            if row is not None:
-                run_ids[n] = row[0]
+        # Not cached, or the cached run is over (another daemon held the key meanwhile), or cached
+        # with another identity (every key's second poll after a start): object_state knows.
+        todo = [*asked, *sorted(guessed - run_ids.keys())]
+        params = [(*_run_totals(seg), seg.watch_id, seg.state_key, *seg.identity) for seg in (folded[n] for n in todo)]
+        for n, run_id in zip(todo, _each_returning(cursor, self._run_sql.extend, params, pipelined=True), strict=True):
+            if run_id is not None:
+                run_ids[n] = run_id
         for n, run_id in run_ids.items():
             seg = folded[n]
             if seg.opens and seg.run_key is None and n not in guessed:
@@ -2299,6 +2290,24 @@ def _run_poll(r: PollResult, seen: ObjectState) -> Poll:
 
 def _run_totals(seg: Segment) -> tuple[int, int, int, int, int]:
     return (seg.last_at, seg.count, seg.duration_min, seg.duration_sum, seg.duration_max)
+
+
+def _each_returning(cursor: Any, sql: str, params: list[tuple[Any, ...]], pipelined: bool) -> list[Any]:
+    """Run ``sql`` once per parameter tuple; the first column of each one's first row (None where it
+    returned none), in order. ``pipelined`` (psycopg): one executemany, not a round trip each."""
+    out: list[Any] = []
+    if pipelined and len(params) > 1:
+        cursor.executemany(sql, params, returning=True)
+        for _ in params:
+            row = cursor.fetchone()
+            out.append(None if row is None else row[0])
+            cursor.nextset()
+        return out
+    for one in params:
+        cursor.execute(sql, one)
+        row = cursor.fetchone()
+        out.append(None if row is None else row[0])
+    return out
 
 
 def _run_row(seg: Segment) -> tuple[Any, ...]:
