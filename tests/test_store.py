@@ -663,8 +663,10 @@ def test_a_batch_of_first_sightings_is_recorded_as_one_by_one(store: Store):
         ("dir", "dir/b"): 1,
     }
     # The batched path did run: one statement for the 11 first sightings, f3's three row by row
-    # (UPDATE, INSERT; UPDATE), the prefix's own row (an upsert); one for the history rows.
+    # (UPDATE, INSERT; UPDATE), the prefix's own row (an upsert); one for the history rows (on
+    # PostgreSQL a pipelined executemany on the driver's cursor, as the COPY is).
+    pg = store.engine.dialect.name == "postgresql"
     assert sum(sql.startswith(("INSERT INTO object_state", "UPDATE object_state")) for sql in statements) == 5
-    assert sum(sql.startswith("INSERT INTO etag_history") for sql in statements) == 1
-    if store.engine.dialect.name == "postgresql":
+    assert sum(sql.startswith("INSERT INTO etag_history") for sql in statements) == (0 if pg else 1)
+    if pg:
         assert "poller_stage_first" in staged
