@@ -1132,17 +1132,22 @@ class Store:
         sightings: row by row each cost two statements, on PostgreSQL two round trips). By index, the
         change's sequence number, or None where another writer saw the key first; an index not
         returned goes row by row."""
-        count: dict[tuple[int, str], int] = {}
+        keys: dict[tuple[int, str], int] = {}
+        results: dict[int, int] = {}
         for i, row, *_ in changed:
-            if i not in failed:
-                ident = (row["watch_id"], row["key"])
-                count[ident] = count.get(ident, 0) + 1
-        # A key with another change in the batch stays row by row, in order: one INSERT ... SELECT
-        # cannot touch a row twice, and its later change is conditioned on this one.
+            ident = (row["watch_id"], row["key"])
+            keys[ident] = keys.get(ident, 0) + 1
+            results[i] = results.get(i, 0) + 1
+        # Row by row, in order: a key with another change in the batch (one INSERT ... SELECT cannot
+        # touch a row twice, and its later change is conditioned on this one), and the changes of a
+        # list pass with several (one refused refuses the rest of its pass, unwritten).
         firsts = {
             (row["watch_id"], row["key"]): (i, row)
             for i, row, conditioned, *_ in changed
-            if i not in failed and conditioned == (None, None) and count[(row["watch_id"], row["key"])] == 1
+            if i not in failed
+            and conditioned == (None, None)
+            and keys[(row["watch_id"], row["key"])] == 1
+            and results[i] == 1
         }
         if len(firsts) < (STAGE_MIN_ROWS if self._stage_states else 2):
             return {}
