@@ -1,6 +1,7 @@
 """Storage over a year's scale: the run-length poll log next to the per-poll table it replaced.
 
-`python -m bench.storage [--watches 100000] [--history-watches 5000] [--days 30]` (SQLite):
+`python -m bench.storage [--watches 100000] [--history-watches 5000] [--days 30] [--postgresql]`
+(SQLite; with ``--postgresql`` the same steps again on a local PostgreSQL server, durable):
 
 1. **Writer**: the same workload (each watch keeps its ETag; 1% of polls find a change, 0.1% an
    error) recorded by `Store.record` of this tree and of the last per-poll release (commit
@@ -11,7 +12,8 @@
    row are measured on 1,000,000 rows of it and scaled to the same number of polls.
 3. **Queries** on that database, through the real CLI (a new process each, as an operator runs
    them): `poller status`, `poller history --since 1h`, `poller history WATCH --limit 0` (30 days).
-4. **Pruning**: one pass that removes the oldest day; the longest write transaction it held.
+4. **Pruning**: one pass that removes the oldest day: the longest it held the write lock, and the
+   longest a concurrent write waited meanwhile (the daemon's own writer and another process's).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -70,7 +73,9 @@ for b in range(batches_n):
             batch.append(PollResult(w, when, "unchanged", 304, 1.7, prev, prev, None, None))
         n += 1
     work.append(batch)
-warm = max(1, watches_n // size + 1)  # every watch polled once (its first sighting) before timing
+# Timed from the steady state: every watch's first sighting and its first unchanged poll (which
+# opens the watch's run in the run-length log) are written before timing starts.
+warm = 2 * (watches_n // size + 1)
 for batch in work[:warm]:
     store.record(batch)
 wall, cpu = time.perf_counter(), time.process_time()
@@ -82,8 +87,10 @@ print(json.dumps({"polls": rows, "polls_per_s": rows / wall, "cpu_us_per_poll": 
 """
 
 
-def writer_cost(source: Path, workdir: Path, watches: int, batches: int, size: int) -> dict[str, float]:
-    url = f"sqlite:///{workdir / f'writer-{source.name}.db'}"
+def writer_cost(
+    source: Path, workdir: Path, watches: int, batches: int, size: int, url: str | None = None
+) -> dict[str, float]:
+    url = url or f"sqlite:///{workdir / f'writer-{source.name}.db'}"
     env = {**os.environ, "PYTHONPATH": str(source)}
     out = subprocess.run(
         [sys.executable, "-c", WRITER, url, str(watches), str(batches), str(size)],
@@ -106,8 +113,51 @@ def old_release(workdir: Path) -> Path:
 # --- 2. a synthetic database --------------------------------------------------------------
 
 
+class _Sink:
+    """Rows straight into the database, as fast as its driver takes them: executemany on SQLite
+    (no sync while building), COPY on PostgreSQL."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.pg = url.startswith("postgresql")
+        if self.pg:
+            import psycopg
+
+            self.conn: Any = psycopg.connect(plain_pg_url(url))
+        else:
+            self.conn = sqlite3.connect(url.removeprefix("sqlite:///"))
+            self.conn.execute("PRAGMA journal_mode = WAL")
+            self.conn.execute("PRAGMA synchronous = OFF")  # building, not measuring durability
+
+    def write(self, table: str, columns: str, rows: list[tuple[Any, ...]]) -> None:
+        if not rows:
+            return
+        if self.pg:
+            with self.conn.cursor() as cur, cur.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        else:
+            marks = ",".join("?" * len(rows[0]))
+            self.conn.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
+
+    def close(self) -> None:
+        self.conn.commit()
+        if self.pg:
+            # Statistics as a long-running database would have them.
+            self.conn.autocommit = True
+            self.conn.execute("VACUUM ANALYZE")
+        else:
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.conn.close()
+
+
+def plain_pg_url(url: str) -> str:
+    """A SQLAlchemy PostgreSQL URL as libpq takes it."""
+    return "postgresql://" + url.split("://", 1)[1]
+
+
 def build(
-    db: Path,
+    url: str,
     watches: int,
     history_watches: int,
     days: int,
@@ -121,7 +171,7 @@ def build(
     from poller.store import Store, migrate, open_engine
     from poller.watchlist import WatchSpec
 
-    store = Store(open_engine(f"sqlite:///{db}"))
+    store = Store(open_engine(url))
     migrate(store.engine)
     start = datetime.fromtimestamp(now_ms / 1000 - days * 86400, UTC)
     store.sync_watches(
@@ -129,9 +179,7 @@ def build(
     )
     store.close()
     rng = random.Random(seed)
-    conn = sqlite3.connect(db)
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = OFF")  # building, not measuring durability
+    sink = _Sink(url)
     first_ms = now_ms - days * 86_400_000
     polls_per_watch = days * 86_400_000 // INTERVAL_MS
     changes_n = 0
@@ -149,24 +197,24 @@ def build(
         run_rows.append((run_id, *row, row[8] if ended else None))
 
     def flush() -> None:
-        conn.executemany(
-            "INSERT INTO poll_runs (id, watch_id, key, outcome, http_status, etag, last_modified, error, first_at, "
-            "last_at, count, duration_min_us, duration_sum_us, duration_max_us, ended_at) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        sink.write(
+            "poll_runs",
+            "id, watch_id, key, outcome, http_status, etag, last_modified, error, first_at, last_at, count, "
+            "duration_min_us, duration_sum_us, duration_max_us, ended_at",
             run_rows,
         )
-        conn.executemany(
-            "INSERT INTO etag_history (watch_id, key, detected_at, event, etag, previous_etag, last_modified, "
-            "version_id, size, seq) VALUES (?,?,?,?,?,?,?,?,?,?)",
+        sink.write(
+            "etag_history",
+            "watch_id, key, detected_at, event, etag, previous_etag, last_modified, version_id, size, seq",
             history_rows,
         )
-        conn.executemany(
-            "INSERT INTO object_state (watch_id, key, etag, last_modified, observed_server_date, version_id, size, "
-            "present, last_polled_at, last_outcome, consecutive_errors, last_error, last_changed_at, seq, run_id) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        sink.write(
+            "object_state",
+            "watch_id, key, etag, last_modified, observed_server_date, version_id, size, present, last_polled_at, "
+            "last_outcome, consecutive_errors, last_error, last_changed_at, seq, run_id",
             state_rows,
         )
-        conn.commit()
+        sink.conn.commit()
         run_rows.clear()
         history_rows.clear()
         state_rows.clear()
@@ -212,17 +260,43 @@ def build(
         last = now_ms - rng.randrange(INTERVAL_MS)
         run(w, None, 0, 304, etag, first_ms, None, open_from, last, count, 4000, 8000 * count, 30000, ended=False)
         state_rows.append(
-            (w, key, etag, iso(first_ms), iso(last), None, 4096, 1, iso(last), "unchanged", 0, None, None, seq, run_id)
+            (
+                w,
+                key,
+                etag,
+                iso(first_ms),
+                iso(last),
+                None,
+                4096,
+                True,
+                iso(last),
+                "unchanged",
+                0,
+                None,
+                None,
+                seq,
+                run_id,
+            )
         )
         if len(run_rows) >= 50_000 or w == watches:
             flush()
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    conn.close()
+    if sink.pg:  # later inserts (a writer) go on from the ids written here
+        sink.conn.execute("SELECT setval(pg_get_serial_sequence('poll_runs', 'id'), max(id)) FROM poll_runs")
+    sink.close()
     return {"runs": run_id, "changes": changes_n}
 
 
-def table_bytes(db: Path) -> dict[str, int]:
-    conn = sqlite3.connect(db)
+def table_bytes(db: Path | str) -> dict[str, int]:
+    """Bytes per table, indexes included: dbstat on SQLite, pg_total_relation_size on PostgreSQL."""
+    if isinstance(db, str) and db.startswith("postgresql"):
+        import psycopg
+
+        with psycopg.connect(plain_pg_url(db)) as pg:
+            rows = pg.execute(
+                "SELECT relname, pg_total_relation_size(relid) FROM pg_stat_user_tables WHERE schemaname = 'public'"
+            ).fetchall()
+        return {name: int(size) for name, size in rows}
+    conn = sqlite3.connect(str(db).removeprefix("sqlite:///"))
     try:
         rows = conn.execute(
             "SELECT m.tbl_name, sum(d.pgsize) FROM dbstat d JOIN sqlite_master m ON m.name = d.name GROUP BY m.tbl_name"
@@ -232,21 +306,32 @@ def table_bytes(db: Path) -> dict[str, int]:
     return {name: int(size) for name, size in rows}
 
 
-def per_poll_bytes(db: Path, rows: int = 1_000_000) -> float:
-    """Bytes per row of the per-poll table (with its two indexes), measured on ``rows`` rows."""
-    conn = sqlite3.connect(db)
-    conn.executescript(
-        "CREATE TABLE polls (id INTEGER PRIMARY KEY, watch_id INTEGER NOT NULL, key TEXT NOT NULL, "
-        "polled_at VARCHAR(32) NOT NULL, outcome VARCHAR(16) NOT NULL, http_status INTEGER, etag TEXT, "
-        "last_modified VARCHAR(32), duration_ms FLOAT, error TEXT);"
-        "CREATE INDEX ix_polls_watch_id_polled_at ON polls (watch_id, polled_at);"
-        "CREATE INDEX ix_polls_polled_at ON polls (polled_at);"
+def per_poll_bytes(url: str, rows: int = 1_000_000) -> float:
+    """Bytes per row of the per-poll table (01ef6c6's types, its two indexes), on ``rows`` rows."""
+    pg = url.startswith("postgresql")
+    ddl = (
+        "CREATE TABLE polls (id {pk}, watch_id {int} NOT NULL, key TEXT NOT NULL, polled_at {time} NOT NULL, "
+        "outcome VARCHAR(16) NOT NULL, http_status INTEGER, etag TEXT, last_modified {time}, duration_ms {float}, "
+        "error TEXT)"
+    ).format(
+        pk="BIGSERIAL PRIMARY KEY" if pg else "INTEGER PRIMARY KEY",
+        int="BIGINT" if pg else "INTEGER",
+        time="TIMESTAMPTZ" if pg else "VARCHAR(32)",
+        float="DOUBLE PRECISION" if pg else "FLOAT",
     )
+    sink = _Sink(url)
+    for statement in (
+        ddl,
+        "CREATE INDEX ix_polls_watch_id_polled_at ON polls (watch_id, polled_at)",
+        "CREATE INDEX ix_polls_polled_at ON polls (polled_at)",
+    ):
+        sink.conn.execute(statement)
     start = datetime(2026, 11, 1, tzinfo=UTC)
     rng = random.Random(3)
     etag = f'"{rng.getrandbits(128):032x}"'
     lm = start.isoformat(timespec="microseconds")
-    batch = []
+    batch: list[tuple[Any, ...]] = []
+    columns = "watch_id, key, polled_at, outcome, http_status, etag, last_modified, duration_ms, error"
     for n in range(rows):
         when = (start + timedelta(milliseconds=600 * n)).isoformat(timespec="microseconds")
         batch.append(
@@ -263,15 +348,11 @@ def per_poll_bytes(db: Path, rows: int = 1_000_000) -> float:
             )
         )
         if len(batch) == 100_000:
-            conn.executemany(
-                "INSERT INTO polls (watch_id, key, polled_at, outcome, http_status, etag, last_modified, duration_ms, "
-                "error) VALUES (?,?,?,?,?,?,?,?,?)",
-                batch,
-            )
+            sink.write("polls", columns, batch)
             batch.clear()
-    conn.commit()
-    conn.close()
-    return table_bytes(db)["polls"] / rows
+    sink.write("polls", columns, batch)
+    sink.close()
+    return table_bytes(url)["polls"] / rows
 
 
 # --- 3. queries and 4. pruning ---------------------------------------------------------------
@@ -288,13 +369,13 @@ def cli_seconds(config: Path, *args: str, repeat: int = 3) -> float:
     return best
 
 
-def query_ms(db: Path, now: datetime, repeat: int = 3) -> dict[str, float]:
+def query_ms(url: str, now: datetime, repeat: int = 3) -> dict[str, float]:
     """The same operator queries in-process (the Store's own calls, without Python's start-up)."""
     from poller.store import Store, open_engine
 
-    store = Store(open_engine(f"sqlite:///{db}", readonly=True))
+    store = Store(open_engine(url, readonly=True))
     calls = {
-        "status (100,000 rows, display)": lambda: store.status(display=True),
+        "status (every watch, as text)": store.status_text,
         "history --since 1h": lambda: store.history(since=now - timedelta(hours=1)),
         "history WATCH (30 days, all rows)": lambda: store.history(watch="w000001", limit=None),
         "history WATCH --since 1h": lambda: store.history(watch="w000001", since=now - timedelta(hours=1)),
@@ -311,50 +392,153 @@ def query_ms(db: Path, now: datetime, repeat: int = 3) -> dict[str, float]:
     return out
 
 
-def prune_lock_ms(db: Path, before: datetime) -> tuple[int, float, float, float]:
-    """One pruning pass over ``db``: runs removed, the longest write transaction (ms), total seconds,
-    and the longest a concurrent writer waited for the write lock (ms)."""
+def prune_lock_ms(url: str, before: datetime) -> dict[str, float]:
+    """One pruning pass: runs removed, the longest its write transactions held the lock (ms), total
+    seconds, and the longest a concurrent write took meanwhile, its wait included (ms): the daemon's
+    own writer (same Store, as in the daemon) and another process's (a plain connection, e.g. a CLI
+    command)."""
     from poller.store import Store, open_engine
 
-    store = Store(open_engine(f"sqlite:///{db}"))
+    store = Store(open_engine(url))
+    pg = url.startswith("postgresql")
     longest = [0.0]
     plain = store._tx
 
     @contextmanager
-    def timed():  # type: ignore[no-untyped-def]
-        t = time.perf_counter()
-        with plain() as conn:
-            yield conn
-        longest[0] = max(longest[0], (time.perf_counter() - t) * 1000)
+    def timed_turn(*, background: bool = False):  # type: ignore[no-untyped-def]
+        # SQLite: how long pruning holds the write lock, its turn (transaction and commit; the
+        # WAL checkpoint after it runs outside, beside the writer).
+        with turn(background=background):
+            t = time.perf_counter()
+            yield
+            if background:
+                longest[0] = max(longest[0], (time.perf_counter() - t) * 1000)
 
-    store._tx = timed  # type: ignore[method-assign]
-    # A writer of its own meanwhile, as the daemon's is: how long it waits for the write lock
-    # (BEGIN IMMEDIATE), which is what the target is about. Its connection never checkpoints, so its
-    # own commits carry no checkpoint's cost.
-    waits: list[float] = [0.0]
+    @contextmanager
+    def timed_tx(*, background: bool = False):  # type: ignore[no-untyped-def]
+        # PostgreSQL: a pruning transaction, commit included (row locks: a writer waits only for
+        # the rows it touches).
+        t = time.perf_counter()
+        with plain(background=background) as conn:
+            yield conn
+        if background:
+            longest[0] = max(longest[0], (time.perf_counter() - t) * 1000)
+
+    if store._turns is not None:
+        turn = store._turns.turn
+        store._turns.turn = timed_turn  # type: ignore[method-assign]
+    else:
+        store._tx = timed_tx  # type: ignore[method-assign]
+    waits = {"daemon": 0.0, "other": 0.0}
     stop = threading.Event()
 
-    def writer() -> None:
-        conn = sqlite3.connect(db, timeout=60, isolation_level=None)
+    def own_writer() -> None:
+        # The daemon's writer path: a write transaction of the same Store (what `record` opens).
+        while not stop.is_set():
+            t = time.perf_counter()
+            with plain() as conn:
+                conn.exec_driver_sql("UPDATE watches SET active = active WHERE id = 1")
+                waits["daemon"] = max(waits["daemon"], (time.perf_counter() - t) * 1000)
+            stop.wait(0.005)
+
+    def other_writer() -> None:
+        if pg:
+            import psycopg
+
+            with psycopg.connect(plain_pg_url(url)) as pgconn:
+                while not stop.is_set():
+                    t = time.perf_counter()
+                    pgconn.execute("UPDATE watches SET active = active WHERE id = 2")
+                    waits["other"] = max(waits["other"], (time.perf_counter() - t) * 1000)
+                    pgconn.commit()
+                    stop.wait(0.05)
+            return
+        # Its connection never checkpoints, so its own commits carry no checkpoint's cost.
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"), timeout=60, isolation_level=None)
         conn.execute("PRAGMA wal_autocheckpoint = 0")
         while not stop.is_set():
             t = time.perf_counter()
             conn.execute("BEGIN IMMEDIATE")
-            waits[0] = max(waits[0], (time.perf_counter() - t) * 1000)
-            conn.execute("UPDATE watches SET active = active WHERE id = 1")
+            conn.execute("UPDATE watches SET active = active WHERE id = 2")
+            waits["other"] = max(waits["other"], (time.perf_counter() - t) * 1000)
             conn.execute("COMMIT")
-            stop.wait(0.005)
+            stop.wait(0.05)
         conn.close()
 
-    probe = threading.Thread(target=writer, daemon=True)
-    probe.start()
+    probes = [threading.Thread(target=f, daemon=True) for f in (own_writer, other_writer)]
+    for probe in probes:
+        probe.start()
     t = time.perf_counter()
     pruned = store.prune_polls(before, before)
     total = time.perf_counter() - t
     stop.set()
-    probe.join()
+    for probe in probes:
+        probe.join()
     store.close()
-    return pruned.runs, longest[0], total, waits[0]
+    return {
+        "runs_removed": pruned.runs,
+        "longest_tx_ms": longest[0],
+        "seconds": total,
+        "writer_wait_ms": waits["daemon"],
+        "other_writer_wait_ms": waits["other"],
+    }
+
+
+def measure(url: str, work: Path, old: Path, args: argparse.Namespace, new_url: Callable[[], str]) -> dict[str, Any]:
+    """Every figure of one backend: ``url`` is the database to build; ``new_url`` gives empty ones."""
+    out: dict[str, Any] = {}
+    pg = url.startswith("postgresql")
+    if not args.skip_writer:
+        for name, source in (("per-poll", old), ("runs", ROOT)):
+            out[f"writer_{name}"] = writer_cost(source, work, 10_000, args.writer_batches, 1000, new_url())
+    now = datetime.now(UTC).replace(microsecond=0)
+    now_ms = int(now.timestamp() * 1000)
+    t = time.perf_counter()
+    built = build(
+        url, args.watches, args.history_watches, args.days, now_ms,
+        change_rate=args.change_rate, error_rate=args.error_rate,
+    )  # fmt: skip
+    out["build_s"] = time.perf_counter() - t
+    # The build writes without syncing: flush it now, or the first fsync of a measured commit
+    # (a checkpoint's) would carry the whole file (seen: 1.9 s).
+    os.sync()
+    sizes = table_bytes(url)
+    scale = args.watches / args.history_watches
+    others = args.watches - args.history_watches  # one run and one change each, already full-scale
+    runs_bytes_per_row = sizes["poll_runs"] / built["runs"]
+    history_bytes_per_row = sizes["etag_history"] / built["changes"]
+    full_runs = (built["runs"] - others) * scale
+    full_changes = (built["changes"] - others) * scale
+    fixed = sum(v for k, v in sizes.items() if k not in ("poll_runs", "etag_history", "poll_samples"))
+    samples_bytes = 3600_000 // INTERVAL_MS * args.watches * 21  # 1 h of samples, 21 bytes each (measured)
+    out["runs_db"] = {
+        "runs": int(full_runs),
+        "changes": int(full_changes),
+        "bytes_per_run": runs_bytes_per_row,
+        "bytes_per_change": history_bytes_per_row,
+        "poll_log_bytes": int(full_runs * runs_bytes_per_row + samples_bytes),
+        "history_bytes": int(full_changes * history_bytes_per_row),
+        "other_bytes": fixed,
+    }
+    polls_total = args.watches * args.days * 86_400_000 // INTERVAL_MS
+    per_poll = per_poll_bytes(new_url() if pg else f"sqlite:///{work / 'per-poll.db'}")
+    out["per_poll_db"] = {
+        "polls": polls_total,
+        "bytes_per_poll": per_poll,
+        "poll_log_bytes": int(polls_total * per_poll),
+    }
+    config = work / "config.toml"
+    config.write_text(f'watch = []\n[database]\nurl = "{url}"\n')
+    config.chmod(0o600)
+    out["cli_s"] = {
+        "status": cli_seconds(config, "status"),
+        "history --since 1h": cli_seconds(config, "history", "--since", "1h"),
+        "history WATCH (30 days, all rows)": cli_seconds(config, "history", "w000001", "--limit", "0"),
+        "--version (start-up alone)": cli_seconds(config, "--version"),
+    }
+    out["query_ms"] = query_ms(url, now)
+    out["prune"] = prune_lock_ms(url, now - timedelta(days=args.days - 1))
+    return out
 
 
 def main() -> int:
@@ -366,6 +550,9 @@ def main() -> int:
     parser.add_argument("--change-rate", type=float, default=CHANGE_RATE, help="share of polls that see a change")
     parser.add_argument("--error-rate", type=float, default=ERROR_RATE, help="share of polls that fail")
     parser.add_argument("--skip-writer", action="store_true", help="sizes and queries only")
+    parser.add_argument(
+        "--postgresql", action="store_true", help="also on a local PostgreSQL server (tests/pgserver.py)"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON line instead of the table")
     args = parser.parse_args()
     out: dict[str, Any] = {
@@ -374,75 +561,47 @@ def main() -> int:
         "history_watches": args.history_watches,
         "change_rate": args.change_rate,
         "error_rate": args.error_rate,
+        "backends": {},
     }
     with tempfile.TemporaryDirectory(prefix="poller-storage-") as tmp:
         work = Path(tmp)
         old = old_release(work)
-        for name, source in (("per-poll", old), ("runs", ROOT)):
-            if not args.skip_writer:
-                out[f"writer_{name}"] = writer_cost(source, work, 10_000, args.writer_batches, 1000)
-        now = datetime.now(UTC).replace(microsecond=0)
-        now_ms = int(now.timestamp() * 1000)
-        db = work / "runs.db"
-        t = time.perf_counter()
-        built = build(
-            db, args.watches, args.history_watches, args.days, now_ms,
-            change_rate=args.change_rate, error_rate=args.error_rate,
-        )  # fmt: skip
-        out["build_s"] = time.perf_counter() - t
-        sizes = table_bytes(db)
-        scale = args.watches / args.history_watches
-        others = args.watches - args.history_watches  # one run and one change each, already full-scale
-        runs_bytes_per_row = sizes["poll_runs"] / built["runs"]
-        history_bytes_per_row = sizes["etag_history"] / built["changes"]
-        full_runs = (built["runs"] - others) * scale
-        full_changes = (built["changes"] - others) * scale
-        fixed = sum(v for k, v in sizes.items() if k not in ("poll_runs", "etag_history", "poll_samples"))
-        samples_bytes = 3600_000 // INTERVAL_MS * args.watches * 21  # 1 h of samples, 21 bytes each (measured)
-        out["runs_db"] = {
-            "runs": int(full_runs),
-            "changes": int(full_changes),
-            "bytes_per_run": runs_bytes_per_row,
-            "bytes_per_change": history_bytes_per_row,
-            "poll_log_bytes": int(full_runs * runs_bytes_per_row + samples_bytes),
-            "history_bytes": int(full_changes * history_bytes_per_row),
-            "other_bytes": fixed,
-        }
-        polls_total = args.watches * args.days * 86_400_000 // INTERVAL_MS
-        per_poll = per_poll_bytes(work / "per-poll.db")
-        out["per_poll_db"] = {
-            "polls": polls_total,
-            "bytes_per_poll": per_poll,
-            "poll_log_bytes": int(polls_total * per_poll),
-        }
-        config = work / "config.toml"
-        config.write_text(f'watch = []\n[database]\nurl = "sqlite:///{db}"\n')
-        config.chmod(0o600)
-        out["cli_s"] = {
-            "status": cli_seconds(config, "status"),
-            "history --since 1h": cli_seconds(config, "history", "--since", "1h"),
-            "history WATCH (30 days, all rows)": cli_seconds(config, "history", "w000001", "--limit", "0"),
-            "--version (start-up alone)": cli_seconds(config, "--version"),
-        }
-        out["query_ms"] = query_ms(db, now)
-        removed, longest, total, waited = prune_lock_ms(db, now - timedelta(days=args.days - 1))
-        out["prune"] = {"runs_removed": removed, "longest_tx_ms": longest, "seconds": total, "writer_wait_ms": waited}
+        counter = iter(range(1_000_000))
+        out["backends"]["SQLite"] = measure(
+            f"sqlite:///{work / 'runs.db'}", work, old, args, lambda: f"sqlite:///{work / f'w{next(counter)}.db'}"
+        )
+        if args.postgresql:
+            sys.path.insert(0, str(ROOT / "tests"))
+            from pgserver import PgServer, find_bindir
+
+            bindir = find_bindir()
+            if bindir is None:
+                parser.error("PostgreSQL is not installed (no initdb): apt-get install postgresql")
+            server = PgServer(bindir, durable=True).start()
+            try:
+                out["backends"]["PostgreSQL"] = measure(
+                    server.url(server.create_database()), work, old, args,
+                    lambda: server.url(server.create_database()),
+                )  # fmt: skip
+            finally:
+                server.stop()
     if args.json:
         print(json.dumps(out))
     else:
-        report(out)
+        for backend, figures in out["backends"].items():
+            report(out, backend, figures)
     return 0
 
 
-def report(out: dict[str, Any]) -> None:
+def report(run: dict[str, Any], backend: str, out: dict[str, Any]) -> None:
     gb = 1e9
     r, p = out["runs_db"], out["per_poll_db"]
     print(
-        f"storage: {out['watches']:,} watches every 60 s for {out['days']} days, {out['change_rate']:.2%} of polls "
-        f"changes, {out['error_rate']:.2%} errors (SQLite)"
+        f"storage: {run['watches']:,} watches every 60 s for {run['days']} days, {run['change_rate']:.2%} of polls "
+        f"changes, {run['error_rate']:.2%} errors ({backend})"
     )
     print(
-        f"  full history built for {out['history_watches']:,} watches and scaled linearly; build {out['build_s']:.0f} s"
+        f"  full history built for {run['history_watches']:,} watches and scaled linearly; build {out['build_s']:.0f} s"
     )
     print(f"  {'':32} {'per-poll (01ef6c6)':>20} {'run-length (this tree)':>24}")
     print(f"  {'rows for every poll':32} {p['polls']:>20,} {r['runs']:>24,}")
@@ -465,9 +624,10 @@ def report(out: dict[str, Any]) -> None:
         print(f"  in-process {name:33} {ms:>8.1f} ms")
     pr = out["prune"]
     print(
-        f"  prune pass: {pr['runs_removed']:,} runs in {pr['seconds']:.1f} s, longest write transaction "
-        f"{pr['longest_tx_ms']:.0f} ms (commit and any checkpoint included); a concurrent writer waited "
-        f"{pr['writer_wait_ms']:.0f} ms at most for the write lock (target < 50 ms)"
+        f"  prune pass: {pr['runs_removed']:,} runs in {pr['seconds']:.1f} s, the write lock held "
+        f"{pr['longest_tx_ms']:.0f} ms at most (a chunk and its commit); the daemon's writer waited "
+        f"{pr['writer_wait_ms']:.0f} ms at most for the write lock (target < 50 ms), another process's "
+        f"{pr['other_writer_wait_ms']:.0f} ms"
     )
 
 

@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from itertools import chain
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -118,6 +119,25 @@ def _emit(rows: list[dict[str, Any]], columns: Sequence[str], fmt: str) -> None:
     out.write("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip() + "\n")
     for r in text:
         out.write("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() + "\n")
+
+
+def _emit_text(rows: list[tuple[str, ...]], columns: Sequence[str], fmt: str) -> None:
+    """Rows that are already text (''for none) as a table or CSV: one C-level format per row,
+    so `poller status` of 100,000 watches prints in a fraction of a second."""
+    if not "".join(chain.from_iterable(rows)).isprintable():  # escaping is the rare case
+        rows = [tuple(map(printable, row)) for row in rows]
+    out = sys.stdout
+    if fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(rows)
+        return
+    by_column = zip(*rows, strict=True) if rows else ([] for _ in columns)
+    widths = [max([len(c), *map(len, cells)]) for c, cells in zip(columns, by_column, strict=True)]
+    line = "  ".join(f"%-{w}s" for w in widths[:-1]) + "  %s"
+    out.write((line % tuple(columns)).rstrip() + "\n")
+    if rows:
+        out.write("\n".join([(line % row).rstrip() for row in rows]) + "\n")
 
 
 def _text_row(row: dict[str, Any], columns: Sequence[str]) -> list[str]:
@@ -336,16 +356,34 @@ def cmd_status(args: argparse.Namespace) -> int:
     """One row per watch: last outcome, ETag, Last-Modified, last polled, consecutive errors, signals, deadline."""
     _, settings = _settings(args)
     store = _open_store(settings, readonly=True)
+    lines: list[str] = []
     try:
-        rows = store.status(display=True)
+        if args.format == "json":
+            rows = store.status(display=True)
+            names = [row["name"] for row in rows]
+        else:
+            if args.format == "table":
+                names, lines = store.status_table()
+                # A control character in a name, key or error must be escaped, which changes widths:
+                # the rare table that needs it is laid out here from its cells instead.
+                if not "".join(lines).isprintable():
+                    lines = []
+            cells = [] if lines else store.status_text()
+            if not lines:
+                names = [row[0] for row in cells]
         deliveries = store.notification_counts()
         servers = store.server_semantics()
         daemons = store.cluster_status()
     finally:
         store.close()
-    _emit(rows, STATUS_COLUMNS, args.format)
+    if args.format == "json":
+        _emit(rows, STATUS_COLUMNS, args.format)
+    elif lines:
+        sys.stdout.write("\n".join(lines) + "\n")
+    else:
+        _emit_text(cells, STATUS_COLUMNS, args.format)
     if args.format == "table" and daemons:
-        print("\n" + "\n".join(cluster_lines(daemons, [row["name"] for row in rows], settings)))
+        print("\n" + "\n".join(cluster_lines(daemons, names, settings)))
     if args.format == "table" and servers:
         from poller.calibrate import server_lines
 

@@ -26,13 +26,16 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     and_,
     bindparam,
     case,
+    cast,
     create_engine,
     event,
     func,
     inspect,
+    literal,
     or_,
     select,
     text,
@@ -65,6 +68,7 @@ from poller.schema import (
 from poller.signals import BURST_EVENTS, FRESH_EVENTS, Rules, Signal, streak_signals
 from poller.signals import dumps as signals_dumps
 from poller.watchlist import WatchSpec
+from poller.writeturns import WriteTurns
 
 if TYPE_CHECKING:
     from poller.calibrate import Semantics
@@ -90,6 +94,8 @@ _STATE_COLUMNS = (
 # own page (watches interleave), so each run deleted dirties a page: 1,000 held the write lock
 # ~150 ms on a large file, 250 about a quarter of that. Samples have no secondary index.
 PRUNE_CHUNK = 250
+# SQLite's default: a commit that leaves the WAL this many pages long checkpoints it.
+WAL_AUTOCHECKPOINT = 1000
 SAMPLE_PRUNE_CHUNK = 2000
 # Runs removed per step to fit max_db_size: the size is measured again after each step.
 SIZE_CHUNK = 500
@@ -331,6 +337,9 @@ class Store:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # SQLite writes one transaction at a time: within this process, hand the lock over exactly
+        # and keep pruning behind the writer (poller/writeturns.py). PostgreSQL locks rows.
+        self._turns = WriteTurns() if engine.dialect.name == "sqlite" else None
         self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         self._upsert_ok, self._upsert_error = self._upserts()
         self._cas = self._cas_statements()
@@ -363,9 +372,30 @@ class Store:
         self.signal_counts: dict[str, int] = {}
 
     @contextmanager
-    def _tx(self) -> Iterator[Connection]:
-        with self.engine.begin() as conn:
-            yield conn
+    def _tx(self, *, background: bool = False) -> Iterator[Connection]:
+        """A write transaction; on SQLite it first takes this process's write turn (``background``
+        work, pruning, goes only when no other writer of this process is waiting)."""
+        if self._turns is None:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        if not background:
+            with self._turns.turn(), self.engine.begin() as conn:
+                yield conn
+            return
+        # A pruning chunk dirties about a page per index entry it deletes, enough for the commit
+        # to cross the WAL's auto-checkpoint mark each time: checkpoint after the turn instead,
+        # where the writer goes on appending meanwhile (PASSIVE blocks no writer).
+        with self.engine.connect() as conn:
+            raw = conn.connection.driver_connection
+            with self._turns.turn(background=True):
+                raw.execute("PRAGMA wal_autocheckpoint = 0")  # type: ignore[union-attr]
+                try:
+                    with conn.begin():
+                        yield conn
+                finally:
+                    raw.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")  # type: ignore[union-attr]
+            raw.execute("PRAGMA wal_checkpoint(PASSIVE)")  # type: ignore[union-attr]
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
@@ -1406,7 +1436,7 @@ class Store:
         order = (polls_legacy.c.watch_id, polls_legacy.c.polled_at, polls_legacy.c.id)
         done = 0
         while True:
-            with self._tx() as conn:
+            with self._tx(background=True) as conn:
                 if conn.dialect.name == "postgresql":
                     # Two converters (a daemon and `poller db upgrade`) take turns, chunk by chunk.
                     conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CONVERT_LOCK})
@@ -1516,7 +1546,7 @@ class Store:
             with self._read() as conn:
                 stale = list(conn.execute(select(poll_runs.c.id).where(stale_open)).scalars())
             for start in range(0, len(stale), limit):
-                with self._tx() as conn:
+                with self._tx(background=True) as conn:
                     ids = stale[start : start + limit]
                     total += conn.execute(poll_runs.delete().where(poll_runs.c.id.in_(ids), stale_open)).rowcount
         return total + self._delete_in_chunks(statement, limit, chunks)
@@ -1526,7 +1556,7 @@ class Store:
         ``chunks`` times); return how many rows went."""
         total = 0
         while chunks is None or chunks > 0:
-            with self._tx() as conn:
+            with self._tx(background=True) as conn:
                 deleted = conn.execute(statement).rowcount
             total += deleted
             chunks = None if chunks is None else chunks - 1
@@ -1564,9 +1594,66 @@ class Store:
     # --- reading --------------------------------------------------------------------
 
     def status(self, *, display: bool = False) -> list[dict[str, Any]]:
-        """One row per active watch with its latest state; with ``display``, times come as the CLI
-        shows them (``2026-11-24T10:00:00Z``), formatted by the database: 100,000 watches' worth of
-        datetime parsing and formatting in Python took most of `poller status`."""
+        """One row per active watch with its latest state (the STATUS_COLUMNS, and last_changed_at);
+        with ``display``, times come as the CLI shows them (``2026-11-24T10:00:00Z``)."""
+        query = self._status_query(display=display, text_only=False)
+        with self._read() as conn:
+            result = conn.execute(query)
+            keys = list(result.keys())
+            rows = [dict(zip(keys, row, strict=True)) for row in result]
+        return rows
+
+    def status_text(self) -> list[tuple[str, ...]]:
+        """The STATUS_COLUMNS of every active watch as display text ('' for none), by name: what
+        `poller status` prints. The database formats every cell and the driver's own rows skip
+        SQLAlchemy's per-row work: 100,000 watches are ~1.3 million cells."""
+        query = self._status_query(display=True, text_only=True)
+        with self._read() as conn:
+            sql = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            try:
+                cursor.execute(sql)
+                return cursor.fetchall()  # type: ignore[no-any-return]
+            finally:
+                cursor.close()
+
+    def status_table(self) -> tuple[list[str], list[str]]:
+        """`poller status`'s table: the watch names, and the lines (header first), each padded by
+        the database: one string per watch crosses into Python instead of a dozen cells."""
+        cells = self._status_query(display=True, text_only=True).cte("cells")
+        columns = list(cells.c)
+        # Each column as wide as its widest cell or its name.
+        widest = [func.max(func.length(c)) for c in columns]
+        widths = select(
+            *[case((w > len(c.name), w), else_=len(c.name)).label(c.name) for c, w in zip(columns, widest, strict=True)]
+        ).cte("widths")
+        postgres = self.engine.dialect.name == "postgresql"
+        # "!": SQLite's printf counts the width in characters, not bytes.
+        pattern = "  ".join(["%!-*s"] * (len(columns) - 1) + ["%s"])
+
+        def line(values: list[Any]) -> Any:
+            padded = zip(widths.c[:-1], values[:-1], strict=True)
+            if postgres:  # (psycopg would read a % in the statement as a parameter)
+                return func.rtrim(func.concat_ws("  ", *[func.rpad(v, w) for w, v in padded], values[-1]))
+            args: list[Any] = []
+            for width, value in padded:
+                args += [width, value]
+            return func.rtrim(func.printf(pattern, *args, values[-1]))
+
+        header = select(literal(0).label("part"), literal("").label("name"), line([literal(c.name) for c in columns]))
+        body = select(literal(1), cells.c.name, line(columns)).select_from(cells.join(widths, literal(True)))
+        query = header.select_from(widths).union_all(body).order_by("part", "name")
+        with self._read() as conn:
+            sql = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            try:
+                cursor.execute(sql)
+                rows = cursor.fetchall()
+            finally:
+                cursor.close()
+        return [row[1] for row in rows[1:]], [row[2] for row in rows]
+
+    def _status_query(self, *, display: bool, text_only: bool) -> Any:
         state = object_state.c
         sig = watch_signals.c
         times = (state.last_modified, state.last_polled_at, state.last_changed_at, sig.deadline_at)
@@ -1589,49 +1676,38 @@ class Store:
             )
             .exists()
         )
-        query = (
-            select(
-                watches.c.name,
-                watches.c.bucket,
-                watches.c.key,
-                state.last_outcome,
-                state.etag,
-                times[0],
-                times[1],
-                state.consecutive_errors,
-                state.last_error,
-                times[2],
-                times[3].label("deadline"),
-                case((sig.stale_since.is_not(None), 1), else_=0).label("stale"),
-                case((sig.settling_since.is_not(None), 1), else_=0).label("settling"),
-                case((alerting, 1), else_=0).label("failing"),
-            )
+        # "stale,settling,failing" as they apply (poller.signals), in that order.
+        signals = func.rtrim(
+            case((sig.stale_since.is_not(None), "stale,"), else_="")
+            + case((sig.settling_since.is_not(None), "settling,"), else_="")
+            + case((alerting, "failing,"), else_=""),
+            ",",
+        )
+        columns: dict[str, Any] = {
+            "name": watches.c.name,
+            "bucket": watches.c.bucket,
+            "key": watches.c.key,
+            "last_outcome": state.last_outcome,
+            "etag": state.etag,
+            "last_modified": times[0],
+            "last_polled_at": times[1],
+            "consecutive_errors": state.consecutive_errors,
+            "last_error": state.last_error,
+            "signals": signals,
+            "deadline": times[3],
+        }
+        if text_only:
+            selected = [func.coalesce(cast(c, Text), "").label(name) for name, c in columns.items()]
+        else:
+            selected = [c.label(name) for name, c in columns.items()] + [times[2].label("last_changed_at")]
+        return (
+            select(*selected)
             .select_from(watches)
             .outerjoin(object_state, and_(state.watch_id == watches.c.id, state.key == watches.c.key))
             .outerjoin(watch_signals, sig.watch_id == watches.c.id)
             .where(watches.c.active.is_(True))
             .order_by(watches.c.name)
         )
-        with self._read() as conn:
-            if display:
-                # Every column is text or a number here: the driver's own rows skip SQLAlchemy's
-                # per-row processing (a third of the time at 100,000 watches).
-                sql = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
-                cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-                try:
-                    cursor.execute(sql)
-                    keys = [d[0] for d in cursor.description]
-                    rows = [dict(zip(keys, row, strict=True)) for row in cursor.fetchall()]
-                finally:
-                    cursor.close()
-            else:
-                result = conn.execute(query)
-                keys = list(result.keys())
-                rows = [dict(zip(keys, row, strict=True)) for row in result]
-        for row in rows:
-            flags = (row.pop("stale"), row.pop("settling"), row.pop("failing"))
-            row["signals"] = ",".join(n for n, on in zip(("stale", "settling", "failing"), flags, strict=True) if on)
-        return rows
 
     def _display_time(self, column: Any) -> Any:
         """``column`` as UTC text with a Z, microseconds only when there are some (as the CLI writes)."""

@@ -296,3 +296,24 @@ def test_doctor_recommendations():
     assert len(warnings) == 1 and 'conditional = "both" is unsound' in warnings[0]
     # Only the same-second overwrite (a write) showed the timestamp winning: say what to set.
     assert recommend(rfc, either_noetag, "auto")[0] == "etag"
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv"])
+def test_status_text_prints_as_the_generic_table_does(capsys: pytest.CaptureFixture[str], fmt: str):
+    """`poller status` formats text rows at C speed (Store.status_text): same bytes as the generic
+    path for the same rows, escaping included (a line break in a key would forge a row)."""
+    from poller.cli import STATUS_COLUMNS, _emit, _emit_text
+
+    values = [
+        ("a", "b", "k", "unchanged", '"e"', "2026-11-24T10:00:00Z", "2026-11-24T10:00:00.5Z", 0, None, "", None),
+        ("long-name", "b", "evil\nkey", "error", None, None, None, 3, "503\r\nx", "failing", "2026-11-25T07:00:00Z"),
+    ]
+    dicts = [dict(zip(STATUS_COLUMNS, row, strict=True)) for row in values]
+    texts = [tuple("" if v is None else str(v) for v in row) for row in values]
+    _emit(dicts, STATUS_COLUMNS, fmt)
+    generic = capsys.readouterr().out
+    _emit_text(texts, STATUS_COLUMNS, fmt)
+    assert capsys.readouterr().out == generic
+    assert "evil\\nkey" in generic and "\r" not in generic
+    _emit_text([], STATUS_COLUMNS, fmt)  # no watches: the header alone
+    assert capsys.readouterr().out.splitlines()[0].split("," if fmt == "csv" else None) == list(STATUS_COLUMNS)

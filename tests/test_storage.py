@@ -7,6 +7,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,14 @@ from typing import Any
 import pytest
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, text
+from conftest import wait_for
+from sqlalchemy import Engine, event, text
 
 from poller.model import ObjectState, PollResult, Watch
 from poller.runs import Poll, from_ms, segments, to_ms
 from poller.store import Store, migrate, migrations_dir, open_engine
 from poller.watchlist import WatchSpec
+from poller.writeturns import WriteTurns
 
 NOW = datetime(2026, 11, 24, 10, 0, 0, 123000, tzinfo=UTC)
 A = (0, 304, '"a"', None, None)
@@ -376,3 +379,85 @@ def test_a_cached_open_run_that_another_writer_ended_is_not_extended(store: Stor
         ("error", 1, at(120), at(120)),
         ("unchanged", 2, at(180), at(240)),
     ]
+
+
+# --- write turns: pruning yields to the writer ---------------------------------------------
+
+
+def _queue_background_then_foreground(turns: WriteTurns) -> list[str]:
+    """While a writer holds the turn, a background and then a foreground writer queue: who goes first."""
+    order: list[str] = []
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with turns.turn():
+            held.set()
+            release.wait(10)
+
+    def take(name: str, background: bool) -> None:
+        with turns.turn(background=background):
+            order.append(name)
+
+    threads = [threading.Thread(target=holder)]
+    threads[0].start()
+    assert held.wait(10)
+    threads.append(threading.Thread(target=take, args=("prune", True)))
+    threads[-1].start()
+    wait_for(lambda: turns.waiting() == (0, 1), what="the background turn waiting")
+    threads.append(threading.Thread(target=take, args=("writer", False)))
+    threads[-1].start()
+    wait_for(lambda: turns.waiting() == (1, 1), what="the writer waiting")
+    release.set()
+    for t in threads:
+        t.join(10)
+    return order
+
+
+def test_write_turns_serve_a_waiting_writer_before_background_work():
+    turns = WriteTurns()
+    # Thread wake-up order varies: the writer goes first every time, though the pruner queued first.
+    for _ in range(20):
+        assert _queue_background_then_foreground(turns) == ["writer", "prune"]
+    with turns.turn(), turns.turn():  # a transaction inside another, same thread: no deadlock
+        assert turns.waiting() == (0, 0)
+
+
+def test_a_prune_pass_lets_the_daemons_writer_in_before_its_next_chunk(tmp_path: Path):
+    """A write of the same Store that queues while a pruning transaction holds the lock goes
+    before the pruner's next chunk (without the turns, the pruner takes the lock straight back)."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'p.db'}")
+    migrate(engine)
+    store = Store(engine)
+    turns = store._turns
+    assert turns is not None
+    watch = watch_of(store)
+    store.record([poll(watch, NOW - timedelta(days=9, minutes=3000 - n), "modified", f'"e{n}"') for n in range(3000)])
+    with engine.connect() as conn:
+        before = conn.execute(text("SELECT count(*) FROM poll_runs")).scalar_one()
+    assert before >= 3000
+    in_chunk = threading.Event()
+    seen: list[int] = []
+    first_chunk: list[int] = []
+
+    def hold_first_chunk(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.startswith("DELETE FROM poll_runs") and not in_chunk.is_set():
+            first_chunk.append(cursor.rowcount)
+            in_chunk.set()
+            wait_for(lambda: turns.waiting() == (1, 0), what="the writer queued behind the chunk")
+
+    event.listen(engine, "after_cursor_execute", hold_first_chunk)
+
+    def writer() -> None:
+        assert in_chunk.wait(30)
+        with store._tx() as conn:
+            seen.append(conn.execute(text("SELECT count(*) FROM poll_runs")).scalar_one())
+
+    first = threading.Thread(target=writer)
+    first.start()
+    store.prune_polls(NOW, NOW)
+    first.join(10)
+    assert seen == [before - first_chunk[0]]  # exactly the one chunk that held the lock
+    with engine.connect() as conn:
+        # Every run went, the open one too (its watch not polled for longer than the retention).
+        assert conn.execute(text("SELECT count(*) FROM poll_runs")).scalar() == 0
+    store.close()
