@@ -232,11 +232,28 @@ class Dispatcher:
         now = now or datetime.now(UTC)
         rows = self.store.due_notifications(now)
         futures = [self._pool.submit(self._attempt, row, now) for row in rows]
+        delivered: list[tuple[int, datetime, str]] = []
+        failure: Exception | None = None
         for future in futures:
-            future.result()
+            try:
+                done = future.result()
+            except Exception as exc:  # recording a failed attempt failed: mark the successes first
+                failure = failure or exc
+                continue
+            if done is not None:
+                delivered.append(done)
+        # The pass's successes in one transaction, only after their sinks took them: a crash before
+        # this commit delivers them again (same event id, receivers de-duplicate), never loses one.
+        self.store.delivered_many([(notification_id, at) for notification_id, at, _ in delivered])
+        for _, _, label in delivered:
+            log.info("notification %s delivered", label)
+        if failure is not None:
+            raise failure
         return len(rows)
 
-    def _attempt(self, row: Mapping[str, Any], now: datetime) -> None:
+    def _attempt(self, row: Mapping[str, Any], now: datetime) -> tuple[int, datetime, str] | None:
+        """One attempt of one row: a failure or a give-up is recorded here; a success is returned as
+        (id, when, label) for run_once to mark with the pass's others."""
         history_id = row.get("history_id")
         ref = f"event {history_id}" if history_id is not None else f"watch event {row.get('event_id')}"
         label = printable(f"{row['sink']} {row['event']} of {row['watch']} ({ref})")
@@ -244,7 +261,7 @@ class Dispatcher:
         if sink is None:
             self.store.give_up(row["id"], "sink no longer configured")
             log.warning("notification %s given up: sink no longer configured", label)
-            return
+            return None
         # Every event gets at least one attempt, however old it is.
         if row["attempts"] and now - row["queued_at"] > timedelta(seconds=sink.max_age):
             self.store.give_up(
@@ -253,7 +270,7 @@ class Dispatcher:
                 f"({format_duration(sink.max_age)})",
             )
             log.error("notification %s given up after %d attempts (max_age reached)", label, row["attempts"])
-            return
+            return None
         try:
             deliver(sink, row)
         except Exception as exc:
@@ -271,6 +288,5 @@ class Dispatcher:
                 reason,
                 retry_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
             )
-            return
-        self.store.delivered(row["id"], datetime.now(UTC))
-        log.info("notification %s delivered", label)
+            return None
+        return row["id"], datetime.now(UTC), label

@@ -21,15 +21,15 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from conftest import ConfigFile, run_cli, wait_for
 from pgserver import PgServer
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, event, select, text
 from sqlalchemy.exc import IntegrityError
 
 from poller.config import load_settings
 from poller.daemon import Daemon
-from poller.model import ObjectState, PollResult, Watch
-from poller.schema import metadata, object_state, watches
+from poller.model import KeyChange, ObjectState, PollResult, Watch
+from poller.schema import etag_history, metadata, notifications, object_state, watches
 from poller.sdnotify import Notifier
-from poller.store import Store, StoreError, migrate, migrations_dir, open_engine
+from poller.store import Store, StoreError, Superseded, migrate, migrations_dir, open_engine
 from poller.watchlist import WatchSpec
 
 NOW = datetime(2026, 11, 24, 10, 0, 0, tzinfo=UTC)
@@ -587,7 +587,103 @@ def test_batched_state_upserts_apply_as_row_by_row(store: Store):
         "w13": ("ünï 'q'", None, t2, "error", 1, "boom", 0),
     }
     if store.engine.dialect.name == "postgresql":
-        assert staged == {"poller_stage_ok", "poller_stage_error", "poller_stage_runs"}  # the staged paths ran
+        staged_paths = {"poller_stage_ok", "poller_stage_error", "poller_stage_runs", "poller_stage_first"}
+        assert staged == staged_paths  # the staged paths ran (the first batch: 12 first sightings)
+
+
+def test_a_batch_of_first_sightings_is_recorded_as_one_by_one(store: Store):
+    # A batch's first sightings are one compare-and-set statement (on PostgreSQL COPY-staged); the
+    # outcome must be row by row's: a key never stored is inserted (seq 1), one with only errors
+    # stored is taken over (numbered past its row), one with history from before a retarget is
+    # numbered past that, one another writer saw first is refused (Superseded: no history, no outbox
+    # row), one changed twice in the batch goes row by row, and so do the new keys of a list pass
+    # with other changes (one refused change refuses the rest of its pass); a pass's only new key is
+    # a first sighting like a key watch's.
+    names = [f"f{i}" for i in range(10)]
+    prefixes = [WatchSpec(p, "bucket", f"{p}/", 60.0, None, prefix=True) for p in ("dir", "solo")]
+    w = store.sync_watches([*specs(*names), *prefixes], NOW).watches
+    store.record([result(w["f0"], "error", None)])  # f0: an error first, no object stored yet
+    store.record([result(w["f1"], etag='"other"')])  # f1: another writer's first sighting
+    e0 = ObjectState('"e0"', NOW, NOW, None, 3, True)
+    pass0 = (KeyChange("dir/a", "first_seen", None, e0), KeyChange("dir/b", "first_seen", None, e0))
+    store.record([PollResult(w["dir"], NOW, "modified", 200, 1.0, None, ObjectState(), changes=pass0)])
+    with store.engine.begin() as conn:
+        # f0's row numbered past its history (history rows deleted by hand); f2: watched before,
+        # retargeted away and back (history, no state row).
+        conn.execute(object_state.update().where(object_state.c.watch_id == w["f0"].id).values(seq=5))
+        conn.execute(
+            etag_history.insert().values(
+                watch_id=w["f2"].id, key="key/f2", detected_at=NOW, event="first_seen", etag='"old"', seq=3
+            )
+        )
+    later, again = NOW + timedelta(minutes=1), NOW + timedelta(minutes=2)
+    e1 = ObjectState('"e1"', later, later, None, 3, True)
+    pass1 = (
+        KeyChange("dir/a", "modified", e0, e1),
+        KeyChange("dir/c", "created", None, e1),
+        KeyChange("dir/d", "created", None, e1),
+    )
+    listed = PollResult(w["dir"], later, "modified", 200, 1.0, None, ObjectState(), changes=pass1)
+    solo = (KeyChange("solo/x", "first_seen", None, e1),)
+    listed_solo = PollResult(w["solo"], later, "modified", 200, 1.0, None, ObjectState(), changes=solo)
+    twice = result(w["f3"], event="modified", etag='"e2"', when=again, previous=e1)
+    batch = [result(w[n], when=later) for n in names] + [listed, listed_solo, twice]
+    statements: list[str] = []
+    listen = ("before_cursor_execute", lambda conn, cursor, sql, *_: statements.append(sql))
+    event.listen(store.engine, *listen)
+    try:
+        refused = store.record(batch, lambda name, event: ["hook"])
+    finally:
+        event.remove(store.engine, *listen)
+    assert list(refused) == [1] and isinstance(refused[1], Superseded)
+    h, n = etag_history.c, notifications.c
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            select(watches.c.name, h.key, h.event, h.etag, h.seq, n.sink)
+            .join_from(etag_history, watches)
+            .outerjoin(notifications, n.history_id == h.id)
+            .order_by(watches.c.name, h.key, h.seq)
+        ).all()
+        states = {
+            (name, key): seq
+            for name, key, seq in conn.execute(
+                select(watches.c.name, object_state.c.key, object_state.c.seq).join_from(object_state, watches)
+            )
+        }
+        staged = conn.info.get("poller_staging_tables", set())
+    assert [tuple(r) for r in rows] == [
+        ("dir", "dir/a", "first_seen", '"e0"', 1, None),
+        ("dir", "dir/a", "modified", '"e1"', 2, "hook"),
+        ("dir", "dir/b", "first_seen", '"e0"', 1, None),
+        ("dir", "dir/c", "created", '"e1"', 1, "hook"),
+        ("dir", "dir/d", "created", '"e1"', 1, "hook"),
+        ("f0", "key/f0", "first_seen", '"e1"', 6, "hook"),
+        ("f1", "key/f1", "first_seen", '"other"', 1, None),
+        ("f2", "key/f2", "first_seen", '"old"', 3, None),
+        ("f2", "key/f2", "first_seen", '"e1"', 4, "hook"),
+        ("f3", "key/f3", "first_seen", '"e1"', 1, "hook"),
+        ("f3", "key/f3", "modified", '"e2"', 2, "hook"),
+        *[(name, f"key/{name}", "first_seen", '"e1"', 1, "hook") for name in names[4:]],
+        ("solo", "solo/x", "first_seen", '"e1"', 1, "hook"),
+    ]
+    assert states == {
+        **{(name, f"key/{name}"): 1 for name in names},
+        ("f0", "key/f0"): 6,
+        ("f2", "key/f2"): 4,
+        ("f3", "key/f3"): 2,
+        **{("dir", key): seq for key, seq in (("dir/", 0), ("dir/a", 2), ("dir/b", 1), ("dir/c", 1), ("dir/d", 1))},
+        ("solo", "solo/"): 0,
+        ("solo", "solo/x"): 1,
+    }
+    # The batched path did run: one statement for the 10 first sightings; row by row f3's three
+    # (UPDATE, INSERT; UPDATE) and dir's five (UPDATE; UPDATE, INSERT twice); the list passes' own
+    # rows (one upsert). One statement for the history rows (on PostgreSQL a pipelined executemany
+    # on the driver's cursor, as the COPY is).
+    pg = store.engine.dialect.name == "postgresql"
+    assert sum(sql.startswith(("INSERT INTO object_state", "UPDATE object_state")) for sql in statements) == 10
+    assert sum(sql.startswith("INSERT INTO etag_history") for sql in statements) == (0 if pg else 1)
+    if pg:
+        assert "poller_stage_first" in staged
 
 
 def test_the_status_table_laid_out_by_the_database_equals_the_one_laid_out_from_cells(store: Store, capsys):

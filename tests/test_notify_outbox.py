@@ -1,0 +1,135 @@
+"""The dispatcher against the outbox on both backends: a pass's deliveries are marked in one
+transaction, only after their sinks took them; a crash before that mark delivers again, never loses."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from conftest import serving
+from sqlalchemy import event, select
+
+from poller.config import NotifySettings
+from poller.model import ObjectState, PollResult
+from poller.notify import Dispatcher
+from poller.schema import notifications
+from poller.store import Store
+from poller.watchlist import WatchSpec
+
+NOW = datetime(2026, 11, 26, 9, 0, 0, tzinfo=UTC)
+
+
+class Hooks:
+    """Two real webhook receivers on one server: /ok answers 204, /down answers 503."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, str]] = []  # (X-Poller-Delivery, watch) of each 2xx answered
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                ok = self.path == "/ok"
+                if ok:
+                    with lock:
+                        outer.received.append((self.headers["X-Poller-Delivery"], body["data"]["watch"]))
+                self.send_response(204 if ok else 503)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.handler = Handler
+
+
+@pytest.fixture
+def hooks() -> Iterator[tuple[Hooks, list[NotifySettings]]]:
+    h = Hooks()
+    with serving(h.handler) as port:
+        sinks = [
+            NotifySettings(type="webhook", name=name, url=f"http://127.0.0.1:{port}/{name}", backoff=60.0)
+            for name in ("ok", "down")
+        ]
+        yield h, sinks
+
+
+def first_sightings(store: Store, count: int) -> None:
+    """``count`` watches' first sightings, each routed to both sinks."""
+    names = [f"w{i}" for i in range(count)]
+    watches = store.sync_watches([WatchSpec(n, "bucket", f"key/{n}", 60.0, None) for n in names], NOW).watches
+    state = ObjectState('"e1"', NOW, NOW, None, 3, True)
+    results = [PollResult(w, NOW, "modified", 200, 1.0, None, state, "first_seen") for w in watches.values()]
+    assert store.record(results, lambda name, event: ["ok", "down"]) == {}
+
+
+def outbox(store: Store) -> dict[str, list[tuple[Any, ...]]]:
+    n = notifications.c
+    query = select(n.sink, n.status, n.attempts, n.last_error, n.delivered_at).order_by(n.id)
+    rows: dict[str, list[tuple[Any, ...]]] = {}
+    with store.engine.connect() as conn:
+        for sink, *row in conn.execute(query):
+            rows.setdefault(sink, []).append(tuple(row))
+    return rows
+
+
+def test_a_pass_marks_its_deliveries_in_one_transaction(store: Store, hooks: tuple[Hooks, list[NotifySettings]]):
+    received, sinks = hooks
+    first_sightings(store, 6)
+    updates: list[tuple[str, bool]] = []
+
+    def seen(conn: Any, cursor: Any, sql: str, params: Any, context: Any, executemany: bool) -> None:
+        if sql.startswith("UPDATE notifications"):
+            updates.append((sql, executemany))
+
+    dispatcher = Dispatcher(store, sinks, "test")
+    event.listen(store.engine, "before_cursor_execute", seen)
+    before = datetime.now(UTC)
+    try:
+        assert dispatcher.run_once(NOW + timedelta(seconds=1)) == 12
+    finally:
+        event.remove(store.engine, "before_cursor_execute", seen)
+        dispatcher.stop()
+    after = datetime.now(UTC)
+    rows = outbox(store)
+    assert sorted(watch for _, watch in received.received) == [f"w{i}" for i in range(6)]
+    assert [row[:3] for row in rows["ok"]] == [("delivered", 1, None)] * 6
+    assert all(before <= row[3] <= after for row in rows["ok"])  # each at its own success
+    assert [row[:2] for row in rows["down"]] == [("pending", 1)] * 6
+    assert all("503" in row[2] and row[3] is None for row in rows["down"])
+    # Six failed attempts row by row (failures are rare), the six successes in one statement.
+    marks = [(sql, many) for sql, many in updates if "delivered_at" in sql]
+    assert len(marks) == 1 and marks[0][1], marks
+    assert len(updates) == 7
+
+
+def test_a_crash_before_the_mark_delivers_again_with_the_same_id(
+    store: Store, hooks: tuple[Hooks, list[NotifySettings]], monkeypatch: pytest.MonkeyPatch
+):
+    received, sinks = hooks
+    first_sightings(store, 3)
+    dispatcher = Dispatcher(store, sinks[:1], "test")
+    mark = store.delivered_many
+
+    def crash(marks: Any) -> None:
+        raise RuntimeError("killed between the webhook's answer and the commit")
+
+    monkeypatch.setattr(store, "delivered_many", crash)
+    try:
+        with pytest.raises(RuntimeError, match="killed"):
+            dispatcher.run_once(NOW + timedelta(seconds=1))
+        assert len(received.received) == 3
+        assert {row[0] for row in outbox(store)["ok"]} == {"pending"}  # never marked: still owed
+        monkeypatch.setattr(store, "delivered_many", mark)
+        assert dispatcher.run_once(NOW + timedelta(seconds=2)) == 3
+        assert dispatcher.run_once(NOW + timedelta(seconds=3)) == 0  # marked now: delivered once more only
+    finally:
+        dispatcher.stop()
+    first, again = received.received[:3], received.received[3:]
+    assert sorted(again) == sorted(first)  # the same event ids: a receiver de-duplicates
+    assert [row[:3] for row in outbox(store)["ok"]] == [("delivered", 1, None)] * 3
