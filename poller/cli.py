@@ -356,21 +356,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     """One row per watch: last outcome, ETag, Last-Modified, last polled, consecutive errors, signals, deadline."""
     _, settings = _settings(args)
     store = _open_store(settings, readonly=True)
-    lines: list[str] = []
     try:
         if args.format == "json":
             rows = store.status(display=True)
             names = [row["name"] for row in rows]
         else:
-            if args.format == "table":
-                names, lines = store.status_table()
-                # A control character in a name, key or error must be escaped, which changes widths:
-                # the rare table that needs it is laid out here from its cells instead.
-                if not "".join(lines).isprintable():
-                    lines = []
-            cells = [] if lines else store.status_text()
-            if not lines:
-                names = [row[0] for row in cells]
+            cells = store.status_text()
+            names = [row[0] for row in cells]
         deliveries = store.notification_counts()
         servers = store.server_semantics()
         daemons = store.cluster_status()
@@ -378,8 +370,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         store.close()
     if args.format == "json":
         _emit(rows, STATUS_COLUMNS, args.format)
-    elif lines:
-        sys.stdout.write("\n".join(lines) + "\n")
     else:
         _emit_text(cells, STATUS_COLUMNS, args.format)
     if args.format == "table" and daemons:

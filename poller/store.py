@@ -34,7 +34,6 @@ from sqlalchemy import (
     event,
     func,
     inspect,
-    literal,
     or_,
     select,
     text,
@@ -1617,42 +1616,6 @@ class Store:
             finally:
                 cursor.close()
 
-    def status_table(self) -> tuple[list[str], list[str]]:
-        """`poller status`'s table: the watch names, and the lines (header first), each padded by
-        the database: one string per watch crosses into Python instead of a dozen cells."""
-        cells = self._status_query(display=True, text_only=True).cte("cells")
-        columns = list(cells.c)
-        # Each column as wide as its widest cell or its name.
-        widest = [func.max(func.length(c)) for c in columns]
-        widths = select(
-            *[case((w > len(c.name), w), else_=len(c.name)).label(c.name) for c, w in zip(columns, widest, strict=True)]
-        ).cte("widths")
-        postgres = self.engine.dialect.name == "postgresql"
-        # "!": SQLite's printf counts the width in characters, not bytes.
-        pattern = "  ".join(["%!-*s"] * (len(columns) - 1) + ["%s"])
-
-        def line(values: list[Any]) -> Any:
-            padded = zip(widths.c[:-1], values[:-1], strict=True)
-            if postgres:  # (psycopg would read a % in the statement as a parameter)
-                return func.rtrim(func.concat_ws("  ", *[func.rpad(v, w) for w, v in padded], values[-1]))
-            args: list[Any] = []
-            for width, value in padded:
-                args += [width, value]
-            return func.rtrim(func.printf(pattern, *args, values[-1]))
-
-        header = select(literal(0).label("part"), literal("").label("name"), line([literal(c.name) for c in columns]))
-        body = select(literal(1), cells.c.name, line(columns)).select_from(cells.join(widths, literal(True)))
-        query = header.select_from(widths).union_all(body).order_by("part", "name")
-        with self._read() as conn:
-            sql = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
-            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-            try:
-                cursor.execute(sql)
-                rows = cursor.fetchall()
-            finally:
-                cursor.close()
-        return [row[1] for row in rows[1:]], [row[2] for row in rows]
-
     def _status_query(self, *, display: bool, text_only: bool) -> Any:
         state = object_state.c
         sig = watch_signals.c
@@ -1697,7 +1660,7 @@ class Store:
             "deadline": times[3],
         }
         if text_only:
-            selected = [func.coalesce(cast(c, Text), "").label(name) for name, c in columns.items()]
+            selected = [func.coalesce(cast(c, Text), "") for c in columns.values()]
         else:
             selected = [c.label(name) for name, c in columns.items()] + [times[2].label("last_changed_at")]
         return (

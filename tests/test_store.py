@@ -684,26 +684,3 @@ def test_a_batch_of_first_sightings_is_recorded_as_one_by_one(store: Store):
     assert sum(sql.startswith("INSERT INTO etag_history") for sql in statements) == (0 if pg else 1)
     if pg:
         assert "poller_stage_first" in staged
-
-
-def test_the_status_table_laid_out_by_the_database_equals_the_one_laid_out_from_cells(store: Store, capsys):
-    """`poller status` prints Store.status_table (padded by the database); the cells path
-    (Store.status_text + cli._emit_text) is the reference, on every backend, wide characters included."""
-    from poller.cli import STATUS_COLUMNS, _emit_text
-
-    watches = store.sync_watches(
-        [
-            WatchSpec("a", "bucket", "k", 60.0, None),
-            WatchSpec("a-much-longer-name", "bucket", "ключ/データ.csv", 60.0, None),
-            WatchSpec("never-polled", "b", "x", 60.0, None),
-        ],
-        NOW,
-    ).watches
-    store.record([result(watches["a"]), result(watches["a-much-longer-name"], outcome="error", event=None)])
-    names, lines = store.status_table()
-    assert names == ["a", "a-much-longer-name", "never-polled"]
-    _emit_text(store.status_text(), STATUS_COLUMNS, "table")
-    assert "\n".join(lines) + "\n" == capsys.readouterr().out
-    assert "ключ/データ.csv  error" in lines[2]  # padded in characters, not bytes
-    store.sync_watches([], NOW)  # no active watch: the header alone
-    assert store.status_table() == ([], ["  ".join(STATUS_COLUMNS)])
