@@ -34,7 +34,7 @@ CONCURRENCY = 32
 TARGET_RATE = 100_000 / 60  # polls/s: 100,000 watches at a 60 s interval
 SATURATION_RATE = 5_000  # polls/s demanded to find the ceiling (above what 2 cores reach)
 # The cluster target: 3 daemons x 30,000 watches at 60 s (1,500 polls/s demanded).
-CLUSTER_TARGET = ["--watches", "90000", "--interval", "60", "--seconds", "150", "--lease", "15", "--heartbeat", "3"]
+CLUSTER_TARGET = ["--watches", "90000", "--interval", "60", "--seconds", "300", "--lease", "15", "--heartbeat", "3"]
 CLUSTER_TARGET += ["--json-key", "cluster_target"]
 
 

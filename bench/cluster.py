@@ -254,7 +254,9 @@ def main() -> int:
         mutate_seconds=args.seconds,
         mutation_rate=args.rate,
         kill_at=args.seconds / 3,
-        restart_at=args.seconds * 2 / 3,
+        # The killed daemon comes back only after the takeover bound: coming back sooner moves its
+        # shards again before the survivors' first polls, which is a rebalance, not a takeover.
+        restart_at=max(args.seconds * 2 / 3, args.seconds / 3 + args.lease + args.heartbeat + args.interval + 5),
         settle=60.0,
         metrics=True,
         progress=True,

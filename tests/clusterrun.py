@@ -378,7 +378,10 @@ def run(
                 restarted_at = time.monotonic()
                 note("daemon restarted")
             if steady_b is None and restarted_at is not None and balanced(plan.daemons):
-                steady_b = datetime.now(UTC) + timedelta(seconds=plan.heartbeat + plan.steady_after)
+                # After the rebalance's handover, and one interval on: the moved watches have had
+                # their first slot with their new holder, and the restarted daemon its start-up.
+                settle_b = plan.heartbeat + max(plan.steady_after, plan.interval)
+                steady_b = datetime.now(UTC) + timedelta(seconds=settle_b)
             if measuring and window_b is None and steady_b is not None and datetime.now(UTC) >= steady_b:
                 window_b = sample()
                 note("steady window B begins")
