@@ -941,16 +941,7 @@ class Store:
             conn.execute(self._upsert_ok, rows)
             return
         stage, upsert = self._staged[error]
-        if stage.name not in conn.info.get(_STAGE_INFO, ()):
-            # Once per connection; record() notes it only once this transaction committed (a rolled
-            # back CREATE leaves no table), and IF NOT EXISTS covers a commit that failed late.
-            columns = ", ".join(c.name for c in stage.columns)
-            conn.exec_driver_sql(
-                f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage.name} ON COMMIT DELETE ROWS "
-                f"AS SELECT {columns} FROM object_state WITH NO DATA"
-            )
-            created.append(stage.name)
-        _copy_rows(conn, stage, rows)
+        _stage_rows(conn, stage, rows, created)
         conn.execute(upsert)
 
     def _write_runs(
@@ -1184,14 +1175,7 @@ class Store:
         rows = [row for _, row in firsts.values()]
         if self._stage_states:
             stage, statement = self._staged_first
-            if stage.name not in conn.info.get(_STAGE_INFO, ()):
-                columns = ", ".join(c.name for c in stage.columns)
-                conn.exec_driver_sql(
-                    f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage.name} ON COMMIT DELETE ROWS "
-                    f"AS SELECT {columns} FROM object_state WITH NO DATA"
-                )
-                created.append(stage.name)
-            _copy_rows(conn, stage, rows)
+            _stage_rows(conn, stage, rows, created)
             stored = conn.execute(statement)
         else:
             # The same upsert from multi-row VALUES (SQLAlchemy's insertmanyvalues), no staging table.
@@ -2292,6 +2276,20 @@ def _outbox_row(row: Any) -> dict[str, Any]:
     out = dict(row._mapping)
     out["detail"] = signals_loads(out["detail"])
     return out
+
+
+def _stage_rows(conn: Connection, stage: Table, rows: list[dict[str, Any]], created: list[str]) -> None:
+    """COPY ``rows`` into the temporary staging table ``stage`` (shaped like object_state), creating it
+    first on a connection that has none: record() notes it only once this transaction committed (a
+    rolled back CREATE leaves no table), and IF NOT EXISTS covers a commit that failed late."""
+    if stage.name not in conn.info.get(_STAGE_INFO, ()):
+        columns = ", ".join(c.name for c in stage.columns)
+        conn.exec_driver_sql(
+            f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage.name} ON COMMIT DELETE ROWS "
+            f"AS SELECT {columns} FROM object_state WITH NO DATA"
+        )
+        created.append(stage.name)
+    _copy_rows(conn, stage, rows)
 
 
 def _copy_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
