@@ -341,6 +341,8 @@ class Store:
         # and keep pruning behind the writer (poller/writeturns.py). PostgreSQL locks rows.
         self._turns = WriteTurns() if engine.dialect.name == "sqlite" else None
         self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        # The larger of two values: SQLite's max() with two arguments is scalar.
+        self._greatest = func.greatest if engine.dialect.name == "postgresql" else func.max
         self._upsert_ok, self._upsert_error = self._upserts()
         self._cas = self._cas_statements()
         # The poll rows are most of what the writer writes; COPY costs a third of the client CPU
@@ -1189,35 +1191,26 @@ class Store:
         """The staging table of first sightings (PostgreSQL) and the upsert of first sightings from it."""
         columns = list(_OK_COLUMNS)
         stage = Table("poller_stage_first", MetaData(), *[Column(c, object_state.c[c].type) for c in columns])
-        recorded = (
-            select(func.coalesce(func.max(etag_history.c.seq), 0))
-            .where(etag_history.c.watch_id == stage.c.watch_id, etag_history.c.key == stage.c.key)
-            .scalar_subquery()
-        )
+        recorded = _recorded_seq(stage.c.watch_id, stage.c.key)
         statement = postgresql.insert(object_state).from_select([*columns, "seq"], select(*stage.columns, recorded + 1))
         return stage, self._first_sighted(statement)
 
     def _first_values(self) -> Any:
         """The upsert of first sightings from one VALUES row each (bound by column name)."""
         params = {c: bindparam(c, type_=object_state.c[c].type) for c in _OK_COLUMNS}
-        recorded = (
-            select(func.coalesce(func.max(etag_history.c.seq), 0))
-            .where(etag_history.c.watch_id == params["watch_id"], etag_history.c.key == params["key"])
-            .scalar_subquery()
-        )
+        recorded = _recorded_seq(params["watch_id"], params["key"])
         return self._first_sighted(self._insert(object_state).values({**params, "seq": recorded + 1}))
 
     def _first_sighted(self, statement: Any) -> Any:
         """``statement`` (an INSERT of first sightings numbered past every recorded change) made equal to
         ``_cas_statements``'s UPDATE-then-INSERT for a key never stored: insert it, or take over a row
         that never held an object (errors only); a key another writer saw is left alone (not returned)."""
-        greatest = func.greatest if self.engine.dialect.name == "postgresql" else func.max
         return statement.on_conflict_do_update(
             index_elements=[object_state.c.watch_id, object_state.c.key],
             set_={
                 **{c: statement.excluded[c] for c in _OK_COLUMNS[2:]},
                 # As the row-by-row UPDATE: greatest(stored seq, recorded) + 1.
-                "seq": greatest(object_state.c.seq + 1, statement.excluded.seq),
+                "seq": self._greatest(object_state.c.seq + 1, statement.excluded.seq),
             },
             where=and_(object_state.c.etag.is_(None), object_state.c.present.is_(None)),
         ).returning(object_state.c.watch_id, object_state.c.key, object_state.c.seq)
@@ -1265,13 +1258,8 @@ class Store:
         columns = ("watch_id", "key", *_STATE_COLUMNS, "last_changed_at")
         watch_id = bindparam("v_watch_id", type_=object_state.c.watch_id.type)
         key = bindparam("v_key", type_=object_state.c.key.type)
-        recorded = (
-            select(func.coalesce(func.max(etag_history.c.seq), 0))
-            .where(etag_history.c.watch_id == watch_id, etag_history.c.key == key)
-            .scalar_subquery()
-        )
         # Past every recorded number even if the state row was dropped (a watch retargeted and back).
-        greatest = func.greatest if self.engine.dialect.name == "postgresql" else func.max
+        recorded = _recorded_seq(watch_id, key)
         update_cas = (
             update(object_state)
             .where(
@@ -1283,7 +1271,7 @@ class Store:
             .values(
                 {
                     **{c: bindparam(f"v_{c}", type_=object_state.c[c].type) for c in columns[2:]},
-                    "seq": greatest(object_state.c.seq, recorded) + 1,
+                    "seq": self._greatest(object_state.c.seq, recorded) + 1,
                 }
             )
             .returning(object_state.c.seq)
@@ -2276,6 +2264,15 @@ def _outbox_row(row: Any) -> dict[str, Any]:
     out = dict(row._mapping)
     out["detail"] = signals_loads(out["detail"])
     return out
+
+
+def _recorded_seq(watch_id: Any, key: Any) -> Any:
+    """The highest change number recorded for (``watch_id``, ``key``) in etag_history, 0 for none."""
+    return (
+        select(func.coalesce(func.max(etag_history.c.seq), 0))
+        .where(etag_history.c.watch_id == watch_id, etag_history.c.key == key)
+        .scalar_subquery()
+    )
 
 
 def _stage_rows(conn: Connection, stage: Table, rows: list[dict[str, Any]], created: list[str]) -> None:
