@@ -109,16 +109,7 @@ def _emit(rows: list[dict[str, Any]], columns: Sequence[str], fmt: str) -> None:
         json.dump(cooked, out, indent=2, ensure_ascii=False)
         out.write("\n")
         return
-    text = [_text_row(row, columns) for row in rows]
-    if fmt == "csv":
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(columns)
-        writer.writerows(text)
-        return
-    widths = [max([len(c)] + [len(r[i]) for r in text]) for i, c in enumerate(columns)]
-    out.write("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip() + "\n")
-    for r in text:
-        out.write("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() + "\n")
+    _emit_text([tuple(_text_row(row, columns)) for row in rows], columns, fmt)
 
 
 def _emit_text(rows: list[tuple[str, ...]], columns: Sequence[str], fmt: str) -> None:
