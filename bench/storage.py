@@ -286,17 +286,17 @@ def build(
     return {"runs": run_id, "changes": changes_n}
 
 
-def table_bytes(db: Path | str) -> dict[str, int]:
+def table_bytes(url: str) -> dict[str, int]:
     """Bytes per table, indexes included: dbstat on SQLite, pg_total_relation_size on PostgreSQL."""
-    if isinstance(db, str) and db.startswith("postgresql"):
+    if url.startswith("postgresql"):
         import psycopg
 
-        with psycopg.connect(plain_pg_url(db)) as pg:
+        with psycopg.connect(plain_pg_url(url)) as pg:
             rows = pg.execute(
                 "SELECT relname, pg_total_relation_size(relid) FROM pg_stat_user_tables WHERE schemaname = 'public'"
             ).fetchall()
         return {name: int(size) for name, size in rows}
-    conn = sqlite3.connect(str(db).removeprefix("sqlite:///"))
+    conn = sqlite3.connect(url.removeprefix("sqlite:///"))
     try:
         rows = conn.execute(
             "SELECT m.tbl_name, sum(d.pgsize) FROM dbstat d JOIN sqlite_master m ON m.name = d.name GROUP BY m.tbl_name"
