@@ -39,7 +39,16 @@ class Watched:
 
 def watched_from(watches: Mapping[str, Watch], rules: Mapping[int, Rules]) -> list[Watched]:
     """The check's view of a synced watch list and its rules by watch id (``Store.rules``)."""
-    return [Watched(w.id, name, w.key, rules[w.id]) for name, w in watches.items() if w.id in rules]
+    # Only watches the check has work for: a million watches without deadlines cost nothing here.
+    return [
+        Watched(w.id, name, w.key, r)
+        for name, w in watches.items()
+        if (r := rules.get(w.id)) is not None and _checked(r)
+    ]
+
+
+def _checked(rules: Rules) -> bool:
+    return rules.has_deadline or rules.settle is not None
 
 
 class SignalCheck:
@@ -61,7 +70,7 @@ class SignalCheck:
 
     def set_watches(self, watched: Collection[Watched]) -> None:
         """The watches to check (those with a deadline or settle rule); the others are ignored."""
-        self.watched = {w.id: w for w in watched if w.rules.has_deadline or w.rules.settle is not None}
+        self.watched = {w.id: w for w in watched if _checked(w.rules)}
 
     @property
     def stale(self) -> int:

@@ -130,3 +130,51 @@ def test_bad_environment_override_names_the_field(tmp_path: Path) -> None:
             raise AssertionError("a non-integer concurrency must be refused")
     finally:
         del os.environ["POLLER_SCHEDULE__CONCURRENCY"]
+
+
+bucket_names = st.one_of(
+    st.text(max_size=70),
+    st.sampled_from(["b", "my-bucket", "a.b", "UPPER_x", " ", "", "a/b", "a b", "x" * 256, "arn:aws:s3:::x", "ab\x00"]),
+)
+plain_watches = st.fixed_dictionaries(
+    {"bucket": st.one_of(bucket_names, st.integers(), st.none())},
+    optional={"name": st.one_of(st.text(max_size=12), st.integers()), "key": st.one_of(s3_keys, st.booleans())},
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(item=plain_watches)
+def test_the_fast_path_of_a_plain_watch_agrees_with_the_model(item: dict[str, Any]) -> None:
+    """A million watches skip pydantic; each entry so accepted is the entry WatchSettings gives."""
+    from pydantic import ValidationError
+
+    from poller.config import WatchEntry, WatchSettings, _plain_entry
+
+    fast = _plain_entry(item)
+    try:
+        slow: WatchEntry | None = WatchEntry.from_model(WatchSettings.model_validate(item))
+    except ValidationError:
+        slow = None
+    if fast is not None:
+        assert fast == slow
+    elif all(type(v) is str for v in item.values()):
+        # Declined by the fast path only when the model refuses it too (then the model explains).
+        assert slow is None
+
+
+def test_a_bad_watch_among_many_is_named_with_the_other_sections_errors() -> None:
+    data: dict[str, Any] = {
+        "schedule": {"interval": "soon"},
+        "watch": [{"bucket": "b", "key": f"k{i}"} for i in range(5)]
+        + [{"bucket": "b", "key": "x", "cron": "61 * * * *"}],
+    }
+    from poller.config import settings_from_mapping
+
+    try:
+        settings_from_mapping(data, "f.toml")
+    except ConfigError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("accepted")
+    assert message.startswith("f.toml: [schedule] field 'interval'"), message
+    assert "watch #6 ('b/x'): " in message and "cron" in message
