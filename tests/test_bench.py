@@ -11,8 +11,8 @@ import pytest
 
 from bench.__main__ import (
     botocore_urllib3,
-    lean_loop,
     lateness_quantile,
+    lean_loop,
     meets_demand,
     run_poller,
     seconds_text,
