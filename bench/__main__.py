@@ -226,14 +226,15 @@ def lateness_quantile(
     watch's next chance is one interval later. Returns (seconds, True) when the quantile falls in the
     open top bucket, where the figure is only a lower bound."""
     prefix = 'poller_schedule_lateness_seconds_bucket{le="'
-    finite, above = [], 0.0
+    finite: list[tuple[float, float]] = []
+    above = 0.0
     for metric, value in after.items():
         if metric.startswith(prefix):
-            le, count = metric[len(prefix) :].split('"', 1)[0], value - before.get(metric, 0.0)
-            if le == "+Inf":
+            edge, count = metric[len(prefix) :].split('"', 1)[0], value - before.get(metric, 0.0)
+            if edge == "+Inf":
                 above = count
             else:
-                finite.append((float(le), count))
+                finite.append((float(edge), count))
     finite.sort()
     total = above + skipped
     if not total:
@@ -660,7 +661,9 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="poller-bench-") as tmp:
         workdir = Path(tmp)
-        regimes = [("client_bound", lambda: start_rclone(workdir, max(sizes), auth=AUTH))]
+        regimes: list[tuple[str, Callable[[], Server]]] = [
+            ("client_bound", lambda: start_rclone(workdir, max(sizes), auth=AUTH))
+        ]
         if not args.quick:  # moto caps the rate here: the latency regime that measures the client is --latency
             regimes.append(("latency_bound", lambda: start_moto_with_latency(2000)))
         for label, start in regimes:

@@ -56,7 +56,14 @@ def main() -> None:
         try:
             for n in args.sizes:
                 run = run_poller(
-                    server, n, args.seconds, workdir, args.rate, None, restart=True, ready_timeout=args.ready_timeout
+                    server,
+                    n,
+                    args.seconds,
+                    workdir,
+                    args.rate,
+                    concurrency=None,
+                    restart=True,
+                    ready_timeout=args.ready_timeout,
                 )
                 run.pop("db")
                 results["runs"].append(run)
