@@ -431,7 +431,7 @@ def run_poller(
         "threads": threads,
         "workers": threads - at_ready + 4,
         "concurrency": concurrency or "default",
-        "saturation": saturated or rate > TARGET_RATE,
+        "saturation": saturated or rate >= SATURATION_RATE,
         "db": str(run / "poller.db"),
     }
     figures["meets_demand"] = meets_demand(figures)
@@ -760,9 +760,16 @@ def run_modes(modes: list[list[str]]) -> int:
     return status
 
 
-def seconds_text(value: float | None, lower_bound: bool = False) -> str:
+def seconds_text(value: float | None, lower_bound: bool = False, digits: int = 3) -> str:
     """A figure in seconds for a table: "-" when not measured, ">x" when only a lower bound is known."""
-    return "-" if value is None else f"{'>' if lower_bound else ''}{value:.3f}"
+    return "-" if value is None else f"{'>' if lower_bound else ''}{value:.{digits}f}"
+
+
+LEGEND = """\
+  met: polls/s >= 0.99 x demanded and nothing skipped. Lateness counts each skipped slot as a poll at
+  least one interval late (>x: the quantile is among those, only a lower bound is known).
+  ready, 1st poll: seconds from the start to READY=1 and to the first committed poll, fresh database;
+  re-ready, re-1st: the same, the daemon started again on the database its run left."""
 
 
 def by_threads(rates: dict[int, float]) -> str:
@@ -800,15 +807,11 @@ def print_table(result: dict[str, Any]) -> None:
                 f"{seconds_text(r['lateness_p50_s'], r['lateness_p50_lower_bound']):>8} "
                 f"{seconds_text(r['lateness_p99_s'], r['lateness_p99_lower_bound']):>8} "
                 f"{r['peak_rss_mb']:>7.0f} {r['startup_s']:>7.2f} {r['first_poll_s']:>8.2f} "
-                f"{seconds_text(r.get('restart_startup_s')):>8} {seconds_text(r.get('restart_first_poll_s')):>7} "
+                f"{seconds_text(r.get('restart_startup_s'), digits=2):>8} "
+                f"{seconds_text(r.get('restart_first_poll_s'), digits=2):>7} "
                 f"{r['errors']:>6}"
             )
-        print(
-            "  met: polls/s >= 0.99 x demanded and nothing skipped; lateness counts each skipped slot as at least"
-            " one interval late (>x: the quantile is among those, a lower bound); ready/1st poll: seconds from"
-            " start to READY=1 and to the first committed poll, fresh database; re-: the same daemon started"
-            " again on the database the run left"
-        )
+        print(LEGEND)
         if any(r["saturation"] for r in f["poller"]):
             print("  * saturation run: more polls demanded than the poller can do; polls/s is its ceiling")
         if "lean_head_cpu_us" in f:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.__main__ import demand_text, run_poller, seconds_text
+from bench.__main__ import LEGEND, demand_text, run_poller, seconds_text
 from bench.servers import AUTH, start_rclone, use_bench_credentials
 
 SIZES = (100_000, 300_000, 1_000_000)
@@ -70,12 +70,8 @@ def main() -> None:
                 print_row(run, header=len(results["runs"]) == 1)
         finally:
             server.close()
-    print(
-        "  met: polls/s >= 0.99 x demanded and nothing skipped; p99 lateness counts each skipped slot as at"
-        " least one interval late (>x: a lower bound); ready/1st poll: seconds from the start, fresh database;"
-        " first pass: seconds after READY=1 until every watch's first sighting is committed; re-: started again"
-        " on the populated database"
-    )
+    print(LEGEND)
+    print("  1st pass: seconds after READY=1 until every watch's first sighting is committed; RSS: peak (VmHWM).")
     print(json.dumps({"scale": results}, separators=(",", ":")))
 
 
