@@ -83,7 +83,8 @@ def print_row(r: dict[str, Any], header: bool) -> None:
             f"{'re-RSS':>7} {'errors':>6}"
         )
     print(
-        f"{r['watches']:>9,} {r['startup_s']:>8.1f} {r['first_poll_s']:>8.1f} {seconds_text(r['first_pass_s']):>8} "
+        f"{r['watches']:>9,} {r['startup_s']:>8.1f} {r['first_poll_s']:>8.1f} "
+        f"{seconds_text(r['first_pass_s'], digits=1):>8} "
         f"{r['peak_rss_mb']:>7.0f} {r['demanded_polls_per_s']:>8.0f} {r['polls_per_s']:>8.0f} "
         f"{demand_text(r):>4} {r['skipped']:>8} {seconds_text(r['lateness_p99_s'], r['lateness_p99_lower_bound']):>9} "
         f"{r['restart_startup_s']:>8.1f} {r['restart_first_poll_s']:>8.1f} {r['restart_peak_rss_mb']:>7.0f} "
