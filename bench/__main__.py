@@ -311,8 +311,9 @@ class Daemon:
         self.notify.settimeout(1.0)
         self.log_path = run / f"daemon-{tag}.log"
         self._log = self.log_path.open("wb")
-        # The bench's own dummy credentials (use_bench_credentials): the ones rclone checks.
+        # The bench's dummy credentials, the ones rclone checks (--auth-key), whoever calls this.
         env = {**os.environ, "NOTIFY_SOCKET": str(run / f"notify-{tag}.sock")}
+        env.update(AWS_ACCESS_KEY_ID=AUTH[0], AWS_SECRET_ACCESS_KEY=AUTH[1])
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "poller", "run", "--config", str(config), "--log-level", "WARNING"],
