@@ -800,13 +800,6 @@ class Settings(BaseSettings):
         return self
 
 
-def watch_interval(settings: Settings, watch: WatchEntry) -> float | None:
-    """The effective interval of a watch in seconds, or None for a cron watch."""
-    if watch.cron is not None:
-        return None
-    return watch.interval if watch.interval is not None else settings.schedule.interval
-
-
 def find_config(explicit: str | os.PathLike[str] | None) -> Path:
     """Pick the config file: ``--config``, ``$POLLER_CONFIG``, ``./poller.toml``, ``/etc/poller/config.toml``."""
     if explicit:

@@ -7,10 +7,12 @@ its main loop a large share of the CPU: README "Benchmarks").
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -84,9 +86,6 @@ class Daemon:
         self.service, specs, synced = prepare(settings, self.store)
         self.signals = SignalCheck(self.store)
         self.signals.set_watches(watched_from(synced.watches, self.store.rules))  # as prepare() set them
-        # From here on the watch list lives in `specs`; the validated models of 100,000 watches
-        # would keep ~65 MB alive for nothing (a reload validates the file anew).
-        settings.watch.clear()
         self.recorder = self.service.recorder
         self.dispatcher = Dispatcher(self.store, settings.notify, settings.database.url)
         self.recorder.on_events = self.dispatcher.wake
@@ -138,8 +137,7 @@ class Daemon:
             self.membership.beat()  # claims a share of the shards
             self._apply_shard_changes()
         else:
-            for name in self.current.watches:
-                self._schedule(name, now)
+            self._schedule_many(self.current.watches, now)
         self.scheduler.add_job(
             self._prune,
             PhasedIntervalTrigger(PRUNE_EVERY, phase_of("prune", 60.0)),
@@ -169,6 +167,10 @@ class Daemon:
     def run(self) -> int:
         """Poll until SIGTERM/SIGINT; return the exit code."""
         self.start()
+        # The watch list lives as long as the process: the collector need never walk it (poller run
+        # paused it for the start).
+        gc.freeze()
+        gc.enable()
         log.info(
             "watching %d keys (config %s, %d workers)",
             len(self.current.watches),
@@ -212,8 +214,7 @@ class Daemon:
                 else "raise [schedule] concurrency or the intervals"
             )
             log.warning(
-                "overloaded: %d polls skipped in the last minute because the watch's previous poll had not "
-                "run yet; %s",
+                "overloaded: %d polls skipped in the last minute because the watch's previous poll had not run yet; %s",
                 skipped,
                 cause,
             )
@@ -265,6 +266,14 @@ class Daemon:
         trigger = trigger_for(current.specs[name], current.settings.schedule.jitter)
         self.timetable.add(name, current.watches[name], trigger, now)
 
+    def _schedule_many(self, names: Iterable[str], now: datetime) -> None:
+        """Place many watches at once (a start, shards gained): what _schedule does for each."""
+        current = self.current
+        jitter = current.settings.schedule.jitter
+        self.timetable.add_many(
+            ((name, current.watches[name], trigger_for(current.specs[name], jitter)) for name in names), now
+        )
+
     def _on_shards(self, gained: set[int], lost: set[int]) -> None:
         """Heartbeat thread: note a change of the shards held, for the main thread to apply."""
         with self._shard_changes_lock:
@@ -285,9 +294,7 @@ class Daemon:
             taken = [name for name in self.current.watches if shard_of(name) in gained]
             # Read back after the claim committed: the previous holder's last commits are in it.
             self.service.resume([self.current.watches[name].id for name in taken])
-            now = datetime.now(UTC)
-            for name in taken:
-                self._schedule(name, now)
+            self._schedule_many(taken, datetime.now(UTC))
 
     def _submit(self, watch: Watch, scheduled: datetime) -> bool:
         assert self.workers is not None

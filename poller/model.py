@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Literal, TypedDict
+from typing import Literal, NamedTuple, TypedDict
 
 Outcome = Literal["unchanged", "modified", "missing", "error"]
 Event = Literal["first_seen", "modified", "deleted", "created"]
@@ -49,9 +49,12 @@ class Answer:
     size: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Watch:
-    """The identity and target of one watch, as the scheduler and store know it."""
+class Watch(NamedTuple):
+    """The identity and target of one watch, as the scheduler and store know it.
+
+    A named tuple, not a frozen dataclass: as immutable, and built in a quarter of the time (a
+    frozen dataclass sets each field through object.__setattr__), which a million watches feel.
+    """
 
     id: int
     name: str

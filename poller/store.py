@@ -469,8 +469,11 @@ class Store:
                     )
                     retargeted.add(row.id)
                     self._open_runs.pop(row.id, None)
-            ids = {name: id_ for id_, name in conn.exec_driver_sql("SELECT id, name FROM watches")}
-        result = {name: s.as_watch(ids[name]) for name, s in wanted.items()}
+            result = {
+                name: spec.as_watch(id_)
+                for id_, name in conn.exec_driver_sql("SELECT id, name FROM watches")
+                if (spec := wanted.get(name)) is not None
+            }
         return SyncResult(result, frozenset(retargeted))
 
     def load_states(self) -> dict[int, ObjectState]:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from poller.config import ConfigError, Settings, watch_interval
+from poller.config import ConfigError, Settings
 from poller.model import Payer, Watch
 from poller.signals import Rules
 
 
-@dataclass(frozen=True, slots=True)
-class WatchSpec:
-    """A watch as the config describes it: identity (name), target and schedule."""
+class WatchSpec(NamedTuple):
+    """A watch as the config describes it: identity (name), target and schedule (a named tuple, as Watch)."""
 
     name: str
     bucket: str
@@ -86,19 +86,20 @@ class WatchListDiff:
 
 def specs_from_settings(settings: Settings) -> dict[str, WatchSpec]:
     """The configured watches by name, with the default interval applied."""
+    default = settings.schedule.interval
     return {
         w.name: WatchSpec(
             w.name,
             w.bucket,
             w.key if w.prefix is None else w.prefix,
-            watch_interval(settings, w),
+            None if w.cron is not None else w.interval if w.interval is not None else default,
             w.cron,
-            prefix=w.prefix is not None,
-            include=tuple(w.include),
-            exclude=tuple(w.exclude),
-            max_keys=w.max_keys,
-            request_payer=w.request_payer,
-            expected_bucket_owner=w.expected_bucket_owner,
+            w.prefix is not None,
+            w.include,
+            w.exclude,
+            w.max_keys,
+            w.request_payer,
+            w.expected_bucket_owner,
         )
         for w in settings.watch
     }
@@ -113,7 +114,14 @@ def rules_from_settings(settings: Settings) -> dict[str, Rules]:
     d = settings.schedule
     rules: dict[str, Rules] = {}
     shared: dict[Rules, Rules] = {}  # one object per distinct set of rules, however many watches
+    # Built once per distinct set of a watch's own fields: a million watches share a handful.
+    known: dict[tuple[object, ...], Rules] = {}
     for w in settings.watch:
+        # alert_after 3 (errors) and 3.0 (seconds) are equal as keys: the type tells them apart.
+        own = (w.expect_change_within, w.expect_change_by, w.expect_grace, w.settle, w.alert_after, type(w.alert_after))
+        if (found := known.get(own)) is not None:
+            rules[w.name] = found
+            continue
         own_deadline = w.expect_change_within is not None or w.expect_change_by is not None
         src = w if own_deadline else d
         alert = d.alert_after if w.alert_after is None else w.alert_after
@@ -126,7 +134,7 @@ def rules_from_settings(settings: Settings) -> dict[str, Rules]:
             alert_after_errors=alert if isinstance(alert, int) and alert > 0 else None,
             alert_after_seconds=alert if isinstance(alert, float) else None,
         )
-        rules[w.name] = shared.setdefault(these, these)
+        rules[w.name] = known[own] = shared.setdefault(these, these)
     return rules
 
 

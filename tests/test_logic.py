@@ -303,3 +303,15 @@ def test_an_unquoted_head_etag_is_stored_in_the_quoted_form_the_listing_and_migr
     assert answer.etag == '"abc"'
     assert classify(stored, answer).event is None
     assert answer_from_headers(304, {"etag": 'W/"w"'}).etag == 'W/"w"'
+
+
+def test_watches_share_rules_objects_but_never_errors_with_seconds() -> None:
+    from poller.config import settings_from_mapping
+    from poller.watchlist import rules_from_settings
+
+    watches = [{"bucket": "bkt", "key": f"k{i}", "alert_after": 3} for i in range(3)]
+    watches += [{"bucket": "bkt", "key": "s", "alert_after": "3s"}, {"bucket": "bkt", "key": "d"}]
+    rules = rules_from_settings(settings_from_mapping({"watch": watches}, "t.toml"))
+    assert rules["bkt/k0"] is rules["bkt/k2"] and rules["bkt/k0"].alert_after_errors == 3
+    assert rules["bkt/s"].alert_after_seconds == 3.0 and rules["bkt/s"].alert_after_errors is None
+    assert rules["bkt/d"].alert_after_errors == 3  # the [schedule] default
