@@ -17,7 +17,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
@@ -27,6 +27,7 @@ from poller.model import Watch
 from poller.watchlist import WatchSpec
 
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_EPOCH_TS = EPOCH.timestamp()
 MAX_BATCH = 1000  # due polls handed over per lock hold, so a reload never waits long
 
 
@@ -40,37 +41,53 @@ class PhasedIntervalTrigger(BaseTrigger):  # type: ignore[misc]
 
     APScheduler's IntervalTrigger adds jitter to a fire time that already holds jitter, so the
     schedule drifts (design.md section 7); here every run is anchored to the unjittered grid.
+    The arithmetic is on epoch seconds (``next_ts``): the timetable computes a million of these.
     """
 
-    __slots__ = ("anchor", "interval", "jitter")
+    __slots__ = ("anchor_ts", "interval", "jitter")
 
     def __init__(self, interval: float, phase: float, jitter: float = 0.0) -> None:
         self.interval = interval
-        self.anchor = EPOCH + timedelta(seconds=phase)
+        # Whole microseconds, as a datetime holds them: both forms name the same instants.
+        self.anchor_ts = _EPOCH_TS + round(phase * 1e6) / 1e6
         self.jitter = min(jitter, interval * 0.5)
 
-    def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> datetime:
-        if previous_fire_time is None:
-            slot = math.ceil((now - self.anchor).total_seconds() / self.interval)
+    def next_ts(self, previous: float | None, now: float) -> float:
+        """The next fire time after ``previous`` (None: the first at or after ``now``), in epoch seconds."""
+        if previous is None:
+            slot = math.ceil((now - self.anchor_ts) / self.interval)
         else:
             # floor() drops the jitter; the epsilon absorbs the microsecond rounding of a fire time
             # ~10^9 slots after the anchor, which would otherwise return the same time again.
-            slot = math.floor((previous_fire_time - self.anchor).total_seconds() / self.interval + 1e-4) + 1
-        base = self.anchor + timedelta(seconds=slot * self.interval)
-        return base + timedelta(seconds=random.uniform(0, self.jitter)) if self.jitter else base
+            slot = math.floor((previous - self.anchor_ts) / self.interval + 1e-4) + 1
+        base = self.anchor_ts + slot * self.interval
+        return base + random.uniform(0, self.jitter) if self.jitter else base
+
+    def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> datetime:
+        previous = None if previous_fire_time is None else previous_fire_time.timestamp()
+        return datetime.fromtimestamp(self.next_ts(previous, now.timestamp()), UTC)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, PhasedIntervalTrigger) and (self.interval, self.anchor, self.jitter) == (
+        return isinstance(other, PhasedIntervalTrigger) and (self.interval, self.anchor_ts, self.jitter) == (
             other.interval,
-            other.anchor,
+            other.anchor_ts,
             other.jitter,
         )
 
     def __hash__(self) -> int:
-        return hash((self.interval, self.anchor, self.jitter))
+        return hash((self.interval, self.anchor_ts, self.jitter))
 
     def __str__(self) -> str:
         return f"every {format_duration(self.interval)}"
+
+
+def next_ts(trigger: BaseTrigger, previous: float | None, now: float) -> float | None:
+    """A trigger's next fire time in epoch seconds: phased intervals directly, others through datetimes."""
+    if type(trigger) is PhasedIntervalTrigger:
+        return trigger.next_ts(previous, now)
+    last = None if previous is None else datetime.fromtimestamp(previous, UTC)
+    fire: datetime | None = trigger.get_next_fire_time(last, datetime.fromtimestamp(now, UTC))
+    return None if fire is None else fire.timestamp()
 
 
 def trigger_for(spec: WatchSpec, jitter: float) -> BaseTrigger:
@@ -87,8 +104,12 @@ class Entry:
 
     watch: Watch
     trigger: BaseTrigger
-    due: datetime
+    due_ts: float  # epoch seconds
     alive: bool = True
+
+    @property
+    def due(self) -> datetime:
+        return datetime.fromtimestamp(self.due_ts, UTC)
 
 
 # Hands a due watch to the workers with its scheduled time; False if its previous poll is not done yet.
@@ -112,31 +133,27 @@ class Timetable:
 
     def add(self, name: str, watch: Watch, trigger: BaseTrigger, now: datetime | None = None) -> None:
         """Schedule a watch (replacing any entry of that name) at its trigger's next time."""
-        due = trigger.get_next_fire_time(None, now or datetime.now(UTC))
-        with self._cond:
-            old = self._entries.get(name)
-            if old is not None:
-                old.alive = False
-            if due is None:  # a trigger that never fires again
-                self._entries.pop(name, None)
-                return
-            entry = Entry(watch, trigger, due)
-            self._entries[name] = entry
-            heapq.heappush(self._heap, (due.timestamp(), next(self._seq), entry))
-            self._cond.notify()
+        self.add_many([(name, watch, trigger)], now or datetime.now(UTC))
 
     def add_many(self, watches: Iterable[tuple[str, Watch, BaseTrigger]], now: datetime) -> None:
-        """Schedule many watches at once (the start): one heapify instead of a push per watch."""
+        """Schedule many watches at once (a start): pushed one by one, or heapified together."""
+        now_ts = now.timestamp()
         with self._cond:
+            added: list[tuple[float, int, Entry]] = []
             for name, watch, trigger in watches:
-                due = trigger.get_next_fire_time(None, now)
+                due = next_ts(trigger, None, now_ts)
                 old = self._entries.pop(name, None)
                 if old is not None:
                     old.alive = False
                 if due is not None:
                     entry = self._entries[name] = Entry(watch, trigger, due)
-                    self._heap.append((due.timestamp(), next(self._seq), entry))
-            heapq.heapify(self._heap)
+                    added.append((due, next(self._seq), entry))
+            if len(added) < 64:
+                for item in added:
+                    heapq.heappush(self._heap, item)
+            else:
+                self._heap += added
+                heapq.heapify(self._heap)
             self._cond.notify()
 
     def remove(self, name: str) -> None:
@@ -194,28 +211,27 @@ class Timetable:
 
     def _take_due(self, now_ts: float) -> list[tuple[Watch, datetime]]:
         """Pop what is due (under the lock) and push each watch's next time."""
-        now = datetime.fromtimestamp(now_ts, UTC)
         out: list[tuple[Watch, datetime]] = []
         while self._heap and self._heap[0][0] <= now_ts and len(out) < MAX_BATCH:
             _, _, entry = heapq.heappop(self._heap)
             if not entry.alive:
                 continue
-            scheduled = entry.due
-            out.append((entry.watch, scheduled))
-            following = entry.trigger.get_next_fire_time(scheduled, now)
+            scheduled = entry.due_ts
+            out.append((entry.watch, datetime.fromtimestamp(scheduled, UTC)))
+            following = next_ts(entry.trigger, scheduled, now_ts)
             missed = 0
             # Behind by more than an interval: run once now, not once per missed slot (coalesce).
-            while following is not None and following <= now:
+            while following is not None and following <= now_ts:
                 missed += 1
-                after = entry.trigger.get_next_fire_time(following, now)
+                after = next_ts(entry.trigger, following, now_ts)
                 if after is not None and after <= following:  # a trigger that fails to advance must not spin
-                    after = entry.trigger.get_next_fire_time(None, now + timedelta(microseconds=1))
+                    after = next_ts(entry.trigger, None, now_ts + 1e-6)
                 following = after
             if missed:
                 self._on_skipped(missed)
             if following is None:
                 entry.alive = False
                 continue
-            entry.due = following
-            heapq.heappush(self._heap, (following.timestamp(), next(self._seq), entry))
+            entry.due_ts = following
+            heapq.heappush(self._heap, (following, next(self._seq), entry))
         return out
