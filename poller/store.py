@@ -469,11 +469,11 @@ class Store:
                     )
                     retargeted.add(row.id)
                     self._open_runs.pop(row.id, None)
-            result = {
-                name: spec.as_watch(id_)
-                for id_, name in conn.exec_driver_sql("SELECT id, name FROM watches")
-                if (spec := wanted.get(name)) is not None
-            }
+            # The driver's own cursor: SQLAlchemy's result rows cost 4 s of a million-watch start.
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            cursor.execute("SELECT id, name FROM watches")
+            result = {name: spec.as_watch(id_) for id_, name in cursor if (spec := wanted.get(name)) is not None}
+            cursor.close()
         return SyncResult(result, frozenset(retargeted))
 
     def load_states(self) -> dict[int, ObjectState]:
