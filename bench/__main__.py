@@ -470,12 +470,14 @@ def main() -> None:
         action="store_true",
         help="instead: 3 daemons x 30,000 watches at 60 s on one PostgreSQL: sustained rate, lateness (bench.cluster)",
     )
+    parser.add_argument("--prefix", action="store_true", help="instead: 10 prefixes x 100,000 keys (bench.prefix)")
     args = parser.parse_args()
-    if args.store_write or args.cluster or args.cluster_target or args.latency:
+    if args.store_write or args.cluster or args.cluster_target or args.latency or args.prefix:
         modes = [
             argv
             for argv, on in (
                 (["bench.latency"], args.latency),
+                (["bench.prefix"], args.prefix),
                 (["bench.store_write"], args.store_write),
                 (["bench.cluster"], args.cluster),
                 (["bench.cluster", *CLUSTER_TARGET], args.cluster_target),

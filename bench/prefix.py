@@ -29,6 +29,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -39,10 +40,14 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import boto3
+from botocore.exceptions import ClientError
 
 from bench.__main__ import _cpu_seconds, _drain, _peak_rss_mb, _scrape
 from bench.servers import BUCKET, client, free_port, wait_http
@@ -276,14 +281,15 @@ def server_check(endpoint: str, keys_per_prefix: int, pages: int = 3) -> dict[st
         if not token:
             break
     seconds = time.perf_counter() - started
-    os.environ["AWS_SECRET_ACCESS_KEY"] = "not-the-secret"
+    # A session of its own: boto3's default session keeps the credentials it resolved first.
+    wrong = boto3.session.Session(aws_access_key_id=AUTH[0], aws_secret_access_key="not-the-secret")
     try:
-        client(endpoint, 1).list_objects_v2(Bucket=BUCKET, Prefix=prefix_of(0), MaxKeys=1)
+        wrong.client("s3", endpoint_url=endpoint, region_name="us-east-1").list_objects_v2(
+            Bucket=BUCKET, Prefix=prefix_of(0), MaxKeys=1
+        )
         refused: int | None = None
-    except Exception as exc:  # botocore's ClientError: its status is what matters
-        refused = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
-    finally:
-        os.environ["AWS_SECRET_ACCESS_KEY"] = AUTH[1]
+    except ClientError as exc:
+        refused = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     expect = min(keys_per_prefix, pages * 1000)
     if listed != expect:
         raise RuntimeError(f"rclone listed {listed} keys of {prefix_of(0)} in {done} pages, expected {expect}")
@@ -409,6 +415,40 @@ class Spy:
             self.proc.kill()
 
 
+_FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+def profile_summary(path: Path, top: int = 12) -> dict[str, list[tuple[str, float]]]:
+    """The functions with most of py-spy's samples (raw output), inclusive and self, in % of all
+    samples; lines of one function count together."""
+    total, inclusive, own = 0, Counter[str](), Counter[str]()
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        count = int(n)
+        total += count
+        frames = []
+        for frame in stack.split(";"):
+            m = _FRAME.match(frame)
+            if m is None:
+                continue  # the process or thread name
+            frames.append(f"{m['func']} ({m['file'].rsplit('site-packages/', 1)[-1]})")
+        if not frames:
+            continue
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    if not total:
+        return {"inclusive": [], "self": []}
+
+    def share(c: Counter[str]) -> list[tuple[str, float]]:
+        # A thread's entry frames hold every sample of it: they say nothing.
+        return [(f, round(100 * n / total, 1)) for f, n in c.most_common() if n < 0.97 * total][:top]
+
+    return {"samples": [("all", float(total))], "inclusive": share(inclusive), "self": share(own)}
+
+
 # --- the database, read-only ----------------------------------------------------------------------
 
 
@@ -499,13 +539,15 @@ def measure_round(
 ) -> dict[str, Any]:
     """Everything about the first round of passes started after ``after`` (counters from now on)."""
     before, requests0 = daemon.counters(), pipe.requests
-    spy = Spy(daemon.proc.pid, profile / f"{label}.txt") if profile is not None else None
+    out = profile / (re.sub(r"[^a-z0-9]+", "-", label).strip("-") + ".txt") if profile is not None else None
+    spy = Spy(daemon.proc.pid, out) if out is not None else None
     try:
         starts = wait_round(daemon, db, names, after, timeout=max(3 * interval, 3600.0))
     finally:
         if spy is not None:
             spy.stop()
     done, requests1 = daemon.counters(), pipe.requests
+    spied = profile_summary(out) if out is not None and out.exists() else None
     lateness = [(at - slot_before(n, interval, at)).total_seconds() for n, at in starts.items()]
     slot = min(slot_before(n, interval, at) for n, at in starts.items())
     passes = done["polls"] - before["polls"]
@@ -523,6 +565,7 @@ def measure_round(
         "skipped": int(done["skipped"] - before["skipped"]),
         "peak_rss_mb": round(_peak_rss_mb(daemon.proc.pid), 1),
         "history_from": history_from,
+        **({"profile": spied} if spied is not None else {}),
     }
 
 
@@ -643,19 +686,28 @@ def print_table(r: dict[str, Any]) -> None:
     )
     head = (
         f"  {'pass':<26} {'slot->commit s':>14} {'list s':>8} {'requests':>8} {'late max s':>10} "
-        f"{'CPU s':>7} {'DB bytes written':>16} {'history rows':>12} {'exact':>5} {'errors':>6} {'RSS MB':>7}"
+        f"{'CPU s':>7} {'µs/key':>6} {'DB bytes written':>16} {'history rows':>12} {'B/row':>6} {'exact':>5} "
+        f"{'errors':>6} {'RSS MB':>7}"
     )
     print(head)
     for x in r["rounds"]:
         h = x["history"]
         rows = h.get("recorded", h.get("rows"))
+        per_key = x["cpu_s"] / r["keys"] * 1e6
+        per_row = f"{x['db_bytes_written'] / rows:.0f}" if rows else "-"
         print(
             f"  {x['pass']:<26} {x['slot_to_commit_s']:>14} {x['list_s_mean']!s:>8} {x['requests']:>8} "
-            f"{x['lateness_max_s']:>10} {x['cpu_s']:>7} {x['db_bytes_written']:>16,} {rows:>12,} {h['exact']:>5} "
-            f"{x['errors']:>6} {x['peak_rss_mb']:>7}"
+            f"{x['lateness_max_s']:>10} {x['cpu_s']:>7} {per_key:>6.0f} {x['db_bytes_written']:>16,} {rows:>12,} "
+            f"{per_row:>6} {h['exact']:>5} {x['errors']:>6} {x['peak_rss_mb']:>7}"
         )
+    for x in r["rounds"]:
+        if "profile" in x:
+            print(f"  py-spy, {x['pass']} ({int(x['profile']['samples'][0][1])} samples), % inclusive:")
+            print("    " + "; ".join(f"{f} {pct}" for f, pct in x["profile"]["inclusive"]))
+            print("    % self: " + "; ".join(f"{f} {pct}" for f, pct in x["profile"]["self"]))
     print(
-        f"  (list s: the daemon's own time per prefix pass, list and diff; DB bytes written: the daemon's write "
+        f"  (list s: the daemon's own time per prefix pass, list and diff; µs/key: the daemon's CPU per key "
+        f"listed; B/row: bytes written per history row; DB bytes written: the daemon's write "
         f"syscalls, its log excluded; exact 1: every change recorded exactly once, nothing else); "
         f"database {r['db_mb']} MB, peak RSS {r['peak_rss_mb']} MB"
     )
