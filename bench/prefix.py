@@ -415,38 +415,54 @@ class Spy:
             self.proc.kill()
 
 
-_FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
+_FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
+# A leaf frame on one of these calls is a thread waiting (py-spy cannot tell idle threads here): a
+# queue, a lock, a condition, a socket read (the server's time), a selector.
+_WAITING = re.compile(r"\.(get|wait|acquire|join|select|poll|recv|recv_into|readinto|accept|sleep)\(")
 
 
-def profile_summary(path: Path, top: int = 12) -> dict[str, list[tuple[str, float]]]:
-    """The functions with most of py-spy's samples (raw output), inclusive and self, in % of all
-    samples; lines of one function count together."""
-    total, inclusive, own = 0, Counter[str](), Counter[str]()
+def _source_line(file: str, line: int, cache: dict[tuple[str, int], str]) -> str:
+    """The text of ``file``:``line`` as py-spy names it (relative to a sys.path entry), or ""."""
+    if (file, line) not in cache:
+        text = ""
+        for base in sys.path:
+            candidate = Path(base or ".") / file
+            if candidate.is_file():
+                lines = candidate.read_text(errors="replace").splitlines()
+                text = lines[line - 1] if 0 < line <= len(lines) else ""
+                break
+        cache[(file, line)] = text
+    return cache[(file, line)]
+
+
+def profile_summary(path: Path, top: int = 12) -> dict[str, Any]:
+    """The functions with most of py-spy's busy samples (raw output), inclusive and self, in % of the
+    busy samples (not waiting on a queue, lock or socket); lines of one function count together."""
+    total, busy, inclusive, own = 0, 0, Counter[str](), Counter[str]()
+    cache: dict[tuple[str, int], str] = {}
     for line in path.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         if not n.isdigit():
             continue
         count = int(n)
         total += count
-        frames = []
-        for frame in stack.split(";"):
-            m = _FRAME.match(frame)
-            if m is None:
-                continue  # the process or thread name
-            frames.append(f"{m['func']} ({m['file'].rsplit('site-packages/', 1)[-1]})")
-        if not frames:
+        matches = [m for m in map(_FRAME.match, stack.split(";")) if m is not None]
+        if not matches:
             continue
+        leaf = matches[-1]
+        if leaf["line"] and _WAITING.search(_source_line(leaf["file"], int(leaf["line"]), cache)):
+            continue
+        busy += count
+        frames = [f"{m['func']} ({m['file'].rsplit('site-packages/', 1)[-1]})" for m in matches]
         own[frames[-1]] += count
         for frame in set(frames):
             inclusive[frame] += count
-    if not total:
-        return {"inclusive": [], "self": []}
 
     def share(c: Counter[str]) -> list[tuple[str, float]]:
         # A thread's entry frames hold every sample of it: they say nothing.
-        return [(f, round(100 * n / total, 1)) for f, n in c.most_common() if n < 0.97 * total][:top]
+        return [(f, round(100 * n / busy, 1)) for f, n in c.most_common() if n < 0.97 * busy][:top]
 
-    return {"samples": [("all", float(total))], "inclusive": share(inclusive), "self": share(own)}
+    return {"samples": total, "busy": busy, "inclusive": share(inclusive), "self": share(own)}
 
 
 # --- the database, read-only ----------------------------------------------------------------------
@@ -702,9 +718,10 @@ def print_table(r: dict[str, Any]) -> None:
         )
     for x in r["rounds"]:
         if "profile" in x:
-            print(f"  py-spy, {x['pass']} ({int(x['profile']['samples'][0][1])} samples), % inclusive:")
-            print("    " + "; ".join(f"{f} {pct}" for f, pct in x["profile"]["inclusive"]))
-            print("    % self: " + "; ".join(f"{f} {pct}" for f, pct in x["profile"]["self"]))
+            spied = x["profile"]
+            print(f"  py-spy, {x['pass']}: {spied['busy']} busy of {spied['samples']} samples; % of busy, inclusive:")
+            print("    " + "; ".join(f"{f} {pct}" for f, pct in spied["inclusive"]))
+            print("    % self: " + "; ".join(f"{f} {pct}" for f, pct in spied["self"]))
     print(
         f"  (list s: the daemon's own time per prefix pass, list and diff; µs/key: the daemon's CPU per key "
         f"listed; B/row: bytes written per history row; DB bytes written: the daemon's write "
