@@ -28,6 +28,7 @@ from bench.prefix import (  # noqa: E402
     create_keys,
     key_of,
     plan_changes,
+    profile_summary,
     slot_before,
 )
 from bench.prefix import aligned_names as aligned  # noqa: E402
@@ -79,6 +80,21 @@ def test_aligned_names_share_one_slot(interval: float) -> None:
         # A pass started 1.5 s after this slot is 1.5 s late against it, whatever k.
         slot = datetime.fromtimestamp(first + offset + 3 * interval, UTC)
         assert slot_before(name, interval, slot + timedelta(seconds=1.5)) == slot
+
+
+def test_profile_summary_leaves_out_waiting_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "mod.py").write_text("item = queue.get()\nwork(item)\nparse(page)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    raw = tmp_path / "raw.txt"
+    raw.write_text(
+        'process 1:"python -m poller";run (mod.py:2);work (mod.py:3) 6\n'
+        'process 1:"python -m poller";run (mod.py:2);parse (other.py:9) 2\n'
+        'process 1:"python -m poller";loop (mod.py:1) 12\n'
+    )
+    got = profile_summary(raw)
+    assert (got["samples"], got["busy"]) == (20, 8)
+    assert dict(got["self"]) == {"work (mod.py)": 75.0, "parse (other.py)": 25.0}
+    assert "run (mod.py)" not in dict(got["inclusive"])  # in every busy sample: says nothing
 
 
 def test_counting_pipe_counts_requests_on_kept_alive_connections() -> None:
