@@ -633,15 +633,17 @@ def main() -> None:
         help="instead: key watches at 100,000, 300,000 and 1,000,000: start-up, RSS, sustained rate (bench.scale)",
     )
     parser.add_argument("--sizes", help="with --scale: watch counts, comma-separated (e.g. 10000,30000)")
+    parser.add_argument("--prefix", action="store_true", help="instead: 10 prefixes x 100,000 keys (bench.prefix)")
     args = parser.parse_args()
     if args.sizes and not args.scale:
         parser.error("--sizes goes with --scale")
-    if args.store_write or args.cluster or args.cluster_target or args.latency or args.scale:
+    if args.store_write or args.cluster or args.cluster_target or args.latency or args.scale or args.prefix:
         modes = [
             argv
             for argv, on in (
                 (["bench.scale", *(["--sizes", args.sizes] if args.sizes else [])], args.scale),
                 (["bench.latency"], args.latency),
+                (["bench.prefix"], args.prefix),
                 (["bench.store_write"], args.store_write),
                 (["bench.cluster"], args.cluster),
                 (["bench.cluster", *CLUSTER_TARGET], args.cluster_target),
