@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import boto3
@@ -18,6 +19,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
     SSLError,
 )
+from botocore.utils import parse_timestamp as botocore_parse_timestamp
 
 from poller.model import Answer, ProtocolError, Watch, answer_from_headers
 
@@ -32,6 +34,8 @@ def make_client(
 ) -> S3Client:
     """One thread-safe S3 client sized for ``concurrency`` polls in flight."""
     session = session or boto3.session.Session(profile_name=settings.profile or None)
+    # Before the client exists: it takes its response parser from the session's factory when built.
+    session._session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=parse_timestamp)
     config = BotoConfig(
         region_name=settings.region,
         connect_timeout=settings.connect_timeout,
@@ -44,6 +48,25 @@ def make_client(
         **extra,
     )
     return session.client("s3", endpoint_url=settings.endpoint_url or None, config=config)
+
+
+def parse_timestamp(value: str) -> datetime:
+    """botocore's timestamp parser, with ListObjectsV2's ISO-8601 form read by the standard library.
+
+    botocore parses every key's LastModified with dateutil: 45% of a prefix watch's list pass (py-spy,
+    200,000 keys). Only an ISO-8601 date-time with an offset takes the fast path; anything else
+    (HTTP dates, epoch seconds) goes to botocore, as before. Same instant either way.
+    """
+    if len(value) >= 20 and value[4] == "-" and value[10] == "T":
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            pass
+        else:
+            if parsed.tzinfo is not None:
+                return parsed
+    result: datetime = botocore_parse_timestamp(value)
+    return result
 
 
 def head(client: S3Client, bucket: str, key: str, **conditions: Any) -> Answer:

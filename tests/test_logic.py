@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from poller.config import format_duration, parse_duration
 from poller.model import Answer, ObjectState
@@ -315,3 +317,31 @@ def test_watches_share_rules_objects_but_never_errors_with_seconds() -> None:
     assert rules["bkt/k0"] is rules["bkt/k2"] and rules["bkt/k0"].alert_after_errors == 3
     assert rules["bkt/s"].alert_after_seconds == 3.0 and rules["bkt/s"].alert_after_errors is None
     assert rules["bkt/d"].alert_after_errors == 3  # the [schedule] default
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    when=st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(9998, 12, 31)),
+    digits=st.integers(min_value=0, max_value=9),
+    offset=st.sampled_from(["Z", "+00:00", "+02:00", "-05:30", "", "+0100", "z"]),
+    sep=st.sampled_from(["T", " "]),
+)
+def test_the_fast_timestamp_parser_reads_what_botocores_reads(
+    when: datetime, digits: int, offset: str, sep: str
+) -> None:
+    """A prefix watch's LastModified goes through the standard library; the instant must be botocore's."""
+    from botocore.utils import parse_timestamp as botocore_parse
+
+    from poller.s3client import parse_timestamp
+
+    text = when.strftime(f"%Y-%m-%d{sep}%H:%M:%S") + (("." + f"{when.microsecond:06d}987"[:digits]) if digits else "")
+    text += offset
+    try:
+        expected: object = botocore_parse(text)
+    except ValueError:
+        expected = ValueError
+    try:
+        got: object = parse_timestamp(text)
+    except ValueError:
+        got = ValueError
+    assert got == expected
