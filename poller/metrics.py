@@ -150,6 +150,9 @@ class Metrics:
         self.duration.observe(result.duration_ms / 1000)
         if result.event:
             self.changes.labels(result.event).inc()
+        for change in result.changes:  # a prefix watch's keys, each recorded as its own event
+            if change.event:
+                self.changes.labels(change.event).inc()
         if result.outcome == "error":
             self.errors.labels(error_kind(result)).inc()
 

@@ -59,3 +59,20 @@ def test_metrics_listen_must_be_host_port(tmp_path):
     path.write_text('[metrics]\nlisten = "9464"\n')
     proc = run_cli("check", "--config", str(path))
     assert proc.returncode == 2 and "[metrics]" in proc.stderr and "HOST:PORT" in proc.stderr
+
+
+def test_a_prefix_watchs_key_changes_are_counted(config: ConfigFile, s3, bucket, start_daemon):
+    port = free_port()
+    for key in ("logs/a", "logs/b"):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"v1")
+    config.write([{"name": "logs", "bucket": bucket, "prefix": "logs/"}], metrics={"listen": f":{port}"})
+    daemon = start_daemon(config)
+    daemon.notify.wait("READY=1")
+    wait_for(lambda: scrape(port).get('poller_changes_total{event="first_seen"}') == 2, what="both keys counted")
+    s3.put_object(Bucket=bucket, Key="logs/a", Body=b"v2")
+    s3.delete_object(Bucket=bucket, Key="logs/b")
+    counted = wait_for(
+        lambda: (m := scrape(port)).get('poller_changes_total{event="deleted"}') == 1 and m, what="the deletion counted"
+    )
+    assert counted['poller_changes_total{event="modified"}'] == 1
+    assert daemon.stop() == 0
