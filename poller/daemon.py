@@ -307,11 +307,10 @@ class Daemon:
             self.metrics.skipped.inc(count)
 
     def _watch_outcomes(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for watch in self.current.watches.values():
-            state = self.service.last_outcome.get(watch.id, "unpolled")
-            counts[state] = counts.get(state, 0) + 1
-        return counts
+        # The watches removed by a reload drop their outcome (reload()): the rest are current.
+        counts = self.service.outcome_counts()
+        unpolled = len(self.current.watches) - sum(counts.values())
+        return {**counts, "unpolled": unpolled} if unpolled > 0 else counts
 
     def _signal_states(self) -> dict[str, int]:
         """This daemon's watches in each signal state (with several daemons, each counts its own)."""
@@ -407,6 +406,7 @@ class Daemon:
             self.service.prober.relearn()  # a new prober learns anew; this one measures again
         self.current = _Running(new, specs, synced.watches)
         rules = rules_from_settings(new)
+        new.watch.clear()  # the list lives in `specs` (as at the start)
         self.store.rules = {watch.id: rules[name] for name, watch in synced.watches.items()}
         self.signals.set_watches(watched_from(synced.watches, self.store.rules))
         self.store.keep_samples = new.database.sample_retention > 0
@@ -415,6 +415,7 @@ class Daemon:
         for name in diff.removed:
             self.timetable.remove(name)
             self.service.forget(old.watches[name].id)
+            self.service.drop_outcome(old.watches[name].id)
         for name in diff.retargeted:
             watch = synced.watches[name]
             if watch.id in synced.retargeted:  # another object or prefix: the store dropped its state

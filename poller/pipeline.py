@@ -188,6 +188,10 @@ class PollService:
         self.states: dict[int, ObjectState] = store.load_states()
         self.prefix_states: dict[int, PrefixState] = store.load_prefix_states()
         self.last_outcome: dict[int, str] = {}
+        # Watches by last outcome, kept as outcomes change: the metrics gauge reads it at every scrape;
+        # counting a million watches there held the GIL for half a second each time (py-spy).
+        self._outcome_counts: dict[str, int] = {}
+        self._outcomes_lock = threading.Lock()
         self.stats = Stats()
         self.metrics: Metrics | None = None
         self._stopping = threading.Event()
@@ -201,6 +205,18 @@ class PollService:
         """Drop the cached state of a watch that was removed or now points at another object."""
         self.states.pop(watch_id, None)
         self.prefix_states.pop(watch_id, None)
+
+    def drop_outcome(self, watch_id: int) -> None:
+        """A watch removed from the list: its last outcome no longer counts."""
+        with self._outcomes_lock:
+            before = self.last_outcome.pop(watch_id, None)
+            if before is not None:
+                self._outcome_counts[before] -= 1
+
+    def outcome_counts(self) -> dict[str, int]:
+        """How many watches had each last outcome (polled watches only)."""
+        with self._outcomes_lock:
+            return {outcome: n for outcome, n in self._outcome_counts.items() if n}
 
     def resume(self, watch_ids: Sequence[int]) -> None:
         """Read back the committed state of watches (re-)added by a reload: the database, not the cache,
@@ -290,7 +306,13 @@ class PollService:
         elif result.state is not None:
             self.states[watch.id] = result.state
         self.stats.add(result.outcome)
-        self.last_outcome[watch.id] = result.outcome
+        with self._outcomes_lock:
+            before = self.last_outcome.get(watch.id)
+            self.last_outcome[watch.id] = result.outcome
+            if before != result.outcome:
+                if before is not None:
+                    self._outcome_counts[before] -= 1
+                self._outcome_counts[result.outcome] = self._outcome_counts.get(result.outcome, 0) + 1
         if self.metrics is not None:
             self.metrics.observe(result)
         if not self.log_polls:

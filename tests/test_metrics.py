@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import urllib.request
 from pathlib import Path
 
@@ -41,6 +42,21 @@ def test_metrics_endpoint_moves(config: ConfigFile, s3, bucket, start_daemon):
     wait_for(lambda: scrape(port).get('poller_changes_total{event="modified"}') == 1, what="modified counted")
     later = scrape(port)
     assert later['poller_polls_total{outcome="unchanged"}'] >= first['poller_polls_total{outcome="unchanged"}']
+    # A watch removed by a reload leaves the gauge; one added shows as unpolled until its first poll.
+    config.write(
+        [{"name": "a", "bucket": bucket, "key": "k"}, {"name": "new", "bucket": bucket, "key": "k"}],
+        metrics={"listen": f":{port}"},
+    )
+    daemon.signal(signal.SIGHUP)
+    gauges = wait_for(
+        lambda: (
+            (m := scrape(port)).get('poller_watches{state="error"}', 0) == 0
+            and m.get('poller_watches{state="unchanged"}') == 2
+            and m
+        ),
+        what="the removed watch gone from the gauge, the added one polled",
+    )
+    assert 'poller_watches{state="unpolled"}' not in gauges
     # Bound to loopback only.
     listening = [
         line.split()[1]
