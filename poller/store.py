@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from sqlalchemy import (
     Column,
@@ -154,6 +154,19 @@ class Pruned:
     runs: int = 0
     samples: int = 0
     for_size: int = 0  # runs removed to keep the database under max_db_size
+
+
+class _WatchRow(NamedTuple):
+    """A row of ``watches`` as the sync compares it."""
+
+    id: int
+    name: str
+    bucket: str
+    key: str
+    kind: str
+    interval_seconds: float | None
+    cron: str | None
+    active: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,8 +441,13 @@ class Store:
         target = (watches.c.bucket, watches.c.key, watches.c.kind, watches.c.interval_seconds, watches.c.cron)
         with self._tx() as conn:
             # In id order, so concurrent syncs update rows in the same order and cannot deadlock.
-            listed = select(watches.c.id, watches.c.name, *target, watches.c.active).order_by(watches.c.id)
-            existing = {row.name: row for row in conn.execute(listed)}
+            # On the driver's cursor too: a restart with a million watches reads them all.
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            cursor.execute(
+                'SELECT id, name, bucket, "key", kind, interval_seconds, cron, active FROM watches ORDER BY id'
+            )
+            existing = {r[1]: _WatchRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7])) for r in cursor}
+            cursor.close()
             added = [s for name, s in wanted.items() if name not in existing]
             # In chunks: a million parameter tuples at once would add to the daemon's peak memory.
             for start in range(0, len(added), SYNC_CHUNK):
@@ -469,7 +487,7 @@ class Store:
                     )
                     retargeted.add(row.id)
                     self._open_runs.pop(row.id, None)
-            # The driver's own cursor: SQLAlchemy's result rows cost 4 s of a million-watch start.
+            # SQLAlchemy's result rows cost 4 s of a million-watch start.
             cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
             cursor.execute("SELECT id, name FROM watches")
             result = {name: spec.as_watch(id_) for id_, name in cursor if (spec := wanted.get(name)) is not None}
