@@ -301,18 +301,31 @@ def write_config(
     return config
 
 
+def notify_socket() -> tuple[socket.socket, Path]:
+    """A bound NOTIFY_SOCKET in a directory of its own under /tmp: a path under a test's tmp_path can
+    pass the 108 bytes a unix socket's path may have (pytest-xdist's are long)."""
+    path = Path(tempfile.mkdtemp(prefix="poller-notify-")) / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    return sock, path
+
+
+def close_notify_socket(sock: socket.socket, path: Path) -> None:
+    sock.close()
+    shutil.rmtree(path.parent, ignore_errors=True)
+
+
 class Daemon:
     """`poller run` as a child process with a NOTIFY_SOCKET, as systemd starts it; ``tag`` names its files."""
 
     def __init__(self, config: Path, tag: str) -> None:
         run = config.parent
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(str(run / f"notify-{tag}.sock"))
+        self.notify, self._notify_path = notify_socket()
         self.notify.settimeout(1.0)
         self.log_path = run / f"daemon-{tag}.log"
         self._log = self.log_path.open("wb")
         # The bench's dummy credentials, the ones rclone checks (--auth-key), whoever calls this.
-        env = {**os.environ, "NOTIFY_SOCKET": str(run / f"notify-{tag}.sock")}
+        env = {**os.environ, "NOTIFY_SOCKET": str(self._notify_path)}
         env.update(AWS_ACCESS_KEY_ID=AUTH[0], AWS_SECRET_ACCESS_KEY=AUTH[1])
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
@@ -366,7 +379,7 @@ class Daemon:
             self.proc.kill()
             self.proc.wait(10)
         stop_s = time.monotonic() - stopping
-        self.notify.close()
+        close_notify_socket(self.notify, self._notify_path)
         self._log.close()
         return stop_s
 

@@ -36,7 +36,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -53,7 +52,7 @@ from typing import Any
 import boto3
 from botocore.exceptions import ClientError
 
-from bench.__main__ import _cpu_seconds, _drain, _peak_rss_mb, _scrape
+from bench.__main__ import _cpu_seconds, _drain, _peak_rss_mb, _scrape, close_notify_socket, notify_socket
 from bench.servers import BUCKET, client, free_port, wait_http
 from poller.timetable import EPOCH, phase_of
 
@@ -334,11 +333,9 @@ class Daemon:
 
     def __init__(self, run: Path, config: Path, metrics_port: int, label: str) -> None:
         self.run, self.metrics_port = run, metrics_port
-        notify_path = run / f"notify-{label}.sock"
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(str(notify_path))
+        self.notify, self._notify_path = notify_socket()
         self.notify.settimeout(1800)
-        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
+        env = {**os.environ, "NOTIFY_SOCKET": str(self._notify_path)}
         env.update(AWS_ACCESS_KEY_ID=AUTH[0], AWS_SECRET_ACCESS_KEY=AUTH[1])
         self.log_path = run / "daemon.log"
         self.log = self.log_path.open("ab")
@@ -380,7 +377,7 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
-        self.notify.close()
+        close_notify_socket(self.notify, self._notify_path)
         self.log.close()
         return time.monotonic() - started
 
