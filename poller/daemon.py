@@ -260,11 +260,9 @@ class Daemon:
 
     def _schedule(self, name: str, now: datetime) -> None:
         """(Re)place a watch in the timetable with the running config's target, trigger and jitter."""
-        current = self.current
         if self.membership is not None and not self.membership.holds(name):
             return  # another daemon polls it
-        trigger = trigger_for(current.specs[name], current.settings.schedule.jitter)
-        self.timetable.add(name, current.watches[name], trigger, now)
+        self._schedule_many([name], now)
 
     def _schedule_many(self, names: Iterable[str], now: datetime) -> None:
         """Place many watches at once (a start, shards gained): what _schedule does for each."""

@@ -208,10 +208,19 @@ class PollService:
 
     def drop_outcome(self, watch_id: int) -> None:
         """A watch removed from the list: its last outcome no longer counts."""
+        self._set_outcome(watch_id, None)
+
+    def _set_outcome(self, watch_id: int, outcome: str | None) -> None:
+        """Record (or with None forget) a watch's last outcome, and move it between the counts."""
         with self._outcomes_lock:
-            before = self.last_outcome.pop(watch_id, None)
-            if before is not None:
-                self._outcome_counts[before] -= 1
+            before = self.last_outcome.pop(watch_id, None) if outcome is None else self.last_outcome.get(watch_id)
+            if outcome is not None:
+                self.last_outcome[watch_id] = outcome
+            if before != outcome:
+                if before is not None:
+                    self._outcome_counts[before] -= 1
+                if outcome is not None:
+                    self._outcome_counts[outcome] = self._outcome_counts.get(outcome, 0) + 1
 
     def outcome_counts(self) -> dict[str, int]:
         """How many watches had each last outcome (polled watches only)."""
@@ -306,13 +315,7 @@ class PollService:
         elif result.state is not None:
             self.states[watch.id] = result.state
         self.stats.add(result.outcome)
-        with self._outcomes_lock:
-            before = self.last_outcome.get(watch.id)
-            self.last_outcome[watch.id] = result.outcome
-            if before != result.outcome:
-                if before is not None:
-                    self._outcome_counts[before] -= 1
-                self._outcome_counts[result.outcome] = self._outcome_counts.get(result.outcome, 0) + 1
+        self._set_outcome(watch.id, result.outcome)
         if self.metrics is not None:
             self.metrics.observe(result)
         if not self.log_polls:
