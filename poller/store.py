@@ -694,18 +694,23 @@ class Store:
                 self._insert_rows(conn, etag_history, history_rows)
             if outbox:
                 self._insert_rows(conn, notifications, outbox)
+            # A superseded change's poll still happened and is counted; a fenced one is not ours.
+            recorded = [poll for i, poll in run_polls if not isinstance(failed.get(i), Fenced)]
+            applying: list[Any] = []  # the staged upserts, sent while the polls fold into runs below
             rows = [row for i, row in ok_states if i not in failed]
             if rows:
-                self._write_states(conn, rows, created, error=False)
+                self._write_states(conn, rows, created, applying, error=False)
             rows = [row for i, row in error_states if i not in failed]
             if rows:
-                self._write_states(conn, rows, created, error=True)
+                self._write_states(conn, rows, created, applying, error=True)
+            with _pipelined(conn, bool(applying)):
+                for statement in applying:
+                    conn.execute(statement)
+                folded = segments(recorded)
             signals = self._streak_signals(conn, results, ok_states, error_states, changed, failed)
             raised = self._insert_signals(conn, signals, route) if signals else []
             # After the states: a key's open run is found through its object_state row.
-            # A superseded change's poll still happened and is counted; a fenced one is not ours.
-            recorded = [poll for i, poll in run_polls if not isinstance(failed.get(i), Fenced)]
-            self._write_runs(conn, recorded, created, learned)
+            self._write_runs(conn, folded, created, learned)
             info = conn.info
         if created:
             info.setdefault(_STAGE_INFO, set()).update(created)
@@ -962,8 +967,11 @@ class Store:
         ids = {watch_id for watch_id, _key in list(alerting)}  # list(): one atomic copy under the GIL
         return len(ids) if among is None else sum(1 for watch_id in ids if watch_id in among)
 
-    def _write_states(self, conn: Connection, rows: list[dict[str, Any]], created: list[str], *, error: bool) -> None:
-        """Upsert the object_state rows of unchanged keys (or of errors), in batch order."""
+    def _write_states(
+        self, conn: Connection, rows: list[dict[str, Any]], created: list[str], applying: list[Any], *, error: bool
+    ) -> None:
+        """Upsert the object_state rows of unchanged keys (or of errors), in batch order; a staged
+        batch (PostgreSQL) is COPYed here, and the upsert that applies it appended to ``applying``."""
         if not self._stage_states or len(rows) < STAGE_MIN_ROWS:
             conn.execute(self._upsert_error if error else self._upsert_ok, rows)
             return
@@ -977,19 +985,18 @@ class Store:
             return
         stage, upsert = self._staged[error]
         _stage_rows(conn, stage, rows, created)
-        conn.execute(upsert)
+        applying.append(upsert)
 
     def _write_runs(
-        self, conn: Connection, polls: list[Poll], created: list[str], learned: list[tuple[int, int, Identity]]
+        self, conn: Connection, folded: list[Segment], created: list[str], learned: list[tuple[int, int, Identity]]
     ) -> None:
         """Extend each key's open run, or open a new one, and write the samples (poller.runs).
 
         ``learned`` receives (watch id, run id, identity) of the runs open after this batch, for
         the cache of open runs once the transaction has committed.
         """
-        if not polls:
+        if not folded:
             return
-        folded = segments(polls)
         sql = self._run_sql
         dbapi = conn.dialect.loaded_dbapi
         try:
@@ -2320,6 +2327,21 @@ def _stage_rows(conn: Connection, stage: Table, rows: list[dict[str, Any]], crea
         )
         created.append(stage.name)
     _copy_rows(conn, stage, rows)
+
+
+@contextmanager
+def _pipelined(conn: Connection, on: bool) -> Iterator[None]:
+    """On psycopg, statements executed inside are sent without waiting for their results (the
+    server works while this thread goes on), collected on leaving; elsewhere, a plain block."""
+    if not on or conn.dialect.driver != "psycopg":
+        yield
+        return
+    dbapi = conn.dialect.loaded_dbapi
+    try:
+        with conn.connection.driver_connection.pipeline():  # type: ignore[union-attr]
+            yield
+    except dbapi.Error as exc:
+        raise DBAPIError.instance("pipelined statements", None, exc, dbapi.Error, dialect=conn.dialect) from exc
 
 
 def _copy_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
