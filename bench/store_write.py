@@ -18,7 +18,6 @@ import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from poller.model import ObjectState, PollResult, Watch
 from poller.store import Store, migrate, open_engine
