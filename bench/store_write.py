@@ -113,13 +113,16 @@ def main() -> int:
             one: dict[str, dict[str, float]] = {}
             with tempfile.TemporaryDirectory(prefix="poller-bench-") as tmp:
                 one["sqlite"] = measure(f"sqlite:///{Path(tmp) / 'p.db'}", args.batches, args.batch_size)
-            one["postgresql"] = measure(server.url(server.create_database()), args.batches, args.batch_size)
+            variants = [("postgresql", True, True)]
             if args.compare_executemany:
-                url = server.url(server.create_database())
-                one["postgresql (executemany)"] = measure(url, args.batches, args.batch_size, copy=False)
+                variants.append(("postgresql (executemany)", False, True))
             if args.compare_row_upserts:
-                url = server.url(server.create_database())
-                one["postgresql (row upserts)"] = measure(url, args.batches, args.batch_size, stage=False)
+                variants.append(("postgresql (row upserts)", True, False))
+            for name, copy, stage in variants:
+                # A round's database is dropped once measured: its autovacuum would otherwise run
+                # during the next round (on this VM's two hyperthreads SQLite then took 2x the CPU a row).
+                with server.database() as url:
+                    one[name] = measure(url, args.batches, args.batch_size, copy=copy, stage=stage)
             rounds.append(one)
     finally:
         server.stop()
