@@ -4,6 +4,7 @@ skipped slots, the demand verdict, and each peer's signed requests accepted by r
 from __future__ import annotations
 
 import argparse
+import importlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,24 @@ LATE = "poller_schedule_lateness_seconds_bucket"
 def histogram(counts: dict[str, float]) -> dict[str, float]:
     """A scraped lateness histogram from cumulative counts per upper edge."""
     return {f'{LATE}{{le="{le}"}}': n for le, n in counts.items()}
+
+
+@pytest.mark.parametrize("module", ["cluster", "latency", "prefix", "scale", "storage", "store_write"])
+def test_every_bench_mode_imports(module: str) -> None:
+    # `python -m bench --cluster` failed at import for a session after a helper renamed what it imported.
+    importlib.import_module(f"bench.{module}")
+
+
+def test_cluster_lateness_counts_skipped_slots() -> None:
+    from bench.cluster import _lateness
+
+    after = {
+        'poller_schedule_lateness_seconds_bucket{le="0.01"}': 100.0,
+        'poller_schedule_lateness_seconds_bucket{le="+Inf"}': 100.0,
+    }
+    assert _lateness({}, after, 0.5) == 0.005
+    # 100 polls under 10 ms and 100 skipped slots of a 60 s interval: the p99 is among the skipped.
+    assert _lateness({}, after, 0.99, skipped=100, interval=60.0) == ">60.000"
 
 
 def test_lateness_quantile_interpolates_within_a_bucket() -> None:
