@@ -201,7 +201,9 @@ def rate_figures(plan: clusterrun.Plan, windows: list[tuple[clusterrun.Sample, c
     return {"rows": rows, "overall": overall, "target_met": not reasons, "not_met_because": reasons}
 
 
-def startup_figures(windows: list[tuple[clusterrun.Sample, clusterrun.Sample]]) -> dict[str, Any]:
+def startup_figures(
+    plan: clusterrun.Plan, windows: list[tuple[clusterrun.Sample, clusterrun.Sample]]
+) -> dict[str, Any]:
     """From start to the first steady window (the first sightings): skipped polls and lateness."""
     if not windows:
         return {}
@@ -302,7 +304,7 @@ def main() -> int:
             pg.stop()
             server.close()
     figures = report.figures
-    figures.update(startup_figures(report.windows))
+    figures.update(startup_figures(plan, report.windows))
     rate = rate_figures(plan, report.windows)
     rate["cores_used"] = cpu_figures(report.windows)
     print(
