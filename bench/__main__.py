@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bench.profile import Spy, print_summary, profile_summary
 from bench.servers import (
     AUTH,
     BUCKET,
@@ -394,11 +395,14 @@ def run_poller(
     concurrency: int | None = CONCURRENCY,
     restart: bool = False,
     ready_timeout: float = 900.0,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     """Run `poller run` with ``n_watches`` watches at a dense schedule (``rate`` polls/s demanded) and measure.
 
     ``concurrency`` None leaves the config's default ceiling (threads start as the work needs them).
     ``restart``: then start it again on the same database and config, and time READY=1 and the first poll.
+    ``profile``: after the measured window, py-spy (``--gil``) records the daemon into that directory for
+    a window of its own (sampling costs the daemon CPU), summarised under ``profile``.
     """
     interval = max(n_watches / rate, 0.2)
     run = workdir / f"poller-{n_watches}-{rate:.0f}-{concurrency or 'auto'}"
@@ -419,6 +423,13 @@ def run_poller(
         after, cpu1, t1 = _scrape(metrics_port), _cpu_seconds(daemon.proc.pid), time.monotonic()
         rss = _peak_rss_mb(daemon.proc.pid)
         threads = _threads(daemon.proc.pid)
+        spied = None
+        if profile is not None:
+            out = profile / f"{run.name}.txt"
+            spy = Spy(daemon.proc.pid, out, gil=True)
+            time.sleep(min(seconds, 20.0))
+            spy.stop()
+            spied = profile_summary(out) if out.exists() else None
     finally:
         stop_s = daemon.stop()
     done = _polls(after) - _polls(before)
@@ -449,6 +460,8 @@ def run_poller(
         "db": str(run / "poller.db"),
     }
     figures["meets_demand"] = meets_demand(figures)
+    if spied is not None:
+        figures["profile"] = spied
     if restart:
         figures.update(restart_figures(config, metrics_port, ready_timeout))
     return figures
@@ -647,6 +660,9 @@ def main() -> None:
     )
     parser.add_argument("--sizes", help="with --scale: watch counts, comma-separated (e.g. 10000,30000)")
     parser.add_argument("--prefix", action="store_true", help="instead: 10 prefixes x 100,000 keys (bench.prefix)")
+    parser.add_argument(
+        "--profile", metavar="DIR", help="after each daemon's measured window, record it with py-spy --gil into DIR"
+    )
     args = parser.parse_args()
     if args.sizes and not args.scale:
         parser.error("--sizes goes with --scale")
@@ -665,6 +681,9 @@ def main() -> None:
         ]
         raise SystemExit(run_modes(modes))
     use_bench_credentials()
+    profile = Path(args.profile).resolve() if args.profile else None
+    if profile is not None:
+        profile.mkdir(parents=True, exist_ok=True)
     sizes = [1000] if args.quick else [1000, 10_000, 100_000]
     window = 5.0 if args.quick else 20.0
     peer_window = 2.0 if args.quick else 10.0  # per peer and thread count
@@ -688,10 +707,12 @@ def main() -> None:
             regime_dir.mkdir()
             try:
                 if label == "client_bound":
-                    figures = client_bound(server, sizes, window, peer_window, workdir, regime_dir)
+                    figures = client_bound(server, sizes, window, peer_window, workdir, regime_dir, profile)
                 else:
                     figures = {"server": server.name, **peer_figures(boto3_pools(server, peer_window))}
-                    figures["poller"] = [run_poller(server, len(server.keys), window, regime_dir, saturated=True)]
+                    figures["poller"] = [
+                        run_poller(server, len(server.keys), window, regime_dir, saturated=True, profile=profile)
+                    ]
                 figures.update(poller_ratios(figures))
                 figures.update(db_figures(Path(figures["poller"][-1]["db"])))
                 for r in figures["poller"]:
@@ -706,7 +727,13 @@ def main() -> None:
 
 
 def client_bound(
-    server: Server, sizes: list[int], window: float, peer_window: float, workdir: Path, regime_dir: Path
+    server: Server,
+    sizes: list[int],
+    window: float,
+    peer_window: float,
+    workdir: Path,
+    regime_dir: Path,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     """rclone checking every signature: the peers, then the daemon at the target rate per size
     (restarted on its database after each) and at saturation."""
@@ -721,9 +748,9 @@ def client_bound(
         figures["wrk_per_s"] = wrk_ceiling(anonymous, window, regime_dir)
     finally:
         anonymous.close()
-    runs = [run_poller(server, n, window, regime_dir, restart=True) for n in sizes]
+    runs = [run_poller(server, n, window, regime_dir, restart=True, profile=profile) for n in sizes]
     # The ceiling: more demanded than the poller can do, so polls/s is its maximum.
-    runs.append(run_poller(server, min(sizes[-1], 10_000), window, regime_dir, rate=SATURATION_RATE))
+    runs.append(run_poller(server, min(sizes[-1], 10_000), window, regime_dir, rate=SATURATION_RATE, profile=profile))
     figures["poller"] = runs
     return figures
 
@@ -828,6 +855,9 @@ def print_table(result: dict[str, Any]) -> None:
                 f"{r['errors']:>6}"
             )
         print(LEGEND)
+        for r in f["poller"]:
+            if "profile" in r:
+                print_summary(f"{r['watches']:,} watches at {r['demanded_polls_per_s']:.0f}/s (--gil)", r["profile"])
         if any(r["saturation"] for r in f["poller"]):
             print("  * saturation run: more polls demanded than the poller can do; polls/s is its ceiling")
         if "lean_head_cpu_us" in f:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.__main__ import SATURATION_RATE, run_poller, thread_pool
+from bench.profile import print_summary
 from bench.servers import BUCKET, Server, free_port, start_rclone
 
 AUTH = ("bench", "bench-secret")
@@ -96,7 +97,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="the measured window of each run")
     parser.add_argument("--peer-seconds", type=float, default=10.0)
     parser.add_argument("--no-fixed", action="store_true", help="skip the run with the old fixed concurrency = 32")
+    parser.add_argument(
+        "--profile", metavar="DIR", help="after each daemon's measured window, record it with py-spy --gil into DIR"
+    )
     args = parser.parse_args()
+    if args.profile:
+        args.profile = Path(args.profile).resolve()
+        args.profile.mkdir(parents=True, exist_ok=True)
     os.environ.update(AWS_ACCESS_KEY_ID=AUTH[0], AWS_SECRET_ACCESS_KEY=AUTH[1], AWS_DEFAULT_REGION="us-east-1")
     for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
         os.environ.pop(var, None)
@@ -127,12 +134,15 @@ def measure_rtt(upstream: Server, rtt: float, args: argparse.Namespace, rate: fl
         )
         figures: dict[str, Any] = {"rtt_ms": rtt, "path_ceiling_per_s": path_ceiling(proxy.endpoint, 5)}
         cpu0 = proxy.cpu_seconds()
-        runs = [run_poller(server, args.watches, args.seconds, rundir, rate, concurrency=None)]
+        spy = args.profile / f"rtt{rtt:g}" if args.profile else None
+        if spy is not None:
+            spy.mkdir()
+        runs = [run_poller(server, args.watches, args.seconds, rundir, rate, concurrency=None, profile=spy)]
         if not args.no_fixed:
             runs.append(run_poller(server, args.watches, args.seconds, rundir, rate))
         # Saturation: more demanded than the client can do, so its sustained rate is its ceiling here.
         n = min(args.watches, 10_000)
-        saturated = run_poller(server, n, args.seconds / 2, rundir, SATURATION_RATE, concurrency=None)
+        saturated = run_poller(server, n, args.seconds / 2, rundir, SATURATION_RATE, concurrency=None, profile=spy)
         runs.append(saturated)
         figures["proxy_cpu_s"] = round(proxy.cpu_seconds() - cpu0, 1)
         in_flight = max(1, saturated["workers"])  # the worker threads the daemon started at saturation
@@ -173,6 +183,9 @@ def print_rtt(f: dict[str, Any]) -> None:
             f"  {label:<30} {r['demanded_polls_per_s']:>9.0f} {r['polls_per_s']:>9.0f} {r['skipped']:>8} "
             f"{p50:>9} {p99:>9} {r['workers']:>7} {r['peak_rss_mb']:>7.0f} {verdict_:>7}"
         )
+    for r in f["poller"]:
+        if "profile" in r:
+            print_summary(f"{r['watches']:,} watches at {r['demanded_polls_per_s']:.0f}/s (--gil)", r["profile"])
     pools = ", ".join(f"{t} threads {v:.0f}/s" for t, v in f["boto3_pools_per_s"].items())
     print(f"  boto3 thread pools: {pools}; best {f['boto3_best']:.0f}/s")
     print(

@@ -35,7 +35,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -43,7 +42,6 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,6 +51,7 @@ import boto3
 from botocore.exceptions import ClientError
 
 from bench.__main__ import _cpu_seconds, _drain, _peak_rss_mb, _scrape, close_notify_socket, notify_socket
+from bench.profile import Spy, print_summary, profile_summary
 from bench.servers import BUCKET, client, free_port, wait_http
 from poller.timetable import EPOCH, phase_of
 
@@ -397,75 +396,6 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-class Spy:
-    """py-spy recording the daemon for one round (``--profile``): raw folded stacks, 100 samples/s."""
-
-    def __init__(self, pid: int, out: Path) -> None:
-        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-        self.proc = subprocess.Popen(
-            [spy, "record", "-r", "100", "-f", "raw", "-o", str(out), "--pid", str(pid)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-_FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
-# A leaf frame on one of these calls is a thread waiting (py-spy cannot tell idle threads here): a
-# queue, a lock, a condition, a socket read (the server's time), a selector.
-_WAITING = re.compile(r"\.(get|wait|acquire|join|select|poll|recv|recv_into|readinto|accept|sleep)\(")
-
-
-def _source_line(file: str, line: int, cache: dict[tuple[str, int], str]) -> str:
-    """The text of ``file``:``line`` as py-spy names it (relative to a sys.path entry), or ""."""
-    if (file, line) not in cache:
-        text = ""
-        for base in sys.path:
-            candidate = Path(base or ".") / file
-            if candidate.is_file():
-                lines = candidate.read_text(errors="replace").splitlines()
-                text = lines[line - 1] if 0 < line <= len(lines) else ""
-                break
-        cache[(file, line)] = text
-    return cache[(file, line)]
-
-
-def profile_summary(path: Path, top: int = 12) -> dict[str, Any]:
-    """The functions with most of py-spy's busy samples (raw output), inclusive and self, in % of the
-    busy samples (not waiting on a queue, lock or socket); lines of one function count together."""
-    total, busy, inclusive, own = 0, 0, Counter[str](), Counter[str]()
-    cache: dict[tuple[str, int], str] = {}
-    for line in path.read_text().splitlines():
-        stack, _, n = line.rpartition(" ")
-        if not n.isdigit():
-            continue
-        count = int(n)
-        total += count
-        matches = [m for m in map(_FRAME.match, stack.split(";")) if m is not None]
-        if not matches:
-            continue
-        leaf = matches[-1]
-        if leaf["line"] and _WAITING.search(_source_line(leaf["file"], int(leaf["line"]), cache)):
-            continue
-        busy += count
-        frames = [f"{m['func']} ({m['file'].rsplit('site-packages/', 1)[-1]})" for m in matches]
-        own[frames[-1]] += count
-        for frame in set(frames):
-            inclusive[frame] += count
-
-    def share(c: Counter[str]) -> list[tuple[str, float]]:
-        # A thread's entry frames hold every sample of it: they say nothing.
-        return [(f, round(100 * n / busy, 1)) for f, n in c.most_common() if n < 0.97 * busy][:top]
-
-    return {"samples": total, "busy": busy, "inclusive": share(inclusive), "self": share(own)}
-
-
 # --- the database, read-only ----------------------------------------------------------------------
 
 
@@ -720,10 +650,7 @@ def print_table(r: dict[str, Any]) -> None:
         )
     for x in r["rounds"]:
         if "profile" in x:
-            spied = x["profile"]
-            print(f"  py-spy, {x['pass']}: {spied['busy']} busy of {spied['samples']} samples; % of busy, inclusive:")
-            print("    " + "; ".join(f"{f} {pct}" for f, pct in spied["inclusive"]))
-            print("    % self: " + "; ".join(f"{f} {pct}" for f, pct in spied["self"]))
+            print_summary(x["pass"], x["profile"])
     print(
         f"  (list s: the daemon's own time per prefix pass, list and diff; µs/key: the daemon's CPU per key "
         f"listed; B/row: bytes written per history row; DB bytes written: the daemon's write "

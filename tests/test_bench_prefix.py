@@ -28,10 +28,10 @@ from bench.prefix import (  # noqa: E402
     create_keys,
     key_of,
     plan_changes,
-    profile_summary,
     slot_before,
 )
 from bench.prefix import aligned_names as aligned  # noqa: E402
+from bench.profile import profile_summary  # noqa: E402
 from poller.timetable import EPOCH, phase_of  # noqa: E402
 
 

@@ -187,7 +187,7 @@ def test_check_probe_claims_no_change(config: ConfigFile, s3, bucket):
     proc = run_cli("check", "--probe", "--config", str(config.path))
     assert proc.returncode == 0, proc.stderr
     assert "first seen" not in proc.stdout and "modified (" not in proc.stdout
-    assert 'x s3://' in proc.stdout and 'present (200), etag "' in proc.stdout and "(not recorded)" in proc.stdout
+    assert "x s3://" in proc.stdout and 'present (200), etag "' in proc.stdout and "(not recorded)" in proc.stdout
     assert "gone s3://" in proc.stdout and "missing (404) (not recorded)" in proc.stdout
     assert not config.db.exists()
 

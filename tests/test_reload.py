@@ -142,7 +142,7 @@ def test_an_empty_config_on_reload_is_refused_unless_it_says_so(config: ConfigFi
     daemon.notify.wait("READY=1")
     wait_for(lambda: poll_count(config.db, "a") >= 1, what="a polled")
 
-    for text in ("", "[s3]\n", "# truncated\n[schedule]\ninterval = \"1s\"\n"):
+    for text in ("", "[s3]\n", '# truncated\n[schedule]\ninterval = "1s"\n'):
         config.path.write_text(text)
         ready = _sighup(daemon)
         assert "reload failed" in ready and "no [[watch]] entries" in ready and "watch = []" in ready, ready
