@@ -10,6 +10,7 @@ import logging
 import os
 import sqlite3
 import time
+import weakref
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -2419,21 +2420,23 @@ def _copy_in(cursor: Any, table: str, columns: Sequence[str], rows: Iterable[Seq
             copy.write_row(row)
 
 
-_OIDS: dict[tuple[str, str], dict[str, int]] = {}
+# By psycopg connection: conninfo (its dsn) is parsed anew each time it is read, and reading it per
+# COPY took 17% of the GIL of a daemon on PostgreSQL (py-spy).
+_OIDS: weakref.WeakKeyDictionary[Any, dict[str, dict[str, int]]] = weakref.WeakKeyDictionary()
 
 
 def _column_oids(cursor: Any, table: str) -> dict[str, int]:
     """The type OID of each column of ``table`` (binary COPY sends exactly these), asked once per
-    database and table: every column is of a built-in type, the same in each connection's staging table."""
-    ident = (cursor.connection.info.dsn, table)
-    oids = _OIDS.get(ident)
+    connection and table (a staging table is the connection's own)."""
+    tables = _OIDS.setdefault(cursor.connection, {})
+    oids = tables.get(table)
     if oids is None:
         cursor.execute(
             "SELECT attname, atttypid FROM pg_attribute "
             "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
             (table,),
         )
-        oids = _OIDS[ident] = {name: int(oid) for name, oid in cursor.fetchall()}
+        oids = tables[table] = {name: int(oid) for name, oid in cursor.fetchall()}
     return oids
 
 
