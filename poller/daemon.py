@@ -83,7 +83,7 @@ class Daemon:
         idle = max(settings.cluster.lease, 5.0)
         self.store = Store(open_engine(settings.database.url, idle_in_transaction=idle))
         self.store.keep_samples = settings.database.sample_retention > 0
-        self.service, specs, synced = prepare(settings, self.store)
+        self.service, specs, synced = prepare(settings, self.store, daemon=True)
         self.signals = SignalCheck(self.store)
         self.signals.set_watches(watched_from(synced.watches, self.store.rules))  # as prepare() set them
         self.recorder = self.service.recorder

@@ -169,3 +169,13 @@ def test_the_thread_limit_follows_the_timed_polls():
         assert workers.limit == 5
     finally:
         workers.stop()
+
+
+def test_the_daemons_writer_lingers_at_most_a_quarter_of_the_shortest_interval() -> None:
+    from poller.pipeline import DAEMON_LINGER, writer_linger
+    from poller.watchlist import WatchSpec
+
+    assert writer_linger([WatchSpec("a", "b", "k", 60.0, None)]) == DAEMON_LINGER
+    # A watch every 0.2 s must not skip slots while its result waits for company.
+    assert writer_linger([WatchSpec("a", "b", "k", 60.0, None), WatchSpec("f", "b", "k", 0.2, None)]) == 0.05
+    assert writer_linger([WatchSpec("c", "b", "k", None, "*/5 * * * *")]) == DAEMON_LINGER
