@@ -202,6 +202,8 @@ class PollService:
         # counting a million watches there held the GIL for half a second each time (py-spy).
         self._outcome_counts: dict[str, int] = {}
         self._outcomes_lock = threading.Lock()
+        # Watches a reload removed: a poll of theirs committing after the removal counts no outcome.
+        self._dropped: set[int] = set()
         self.stats = Stats()
         self.metrics: Metrics | None = None
         self._stopping = threading.Event()
@@ -217,12 +219,17 @@ class PollService:
         self.prefix_states.pop(watch_id, None)
 
     def drop_outcome(self, watch_id: int) -> None:
-        """A watch removed from the list: its last outcome no longer counts."""
+        """A watch removed from the list: its last outcome no longer counts, nor that of a poll of it
+        still in flight (until the watch is added back: ``resume_from``)."""
+        with self._outcomes_lock:
+            self._dropped.add(watch_id)
         self._set_outcome(watch_id, None)
 
     def _set_outcome(self, watch_id: int, outcome: str | None) -> None:
         """Record (or with None forget) a watch's last outcome, and move it between the counts."""
         with self._outcomes_lock:
+            if outcome is not None and watch_id in self._dropped:
+                return
             before = self.last_outcome.pop(watch_id, None) if outcome is None else self.last_outcome.get(watch_id)
             if outcome is not None:
                 self.last_outcome[watch_id] = outcome
@@ -248,6 +255,8 @@ class PollService:
     ) -> None:
         """Like ``resume``, with the states already read (a reload reads them before it switches over)."""
         keyed, prefixed = loaded
+        with self._outcomes_lock:
+            self._dropped.difference_update(watch_ids)
         for watch_id in watch_ids:
             self.forget(watch_id)
         self.states.update(keyed)

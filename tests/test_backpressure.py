@@ -179,3 +179,25 @@ def test_the_daemons_writer_lingers_at_most_a_quarter_of_the_shortest_interval()
     # A watch every 0.2 s must not skip slots while its result waits for company.
     assert writer_linger([WatchSpec("a", "b", "k", 60.0, None), WatchSpec("f", "b", "k", 0.2, None)]) == 0.05
     assert writer_linger([WatchSpec("c", "b", "k", None, "*/5 * * * *")]) == DAEMON_LINGER
+
+
+def test_a_poll_committing_after_its_watch_was_removed_counts_no_outcome() -> None:
+    # The daemon's writer commits up to its linger after a poll: a reload may remove the watch between.
+    from poller.pipeline import PollService
+
+    class NoStates:
+        def load_states(self) -> dict[int, object]:
+            return {}
+
+        def load_prefix_states(self) -> dict[int, object]:
+            return {}
+
+    service = PollService(NoStates(), None, None, "sqlite://")  # type: ignore[arg-type]
+    service._set_outcome(1, "error")
+    service._set_outcome(2, "unchanged")
+    service.drop_outcome(1)
+    service._set_outcome(1, "error")  # the removed watch's last poll, committed late
+    assert service.outcome_counts() == {"unchanged": 1}
+    service.resume_from([1], ({}, {}))  # added back: its polls count again
+    service._set_outcome(1, "unchanged")
+    assert service.outcome_counts() == {"unchanged": 2}
