@@ -1013,41 +1013,34 @@ class Store:
         if not folded:
             return
         sql = self._run_sql
-        dbapi = conn.dialect.loaded_dbapi
-        try:
-            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-            try:
-                if self._copy and len(folded) >= STAGE_MIN_ROWS:
-                    run_ids = self._extend_staged(conn, cursor, folded, created, learned)
-                else:
-                    run_ids = self._extend_rows(cursor, folded, learned)
-                opened: list[tuple[int, int, str]] = []
-                samples: list[tuple[int, int, int]] = []
-                # The runs a batch opens (every key's first polls after a start, every change).
-                new = [n for n in range(len(folded)) if n not in run_ids]
-                ids = _each_returning(cursor, sql.insert, [_run_row(folded[n]) for n in new], self._copy)
-                inserted = dict(zip(new, ids, strict=True))
-                for n, seg in enumerate(folded):
-                    run_id = run_ids.get(n)
-                    if run_id is None:
-                        run_id = inserted[n]
-                        if seg.opens:
-                            opened.append((run_id, seg.watch_id, seg.state_key))
-                            if seg.run_key is None:
-                                learned.append((seg.watch_id, run_id, seg.identity))
-                    if self.keep_samples:
-                        samples += [(run_id, at, duration) for at, duration in seg.samples]
-                if opened:
-                    cursor.executemany(sql.close, [(watch_id, key) for _, watch_id, key in opened])
-                    cursor.executemany(sql.open, opened)
-                if samples and self._copy:
-                    _copy_in(cursor, "poll_samples", ("run_id", "polled_at", "duration_us"), samples)
-                elif samples:
-                    cursor.executemany(sql.sample, samples)
-            finally:
-                cursor.close()
-        except dbapi.Error as exc:
-            raise DBAPIError.instance("poll_runs", None, exc, dbapi.Error, dialect=conn.dialect) from exc
+        with _driver_cursor(conn, "poll_runs") as cursor:
+            if self._copy and len(folded) >= STAGE_MIN_ROWS:
+                run_ids = self._extend_staged(conn, cursor, folded, created, learned)
+            else:
+                run_ids = self._extend_rows(cursor, folded, learned)
+            opened: list[tuple[int, int, str]] = []
+            samples: list[tuple[int, int, int]] = []
+            # The runs a batch opens (every key's first polls after a start, every change).
+            new = [n for n in range(len(folded)) if n not in run_ids]
+            ids = _each_returning(cursor, sql.insert, [_run_row(folded[n]) for n in new], self._copy)
+            inserted = dict(zip(new, ids, strict=True))
+            for n, seg in enumerate(folded):
+                run_id = run_ids.get(n)
+                if run_id is None:
+                    run_id = inserted[n]
+                    if seg.opens:
+                        opened.append((run_id, seg.watch_id, seg.state_key))
+                        if seg.run_key is None:
+                            learned.append((seg.watch_id, run_id, seg.identity))
+                if self.keep_samples:
+                    samples += [(run_id, at, duration) for at, duration in seg.samples]
+            if opened:
+                cursor.executemany(sql.close, [(watch_id, key) for _, watch_id, key in opened])
+                cursor.executemany(sql.open, opened)
+            if samples and self._copy:
+                _copy_in(cursor, "poll_samples", ("run_id", "polled_at", "duration_us"), samples)
+            elif samples:
+                cursor.executemany(sql.sample, samples)
 
     def _extend_rows(
         self, cursor: Any, folded: list[Segment], learned: list[tuple[int, int, Identity]]
@@ -1181,13 +1174,9 @@ class Store:
                 f"INSERT INTO etag_history ({', '.join(columns)}) "
                 f"VALUES ({', '.join(['%s'] * len(columns))}) RETURNING id"
             )
-            dbapi = conn.dialect.loaded_dbapi
-            try:
-                with conn.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
-                    params = [tuple(row[c] for c in columns) for row in rows]
-                    return [int(i) for i in _each_returning(cursor, sql, params, pipelined=True)]
-            except dbapi.Error as exc:
-                raise DBAPIError.instance(sql, None, exc, dbapi.Error, dialect=conn.dialect) from exc
+            with _driver_cursor(conn, sql) as cursor:
+                params = [tuple(row[c] for c in columns) for row in rows]
+                return [int(i) for i in _each_returning(cursor, sql, params, pipelined=True)]
         # One statement (insertmanyvalues), each id matched to its row by the unique (watch_id, key,
         # seq): asking for them in parameter order made SQLite insert row by row.
         h = etag_history.c
@@ -1501,27 +1490,20 @@ class Store:
         for a key when this chunk starts with its identity) and delete the rows, in the driver's
         own terms: SQLAlchemy's per-statement overhead was most of the time."""
         sql = self._run_sql
-        dbapi = conn.dialect.loaded_dbapi
         new: list[tuple[Any, ...]] = []
-        try:
-            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-            try:
-                for seg in folded:
-                    if seg.may_extend:
-                        cursor.execute(sql.latest_converted, (seg.watch_id, seg.first_at, seg.run_key))
-                        latest = cursor.fetchone()
-                        if latest is not None and latest[1] <= seg.first_at and tuple(latest[2:]) == seg.identity:
-                            cursor.execute(sql.extend_converted, (*_run_totals(seg), seg.last_at, latest[0]))
-                            continue
-                    # Every converted run is over: the daemon opens the next one.
-                    new.append((seg.watch_id, seg.run_key, *seg.identity, seg.first_at, seg.last_at, *_run_totals(seg)))
-                if new:
-                    cursor.executemany(sql.insert_plain, new)
-                cursor.executemany(sql.delete_legacy, [(i,) for i in ids])
-            finally:
-                cursor.close()
-        except dbapi.Error as exc:
-            raise DBAPIError.instance("polls_legacy", None, exc, dbapi.Error, dialect=conn.dialect) from exc
+        with _driver_cursor(conn, "polls_legacy") as cursor:
+            for seg in folded:
+                if seg.may_extend:
+                    cursor.execute(sql.latest_converted, (seg.watch_id, seg.first_at, seg.run_key))
+                    latest = cursor.fetchone()
+                    if latest is not None and latest[1] <= seg.first_at and tuple(latest[2:]) == seg.identity:
+                        cursor.execute(sql.extend_converted, (*_run_totals(seg), seg.last_at, latest[0]))
+                        continue
+                # Every converted run is over: the daemon opens the next one.
+                new.append((seg.watch_id, seg.run_key, *seg.identity, seg.first_at, seg.last_at, *_run_totals(seg)))
+            if new:
+                cursor.executemany(sql.insert_plain, new)
+            cursor.executemany(sql.delete_legacy, [(i,) for i in ids])
 
     def _prune_for_size(self, max_bytes: int) -> int:
         """Delete the oldest runs until the used size fits ``max_bytes``; return how many went."""
@@ -2344,6 +2326,29 @@ def _stage_rows(conn: Connection, stage: Table, rows: list[dict[str, Any]], crea
     _copy_rows(conn, stage, rows)
 
 
+@contextmanager
+def _driver_errors(conn: Connection, what: str) -> Iterator[None]:
+    """The driver's own errors inside, raised as SQLAlchemy's (``what`` names the statement): the
+    callers of Store tell a database error from a bug by SQLAlchemy's exception types."""
+    dbapi = conn.dialect.loaded_dbapi
+    try:
+        yield
+    except dbapi.Error as exc:
+        raise DBAPIError.instance(what, None, exc, dbapi.Error, dialect=conn.dialect) from exc
+
+
+@contextmanager
+def _driver_cursor(conn: Connection, what: str) -> Iterator[Any]:
+    """A cursor of the driver itself in ``conn``'s transaction, for the writer's hot statements
+    (SQLAlchemy's per-statement work cost more than the database's); errors as ``_driver_errors``."""
+    with _driver_errors(conn, what):
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            yield cursor
+        finally:
+            cursor.close()
+
+
 class _DriverMany:
     """``statement`` compiled once and run by the driver's executemany on a tuple per row (SQLite):
     the rows' datetimes become the stored text here (schema.to_text, as UTCDateTime binds them), and
@@ -2373,15 +2378,8 @@ class _DriverMany:
                 value = row[name]
                 values[position] = to_text(value) if time_text and value is not None else value
             params.append(values)
-        dbapi = conn.dialect.loaded_dbapi
-        try:
-            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-            try:
-                cursor.executemany(self.sql, params)
-            finally:
-                cursor.close()
-        except dbapi.Error as exc:
-            raise DBAPIError.instance(self.sql, None, exc, dbapi.Error, dialect=conn.dialect) from exc
+        with _driver_cursor(conn, self.sql) as cursor:
+            cursor.executemany(self.sql, params)
 
 
 @contextmanager
@@ -2391,23 +2389,15 @@ def _pipelined(conn: Connection, on: bool) -> Iterator[None]:
     if not on or conn.dialect.driver != "psycopg":
         yield
         return
-    dbapi = conn.dialect.loaded_dbapi
-    try:
-        with conn.connection.driver_connection.pipeline():  # type: ignore[union-attr]
-            yield
-    except dbapi.Error as exc:
-        raise DBAPIError.instance("pipelined statements", None, exc, dbapi.Error, dialect=conn.dialect) from exc
+    with _driver_errors(conn, "pipelined statements"), conn.connection.driver_connection.pipeline():  # type: ignore[union-attr]
+        yield
 
 
 def _copy_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
     """COPY ``rows`` into ``table`` in ``conn``'s transaction (psycopg 3); errors as SQLAlchemy's."""
     columns = list(rows[0])
-    dbapi = conn.dialect.loaded_dbapi
-    try:
-        with conn.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
-            _copy_in(cursor, table.name, columns, ([row[c] for c in columns] for row in rows))
-    except dbapi.Error as exc:
-        raise DBAPIError.instance(f"COPY {table.name}", None, exc, dbapi.Error, dialect=conn.dialect) from exc
+    with _driver_cursor(conn, f"COPY {table.name}") as cursor:
+        _copy_in(cursor, table.name, columns, ([row[c] for c in columns] for row in rows))
 
 
 def _copy_in(cursor: Any, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
