@@ -52,7 +52,6 @@ from poller.redact import redact
 from poller.runs import OUTCOME_CODES, OUTCOMES, Identity, Poll, Segment, from_ms, segments, to_ms
 from poller.safetext import printable
 from poller.schema import (
-    UTCDateTime,
     etag_history,
     instances,
     notifications,
@@ -2351,18 +2350,20 @@ def _driver_cursor(conn: Connection, what: str) -> Iterator[Any]:
 
 class _DriverMany:
     """``statement`` compiled once and run by the driver's executemany on a tuple per row (SQLite):
-    the rows' datetimes become the stored text here (schema.to_text, as UTCDateTime binds them), and
-    parameters that are not row columns (a literal such as ``+ 1``, a column default) take their value."""
+    each value goes through its column type's own bind processor (a UTCDateTime becomes its stored
+    text), and parameters that are not row columns (a literal such as ``+ 1``, a column default)
+    take their value."""
 
     def __init__(self, statement: Any, dialect: Any, columns: Sequence[str]) -> None:
         compiled = statement.compile(dialect=dialect, column_keys=list(columns))
         self.sql = str(compiled)
         table = statement.table
         self._template: list[Any] = []
-        self._columns: list[tuple[int, str, bool]] = []  # (position, row key, stored as time text)
+        # (position, row key, the column type's bind processor or None)
+        self._columns: list[tuple[int, str, Callable[[Any], Any] | None]] = []
         for position, name in enumerate(compiled.positiontup or ()):
             if name in columns:
-                self._columns.append((position, name, isinstance(table.c[name].type, UTCDateTime)))
+                self._columns.append((position, name, table.c[name].type.bind_processor(dialect)))
                 self._template.append(None)
             elif compiled.binds[name].value is not None:
                 self._template.append(compiled.binds[name].value)
@@ -2374,9 +2375,8 @@ class _DriverMany:
         params = []
         for row in rows:
             values = self._template.copy()
-            for position, name, time_text in self._columns:
-                value = row[name]
-                values[position] = to_text(value) if time_text and value is not None else value
+            for position, name, process in self._columns:
+                values[position] = row[name] if process is None else process(row[name])
             params.append(values)
         with _driver_cursor(conn, self.sql) as cursor:
             cursor.executemany(self.sql, params)
