@@ -26,7 +26,7 @@ from poller.config import ConfigError, Settings, load_settings
 from poller.metrics import Metrics
 from poller.model import Watch
 from poller.notify import Dispatcher, make_route
-from poller.pipeline import Workers, prepare
+from poller.pipeline import Workers, prepare, writer_linger
 from poller.probe import prober_for
 from poller.sdnotify import Notifier, watchdog_interval
 from poller.signalcheck import SignalCheck, watched_from
@@ -409,6 +409,7 @@ class Daemon:
         self.signals.set_watches(watched_from(synced.watches, self.store.rules))
         self.store.keep_samples = new.database.sample_retention > 0
         self.recorder.route = make_route(new.notify) if new.notify else None
+        self.recorder.linger = writer_linger(specs.values())  # a shorter interval may have come
         self.dispatcher.set_sinks(new.notify)
         for name in diff.removed:
             self.timetable.remove(name)

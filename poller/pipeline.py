@@ -62,7 +62,7 @@ class Recorder:
         linger: float = LINGER,
     ) -> None:
         self._store = store
-        self._linger = linger
+        self.linger = linger  # replaced on reload (writer_linger); read once per batch
         self.route = route  # replaced on reload; read once per batch
         self.on_events: Callable[[], None] | None = None  # e.g. wake the notification dispatcher
         self._max_batch = max_batch
@@ -114,7 +114,7 @@ class Recorder:
                 batch.append(item)
             # A small batch waits up to LINGER for company: a transaction costs more than its rows,
             # and nobody blocks on it (workers move on; `once` waits a few ms at most).
-            deadline = time.monotonic() + self._linger
+            deadline = time.monotonic() + self.linger
             while len(batch) < self._max_batch and not stopping:
                 try:
                     if len(batch) < SMALL_BATCH:

@@ -240,3 +240,29 @@ def test_a_readded_prefix_watch_resumes_from_its_stored_listing(config: ConfigFi
     finally:
         daemon.shutdown()
     assert events(config.db, "p") == ["first_seen", "first_seen", "modified"]
+
+
+def test_the_writers_linger_follows_a_reload(config: ConfigFile, s3, bucket):
+    # A watch with a short interval added by a reload must not skip slots while its result waits
+    # for company: the linger is a quarter of the shortest interval in the running config.
+    from poller.config import load_settings
+    from poller.daemon import Daemon
+    from poller.pipeline import DAEMON_LINGER
+    from poller.sdnotify import Notifier
+
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
+    config.write([{"name": "slow", "bucket": bucket, "key": "k", "interval": "60s"}])
+    daemon = Daemon(config.path, load_settings(config.path), Notifier(""))
+    daemon.start(paused=True)
+    try:
+        assert daemon.recorder.linger == DAEMON_LINGER
+        config.write(
+            [
+                {"name": "slow", "bucket": bucket, "key": "k", "interval": "60s"},
+                {"name": "fast", "bucket": bucket, "key": "k", "interval": "0.2s"},
+            ]
+        )
+        assert daemon.reload()
+        assert daemon.recorder.linger == 0.05
+    finally:
+        daemon.shutdown()
