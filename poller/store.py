@@ -670,14 +670,22 @@ class Store:
             first_seqs = self._first_sightings(conn, changed, failed, created)
             # Other changes are rare next to polls: one compare-and-set each, so a change that another
             # writer already recorded (or that no longer follows the stored state) is refused row by row.
-            for i, row, conditioned, history, name in changed:
-                if i in failed:
+            for j, (i, row, conditioned, history, name) in enumerate(changed):
+                if j in first_seqs:
+                    # Decided with the batch: a first sighting it stored is recorded even if another
+                    # change of its list pass was refused (its state row is written already).
+                    seq = first_seqs[j]
+                elif i in failed:
                     continue
-                seq = first_seqs[i] if i in first_seqs else self._compare_and_set(conn, row, conditioned)
+                else:
+                    seq = self._compare_and_set(conn, row, conditioned)
                 if seq is None:
-                    failed[i] = Superseded(
-                        f"{printable(name)} {printable(history['key'])}: {history['event']} not recorded: the "
-                        "stored state is no longer the one this poll started from (another writer recorded it)"
+                    failed.setdefault(
+                        i,
+                        Superseded(
+                            f"{printable(name)} {printable(history['key'])}: {history['event']} not recorded: the "
+                            "stored state is no longer the one this poll started from (another writer recorded it)"
+                        ),
                     )
                     continue
                 history["seq"] = seq
@@ -1194,26 +1202,21 @@ class Store:
         failed: dict[int, Exception],
         created: list[str],
     ) -> dict[int, int | None]:
-        """Compare-and-set a batch's first sightings in one statement (a daemon's start is all first
-        sightings: row by row each cost two statements, on PostgreSQL two round trips). By index, the
-        change's sequence number, or None where another writer saw the key first; an index not
-        returned goes row by row."""
+        """Compare-and-set a batch's first sightings in one statement (a daemon's start, or a list
+        pass over a new prefix, is all first sightings: row by row each cost two statements, on
+        PostgreSQL two round trips). By position in ``changed``, the change's sequence number, or None
+        where another writer saw the key first; a position not returned goes row by row."""
         keys: dict[tuple[int, str], int] = {}
-        results: dict[int, int] = {}
-        for i, row, *_ in changed:
+        for _, row, *_ in changed:
             ident = (row["watch_id"], row["key"])
             keys[ident] = keys.get(ident, 0) + 1
-            results[i] = results.get(i, 0) + 1
-        # Row by row, in order: a key with another change in the batch (one INSERT ... SELECT cannot
-        # touch a row twice, and its later change is conditioned on this one), and the changes of a
-        # list pass with several (one refused refuses the rest of its pass, unwritten).
+        # A key with another change in the batch goes row by row, in order: one INSERT ... SELECT
+        # cannot touch a row twice, and its later change is conditioned on this one. Keys are
+        # independent of each other, so a list pass's new keys are batched like key watches'.
         firsts = {
-            (row["watch_id"], row["key"]): (i, row)
-            for i, row, conditioned, *_ in changed
-            if i not in failed
-            and conditioned == (None, None)
-            and keys[(row["watch_id"], row["key"])] == 1
-            and results[i] == 1
+            (row["watch_id"], row["key"]): (j, row)
+            for j, (i, row, conditioned, *_) in enumerate(changed)
+            if i not in failed and conditioned == (None, None) and keys[(row["watch_id"], row["key"])] == 1
         }
         if len(firsts) < (STAGE_MIN_ROWS if self._stage_states else 2):
             return {}
@@ -1225,7 +1228,7 @@ class Store:
         else:
             # The same upsert from multi-row VALUES (SQLAlchemy's insertmanyvalues), no staging table.
             stored = conn.execute(self._first_upsert, rows)
-        seqs: dict[int, int | None] = dict.fromkeys((i for i, _ in firsts.values()), None)
+        seqs: dict[int, int | None] = dict.fromkeys((j for j, _ in firsts.values()), None)
         for watch_id, key, seq in stored:
             seqs[firsts[(watch_id, key)][0]] = int(seq)
         return seqs

@@ -596,17 +596,19 @@ def test_a_batch_of_first_sightings_is_recorded_as_one_by_one(store: Store):
     # outcome must be row by row's: a key never stored is inserted (seq 1), one with only errors
     # stored is taken over (numbered past its row), one with history from before a retarget is
     # numbered past that, one another writer saw first is refused (Superseded: no history, no outbox
-    # row), one changed twice in the batch goes row by row, and so do the new keys of a list pass
-    # with other changes (one refused change refuses the rest of its pass); a pass's only new key is
-    # a first sighting like a key watch's.
+    # row), one changed twice in the batch goes row by row; a list pass's new keys are first
+    # sightings like key watches', batched whatever else the pass holds, and one of them refused
+    # supersedes its pass while the others, stored by the batch, keep their history rows.
     names = [f"f{i}" for i in range(10)]
-    prefixes = [WatchSpec(p, "bucket", f"{p}/", 60.0, None, prefix=True) for p in ("dir", "solo")]
+    prefixes = [WatchSpec(p, "bucket", f"{p}/", 60.0, None, prefix=True) for p in ("dir", "solo", "many")]
     w = store.sync_watches([*specs(*names), *prefixes], NOW).watches
     store.record([result(w["f0"], "error", None)])  # f0: an error first, no object stored yet
     store.record([result(w["f1"], etag='"other"')])  # f1: another writer's first sighting
     e0 = ObjectState('"e0"', NOW, NOW, None, 3, True)
     pass0 = (KeyChange("dir/a", "first_seen", None, e0), KeyChange("dir/b", "first_seen", None, e0))
     store.record([PollResult(w["dir"], NOW, "modified", 200, 1.0, None, ObjectState(), changes=pass0)])
+    other = (KeyChange("many/b", "first_seen", None, ObjectState('"other"', NOW, NOW, None, 3, True)),)
+    store.record([PollResult(w["many"], NOW, "modified", 200, 1.0, None, ObjectState(), changes=other)])
     with store.engine.begin() as conn:
         # f0's row numbered past its history (history rows deleted by hand); f2: watched before,
         # retargeted away and back (history, no state row).
@@ -627,7 +629,9 @@ def test_a_batch_of_first_sightings_is_recorded_as_one_by_one(store: Store):
     solo = (KeyChange("solo/x", "first_seen", None, e1),)
     listed_solo = PollResult(w["solo"], later, "modified", 200, 1.0, None, ObjectState(), changes=solo)
     twice = result(w["f3"], event="modified", etag='"e2"', when=again, previous=e1)
-    batch = [result(w[n], when=later) for n in names] + [listed, listed_solo, twice]
+    new_keys = tuple(KeyChange(f"many/{k}", "first_seen", None, e1) for k in "abc")  # many/b: stored already
+    listed_many = PollResult(w["many"], later, "modified", 200, 1.0, None, ObjectState(), changes=new_keys)
+    batch = [result(w[n], when=later) for n in names] + [listed, listed_solo, twice, listed_many]
     statements: list[str] = []
     listen = ("before_cursor_execute", lambda conn, cursor, sql, *_: statements.append(sql))
     event.listen(store.engine, *listen)
@@ -635,7 +639,8 @@ def test_a_batch_of_first_sightings_is_recorded_as_one_by_one(store: Store):
         refused = store.record(batch, lambda name, event: ["hook"])
     finally:
         event.remove(store.engine, *listen)
-    assert list(refused) == [1] and isinstance(refused[1], Superseded)
+    assert sorted(refused) == [1, 13] and all(isinstance(e, Superseded) for e in refused.values())
+    assert "many/b" in str(refused[13])
     h, n = etag_history.c, notifications.c
     with store.engine.connect() as conn:
         rows = conn.execute(
@@ -664,6 +669,9 @@ def test_a_batch_of_first_sightings_is_recorded_as_one_by_one(store: Store):
         ("f3", "key/f3", "first_seen", '"e1"', 1, "hook"),
         ("f3", "key/f3", "modified", '"e2"', 2, "hook"),
         *[(name, f"key/{name}", "first_seen", '"e1"', 1, "hook") for name in names[4:]],
+        ("many", "many/a", "first_seen", '"e1"', 1, "hook"),
+        ("many", "many/b", "first_seen", '"other"', 1, None),
+        ("many", "many/c", "first_seen", '"e1"', 1, "hook"),
         ("solo", "solo/x", "first_seen", '"e1"', 1, "hook"),
     ]
     assert states == {
@@ -674,14 +682,15 @@ def test_a_batch_of_first_sightings_is_recorded_as_one_by_one(store: Store):
         **{("dir", key): seq for key, seq in (("dir/", 0), ("dir/a", 2), ("dir/b", 1), ("dir/c", 1), ("dir/d", 1))},
         ("solo", "solo/"): 0,
         ("solo", "solo/x"): 1,
+        **{("many", key): seq for key, seq in (("many/", 0), ("many/a", 1), ("many/b", 1), ("many/c", 1))},
     }
-    # The batched path did run: one statement for the 10 first sightings; row by row f3's three
-    # (UPDATE, INSERT; UPDATE) and dir's five (UPDATE; UPDATE, INSERT twice); the list passes' own
-    # rows (one upsert, on SQLite run by the driver: not seen here). One statement for the history
+    # The batched path did run: one statement for the 16 first sightings (the list passes' new keys
+    # among them); row by row f3's three (UPDATE, INSERT; UPDATE) and dir/a's UPDATE; the list
+    # passes' own rows (one upsert, on SQLite run by the driver: not seen here). One statement for the history
     # rows (on PostgreSQL a pipelined executemany on the driver's cursor, as the COPY is).
     pg = store.engine.dialect.name == "postgresql"
     upserts = sum(sql.startswith(("INSERT INTO object_state", "UPDATE object_state")) for sql in statements)
-    assert upserts == (10 if pg else 9)
+    assert upserts == (6 if pg else 5)
     assert sum(sql.startswith("INSERT INTO etag_history") for sql in statements) == (0 if pg else 1)
     if pg:
         assert "poller_stage_first" in staged
