@@ -487,7 +487,7 @@ def measure_round(
     """Everything about the first round of passes started after ``after`` (counters from now on)."""
     before, requests0 = daemon.counters(), pipe.requests
     out = profile / (re.sub(r"[^a-z0-9]+", "-", label).strip("-") + ".txt") if profile is not None else None
-    spy = Spy(daemon.proc.pid, out) if out is not None else None
+    spy = Spy(daemon.proc.pid, out, gil=True, nonblocking=True) if out is not None else None
     try:
         starts = wait_round(daemon, db, names, after, timeout=max(3 * interval, 3600.0))
     finally:

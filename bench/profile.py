@@ -16,11 +16,14 @@ from typing import Any
 class Spy:
     """py-spy recording a daemon until ``stop()``: raw folded stacks, 100 samples/s."""
 
-    def __init__(self, pid: int, out: Path, *, gil: bool = False) -> None:
+    def __init__(self, pid: int, out: Path, *, gil: bool = False, nonblocking: bool = False) -> None:
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         # --gil: only the thread holding the GIL is sampled, so the shares are of the interpreter's time.
+        # --nonblocking: the daemon is not paused per sample (a pause per sample of ~100 threads took
+        # more CPU than the daemon itself: a profile of a measured pass must not be one).
+        flags = [*(["--gil"] if gil else []), *(["--nonblocking"] if nonblocking else [])]
         self.proc = subprocess.Popen(
-            [spy, "record", "-r", "100", "-f", "raw", "-o", str(out), "--pid", str(pid), *(["--gil"] if gil else [])],
+            [spy, "record", "-r", "100", "-f", "raw", "-o", str(out), "--pid", str(pid), *flags],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
