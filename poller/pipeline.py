@@ -32,7 +32,7 @@ from poller.watchlist import WatchSpec, rules_from_settings, specs_from_settings
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = 1000
+MAX_BATCH = 1000  # rows a transaction aims at: a result is one, plus one per key its list pass changed
 SMALL_BATCH = 64
 # How long a small batch waits for company (seconds). `once` waits for each commit, so its writer
 # lingers briefly; the daemon's workers never wait for one, and a transaction costs more than its
@@ -108,14 +108,16 @@ class Recorder:
         while not stopping:
             item = self._queue.get()
             batch: list[tuple[PollResult, Committed]] = []
+            rows = 0  # a list pass over a new prefix brings thousands: it is a transaction of its own
             if item is None:
                 stopping = True
             else:
                 batch.append(item)
+                rows += 1 + len(item[0].changes)
             # A small batch waits up to LINGER for company: a transaction costs more than its rows,
             # and nobody blocks on it (workers move on; `once` waits a few ms at most).
             deadline = time.monotonic() + self.linger
-            while len(batch) < self._max_batch and not stopping:
+            while rows < self._max_batch and not stopping:
                 try:
                     if len(batch) < SMALL_BATCH:
                         item = self._queue.get(timeout=max(deadline - time.monotonic(), 0.0))
@@ -127,6 +129,7 @@ class Recorder:
                     stopping = True
                     break
                 batch.append(item)
+                rows += 1 + len(item[0].changes)
             if batch:
                 self._commit(batch)
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from conftest import wait_for
 
-from poller.model import ObjectState, PollResult, Watch
+from poller.model import KeyChange, ObjectState, PollResult, Watch
 from poller.pipeline import Recorder
 
 NOW = datetime(2026, 11, 24, 10, 0, 0, tzinfo=UTC)
@@ -68,6 +68,36 @@ def test_a_failed_commit_gives_its_room_back():
         recorder.submit_nowait(_result(i), errors.append)
     recorder.close()
     assert len(errors) == 6 and all(isinstance(e, RuntimeError) for e in errors)
+
+
+def test_a_list_pass_with_many_changed_keys_is_a_transaction_of_its_own():
+    # A batch aims at max_batch rows, not results: a first pass over a new prefix brings a row per
+    # key, and a million keys in one transaction held the writer (and every other watch) for minutes.
+    class Batches(GatedStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.batches: list[list[int]] = []
+
+        def record(self, results: Sequence[PollResult], route: Any = None) -> dict[int, Exception]:
+            self.gate.wait()
+            self.batches.append([r.watch.id for r in results])
+            return {}
+
+    store = Batches()
+    recorder = Recorder(store, max_batch=10, max_pending=100, linger=0)  # type: ignore[arg-type]
+    state = ObjectState('"e"', NOW, NOW, None, 1, True)
+    changes = tuple(KeyChange(f"p/{k}", "first_seen", None, state) for k in range(12))
+    listed = PollResult(
+        Watch(99, "p", "bucket", "p/", prefix=True), NOW, "modified", 200, 1.0, None, state, changes=changes
+    )
+    for item in [_result(0), listed, *[_result(i) for i in range(1, 12)]]:
+        recorder.submit_nowait(item, lambda exc: None)
+    store.gate.set()
+    recorder.close()
+    (with_pass,) = [b for b in store.batches if 99 in b]
+    assert with_pass[-1] == 99  # its 13 rows filled the batch: nothing joined it after
+    assert sorted(i for b in store.batches for i in b) == [*range(12), 99]
+    assert max(len(b) for b in store.batches) <= 10
 
 
 # --- concurrency that follows the work ----------------------------------------------------------
