@@ -369,6 +369,9 @@ class Store:
             if engine.dialect.name == "sqlite"
             else None
         )
+        self._driver_statements: dict[tuple[Any, tuple[str, ...]], _DriverMany] = {}
+        self._plain_inserts = {table.name: table.insert() for table in (etag_history, notifications)}
+        self._history_ids = etag_history.insert().returning(etag_history.c.id)
         self._cas = self._cas_statements()
         # The poll rows are most of what the writer writes; COPY costs a third of the client CPU
         # of psycopg's pipelined executemany (bench/store_write.py).
@@ -1168,8 +1171,19 @@ class Store:
         12,000 keys: ~40 µs of client CPU per row less than its pipelined executemany), else executemany."""
         if self._copy and len(rows) >= STAGE_MIN_ROWS:
             _copy_rows(conn, table, rows)
+        elif self._driver_upserts is not None:
+            self._driver_statement(self._plain_inserts[table.name], list(rows[0])).run(conn, rows)
         else:
             conn.execute(table.insert(), rows)
+
+    def _driver_statement(self, statement: Any, columns: list[str]) -> _DriverMany:
+        """``statement`` (one built once: it is the cache key) compiled for the driver once per set
+        of row columns (SQLite)."""
+        key = (statement, tuple(columns))
+        driver = self._driver_statements.get(key)
+        if driver is None:
+            driver = self._driver_statements[key] = _DriverMany(statement, self.engine.dialect, columns)
+        return driver
 
     def _insert_history(self, conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
         """Insert history rows (all with the same columns); their ids, in order."""
@@ -1184,16 +1198,13 @@ class Store:
             with _driver_cursor(conn, sql) as cursor:
                 params = [tuple(row[c] for c in columns) for row in rows]
                 return [int(i) for i in _each_returning(cursor, sql, params, pipelined=True)]
-        # One statement (insertmanyvalues), each id matched to its row by the unique (watch_id, key,
-        # seq): asking for them in parameter order made SQLite insert row by row.
-        h = etag_history.c
-        ids = {
-            (watch_id, key, seq): history_id
-            for history_id, watch_id, key, seq in conn.execute(
-                etag_history.insert().returning(h.id, h.watch_id, h.key, h.seq), rows
-            )
-        }
-        return [ids[(row["watch_id"], row["key"], row["seq"])] for row in rows]
+        if self._driver_upserts is None:  # PostgreSQL through another driver than psycopg 3
+            insert = etag_history.insert().returning(etag_history.c.id, sort_by_parameter_order=True)
+            return [int(i) for (i,) in conn.execute(insert, rows)]
+        # Row by row on the driver: SQLAlchemy's multi-row VALUES spent more on each row's parameters
+        # than SQLite on inserting it (a list pass over a new prefix routes thousands at once).
+        driver = self._driver_statement(self._history_ids, list(rows[0]))
+        return [int(i) for (i,) in driver.returning(conn, rows)]
 
     def _first_sightings(
         self,
@@ -1221,12 +1232,16 @@ class Store:
         if len(firsts) < (STAGE_MIN_ROWS if self._stage_states else 2):
             return {}
         rows = [row for _, row in firsts.values()]
+        stored: Iterable[Any]
         if self._stage_states:
             stage, statement = self._staged_first
             _stage_rows(conn, stage, rows, created)
             stored = conn.execute(statement)
-        else:
-            # The same upsert from multi-row VALUES (SQLAlchemy's insertmanyvalues), no staging table.
+        elif self._driver_upserts is not None:
+            # The same upsert a row at a time on the driver (SQLite: no round trips to save, and
+            # SQLAlchemy's multi-row VALUES spent more on each row's parameters than SQLite did).
+            stored = self._driver_statement(self._first_upsert, list(_OK_COLUMNS)).returning(conn, rows)
+        else:  # PostgreSQL through another driver than psycopg 3: multi-row VALUES
             stored = conn.execute(self._first_upsert, rows)
         seqs: dict[int, int | None] = dict.fromkeys((j for j, _ in firsts.values()), None)
         for watch_id, key, seq in stored:
@@ -1293,10 +1308,18 @@ class Store:
         update_cas, insert_cas = self._cas
         params = {f"v_{k}": v for k, v in row.items()}
         params["p_etag"], params["p_present"] = conditioned
-        seq = conn.execute(update_cas, params).scalar()
+
+        def run(statement: Any) -> Any:
+            if self._driver_upserts is None:
+                return conn.execute(statement, params).scalar()
+            # SQLite, on the driver: a list pass that rewrote thousands of keys is as many of these.
+            returned = self._driver_statement(statement, list(params)).returning(conn, [params])
+            return returned[0][0] if returned else None
+
+        seq = run(update_cas)
         if seq is None and conditioned == (None, None):
             # Never stored: the first writer's row wins, a second one inserts nothing.
-            seq = conn.execute(insert_cas, params).scalar()
+            seq = run(insert_cas)
         return None if seq is None else int(seq)
 
     def _cas_statements(self) -> tuple[Any, Any]:
@@ -2353,8 +2376,8 @@ def _driver_cursor(conn: Connection, what: str) -> Iterator[Any]:
 
 class _DriverMany:
     """``statement`` compiled once and run by the driver's executemany on a tuple per row (SQLite):
-    each value goes through its column type's own bind processor (a UTCDateTime becomes its stored
-    text), and parameters that are not row columns (a literal such as ``+ 1``, a column default)
+    each value goes through its parameter's type's own bind processor (a UTCDateTime becomes its
+    stored text), and parameters that are not row columns (a literal such as ``+ 1``, a column default)
     take their value."""
 
     def __init__(self, statement: Any, dialect: Any, columns: Sequence[str]) -> None:
@@ -2366,23 +2389,35 @@ class _DriverMany:
         self._columns: list[tuple[int, str, Callable[[Any], Any] | None]] = []
         for position, name in enumerate(compiled.positiontup or ()):
             if name in columns:
-                self._columns.append((position, name, table.c[name].type.bind_processor(dialect)))
+                self._columns.append((position, name, compiled.binds[name].type.bind_processor(dialect)))
                 self._template.append(None)
             elif compiled.binds[name].value is not None:
                 self._template.append(compiled.binds[name].value)
             else:
                 self._template.append(table.c[name].default.arg)
 
-    def run(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Execute the statement once per row in ``conn``'s transaction; errors as SQLAlchemy's."""
+    def _params(self, rows: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
         params = []
         for row in rows:
             values = self._template.copy()
             for position, name, process in self._columns:
                 values[position] = row[name] if process is None else process(row[name])
             params.append(values)
+        return params
+
+    def run(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Execute the statement once per row in ``conn``'s transaction; errors as SQLAlchemy's."""
         with _driver_cursor(conn, self.sql) as cursor:
-            cursor.executemany(self.sql, params)
+            cursor.executemany(self.sql, self._params(rows))
+
+    def returning(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> list[Any]:
+        """Execute a statement with RETURNING once per row (executemany returns nothing); the rows
+        it returned, in order."""
+        out: list[Any] = []
+        with _driver_cursor(conn, self.sql) as cursor:
+            for values in self._params(rows):
+                out += cursor.execute(self.sql, values).fetchall()
+        return out
 
 
 @contextmanager

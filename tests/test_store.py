@@ -29,7 +29,7 @@ from poller.daemon import Daemon
 from poller.model import KeyChange, ObjectState, PollResult, Watch
 from poller.schema import etag_history, metadata, notifications, object_state, watches
 from poller.sdnotify import Notifier
-from poller.store import Store, StoreError, Superseded, migrate, migrations_dir, open_engine
+from poller.store import Store, StoreError, Superseded, _DriverMany, migrate, migrations_dir, open_engine
 from poller.watchlist import WatchSpec
 
 NOW = datetime(2026, 11, 24, 10, 0, 0, tzinfo=UTC)
@@ -591,7 +591,7 @@ def test_batched_state_upserts_apply_as_row_by_row(store: Store):
         assert staged == staged_paths  # the staged paths ran (the first batch: 12 first sightings)
 
 
-def test_a_batch_of_first_sightings_is_recorded_as_one_by_one(store: Store):
+def test_a_batch_of_first_sightings_is_recorded_as_one_by_one(store: Store, monkeypatch: pytest.MonkeyPatch):
     # A batch's first sightings are one compare-and-set statement (on PostgreSQL COPY-staged); the
     # outcome must be row by row's: a key never stored is inserted (seq 1), one with only errors
     # stored is taken over (numbered past its row), one with history from before a retarget is
@@ -634,6 +634,14 @@ def test_a_batch_of_first_sightings_is_recorded_as_one_by_one(store: Store):
     batch = [result(w[n], when=later) for n in names] + [listed, listed_solo, twice, listed_many]
     statements: list[str] = []
     listen = ("before_cursor_execute", lambda conn, cursor, sql, *_: statements.append(sql))
+    on_driver: list[tuple[str, int]] = []  # SQLite: (statement, rows) of each run on the driver
+    returning = _DriverMany.returning
+
+    def counted(self: _DriverMany, conn: Any, rows: Any) -> list[Any]:
+        on_driver.append((" ".join(self.sql.split()[:3]), len(rows)))
+        return returning(self, conn, rows)
+
+    monkeypatch.setattr(_DriverMany, "returning", counted)
     event.listen(store.engine, *listen)
     try:
         refused = store.record(batch, lambda name, event: ["hook"])
@@ -684,13 +692,21 @@ def test_a_batch_of_first_sightings_is_recorded_as_one_by_one(store: Store):
         ("solo", "solo/x"): 1,
         **{("many", key): seq for key, seq in (("many/", 0), ("many/a", 1), ("many/b", 1), ("many/c", 1))},
     }
-    # The batched path did run: one statement for the 16 first sightings (the list passes' new keys
+    # The batched path did run: one statement for the 15 first sightings (the list passes' new keys
     # among them); row by row f3's three (UPDATE, INSERT; UPDATE) and dir/a's UPDATE; the list
-    # passes' own rows (one upsert, on SQLite run by the driver: not seen here). One statement for the history
-    # rows (on PostgreSQL a pipelined executemany on the driver's cursor, as the COPY is).
+    # passes' own rows (one upsert). On SQLite all of them run on the driver, the history rows too.
     pg = store.engine.dialect.name == "postgresql"
     upserts = sum(sql.startswith(("INSERT INTO object_state", "UPDATE object_state")) for sql in statements)
-    assert upserts == (6 if pg else 5)
-    assert sum(sql.startswith("INSERT INTO etag_history") for sql in statements) == (0 if pg else 1)
+    if pg:
+        assert upserts == 6 and on_driver == []
+    else:
+        assert upserts == 0
+        assert sorted(on_driver) == sorted(
+            [("INSERT INTO object_state", 15)]
+            + [("UPDATE object_state SET", 1)] * 3
+            + [("INSERT INTO object_state", 1)]
+            + [("INSERT INTO etag_history", 16)]
+        )
+    assert sum(sql.startswith("INSERT INTO etag_history") for sql in statements) == 0
     if pg:
         assert "poller_stage_first" in staged
