@@ -1,0 +1,137 @@
+"""A ListObjectsV2 answer of 200 that is not a whole listing is an error, never an empty prefix.
+
+A server (or a proxy) can answer 200 with an S3 error document inside, or cut the body short; read
+as a listing, either would say every key under the prefix was deleted. poller's client checks each
+listing itself (botocore's own check parsed every listing twice, and older botocore versions do not
+check ListObjectsV2 at all). Over the wire, against a peer that answers what each test tells it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import boto3
+import botocore.handlers
+import pytest
+from botocore.exceptions import ClientError
+
+from poller.config import S3Settings
+from poller.listing import list_prefix
+from poller.model import Watch
+from poller.s3client import make_client
+
+XML = b'<?xml version="1.0" encoding="UTF-8"?>\n'
+NS = b' xmlns="http://s3.amazonaws.com/doc/2006-03-01/"'
+
+
+def listing(*keys: str, declaration: bytes = XML, ns: bytes = NS, tail: bytes = b"\n") -> bytes:
+    contents = b"".join(
+        b"<Contents><Key>%s</Key><LastModified>2026-11-25T10:00:00.000Z</LastModified>"
+        b'<ETag>"e-%s"</ETag><Size>3</Size><StorageClass>STANDARD</StorageClass></Contents>' % (k.encode(), k.encode())
+        for k in keys
+    )
+    return (
+        declaration + b"<ListBucketResult%s><Name>b</Name><Prefix>p/</Prefix><KeyCount>%d</KeyCount>"
+        b"<MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated>%s</ListBucketResult>%s"
+        % (ns, len(keys), contents, tail)
+    )
+
+
+class Peer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.bodies: list[bytes] = []  # answered in turn, the last one again once the others are used
+        self.requests = 0
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: Peer
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        peer = self.server
+        body = peer.bodies[min(peer.requests, len(peer.bodies) - 1)]
+        peer.requests += 1
+        self.send_response(200)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def peer() -> Iterator[Peer]:
+    server = Peer()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _list(peer: Peer, *bodies: bytes) -> dict[str, object]:
+    peer.bodies = list(bodies)
+    settings = S3Settings(
+        endpoint_url=f"http://127.0.0.1:{peer.server_address[1]}",
+        addressing_style="path",
+        max_attempts=2,
+    )
+    client = make_client(settings, 1, boto3.session.Session(aws_access_key_id="k", aws_secret_access_key="s"))
+    listed, _ = list_prefix(client, Watch(1, "w", "b", "p/", prefix=True))
+    return dict(listed)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        listing("p/a", "p/b"),
+        listing("p/a", "p/b", declaration=b""),  # no XML declaration
+        listing("p/a", "p/b", ns=b""),  # no namespace
+        listing("p/a", "p/b", tail=b"<!-- a comment after the root -->\n"),  # parsed, and whole
+    ],
+    ids=["usual", "no-declaration", "no-namespace", "comment-after"],
+)
+def test_a_whole_listing_is_read(peer: Peer, body: bytes, monkeypatch: pytest.MonkeyPatch):
+    parsed: list[bytes] = []
+    full_parse = botocore.handlers._looks_like_special_case_error  # type: ignore[attr-defined]
+    monkeypatch.setattr(
+        botocore.handlers, "_looks_like_special_case_error", lambda s, b: parsed.append(b) or full_parse(s, b)
+    )
+    listed = _list(peer, body)
+    assert sorted(listed) == ["p/a", "p/b"]
+    assert listed["p/a"].last_modified == datetime(2026, 11, 25, 10, tzinfo=UTC)  # type: ignore[attr-defined]
+    assert parsed == []  # botocore's second parse of the body is not run for a listing
+
+
+ERROR = XML + b"<Error><Code>InternalError</Code><Message>We encountered an internal error.</Message></Error>"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        ERROR,
+        listing("p/a", "p/b")[:-40],  # cut short: the peer's Content-Length says so too
+        b"",  # no body at all
+        XML + b"<ListAllMyBucketsResult><Buckets/></ListAllMyBucketsResult>",  # a whole document, not a listing
+        XML + b"<ListBucketResult><Name>b</Name><IsTruncated>false</IsTruncated>",  # opens as one, never closes
+    ],
+    ids=["error-inside-200", "cut-short", "empty", "other-document", "unclosed"],
+)
+def test_a_200_without_a_whole_listing_is_retried_then_an_error(peer: Peer, body: bytes):
+    with pytest.raises(ClientError):
+        _list(peer, body)
+    assert peer.requests == 2  # retried (max_attempts = 2), as botocore retries a 500
+
+
+def test_a_bad_listing_then_a_good_one_is_read(peer: Peer):
+    # The retry gets the whole listing: the pass sees every key, none of them deleted.
+    assert sorted(_list(peer, ERROR, listing("p/a", "p/b"))) == ["p/a", "p/b"]
+    assert peer.requests == 2
