@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 
 from poller.config import load_settings
 from poller.daemon import Daemon
-from poller.model import KeyChange, ObjectState, PollResult, Watch
+from poller.model import KeyChange, ObjectState, PollResult, PrefixState, Watch
 from poller.schema import etag_history, metadata, notifications, object_state, watches
 from poller.sdnotify import Notifier
 from poller.store import Store, StoreError, Superseded, _DriverMany, migrate, migrations_dir, open_engine
@@ -710,3 +710,22 @@ def test_a_batch_of_first_sightings_is_recorded_as_one_by_one(store: Store, monk
     assert sum(sql.startswith("INSERT INTO etag_history") for sql in statements) == 0
     if pg:
         assert "poller_stage_first" in staged
+
+
+def test_states_read_back_are_the_states_recorded(store: Store):
+    # A restart conditions every first request on these: the same values and the same types (a
+    # `present` of 1 is not True to the probe; times are aware UTC), on both databases.
+    micro = NOW + timedelta(microseconds=123456)
+    w = store.sync_watches([*specs("k", "gone"), WatchSpec("p", "bucket", "p/", 60.0, None, prefix=True)], NOW).watches
+    seen = ObjectState('"e1"', micro, micro, "v1", 2**40, True)
+    store.record([PollResult(w["k"], NOW, "modified", 200, 1.0, None, seen, "first_seen")])
+    store.record([result(w["gone"], "missing", "deleted")])
+    listed = (KeyChange("p/a", "first_seen", None, ObjectState('"a"', micro, None, None, 7, True)),)
+    store.record([PollResult(w["p"], NOW, "modified", 200, 1.0, None, ObjectState(), changes=listed)])
+    keyed, prefixed = store.load_states_for([w["k"].id, w["gone"].id, w["p"].id])
+    assert keyed == {w["k"].id: seen, w["gone"].id: ObjectState('"e1"', NOW, NOW, None, 3, False)}
+    assert prefixed == {w["p"].id: PrefixState(True, {"p/a": ObjectState('"a"', micro, None, None, 7, True)})}
+    assert (keyed, prefixed) == (store.load_states(), store.load_prefix_states())
+    for state in [*keyed.values(), *prefixed[w["p"].id].objects.values()]:
+        assert type(state.present) is bool
+        assert state.last_modified is not None and state.last_modified.utcoffset() == timedelta(0)
