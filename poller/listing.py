@@ -11,6 +11,7 @@ from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
 
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.parsers import ResponseParserError
 
 from poller.model import Event, KeyChange, ObjectState, PollResult, PrefixState, Watch, canonical_etag
 from poller.probe import Prober, error_result
@@ -100,6 +101,9 @@ def poll_prefix(prober: Prober, watch: Watch, stored: PrefixState) -> PollResult
         return error_result(watch, polled_at, started, None, 200, str(exc))
     except (BotoCoreError, OSError, ValueError) as exc:
         return error_result(watch, polled_at, started, None, None, describe_transport_error(exc))
+    except ResponseParserError as exc:
+        # A 200 that opens and closes as a listing but is broken inside (s3client checks only its ends).
+        return error_result(watch, polled_at, started, None, 200, f"the listing could not be read: {exc}")
     changes = tuple(diff_listing(stored, listed))
     return PollResult(
         watch=watch,

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import boto3
 import botocore.handlers
@@ -19,8 +20,8 @@ import pytest
 from botocore.exceptions import ClientError
 
 from poller.config import S3Settings
-from poller.listing import list_prefix
-from poller.model import Watch
+from poller.listing import list_prefix, poll_prefix
+from poller.model import ObjectState, PrefixState, Watch
 from poller.s3client import make_client
 
 XML = b'<?xml version="1.0" encoding="UTF-8"?>\n'
@@ -135,3 +136,17 @@ def test_a_bad_listing_then_a_good_one_is_read(peer: Peer):
     # The retry gets the whole listing: the pass sees every key, none of them deleted.
     assert sorted(_list(peer, ERROR, listing("p/a", "p/b"))) == ["p/a", "p/b"]
     assert peer.requests == 2
+
+
+def test_a_listing_broken_inside_is_an_error_outcome(peer: Peer):
+    # Its two ends pass the cheap check; botocore's parser then refuses it: the pass is an error, the
+    # stored keys are untouched (no deletion invented), and the daemon's worker does not see an exception.
+    broken = listing("p/a", "p/b").replace(b"</Key>", b"</Kee>", 1)
+    peer.bodies = [broken]
+    settings = S3Settings(endpoint_url=f"http://127.0.0.1:{peer.server_address[1]}", addressing_style="path")
+    client = make_client(settings, 1, boto3.session.Session(aws_access_key_id="k", aws_secret_access_key="s"))
+    prober = SimpleNamespace(client=client, now=lambda: datetime.now(UTC))
+    stored = PrefixState(True, {"p/a": ObjectState('"e-p/a"', None, None, None, 3, True)})
+    result = poll_prefix(prober, Watch(1, "w", "b", "p/", prefix=True), stored)  # type: ignore[arg-type]
+    assert result.outcome == "error" and result.changes == ()
+    assert result.error is not None and "the listing could not be read" in result.error
