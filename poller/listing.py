@@ -103,7 +103,9 @@ def poll_prefix(prober: Prober, watch: Watch, stored: PrefixState) -> PollResult
         return error_result(watch, polled_at, started, None, None, describe_transport_error(exc))
     except ResponseParserError as exc:
         # A 200 that opens and closes as a listing but is broken inside (s3client checks only its ends).
-        return error_result(watch, polled_at, started, None, 200, f"the listing could not be read: {exc}")
+        # botocore's message goes on with the whole body: the first line says why.
+        reason = str(exc).split("\n", 1)[0].removesuffix(" Further retries may succeed:")
+        return error_result(watch, polled_at, started, None, 200, f"the listing could not be read: {reason[:300]}")
     changes = tuple(diff_listing(stored, listed))
     return PollResult(
         watch=watch,
