@@ -82,12 +82,17 @@ class UTCDateTime(TypeDecorator[datetime]):
         return to_text(value)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if isinstance(value, datetime):  # timestamptz: aware, in the session's time zone
-            return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
-        parsed = datetime.fromisoformat(value)
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        return from_stored(value)
+
+
+def from_stored(value: Any) -> datetime | None:
+    """A stored time as an aware UTC datetime: ISO text (SQLite) or a timestamptz value (PostgreSQL)."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):  # timestamptz: aware, in the session's time zone
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 # 64-bit on PostgreSQL (a busy daemon exhausts a 32-bit polls.id in weeks; objects reach 2 GiB).

@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -53,6 +53,7 @@ from poller.runs import OUTCOME_CODES, OUTCOMES, Identity, Poll, Segment, from_m
 from poller.safetext import printable
 from poller.schema import (
     etag_history,
+    from_stored,
     instances,
     notifications,
     object_state,
@@ -551,19 +552,8 @@ class Store:
         )
         keyed: dict[int, ObjectState] = {}
         prefixed: dict[int, PrefixState] = {}
-        if self.engine.dialect.name == "sqlite":
-            # Stored as ISO text with its offset (schema.to_text); the rows come from the driver as
-            # tuples: SQLAlchemy's rows and result processors took 15 s for a million keys.
-            def when(value: Any) -> datetime | None:
-                if value is None:
-                    return None
-                parsed = datetime.fromisoformat(value)
-                return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-        else:
-
-            def when(value: Any) -> datetime | None:  # timestamptz: aware, in the session's time zone
-                return None if value is None else value.astimezone(UTC)
-
+        # The rows come from the driver as tuples, times converted as UTCDateTime does: SQLAlchemy's
+        # rows and result processors took 15 s for a million keys.
         with self._read() as conn:
             sql = str(query.compile(conn, compile_kwargs={"literal_binds": True, "render_postcompile": True}))
             with _driver_cursor(conn, "reading the stored states") as cursor:
@@ -574,7 +564,9 @@ class Store:
                 present = bool(present)  # SQLite answers 0 or 1
             if kind != "prefix":
                 if key == watch_key:  # a row left by an earlier target is not this watch's state
-                    keyed[watch_id] = ObjectState(etag, when(last_modified), when(observed), version_id, size, present)
+                    keyed[watch_id] = ObjectState(
+                        etag, from_stored(last_modified), from_stored(observed), version_id, size, present
+                    )
                 continue
             entry = prefixed.setdefault(watch_id, PrefixState())
             if key == watch_key:
@@ -582,7 +574,7 @@ class Store:
                 if outcome in ("unchanged", "modified"):
                     prefixed[watch_id] = PrefixState(True, entry.objects)
                 continue
-            entry.objects[key] = ObjectState(etag, when(last_modified), None, None, size, present)
+            entry.objects[key] = ObjectState(etag, from_stored(last_modified), None, None, size, present)
         return keyed, prefixed
 
     # --- recording ------------------------------------------------------------------
