@@ -555,10 +555,7 @@ class Store:
         # The rows come from the driver as tuples, times converted as UTCDateTime does: SQLAlchemy's
         # rows and result processors took 15 s for a million keys.
         with self._read() as conn:
-            sql = str(query.compile(conn, compile_kwargs={"literal_binds": True, "render_postcompile": True}))
-            with _driver_cursor(conn, "reading the stored states") as cursor:
-                cursor.execute(sql)
-                rows = cursor.fetchall()
+            rows = _driver_rows(conn, query)
         for watch_id, key, etag, last_modified, observed, version_id, size, present, outcome, watch_key, kind in rows:
             if present is not None:
                 present = bool(present)  # SQLite answers 0 or 1
@@ -1668,13 +1665,7 @@ class Store:
         SQLAlchemy's per-row work: 100,000 watches are ~1.3 million cells."""
         query = self._status_query(display=True, text_only=True)
         with self._read() as conn:
-            sql = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
-            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-            try:
-                cursor.execute(sql)
-                return cursor.fetchall()  # type: ignore[no-any-return]
-            finally:
-                cursor.close()
+            return _driver_rows(conn, query)
 
     def _status_query(self, *, display: bool, text_only: bool) -> Any:
         state = object_state.c
@@ -2366,14 +2357,24 @@ def _driver_errors(conn: Connection, what: str) -> Iterator[None]:
 
 @contextmanager
 def _driver_cursor(conn: Connection, what: str) -> Iterator[Any]:
-    """A cursor of the driver itself in ``conn``'s transaction, for the writer's hot statements
-    (SQLAlchemy's per-statement work cost more than the database's); errors as ``_driver_errors``."""
+    """A cursor of the driver itself in ``conn``'s transaction, for the hot statements and the large
+    reads (SQLAlchemy's per-statement or per-row work cost more than the database's); errors as
+    ``_driver_errors``."""
     with _driver_errors(conn, what):
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         try:
             yield cursor
         finally:
             cursor.close()
+
+
+def _driver_rows(conn: Connection, query: Any) -> list[Any]:
+    """Every row of ``query`` as the driver's tuples (its values rendered inline), for reads of a row
+    per watch or key, where SQLAlchemy's rows and result processors cost more than the database."""
+    sql = str(query.compile(conn, compile_kwargs={"literal_binds": True, "render_postcompile": True}))
+    with _driver_cursor(conn, sql) as cursor:
+        cursor.execute(sql)
+        return cursor.fetchall()  # type: ignore[no-any-return]
 
 
 class _DriverMany:
