@@ -360,16 +360,10 @@ class Store:
         # The larger of two values: SQLite's max() with two arguments is scalar.
         self._greatest = func.greatest if engine.dialect.name == "postgresql" else func.max
         self._upsert_ok, self._upsert_error = self._upserts()
-        # SQLite: the same upserts run by the driver on a tuple per row. At saturation SQLAlchemy's
-        # per-row parameter handling took more of the writer's time than SQLite itself (py-spy).
-        self._driver_upserts = (
-            (
-                _DriverMany(self._upsert_ok, engine.dialect, _OK_COLUMNS),
-                _DriverMany(self._upsert_error, engine.dialect, _ERROR_COLUMNS),
-            )
-            if engine.dialect.name == "sqlite"
-            else None
-        )
+        # SQLite: the writer's statements run by the driver on a tuple per row (_driver_statement). At
+        # saturation SQLAlchemy's per-row parameter handling took more of the writer's time than
+        # SQLite itself (py-spy); PostgreSQL has COPY and pipelines instead.
+        self._on_driver = engine.dialect.name == "sqlite"
         self._driver_statements: dict[tuple[Any, tuple[str, ...]], _DriverMany] = {}
         self._plain_inserts = {table.name: table.insert() for table in (etag_history, notifications)}
         self._history_ids = etag_history.insert().returning(etag_history.c.id)
@@ -993,8 +987,9 @@ class Store:
     ) -> None:
         """Upsert the object_state rows of unchanged keys (or of errors), in batch order; a staged
         batch (PostgreSQL) is COPYed here, and the upsert that applies it appended to ``applying``."""
-        if self._driver_upserts is not None:
-            self._driver_upserts[error].run(conn, rows)
+        if self._on_driver:
+            upsert, columns = (self._upsert_error, _ERROR_COLUMNS) if error else (self._upsert_ok, _OK_COLUMNS)
+            self._driver_statement(upsert, columns).run(conn, rows)
             return
         if not self._stage_states or len(rows) < STAGE_MIN_ROWS:
             conn.execute(self._upsert_error if error else self._upsert_ok, rows)
@@ -1170,12 +1165,12 @@ class Store:
         12,000 keys: ~40 µs of client CPU per row less than its pipelined executemany), else executemany."""
         if self._copy and len(rows) >= STAGE_MIN_ROWS:
             _copy_rows(conn, table, rows)
-        elif self._driver_upserts is not None:
+        elif self._on_driver:
             self._driver_statement(self._plain_inserts[table.name], list(rows[0])).run(conn, rows)
         else:
             conn.execute(table.insert(), rows)
 
-    def _driver_statement(self, statement: Any, columns: list[str]) -> _DriverMany:
+    def _driver_statement(self, statement: Any, columns: Sequence[str]) -> _DriverMany:
         """``statement`` (one built once: it is the cache key) compiled for the driver once per set
         of row columns (SQLite)."""
         key = (statement, tuple(columns))
@@ -1197,7 +1192,7 @@ class Store:
             with _driver_cursor(conn, sql) as cursor:
                 params = [tuple(row[c] for c in columns) for row in rows]
                 return [int(i) for i in _each_returning(cursor, sql, params, pipelined=True)]
-        if self._driver_upserts is None:  # PostgreSQL through another driver than psycopg 3
+        if not self._on_driver:  # PostgreSQL through another driver than psycopg 3
             insert = etag_history.insert().returning(etag_history.c.id, sort_by_parameter_order=True)
             return [int(i) for (i,) in conn.execute(insert, rows)]
         # Row by row on the driver: SQLAlchemy's multi-row VALUES spent more on each row's parameters
@@ -1236,10 +1231,10 @@ class Store:
             stage, statement = self._staged_first
             _stage_rows(conn, stage, rows, created)
             stored = conn.execute(statement)
-        elif self._driver_upserts is not None:
+        elif self._on_driver:
             # The same upsert a row at a time on the driver (SQLite: no round trips to save, and
             # SQLAlchemy's multi-row VALUES spent more on each row's parameters than SQLite did).
-            stored = self._driver_statement(self._first_upsert, list(_OK_COLUMNS)).returning(conn, rows)
+            stored = self._driver_statement(self._first_upsert, _OK_COLUMNS).returning(conn, rows)
         else:  # PostgreSQL through another driver than psycopg 3: multi-row VALUES
             stored = conn.execute(self._first_upsert, rows)
         seqs: dict[int, int | None] = dict.fromkeys((j for j, _ in firsts.values()), None)
@@ -1309,7 +1304,7 @@ class Store:
         params["p_etag"], params["p_present"] = conditioned
 
         def run(statement: Any) -> Any:
-            if self._driver_upserts is None:
+            if not self._on_driver:
                 return conn.execute(statement, params).scalar()
             # SQLite, on the driver: a list pass that rewrote thousands of keys is as many of these.
             returned = self._driver_statement(statement, list(params)).returning(conn, [params])
