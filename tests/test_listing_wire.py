@@ -8,16 +8,17 @@ check ListObjectsV2 at all). Over the wire, against a peer that answers what eac
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import SimpleNamespace
+from typing import Any
 
 import boto3
 import botocore.handlers
 import pytest
 from botocore.exceptions import ClientError
+from conftest import serving
 
 from poller.config import S3Settings
 from poller.listing import list_prefix, poll_prefix
@@ -41,21 +42,16 @@ def listing(*keys: str, declaration: bytes = XML, ns: bytes = NS, tail: bytes = 
     )
 
 
-class Peer(ThreadingHTTPServer):
-    daemon_threads = True
+class Answers(BaseHTTPRequestHandler):
+    """Answers each GET with the next of ``bodies`` (the last one again once the others are used)."""
 
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.bodies: list[bytes] = []  # answered in turn, the last one again once the others are used
-        self.requests = 0
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: Peer
     protocol_version = "HTTP/1.1"
+    bodies: list[bytes] = []
+    requests = 0
+    port = 0
 
     def do_GET(self) -> None:
-        peer = self.server
+        peer = type(self)
         body = peer.bodies[min(peer.requests, len(peer.bodies) - 1)]
         peer.requests += 1
         self.send_response(200)
@@ -68,25 +64,25 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
+Peer = type[Answers]
+
+
 @pytest.fixture
 def peer() -> Iterator[Peer]:
-    server = Peer()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    handler: Peer = type("Answering", (Answers,), {"bodies": [], "requests": 0})
+    with serving(handler) as port:
+        handler.port = port
+        yield handler
+
+
+def _client(peer: Peer) -> Any:
+    settings = S3Settings(endpoint_url=f"http://127.0.0.1:{peer.port}", addressing_style="path", max_attempts=2)
+    return make_client(settings, 1, boto3.session.Session(aws_access_key_id="k", aws_secret_access_key="s"))
 
 
 def _list(peer: Peer, *bodies: bytes) -> dict[str, object]:
     peer.bodies = list(bodies)
-    settings = S3Settings(
-        endpoint_url=f"http://127.0.0.1:{peer.server_address[1]}",
-        addressing_style="path",
-        max_attempts=2,
-    )
-    client = make_client(settings, 1, boto3.session.Session(aws_access_key_id="k", aws_secret_access_key="s"))
-    listed, _ = list_prefix(client, Watch(1, "w", "b", "p/", prefix=True))
+    listed, _ = list_prefix(_client(peer), Watch(1, "w", "b", "p/", prefix=True))
     return dict(listed)
 
 
@@ -143,9 +139,7 @@ def test_a_listing_broken_inside_is_an_error_outcome(peer: Peer):
     # stored keys are untouched (no deletion invented), and the daemon's worker does not see an exception.
     broken = listing("p/a", "p/b").replace(b"</Key>", b"</Kee>", 1)
     peer.bodies = [broken]
-    settings = S3Settings(endpoint_url=f"http://127.0.0.1:{peer.server_address[1]}", addressing_style="path")
-    client = make_client(settings, 1, boto3.session.Session(aws_access_key_id="k", aws_secret_access_key="s"))
-    prober = SimpleNamespace(client=client, now=lambda: datetime.now(UTC))
+    prober = SimpleNamespace(client=_client(peer), now=lambda: datetime.now(UTC))
     stored = PrefixState(True, {"p/a": ObjectState('"e-p/a"', None, None, None, 3, True)})
     result = poll_prefix(prober, Watch(1, "w", "b", "p/", prefix=True), stored)  # type: ignore[arg-type]
     assert result.outcome == "error" and result.changes == ()
