@@ -48,9 +48,11 @@ class _Parser(argparse.ArgumentParser):
 # --- helpers --------------------------------------------------------------------------
 
 
-def _settings(args: argparse.Namespace) -> tuple[Path, Settings]:
+def _settings(args: argparse.Namespace, *, watches: bool = True) -> tuple[Path, Settings]:
+    """The config file's settings; ``watches=False`` for commands that read the database only (the
+    watch list of a large config is most of its load time, and `poller check` is what checks it)."""
     path = find_config(args.config)
-    settings = load_settings(path)
+    settings = load_settings(path, watches=watches)
     args.db_url = settings.database.url  # for database errors raised later
     return path, settings
 
@@ -308,7 +310,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from poller.redact import redact
     from poller.s3client import make_client
 
-    _, settings = _settings(args)
+    _, settings = _settings(args, watches=False)
     client = make_client(settings.s3, 1)
     try:
         report = run_doctor(client, args.bucket, settings.s3.conditional)
@@ -354,7 +356,7 @@ CHANGE_COLUMNS = (
 
 def cmd_status(args: argparse.Namespace) -> int:
     """One row per watch: last outcome, ETag, Last-Modified, last polled, consecutive errors, signals, deadline."""
-    _, settings = _settings(args)
+    _, settings = _settings(args, watches=False)
     store = _open_store(settings, readonly=True)
     try:
         if args.format == "json":
@@ -433,7 +435,7 @@ NOTIFY_COLUMNS = (
 
 def cmd_notify_list(args: argparse.Namespace) -> int:
     """List notification deliveries, newest first: sink, status, attempts, last error."""
-    _, settings = _settings(args)
+    _, settings = _settings(args, watches=False)
     store = _open_store(settings, readonly=True)
     try:
         rows = store.notification_rows(args.status, args.limit or 1_000_000)
@@ -445,7 +447,7 @@ def cmd_notify_list(args: argparse.Namespace) -> int:
 
 def cmd_notify_retry(args: argparse.Namespace) -> int:
     """Re-queue failed notification deliveries (all, or one sink's); the daemon delivers them."""
-    _, settings = _settings(args)
+    _, settings = _settings(args, watches=False)
     store = _open_store(settings, readonly=False)
     try:
         count = store.retry_failed(datetime.now(UTC), args.sink)
@@ -457,7 +459,7 @@ def cmd_notify_retry(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     """Poll outcomes (or, with --changes, ETag history events), newest first."""
-    _, settings = _settings(args)
+    _, settings = _settings(args, watches=False)
     since = _parse_since(args.since) if args.since else None
     if args.limit is None:
         args.limit = 10 if args.follow else 100
@@ -598,7 +600,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     """Create or upgrade the database schema to the newest revision."""
     from poller.store import migrate
 
-    _, settings = _settings(args)
+    _, settings = _settings(args, watches=False)
     store = _open_store(settings, readonly=False)
     try:
         migrate(store.engine)
@@ -619,7 +621,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 def cmd_db_stats(args: argparse.Namespace) -> int:
     """Rows and bytes per table, and the size the database heads for at the last day's rate."""
-    _, settings = _settings(args)
+    _, settings = _settings(args, watches=False)
     store = _open_store(settings, readonly=True)
     try:
         stats = store.stats(datetime.now(UTC))

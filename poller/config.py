@@ -48,6 +48,10 @@ MAX_DURATION_SECONDS = 366 * 86400
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+# A `[[watch]]` table header on a line of its own, and a line opening any other header (or whatever
+# else starts with '[', which is then treated as one): see without_watches().
+_WATCH_HEADER = re.compile(r"^[ \t]*\[\[[ \t]*watch[ \t]*\]\][ \t]*(?:#[^\n]*)?\r?$", re.MULTILINE)
+_OTHER_HEADER = re.compile(r"^[ \t]*\[(?!\[[ \t]*watch[ \t]*\]\][ \t]*(?:#[^\n]*)?\r?$)", re.MULTILINE)
 
 
 class ConfigError(Exception):
@@ -816,10 +820,12 @@ def find_config(explicit: str | os.PathLike[str] | None) -> Path:
     )
 
 
-def load_settings(path: Path) -> Settings:
+def load_settings(path: Path, *, watches: bool = True) -> Settings:
     """Read, check the permissions of, parse and validate the config file (at start and on every reload).
 
     Raise ConfigError with an operator-facing message; warn when a file others can read holds a secret.
+    ``watches=False`` (the commands that only read the database): the watch list is neither parsed,
+    where that can be told safely, nor checked, and ``settings.watch`` is empty.
     """
     try:
         with path.open("rb") as handle:
@@ -836,10 +842,14 @@ def load_settings(path: Path) -> Settings:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise ConfigError(f"{path}: line {line}: the file is not valid UTF-8 (TOML files must be UTF-8).") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: TOML syntax error: {exc}.") from None
+    data = _parse_without_watches(text) if not watches else None
+    if data is None:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: TOML syntax error: {exc}.") from None
+    if not watches:
+        data.pop("watch", None)
     if mode & stat.S_IROTH:
         secrets = find_secrets(data, text)
         if secrets:
@@ -854,6 +864,33 @@ def load_settings(path: Path) -> Settings:
             )
     del raw, text  # a million watches: 150 MB the validation need not carry
     return settings_from_mapping(data, source=str(path))
+
+
+def without_watches(text: str) -> str | None:
+    """The config text before its first `[[watch]]` header, if all that follows is `[[watch]]` tables
+    (the usual layout: settings first, then the list); None when that cannot be told from the lines.
+
+    Parsing 100,000 watches takes a second or more: `poller status` and `history` need none of them.
+    A line `[[watch]]` is a header or sits in a multi-line string; in a string, the text before it
+    ends inside that string and does not parse, and the caller parses the whole file. After it, any
+    line starting with '[' that is not such a header (another table, an array's continuation, a
+    string's content) makes the answer None, so no setting after the list is ever dropped.
+    """
+    first = _WATCH_HEADER.search(text)
+    if first is None or _OTHER_HEADER.search(text, first.end()) is not None:
+        return None
+    return text[: first.start()]
+
+
+def _parse_without_watches(text: str) -> dict[str, Any] | None:
+    """The TOML data of everything but the watch list, or None to parse the whole file instead."""
+    head = without_watches(text)
+    if head is None:
+        return None
+    try:
+        return tomllib.loads(head)
+    except tomllib.TOMLDecodeError:
+        return None  # cut inside a multi-line string, or a syntax error: the whole file says which
 
 
 def _mode(mode: int) -> str:

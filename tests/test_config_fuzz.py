@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from conftest import render_config
+from conftest import ConfigFile, render_config, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -178,3 +179,78 @@ def test_a_bad_watch_among_many_is_named_with_the_other_sections_errors() -> Non
         raise AssertionError("accepted")
     assert message.startswith("f.toml: [schedule] field 'interval'"), message
     assert "watch #6 ('b/x'): " in message and "cron" in message
+
+
+# Pieces of a config file, in any order: the settings, watch tables, sink tables, and the traps of
+# a line-based cut (a `[[watch]]` or `[database]` line inside a multi-line string, a header with
+# spaces or a comment, an array continued over lines, CRLF line ends).
+_PIECES = [
+    '[database]\nurl = "sqlite:///from-the-file.db"\n',
+    '[s3]\nregion = "eu-west-1"\n',
+    '  [ schedule ]  # spaced\ninterval = "5m"\n',
+    '[[notify]]\ntype = "webhook"\nurl = "https://hooks.example/x"\n',
+    'note{i} = """\n[[watch]]\n[database]\nurl = "sqlite:///from-a-string.db"\n"""\n',
+    "lit{i} = '''\n[[watch]]\n'''\n",
+    '[[watch]]\nname = "w{i}"\nbucket = "b"\nkey = "k{i}"\n',
+    '[[watch]]   # with a comment\nname = "w{i}"\nbucket = "b"\nkey = "k{i}"\ninclude = [\n  "a",\n  "b",\n]\n',
+    '[[watch]]\r\nname = "w{i}"\r\nbucket = "b"\r\nkey = "k{i}"\r\n',
+    '[[watch]]\nname = "w{i}"\nbucket = "b"\nkey = "k{i}"\ncomment = """\n[ database ]\n"""\n',
+]
+
+
+@given(st.lists(st.sampled_from(range(len(_PIECES))), max_size=8), st.booleans())
+@settings(max_examples=400, deadline=None)
+def test_the_settings_read_without_the_watch_list_are_the_files(order: list[int], crlf: bool) -> None:
+    """Reading commands parse the text before the watch list when the rest is watch tables only:
+    whenever that cut is taken, it yields what parsing the whole file yields, minus the watches."""
+    import tomli
+
+    from poller.config import _parse_without_watches
+
+    text = "".join(_PIECES[p].format(i=n) for n, p in enumerate(order))
+    if crlf:
+        text = text.replace("\r\n", "\n").replace("\n", "\r\n")
+    try:
+        whole = tomli.loads(text)
+    except tomli.TOMLDecodeError:
+        return  # a table defined twice: the whole file's error is what every command reports
+    whole.pop("watch", None)
+    cut = _parse_without_watches(text)
+    assert cut is None or cut == whole
+
+
+def test_the_cut_is_taken_for_the_usual_layout_only() -> None:
+    """Settings, then the list: parsed without it; anything but watch tables after it: the whole file."""
+    from poller.config import without_watches
+
+    head = '[database]\nurl = "sqlite:///p.db"\n'
+    watch = '[[watch]]\nname = "w"\nbucket = "b"\nkey = "k"\n'
+    assert without_watches(head + watch * 3) == head
+    assert without_watches(head) is None  # no list: nothing to skip
+    assert without_watches(head + watch + '[[notify]]\ntype = "webhook"\nurl = "https://x"\n' + watch) is None
+    assert without_watches(watch + head) is None
+
+
+def test_reading_commands_ignore_the_watch_list(config: ConfigFile, s3: Any, bucket: str) -> None:
+    """`status` and `history` read the database, not the watches: a config whose list is broken
+    (which `check` and the daemon refuse, naming the watch) still answers them, from the database
+    named before the list or after it."""
+
+    s3.put_object(Bucket=bucket, Key="k", Body=b"1")
+    config.write([{"name": "ok", "bucket": bucket, "key": "k"}])
+    assert run_cli("once", "--config", str(config.path)).returncode == 0
+    good = config.path.read_text()
+    config.path.write_text(good + '[[watch]]\nname = "bad"\nbucket = "b"\nkey = "k"\ninterval = "never"\n')
+    check = run_cli("check", "--config", str(config.path))
+    assert check.returncode == 2 and "'bad'" in check.stderr and "interval" in check.stderr
+    for command in (["status"], ["history"], ["status", "--format", "json"]):
+        proc = run_cli(*command, "--config", str(config.path))
+        assert proc.returncode == 0, proc.stderr
+    # The database section after the list: the whole file is parsed, the same database found.
+    before, _, after = good.partition("[[watch]]")
+    database = next(part for part in before.split("\n[") if part.startswith("database]"))
+    moved = before.replace("\n[" + database, "\n") + "[[watch]]" + after + "[" + database
+    config.path.write_text(moved)
+    proc = run_cli("status", "--config", str(config.path), "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    assert [row["name"] for row in json.loads(proc.stdout)] == ["ok"]
