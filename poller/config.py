@@ -317,6 +317,13 @@ class DatabaseSettings(_Section):
             raise ValueError("sample_retention must not be negative (0 keeps no samples)")
         if not self.url.strip():
             raise ValueError("url must not be empty")
+        # As open_engine() would refuse it, but at load: a reload must not take a URL the writer cannot use.
+        backend, _, driver = self.url.partition("://")[0].strip().lower().partition("+")
+        if backend in ("postgresql", "postgres") and driver not in ("", "psycopg"):
+            raise ValueError(
+                f"url: the driver {driver!r} is not supported; poller uses PostgreSQL through psycopg 3 only: "
+                "write postgresql://... (or postgresql+psycopg://...) and pip install 'poller[postgres]'"
+            )
         return self
 
 

@@ -193,11 +193,20 @@ def migrations_dir() -> Path:
     raise StoreError("the database migrations are missing from this installation; reinstall poller")
 
 
+# The writer's PostgreSQL paths (COPY, pipelines, the staged compare-and-set) are psycopg 3's; another
+# driver would run code no test runs, in the part that records each change exactly once.
+POSTGRES_DRIVER_ONLY = (
+    "poller uses PostgreSQL through psycopg 3 only: write the URL as postgresql://... (or "
+    "postgresql+psycopg://...) and install the driver with: pip install 'poller[postgres]'"
+)
+
+
 def open_engine(url: str, *, readonly: bool = False, idle_in_transaction: float | None = None) -> Engine:
     """An engine with poller's SQLite settings (WAL, busy timeout, foreign keys, explicit BEGIN).
 
     A plain ``postgresql://`` URL means psycopg 3 (the ``postgres`` extra), as
-    ``postgresql+psycopg://`` does; SQLAlchemy 2.0 would look for psycopg2 instead.
+    ``postgresql+psycopg://`` does (SQLAlchemy 2.0 would look for psycopg2); no other PostgreSQL
+    driver is accepted (POSTGRES_DRIVER_ONLY).
     ``idle_in_transaction`` (seconds, PostgreSQL): the server ends a session left idle inside a
     transaction this long, so a daemon frozen mid-commit (SIGSTOP, a paused VM) cannot keep the row
     locks that fence its shards, and its shards move on once its lease expires.
@@ -208,6 +217,8 @@ def open_engine(url: str, *, readonly: bool = False, idle_in_transaction: float 
         raise StoreError("[database] url is not a valid SQLAlchemy URL (e.g. sqlite:///poller.db)") from None
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() != "psycopg":
+        raise StoreError(f"cannot use database {_safe_url(url)}: {POSTGRES_DRIVER_ONLY}")
     is_sqlite = parsed.get_backend_name() == "sqlite"
     if is_sqlite and parsed.database and parsed.database != ":memory:":
         path = Path(parsed.database)
@@ -370,7 +381,7 @@ class Store:
         self._cas = self._cas_statements()
         # The poll rows are most of what the writer writes; COPY costs a third of the client CPU
         # of psycopg's pipelined executemany (bench/store_write.py).
-        self._copy = engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
+        self._copy = engine.dialect.name == "postgresql"  # psycopg 3: open_engine accepts no other driver
         # The object_state upserts likewise: COPY into a per-connection temporary table, then one
         # INSERT ... SELECT ... ON CONFLICT with the same guard, instead of one statement per row.
         self._stage_states = self._copy
@@ -1192,9 +1203,6 @@ class Store:
             with _driver_cursor(conn, sql) as cursor:
                 params = [tuple(row[c] for c in columns) for row in rows]
                 return [int(i) for i in _each_returning(cursor, sql, params, pipelined=True)]
-        if not self._on_driver:  # PostgreSQL through another driver than psycopg 3
-            insert = etag_history.insert().returning(etag_history.c.id, sort_by_parameter_order=True)
-            return [int(i) for (i,) in conn.execute(insert, rows)]
         # Row by row on the driver: SQLAlchemy's multi-row VALUES spent more on each row's parameters
         # than SQLite on inserting it (a list pass over a new prefix routes thousands at once).
         driver = self._driver_statement(self._history_ids, list(rows[0]))
@@ -1231,12 +1239,10 @@ class Store:
             stage, statement = self._staged_first
             _stage_rows(conn, stage, rows, created)
             stored = conn.execute(statement)
-        elif self._on_driver:
+        else:
             # The same upsert a row at a time on the driver (SQLite: no round trips to save, and
             # SQLAlchemy's multi-row VALUES spent more on each row's parameters than SQLite did).
             stored = self._driver_statement(self._first_upsert, _OK_COLUMNS).returning(conn, rows)
-        else:  # PostgreSQL through another driver than psycopg 3: multi-row VALUES
-            stored = conn.execute(self._first_upsert, rows)
         seqs: dict[int, int | None] = dict.fromkeys((j for j, _ in firsts.values()), None)
         for watch_id, key, seq in stored:
             seqs[firsts[(watch_id, key)][0]] = int(seq)

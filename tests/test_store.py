@@ -24,7 +24,7 @@ from pgserver import PgServer
 from sqlalchemy import Engine, event, select, text
 from sqlalchemy.exc import IntegrityError
 
-from poller.config import load_settings
+from poller.config import ConfigError, load_settings
 from poller.daemon import Daemon
 from poller.model import KeyChange, ObjectState, PollResult, PrefixState, Watch
 from poller.schema import etag_history, metadata, notifications, object_state, watches
@@ -517,10 +517,26 @@ def test_awkward_keys_and_errors_round_trip(store: Store):
     assert {(r["outcome"], r["error"], r["etag"], r["time"]) for r in rows} == {("error", "boom", None, NOW)}
 
 
-def test_missing_postgresql_driver_names_the_extra():
+def test_missing_postgresql_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as on a machine without the postgres extra
     with pytest.raises(StoreError, match=r"driver is not installed .*pip install 'poller\[postgres\]'") as caught:
-        open_engine("postgresql+pg8000://poller:hunter2@db.example.com/poller")
+        open_engine("postgresql://poller:hunter2@db.example.com/poller")
     assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "pg8000", "asyncpg", "psycopg_async"])
+def test_other_postgresql_drivers_are_refused_at_load(driver: str, tmp_path: Path):
+    """The writer's PostgreSQL paths are psycopg 3's: another driver is refused when the config is
+    read (naming the field, the way to write the URL and the extra), and by open_engine."""
+    url = f"postgresql+{driver}://poller:hunter2@db.example.com/poller"
+    with pytest.raises(StoreError, match=r"psycopg 3 only.*pip install 'poller\[postgres\]'") as opened:
+        open_engine(url)
+    config = ConfigFile(tmp_path / "poller.toml", "http://127.0.0.1:9").write([], database={"url": url})
+    with pytest.raises(ConfigError) as loaded:
+        load_settings(config.path)
+    message = str(loaded.value)
+    assert "[database]" in message and "url" in message and driver in message and "psycopg 3 only" in message
+    assert "hunter2" not in message + str(opened.value)
 
 
 def test_simultaneous_db_upgrade_commands(db_url: str, tmp_path: Path):
