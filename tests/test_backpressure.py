@@ -100,6 +100,36 @@ def test_a_list_pass_with_many_changed_keys_is_a_transaction_of_its_own():
     assert max(len(b) for b in store.batches) <= 10
 
 
+def test_the_writer_gathers_for_its_linger_but_not_past_a_whole_batch_or_a_stop():
+    """Results arriving within the linger are one transaction; a whole batch waiting, or close(),
+    ends the gathering at once (the linger here is an hour: waiting it out would hang the test)."""
+
+    class Batches(GatedStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.batches: list[list[int]] = []
+
+        def record(self, results: Sequence[PollResult], route: Any = None) -> dict[int, Exception]:
+            self.batches.append([r.watch.id for r in results])
+            return {}
+
+    store = Batches()
+    recorder = Recorder(store, max_batch=10, max_pending=100, linger=3600.0)  # type: ignore[arg-type]
+    committed: list[BaseException | None] = []
+    recorder.submit_nowait(_result(0), committed.append)
+    wait_for(lambda: recorder._queue.qsize() == 0, what="the writer holding the first result")
+    for i in range(1, 4):
+        recorder.submit_nowait(_result(i), committed.append)
+    assert store.batches == []  # gathering
+    for i in range(4, 10):  # now a whole batch is waiting
+        recorder.submit_nowait(_result(i), committed.append)
+    wait_for(lambda: len(committed) == 10, what="the whole batch committed")
+    assert store.batches == [list(range(10))]
+    recorder.submit_nowait(_result(10), committed.append)
+    recorder.close()  # commits what is queued without waiting out the linger
+    assert store.batches == [list(range(10)), [10]] and committed == [None] * 11
+
+
 # --- concurrency that follows the work ----------------------------------------------------------
 
 
