@@ -530,9 +530,9 @@ def measure(url: str, work: Path, old: Path, args: argparse.Namespace, new_url: 
     }
     config = work / "config.toml"
     # The watch list the database holds, as an operator's file has it: reading commands must not pay for it.
-    with config.open("w") as out:
-        out.write(f'[database]\nurl = "{url}"\n')
-        out.writelines(
+    with config.open("w") as handle:
+        handle.write(f'[database]\nurl = "{url}"\n')
+        handle.writelines(
             f'[[watch]]\nname = "w{i:06d}"\nbucket = "bench"\nkey = "data/part-{i:06d}.parquet"\n'
             for i in range(args.watches)
         )
