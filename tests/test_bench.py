@@ -118,3 +118,24 @@ def test_run_poller_measures_a_restart_on_the_populated_database(signed_rclone: 
     assert 0 < run["startup_s"] <= run["first_poll_s"]
     assert 0 < run["restart_startup_s"] <= run["restart_first_poll_s"]
     assert run["meets_demand"] == (run["skipped"] == 0 and run["polls_per_s"] >= 0.99 * 20)
+
+
+def test_the_storage_bench_runs_end_to_end(tmp_path: Path) -> None:
+    """`python -m bench.storage`, tiny: every figure it prints is computed (a figure's code that
+    stopped the run went unnoticed until a full 15-minute run)."""
+    import json
+    import subprocess
+    import sys
+
+    tiny = ["--watches", "200", "--history-watches", "20", "--days", "2", "--skip-writer", "--json"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.storage", *tiny],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = json.loads(proc.stdout.strip().splitlines()[-1])["backends"]["SQLite"]
+    assert set(run["cli_s"]) >= {"status", "history --since 1h", "--version (start-up alone)"}
+    assert run["prune"]["runs_removed"] > 0
