@@ -290,6 +290,8 @@ def test_http_dates_read_by_slicing_agree_with_the_email_parser():
     # Other formats, impossible dates and non-ASCII digits go to the general parser, which decides.
     assert _http_date("Sunday, 06-Nov-94 08:49:37 GMT") == datetime(1994, 11, 6, 8, 49, 37, tzinfo=UTC)
     assert _http_date("Sun Nov  6 08:49:37 1994") == datetime(1994, 11, 6, 8, 49, 37, tzinfo=UTC)
+    # The answers of one second share one Date: one datetime for all the states that keep it.
+    assert _http_date("Thu, 26 Nov 2026 22:00:00 GMT") is _http_date("Thu, 26 Nov 2026 22:00:00 GMT")
     assert _http_date("Thu, 01 Jan 2026 00:00:00 +0100") == datetime(2025, 12, 31, 23, tzinfo=UTC)
     assert _http_date("Tue, 31 Feb 2026 00:00:00 GMT") is None
     odd_digits = "Thu, \u0661\u0662 Jan 2026 00:00:00 GMT"
