@@ -33,7 +33,6 @@ from poller.signalcheck import SignalCheck, watched_from
 from poller.store import Store, describe_db_error, open_engine
 from poller.timetable import PhasedIntervalTrigger, Timetable, phase_of, trigger_for
 from poller.watchlist import (
-    WatchSpec,
     demand,
     diff_watch_lists,
     require_watches,
@@ -58,8 +57,7 @@ class StartupError(Exception):
 @dataclass
 class _Running:
     settings: Settings
-    specs: dict[str, WatchSpec]
-    watches: dict[str, Watch]
+    watches: dict[str, Watch]  # each with its schedule: the config's WatchSpecs are not kept
 
 
 class Daemon:
@@ -83,7 +81,7 @@ class Daemon:
         idle = max(settings.cluster.lease, 5.0)
         self.store = Store(open_engine(settings.database.url, idle_in_transaction=idle))
         self.store.keep_samples = settings.database.sample_retention > 0
-        self.service, specs, synced = prepare(settings, self.store, daemon=True)
+        self.service, _, synced = prepare(settings, self.store, daemon=True)
         self.signals = SignalCheck(self.store)
         self.signals.set_watches(watched_from(synced.watches, self.store.rules))  # as prepare() set them
         self.recorder = self.service.recorder
@@ -95,7 +93,7 @@ class Daemon:
             self.metrics.add_gauges(self._watch_outcomes, self.store.notification_counts)
             self.metrics.add_signal_gauges(self._signal_states, lambda: dict(self.store.signal_counts))
             self.service.metrics = self.metrics
-        self.current = _Running(settings, specs, synced.watches)
+        self.current = _Running(settings, synced.watches)
         self.workers: Workers | None = None
         # On PostgreSQL, daemons sharing the database split the watches by shard (poller/cluster.py);
         # every commit is fenced by the leases held. SQLite has one daemon (poller/dblock.py).
@@ -158,7 +156,7 @@ class Daemon:
         if not paused:
             lateness = self.metrics.lateness.observe if self.metrics is not None else None
             self.workers = Workers(self.service, self.current.settings.schedule.concurrency, lateness)
-            self.workers.demand = demand(self.current.specs.values())
+            self.workers.demand = demand(self.current.watches.values())
             self.timetable.start()
             self.dispatcher.start()
             if self.membership is not None:
@@ -269,7 +267,7 @@ class Daemon:
         current = self.current
         jitter = current.settings.schedule.jitter
         self.timetable.add_many(
-            ((name, current.watches[name], trigger_for(current.specs[name], jitter)) for name in names), now
+            ((name, current.watches[name], trigger_for(current.watches[name], jitter)) for name in names), now
         )
 
     def _on_shards(self, gained: set[int], lost: set[int]) -> None:
@@ -372,7 +370,7 @@ class Daemon:
         except ConfigError as exc:
             return self._refuse(str(exc))
         specs = specs_from_settings(new)
-        diff = diff_watch_lists(old.specs, specs)
+        diff = diff_watch_lists(old.watches, specs)
         prober = None
         if new.s3 != old.settings.s3:
             try:
@@ -402,11 +400,17 @@ class Daemon:
             log.info("reload: [s3] settings changed; new client in use")
         else:
             self.service.prober.relearn()  # a new prober learns anew; this one measures again
-        self.current = _Running(new, specs, synced.watches)
+        # A watch the reload left as it was keeps its object, which the timetable holds: two copies of
+        # a million watches would stay after every reload otherwise.
+        watches = dict(synced.watches)
+        for name, watch in watches.items():
+            if old.watches.get(name) == watch:
+                watches[name] = old.watches[name]
+        self.current = _Running(new, watches)
         rules = rules_from_settings(new)
-        new.watch.clear()  # the list lives in `specs` (as at the start)
-        self.store.rules = {watch.id: rules[name] for name, watch in synced.watches.items()}
-        self.signals.set_watches(watched_from(synced.watches, self.store.rules))
+        new.watch.clear()  # the list lives in `watches` (as at the start)
+        self.store.rules = {watch.id: rules[name] for name, watch in watches.items()}
+        self.signals.set_watches(watched_from(watches, self.store.rules))
         self.store.keep_samples = new.database.sample_retention > 0
         self.recorder.route = make_route(new.notify) if new.notify else None
         self.recorder.linger = writer_linger(specs.values())  # a shorter interval may have come

@@ -67,6 +67,18 @@ class Watch(NamedTuple):
     max_keys: int = 100_000
     request_payer: Payer | None = None  # this account pays for a requester-pays bucket
     expected_bucket_owner: str | None = None  # the 12-digit account id that must own the bucket
+    # Its schedule, as configured: the daemon keeps no other record of a watch (a million of them).
+    interval_seconds: float | None = None
+    cron: str | None = None
+
+    @property
+    def target(self) -> tuple[object, ...]:
+        """What a poll is sent to, as WatchSpec.target: bucket through expected_bucket_owner."""
+        return tuple(self[2:10])
+
+    @property
+    def schedule(self) -> tuple[float | None, str | None]:
+        return (self.interval_seconds, self.cron)
 
     @property
     def url(self) -> str:

@@ -524,7 +524,7 @@ def prepare(
     return PollService(store, prober, recorder, settings.database.url, log_polls=log_polls), specs, synced
 
 
-def writer_linger(specs: Iterable[WatchSpec]) -> float:
+def writer_linger(specs: Iterable[WatchSpec | Watch]) -> float:
     """The daemon writer's linger: DAEMON_LINGER, or a quarter of the shortest interval if that is
     less (a watch is not polled again before its last result is committed: the linger must not
     make it skip its next slot)."""

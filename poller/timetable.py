@@ -90,7 +90,7 @@ def next_ts(trigger: BaseTrigger, previous: float | None, now: float) -> float |
     return None if fire is None else fire.timestamp()
 
 
-def trigger_for(spec: WatchSpec, jitter: float) -> BaseTrigger:
+def trigger_for(spec: WatchSpec | Watch, jitter: float) -> BaseTrigger:
     """The trigger of a watch: phased interval, or crontab in UTC."""
     if spec.cron is not None:
         return CronTrigger.from_crontab(spec.cron, timezone=UTC)

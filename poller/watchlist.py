@@ -57,6 +57,8 @@ class WatchSpec(NamedTuple):
             self.max_keys,
             self.request_payer,
             self.expected_bucket_owner,
+            self.interval_seconds,
+            self.cron,
         )
 
     @property
@@ -138,12 +140,12 @@ def rules_from_settings(settings: Settings) -> dict[str, Rules]:
     return rules
 
 
-def demand(specs: Iterable[WatchSpec]) -> float:
+def demand(specs: Iterable[WatchSpec | Watch]) -> float:
     """Polls per second the watch list asks for; a cron watch counts as once a minute, its most."""
     return sum(1.0 / spec.interval_seconds if spec.interval_seconds else 1.0 / 60 for spec in specs)
 
 
-def diff_watch_lists(old: Mapping[str, WatchSpec], new: Mapping[str, WatchSpec]) -> WatchListDiff:
+def diff_watch_lists(old: Mapping[str, WatchSpec | Watch], new: Mapping[str, WatchSpec]) -> WatchListDiff:
     """Compare two watch lists by name; unchanged watches appear in no list (they keep running)."""
     diff = WatchListDiff()
     for name, spec in new.items():

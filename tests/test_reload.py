@@ -266,3 +266,34 @@ def test_the_writers_linger_follows_a_reload(config: ConfigFile, s3, bucket):
         assert daemon.recorder.linger == 0.05
     finally:
         daemon.shutdown()
+
+
+def test_a_reload_keeps_one_record_per_watch(config: ConfigFile, s3, bucket):
+    """The running daemon keeps each watch once (with its schedule), shared with the timetable: a
+    watch the reload left alone keeps its object, a changed one gets the new one in both places."""
+    from poller.config import load_settings
+    from poller.daemon import Daemon
+    from poller.sdnotify import Notifier
+
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
+    first = [
+        {"name": "same", "bucket": bucket, "key": "k", "interval": "60s"},
+        {"name": "slower", "bucket": bucket, "key": "k", "interval": "60s"},
+    ]
+    config.write(first)
+    daemon = Daemon(config.path, load_settings(config.path), Notifier(""))
+    daemon.start(paused=True)
+    try:
+        before = dict(daemon.current.watches)
+        assert before["slower"].schedule == (60.0, None)
+        config.write([first[0], {**first[1], "interval": "120s"}])
+        assert daemon.reload()
+        after = daemon.current.watches
+        assert after["same"] is before["same"]
+        assert after["slower"].schedule == (120.0, None) and after["slower"].id == before["slower"].id
+        for name in ("same", "slower"):
+            entry = daemon.timetable.get(name)
+            assert entry is not None and entry.watch is after[name]
+        assert str(daemon.timetable.get("slower").trigger) == "every 2m"  # type: ignore[union-attr]
+    finally:
+        daemon.shutdown()
