@@ -728,7 +728,7 @@ def test_a_batch_of_first_sightings_is_recorded_as_one_by_one(store: Store, monk
         assert "poller_stage_first" in staged
 
 
-def test_states_read_back_are_the_states_recorded(store: Store):
+def test_states_read_back_are_the_states_recorded(store: Store, monkeypatch: pytest.MonkeyPatch):
     # A restart conditions every first request on these: the same values and the same types (a
     # `present` of 1 is not True to the probe; times are aware UTC), on both databases.
     micro = NOW + timedelta(microseconds=123456)
@@ -742,6 +742,8 @@ def test_states_read_back_are_the_states_recorded(store: Store):
     assert keyed == {w["k"].id: seen, w["gone"].id: ObjectState('"e1"', NOW, NOW, None, 3, False)}
     assert prefixed == {w["p"].id: PrefixState(True, {"p/a": ObjectState('"a"', micro, None, None, 7, True)})}
     assert (keyed, prefixed) == (store.load_states(), store.load_prefix_states())
+    monkeypatch.setattr("poller.store.READ_CHUNK", 1)  # read back a row per fetch: the same states
+    assert store.load_states_for([w["k"].id, w["gone"].id, w["p"].id]) == (keyed, prefixed)
     for state in [*keyed.values(), *prefixed[w["p"].id].objects.values()]:
         assert type(state.present) is bool
         assert state.last_modified is not None and state.last_modified.utcoffset() == timedelta(0)
