@@ -127,9 +127,9 @@ def test_the_storage_bench_runs_end_to_end(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    tiny = ["--watches", "200", "--history-watches", "20", "--days", "2", "--skip-writer", "--json"]
+    tiny = ["--watches", "200", "--history-watches", "20", "--days", "2", "--skip-writer", "--cli-repeat", "1"]
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.storage", *tiny],
+        [sys.executable, "-m", "bench.storage", *tiny, "--json"],
         capture_output=True,
         text=True,
         timeout=300,
