@@ -7,7 +7,9 @@ types from one place and the arrows between them run one way.
 from __future__ import annotations
 
 import functools
+import operator
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -50,6 +52,13 @@ class Answer:
     size: int | None = None
 
 
+# What a poll is sent to (a change of any of these re-points a watch on reload), read the same way
+# from a Watch and from a WatchSpec.
+target_of: Callable[[object], tuple[object, ...]] = operator.attrgetter(
+    "bucket", "key", "prefix", "include", "exclude", "max_keys", "request_payer", "expected_bucket_owner"
+)
+
+
 class Watch(NamedTuple):
     """The identity and target of one watch, as the scheduler and store know it.
 
@@ -73,8 +82,7 @@ class Watch(NamedTuple):
 
     @property
     def target(self) -> tuple[object, ...]:
-        """What a poll is sent to, as WatchSpec.target: bucket through expected_bucket_owner."""
-        return tuple(self[2:10])
+        return target_of(self)
 
     @property
     def schedule(self) -> tuple[float | None, str | None]:

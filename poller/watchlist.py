@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from poller.config import ConfigError, Settings
-from poller.model import Payer, Watch
+from poller.model import Payer, Watch, target_of
 from poller.signals import Rules
 
 
@@ -33,16 +33,7 @@ class WatchSpec(NamedTuple):
     @property
     def target(self) -> tuple[object, ...]:
         # The request options are part of what a poll sends: a change reaches the running watch on reload.
-        return (
-            self.bucket,
-            self.key,
-            self.prefix,
-            self.include,
-            self.exclude,
-            self.max_keys,
-            self.request_payer,
-            self.expected_bucket_owner,
-        )
+        return target_of(self)
 
     def as_watch(self, watch_id: int) -> Watch:
         """The Watch the scheduler and store use, under the given database id."""
