@@ -50,8 +50,9 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 # A `[[watch]]` table header on a line of its own, and a line opening any other header (or whatever
 # else starts with '[', which is then treated as one): see without_watches().
-_WATCH_HEADER = re.compile(r"^[ \t]*\[\[[ \t]*watch[ \t]*\]\][ \t]*(?:#[^\n]*)?\r?$", re.MULTILINE)
-_OTHER_HEADER = re.compile(r"^[ \t]*\[(?!\[[ \t]*watch[ \t]*\]\][ \t]*(?:#[^\n]*)?\r?$)", re.MULTILINE)
+_AFTER_FIRST_BRACKET = r"\[[ \t]*watch[ \t]*\]\][ \t]*(?:#[^\n]*)?\r?$"  # of `[[watch]]  # comment`
+_WATCH_HEADER = re.compile(rf"^[ \t]*\[{_AFTER_FIRST_BRACKET}", re.MULTILINE)
+_OTHER_HEADER = re.compile(rf"^[ \t]*\[(?!{_AFTER_FIRST_BRACKET})", re.MULTILINE)
 
 
 class ConfigError(Exception):
@@ -317,14 +318,24 @@ class DatabaseSettings(_Section):
             raise ValueError("sample_retention must not be negative (0 keeps no samples)")
         if not self.url.strip():
             raise ValueError("url must not be empty")
-        # As open_engine() would refuse it, but at load: a reload must not take a URL the writer cannot use.
-        backend, _, driver = self.url.partition("://")[0].strip().lower().partition("+")
-        if backend in ("postgresql", "postgres") and driver not in ("", "psycopg"):
-            raise ValueError(
-                f"url: the driver {driver!r} is not supported; poller uses PostgreSQL through psycopg 3 only: "
-                "write postgresql://... (or postgresql+psycopg://...) and pip install 'poller[postgres]'"
-            )
+        # At load as well as in open_engine(): a reload must not take a URL the writer cannot use.
+        problem = postgres_driver_problem(self.url)
+        if problem:
+            raise ValueError(f"url: {problem}")
         return self
+
+
+def postgres_driver_problem(url: str) -> str | None:
+    """Why a PostgreSQL URL names a driver poller cannot use, or None. The writer's PostgreSQL paths
+    (COPY, pipelines, the staged compare-and-set) are psycopg 3's; another driver would run code no
+    test runs, in the part that records each change exactly once."""
+    backend, _, driver = url.partition("://")[0].strip().lower().partition("+")
+    if backend not in ("postgresql", "postgres") or driver in ("", "psycopg"):
+        return None
+    return (
+        f"the driver {driver!r} is not supported; poller uses PostgreSQL through psycopg 3 only: write "
+        "postgresql://... (or postgresql+psycopg://...) and install the driver with: pip install 'poller[postgres]'"
+    )
 
 
 class ScheduleSettings(_Section):

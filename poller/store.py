@@ -48,6 +48,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.sql.elements import ColumnElement
 
+from poller.config import postgres_driver_problem
 from poller.model import ObjectState, PollResult, PrefixState, Watch
 from poller.redact import redact
 from poller.runs import OUTCOME_CODES, OUTCOMES, Identity, Poll, Segment, from_ms, segments, to_ms
@@ -201,23 +202,17 @@ _FENCE_SQL = (
     "AND expires_at > clock_timestamp() ORDER BY shard FOR SHARE"
 )
 
-# The writer's PostgreSQL paths (COPY, pipelines, the staged compare-and-set) are psycopg 3's; another
-# driver would run code no test runs, in the part that records each change exactly once.
-POSTGRES_DRIVER_ONLY = (
-    "poller uses PostgreSQL through psycopg 3 only: write the URL as postgresql://... (or "
-    "postgresql+psycopg://...) and install the driver with: pip install 'poller[postgres]'"
-)
-
 
 def open_engine(url: str, *, readonly: bool = False, idle_in_transaction: float | None = None) -> Engine:
     """An engine with poller's SQLite settings (WAL, busy timeout, foreign keys, explicit BEGIN).
 
     A plain ``postgresql://`` URL means psycopg 3 (the ``postgres`` extra), as
     ``postgresql+psycopg://`` does (SQLAlchemy 2.0 would look for psycopg2); no other PostgreSQL
-    driver is accepted (POSTGRES_DRIVER_ONLY).
+    driver is accepted (config.postgres_driver_problem).
     ``idle_in_transaction`` (seconds, PostgreSQL): the server ends a session left idle inside a
-    transaction this long, so a daemon frozen mid-commit (SIGSTOP, a paused VM) cannot keep the row
-    locks that fence its shards, and its shards move on once its lease expires.
+    transaction this long, so a daemon frozen between two statements of a commit (SIGSTOP, a paused
+    VM) cannot keep the row locks that fence its shards. Not one frozen inside a COPY or a pipeline:
+    the server counts that session as active (README, "Known gap").
     """
     try:
         parsed = make_url(url)
@@ -225,8 +220,9 @@ def open_engine(url: str, *, readonly: bool = False, idle_in_transaction: float 
         raise StoreError("[database] url is not a valid SQLAlchemy URL (e.g. sqlite:///poller.db)") from None
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
-    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() != "psycopg":
-        raise StoreError(f"cannot use database {_safe_url(url)}: {POSTGRES_DRIVER_ONLY}")
+    problem = postgres_driver_problem(url)
+    if problem:
+        raise StoreError(f"cannot use database {_safe_url(url)}: {problem}")
     is_sqlite = parsed.get_backend_name() == "sqlite"
     if is_sqlite and parsed.database and parsed.database != ":memory:":
         path = Path(parsed.database)
