@@ -203,6 +203,11 @@ _FENCE_SQL = (
 )
 
 
+def session_name(instance_id: int) -> str:
+    """The application_name of a cluster daemon's database sessions (PostgreSQL's pg_stat_activity)."""
+    return f"poller-instance-{instance_id}"
+
+
 def open_engine(url: str, *, readonly: bool = False, idle_in_transaction: float | None = None) -> Engine:
     """An engine with poller's SQLite settings (WAL, busy timeout, foreign keys, explicit BEGIN).
 
@@ -211,8 +216,8 @@ def open_engine(url: str, *, readonly: bool = False, idle_in_transaction: float 
     driver is accepted (config.postgres_driver_problem).
     ``idle_in_transaction`` (seconds, PostgreSQL): the server ends a session left idle inside a
     transaction this long, so a daemon frozen between two statements of a commit (SIGSTOP, a paused
-    VM) cannot keep the row locks that fence its shards. Not one frozen inside a COPY or a pipeline:
-    the server counts that session as active (README, "Known gap").
+    VM) cannot keep the row locks that fence its shards. One frozen inside a COPY or a pipeline
+    counts as active: the daemon claiming its shards ends it (Store._end_frozen_holders).
     """
     try:
         parsed = make_url(url)
@@ -2101,7 +2106,20 @@ class Store:
             )
             now = func.clock_timestamp()
             stmt = instances.insert().values(host=host, pid=pid, started_at=now, heartbeat_at=now)
-            return int(conn.execute(stmt.returning(instances.c.id)).scalar_one())
+            instance_id = int(conn.execute(stmt.returning(instances.c.id)).scalar_one())
+        self._name_sessions(session_name(instance_id))
+        return instance_id
+
+    def _name_sessions(self, name: str) -> None:
+        """Give every session of this engine the instance's name (pooled ones at their next checkout),
+        so another daemon can find and end them if this one freezes holding its shards' locks."""
+
+        @event.listens_for(self.engine, "checkout")
+        def _named(dbapi_conn: Any, record: Any, proxy: Any) -> None:
+            if record.info.get("application_name") != name:
+                dbapi_conn.execute("SELECT set_config('application_name', %s, false)", (name,))
+                dbapi_conn.commit()  # a SET rolled back with its transaction would be undone
+                record.info["application_name"] = name
 
     def heartbeat(self, instance_id: int, host: str, pid: int, shards: int, lease: float) -> tuple[dict[int, int], int]:
         """Renew this instance and its leases, give back shards beyond its fair share, claim free or
@@ -2161,9 +2179,56 @@ class Store:
                     .returning(shard_leases.c.shard, shard_leases.c.epoch)
                 )
                 held.update({int(shard): int(epoch) for shard, epoch in claimed})
+                if len(held) < share:
+                    self._end_frozen_holders(conn, instance_id, shards, now - timedelta(seconds=lease))
             # Instances dead for long are forgotten (their leases have long been taken over).
             conn.execute(instances.delete().where(instances.c.heartbeat_at < now - timedelta(seconds=lease * 20)))
         return held, live
+
+    def _end_frozen_holders(self, conn: Connection, instance_id: int, shards: int, stale: ColumnElement[Any]) -> None:
+        """Expired shards this claim skipped are row-locked by their holder's open transaction. A
+        holder that has not beaten for a lease is frozen (SIGSTOP, a paused VM) inside a COPY or a
+        pipeline, where no server timeout applies: end its sessions, so the next claim gets them.
+        When it wakes, its commits fail and are retried under the fence, which drops them."""
+        holders = conn.execute(
+            select(shard_leases.c.instance_id)
+            .distinct()
+            .select_from(shard_leases.outerjoin(instances, instances.c.id == shard_leases.c.instance_id))
+            .where(
+                shard_leases.c.shard < shards,
+                shard_leases.c.instance_id != instance_id,
+                shard_leases.c.expires_at < func.clock_timestamp(),
+                or_(instances.c.id.is_(None), instances.c.heartbeat_at < stale),
+            )
+        ).scalars()
+        names = [session_name(int(holder)) for holder in holders]
+        if not names:
+            return
+        try:
+            with conn.begin_nested():
+                ended = conn.execute(
+                    text(
+                        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND application_name = ANY(:names) "
+                        "AND pid <> pg_backend_pid()"
+                    ),
+                    {"names": names},
+                ).scalar_one()
+        except DBAPIError as exc:
+            log.error(
+                "cluster: cannot end the database sessions of %s, whose expired leases stay locked (%s); "
+                "run every daemon as one database role (not a superuser), or grant their role pg_signal_backend",
+                ", ".join(names),
+                redact(str(exc.orig)).strip(),
+            )
+            return
+        if ended:
+            log.warning(
+                "cluster: ended %d database sessions of %s: it stopped beating for a lease while holding "
+                "locks on its shards (frozen or paused); they are claimed at the next heartbeat",
+                ended,
+                ", ".join(names),
+            )
 
     def leave(self, instance_id: int) -> None:
         """A clean stop: give back every shard and outbox claim, and remove the instance row."""

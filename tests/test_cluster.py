@@ -4,8 +4,10 @@ sequence, on both backends), the outbox claimed with SKIP LOCKED, one pruner, `p
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from alembic import command
@@ -352,3 +354,104 @@ def test_a_daemon_frozen_inside_a_transaction_does_not_keep_its_shards_locked(db
         frozen.invalidate()
         frozen_engine.dispose()
         other.dispose()
+
+
+def _expire(store: Store, member: Membership) -> None:
+    """``member`` stops beating: its leases and heartbeat lapse."""
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE shard_leases SET expires_at = now() - interval '1 second'"))
+        conn.execute(
+            text("UPDATE instances SET heartbeat_at = now() - interval '1 minute' WHERE id = :i"),
+            {"i": member.instance_id},
+        )
+
+
+def _frozen_inside_a_copy(store: Store, observer: Store, member: Membership) -> tuple[Any, Any]:
+    """A writer's connection of ``member`` stopped inside a batch: shard 0 share-locked (the fence),
+    a COPY open. Returns the pool's connection (invalidate it when done) and the COPY, which must
+    stay referenced: collected, psycopg would end it (CopyFail) and the transaction with it."""
+    raw = store.engine.raw_connection()
+    driver = raw.driver_connection
+    assert driver is not None
+    cursor = driver.cursor()
+    cursor.execute("SELECT shard FROM shard_leases WHERE shard = 0 FOR SHARE")
+    copy = cursor.copy("COPY poll_samples (run_id, polled_at, duration_us) FROM STDIN")
+    copy.__enter__().write_row((1, 2, 3))
+    with observer.engine.connect() as conn:
+        frozen = conn.execute(
+            text("SELECT application_name, state FROM pg_stat_activity WHERE pid = :p"), {"p": driver.info.backend_pid}
+        )
+        # "active", not "idle in transaction": no server timeout applies.
+        assert tuple(frozen.one()) == (f"poller-instance-{member.instance_id}", "active")
+    return raw, copy
+
+
+@pg_only
+def test_a_daemon_frozen_inside_a_copy_has_its_sessions_ended_by_the_claimer(stores: list[Store]):
+    """SIGSTOP mid-COPY: the session counts as active, so no server timeout ends it, and the fence's
+    share locks would keep its shards from every claim for as long as it stays frozen. The daemon
+    that wants them ends that instance's sessions (found by their application_name), then claims."""
+    from conftest import wait_for
+
+    (a,) = _members(stores[:1], shards=2, lease=30.0)
+    a.beat()
+    assert len(a.epochs()) == 2
+    (b,) = _members(stores[1:2], shards=2, lease=30.0)
+    _expire(stores[1], a)  # before the frozen batch locks shard 0 (an UPDATE would wait for it)
+    raw, _copy = _frozen_inside_a_copy(stores[0], stores[1], a)
+
+    def claimed_both() -> bool:
+        b.beat()
+        return len(b.epochs()) == 2
+
+    try:
+        wait_for(claimed_both, 10, what="b to end a's frozen sessions and claim its locked shard")
+
+        def sessions_left() -> int:
+            with stores[1].engine.connect() as conn:
+                return int(
+                    conn.execute(
+                        text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :n"),
+                        {"n": f"poller-instance-{a.instance_id}"},
+                    ).scalar_one()
+                )
+
+        wait_for(lambda: sessions_left() == 0, 10, what="every session of a to end")
+    finally:
+        raw.invalidate()
+    # a wakes: what it had not committed is refused by the fence (its connection is gone; a new one
+    # finds the shards held by b at a new epoch).
+    watch = stores[0].sync_watches(specs("w"), NOW).watches["w"]
+    refused = stores[0].record([change(watch, None, state('"x"'), "first_seen")])
+    assert isinstance(refused[0], Fenced)
+    assert history(stores[0]) == []
+
+
+@pg_only
+def test_a_claimer_not_allowed_to_end_a_frozen_holder_says_so_and_keeps_its_own_leases(
+    stores: list[Store], db_url: str, caplog: pytest.LogCaptureFixture
+):
+    """Daemons under different database roles: PostgreSQL refuses to end another role's sessions.
+    The heartbeat still renews and claims what it can, and the log says what to do."""
+    (a,) = _members(stores[:1], shards=2, lease=30.0)  # the fixture's superuser
+    a.beat()
+    role = f"r_{uuid.uuid4().hex[:12]}"
+    with stores[0].engine.begin() as conn:
+        conn.execute(text(f"CREATE ROLE {role} LOGIN"))
+        conn.execute(text(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}"))
+        conn.execute(text(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}"))
+    other = _store(db_url.replace("://postgres@", f"://{role}@"))
+    try:
+        (b,) = _members([other], shards=2, lease=30.0)
+        _expire(other, a)
+        raw, _copy = _frozen_inside_a_copy(stores[0], stores[1], a)
+        try:
+            b.beat()
+            b.beat()
+            assert list(b.epochs()) == [1]  # the unlocked shard; its own heartbeat did not fail
+            assert "cannot end the database sessions of poller-instance-" in caplog.text
+            assert "grant their role pg_signal_backend" in caplog.text
+        finally:
+            raw.invalidate()
+    finally:
+        other.close()
