@@ -228,9 +228,19 @@ class CountingPipe:
             dst.close()
 
     def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._server.close)
+        async def shutdown() -> None:
+            # Pumps ended here, on the running loop: left to the garbage collector, they would close
+            # their streams on a closed loop (an unraisable RuntimeError in whatever test runs then).
+            self._server.close()
+            pumps = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        self._loop.close()
 
 
 class Rclone:

@@ -45,7 +45,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError
 from sqlalchemy.sql.elements import ColumnElement
 
 from poller.config import postgres_driver_problem
@@ -2117,8 +2117,12 @@ class Store:
         @event.listens_for(self.engine, "checkout")
         def _named(dbapi_conn: Any, record: Any, proxy: Any) -> None:
             if record.info.get("application_name") != name:
-                dbapi_conn.execute("SELECT set_config('application_name', %s, false)", (name,))
-                dbapi_conn.commit()  # a SET rolled back with its transaction would be undone
+                try:
+                    dbapi_conn.execute("SELECT set_config('application_name', %s, false)", (name,))
+                    dbapi_conn.commit()  # a SET rolled back with its transaction would be undone
+                except Exception as exc:
+                    # The pool then replaces this connection and tries again (a session lost meanwhile).
+                    raise DisconnectionError(f"could not name the database session: {exc}") from exc
                 record.info["application_name"] = name
 
     def heartbeat(self, instance_id: int, host: str, pid: int, shards: int, lease: float) -> tuple[dict[int, int], int]:
