@@ -212,6 +212,29 @@ def test_find_secrets_reads_the_parsed_toml():
     assert find_secrets(tomllib.loads('[[notify]]\ntype = "webhook"\nurl = "https://h/x?page=2"\n')) == []
 
 
+WATCH_LIST_SECRETS = [
+    ('password = "x"', "a credential (watch #2 ('b') password)"),
+    ('"pass\\u0077ord" = "x"', "a credential (watch #2 ('b') password)"),  # no "passw" in the text
+    ('url = "https://bot:pw@h/x"', "a password (watch #2 ('b') url)"),
+    ("# aws_secret_access_key = 'x'", "a credential in a comment (line 10)"),
+]
+
+
+@pytest.mark.parametrize(("line", "found"), WATCH_LIST_SECRETS)
+def test_a_secret_inside_the_watch_list_is_found(line: str, found: str):
+    """The watch list is skipped only when its text can hold no secret: one anywhere in it is found."""
+    from poller.config import find_secrets
+
+    text = (
+        '[s3]\nendpoint_url = "http://127.0.0.1:9000"\n\n'
+        '[[watch]]\nname = "a"\nbucket = "b"\nkey = "k1"\n\n'
+        f'[[watch]]\n{line}\nname = "b"\nbucket = "b"\nkey = "k2"\n'
+    )
+    assert find_secrets(tomllib.loads(text), text) == [found]
+    plain = text.replace(line + "\n", "")
+    assert find_secrets(tomllib.loads(plain), plain) == []
+
+
 def test_reload_refuses_a_writable_config_and_rechecks_secrets(config: ConfigFile, s3, bucket, caplog):
     from poller.config import load_settings
     from poller.daemon import Daemon
