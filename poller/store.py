@@ -11,6 +11,7 @@ import os
 import sqlite3
 import time
 import weakref
+import zlib
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -195,17 +196,20 @@ def migrations_dir() -> Path:
     raise StoreError("the database migrations are missing from this installation; reinstall poller")
 
 
-# The shards of a batch still held by this instance at an unexpired lease, share-locked until the
-# commit (a claim bumps the epoch under FOR UPDATE: it waits), in shard order as the heartbeat locks them.
+# The shards of a batch still held by this instance at an unexpired lease, locked until the commit
+# against a claim (it locks FOR UPDATE: it skips them, and bumps the epoch only after). KEY SHARE, the
+# weakest lock that does: this daemon's own heartbeat renews them under FOR NO KEY UPDATE meanwhile,
+# so a long write never holds back its renewal and makes a live daemon look frozen.
 _FENCE_SQL = (
     "SELECT shard, epoch FROM shard_leases WHERE shard = ANY(%s) AND instance_id = %s "
-    "AND expires_at > clock_timestamp() ORDER BY shard FOR SHARE"
+    "AND expires_at > clock_timestamp() ORDER BY shard FOR KEY SHARE"
 )
 
 
-def session_name(instance_id: int) -> str:
-    """The application_name of a cluster daemon's database sessions (PostgreSQL's pg_stat_activity)."""
-    return f"poller-instance-{instance_id}"
+def session_name(instance_id: int, schema: str) -> str:
+    """The application_name of a cluster daemon's database sessions (PostgreSQL's pg_stat_activity):
+    its instance, and a tag of the schema holding its tables (two clusters in one database)."""
+    return f"poller-{zlib.crc32(schema.encode()):08x}-instance-{instance_id}"
 
 
 def open_engine(url: str, *, readonly: bool = False, idle_in_transaction: float | None = None) -> Engine:
@@ -403,6 +407,9 @@ class Store:
         self._open_runs: dict[int, tuple[int, Identity]] = {}
         # Every poll's exact time and duration go to poll_samples too (database.sample_retention > 0).
         self.keep_samples = True
+        # Several daemons (PostgreSQL): this instance's sessions' name, and the schema of its tables.
+        self._session_name: str | None = None
+        self._schema = ""
         self._staged = (self._staged_upsert(error=False), self._staged_upsert(error=True))
         self._staged_first = self._staged_first_sightings()
         self._first_upsert = self._first_values()
@@ -1292,7 +1299,7 @@ class Store:
 
     def _fenced(self, conn: Connection, results: Sequence[PollResult]) -> dict[int, Exception]:
         """The results whose shard this instance no longer holds at the epoch it claimed, checked (and
-        share-locked against a claim, until commit) in the committing transaction."""
+        locked against a claim, until commit) in the committing transaction."""
         fence = self.fence
         assert fence is not None
         shards = {i: fence.shard_of(r.watch.name) for i, r in enumerate(results)}
@@ -2107,15 +2114,21 @@ class Store:
             now = func.clock_timestamp()
             stmt = instances.insert().values(host=host, pid=pid, started_at=now, heartbeat_at=now)
             instance_id = int(conn.execute(stmt.returning(instances.c.id)).scalar_one())
-        self._name_sessions(session_name(instance_id))
+            self._schema = str(conn.execute(select(func.current_schema())).scalar_one())
+        self._name_sessions(session_name(instance_id, self._schema))
         return instance_id
 
     def _name_sessions(self, name: str) -> None:
         """Give every session of this engine the instance's name (pooled ones at their next checkout),
         so another daemon can find and end them if this one freezes holding its shards' locks."""
+        listening = self._session_name is not None
+        self._session_name = name
+        if listening:
+            return
 
         @event.listens_for(self.engine, "checkout")
         def _named(dbapi_conn: Any, record: Any, proxy: Any) -> None:
+            name = self._session_name
             if record.info.get("application_name") != name:
                 try:
                     dbapi_conn.execute("SELECT set_config('application_name', %s, false)", (name,))
@@ -2146,7 +2159,7 @@ class Store:
                 select(shard_leases.c.shard)
                 .where(shard_leases.c.instance_id == instance_id, shard_leases.c.shard < shards)
                 .order_by(shard_leases.c.shard)
-                .with_for_update()
+                .with_for_update(key_share=True)  # FOR NO KEY UPDATE: not held back by its own writer's fence
             )
             renewed = conn.execute(
                 update(shard_leases)
@@ -2205,7 +2218,7 @@ class Store:
                 or_(instances.c.id.is_(None), instances.c.heartbeat_at < stale),
             )
         ).scalars()
-        names = [session_name(int(holder)) for holder in holders]
+        names = [session_name(int(holder), self._schema) for holder in holders]
         if not names:
             return
         try:
@@ -2219,11 +2232,15 @@ class Store:
                     {"names": names},
                 ).scalar_one()
         except DBAPIError as exc:
+            refused = getattr(exc.orig, "sqlstate", None) == "42501"  # insufficient_privilege
             log.error(
-                "cluster: cannot end the database sessions of %s, whose expired leases stay locked (%s); "
-                "run every daemon as one database role (not a superuser), or grant their role pg_signal_backend",
+                "cluster: could not end the database sessions of %s, whose expired leases stay locked (%s)%s",
                 ", ".join(names),
                 redact(str(exc.orig)).strip(),
+                "; PostgreSQL lets a role end only sessions of its own role, of roles it is a member of, or "
+                "(with pg_signal_backend) of any role but a superuser: run every daemon as the same role"
+                if refused
+                else "; tried again at the next heartbeat",
             )
             return
         if ended:

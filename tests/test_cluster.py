@@ -4,6 +4,7 @@ sequence, on both backends), the outbox claimed with SKIP LOCKED, one pruner, `p
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -19,7 +20,17 @@ from sqlalchemy.exc import IntegrityError
 from poller.cluster import Membership, shard_of
 from poller.config import ClusterSettings
 from poller.model import ObjectState, PollResult, Watch
-from poller.store import Fenced, Store, StoreError, Superseded, fair_share, migrate, migrations_dir, open_engine
+from poller.store import (
+    _FENCE_SQL,
+    Fenced,
+    Store,
+    StoreError,
+    Superseded,
+    fair_share,
+    migrate,
+    migrations_dir,
+    open_engine,
+)
 from poller.watchlist import WatchSpec
 
 NOW = datetime(2026, 11, 24, 10, 0, 0, tzinfo=UTC)
@@ -374,7 +385,7 @@ def _frozen_inside_a_copy(store: Store, observer: Store, member: Membership) -> 
     driver = raw.driver_connection
     assert driver is not None
     cursor = driver.cursor()
-    cursor.execute("SELECT shard FROM shard_leases WHERE shard = 0 FOR SHARE")
+    cursor.execute("SELECT shard FROM shard_leases WHERE shard = 0 FOR KEY SHARE")  # as the fence locks
     copy = cursor.copy("COPY poll_samples (run_id, polled_at, duration_us) FROM STDIN")
     copy.__enter__().write_row((1, 2, 3))
     with observer.engine.connect() as conn:
@@ -382,7 +393,7 @@ def _frozen_inside_a_copy(store: Store, observer: Store, member: Membership) -> 
             text("SELECT application_name, state FROM pg_stat_activity WHERE pid = :p"), {"p": driver.info.backend_pid}
         )
         # "active", not "idle in transaction": no server timeout applies.
-        assert tuple(frozen.one()) == (f"poller-instance-{member.instance_id}", "active")
+        assert tuple(frozen.one()) == (store._session_name, "active")
     return raw, copy
 
 
@@ -397,7 +408,7 @@ def test_a_daemon_frozen_inside_a_copy_has_its_sessions_ended_by_the_claimer(sto
     a.beat()
     assert len(a.epochs()) == 2
     (b,) = _members(stores[1:2], shards=2, lease=30.0)
-    _expire(stores[1], a)  # before the frozen batch locks shard 0 (an UPDATE would wait for it)
+    _expire(stores[1], a)
     raw, _copy = _frozen_inside_a_copy(stores[0], stores[1], a)
 
     def claimed_both() -> bool:
@@ -412,7 +423,7 @@ def test_a_daemon_frozen_inside_a_copy_has_its_sessions_ended_by_the_claimer(sto
                 return int(
                     conn.execute(
                         text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :n"),
-                        {"n": f"poller-instance-{a.instance_id}"},
+                        {"n": stores[0]._session_name},
                     ).scalar_one()
                 )
 
@@ -424,7 +435,8 @@ def test_a_daemon_frozen_inside_a_copy_has_its_sessions_ended_by_the_claimer(sto
     watch = stores[0].sync_watches(specs("w"), NOW).watches["w"]
     refused = stores[0].record([change(watch, None, state('"x"'), "first_seen")])
     assert isinstance(refused[0], Fenced)
-    assert history(stores[0]) == []
+    assert stores[1].record([change(watch, None, state('"x"'), "first_seen")]) == {}  # b records it
+    assert history(stores[0]) == [("first_seen", '"x"', 1)]
 
 
 @pg_only
@@ -449,9 +461,39 @@ def test_a_claimer_not_allowed_to_end_a_frozen_holder_says_so_and_keeps_its_own_
             b.beat()
             b.beat()
             assert list(b.epochs()) == [1]  # the unlocked shard; its own heartbeat did not fail
-            assert "cannot end the database sessions of poller-instance-" in caplog.text
-            assert "grant their role pg_signal_backend" in caplog.text
+            assert f"could not end the database sessions of {stores[0]._session_name}" in caplog.text
+            assert "run every daemon as the same role" in caplog.text
         finally:
             raw.invalidate()
     finally:
         other.close()
+
+
+@pg_only
+def test_a_live_daemon_inside_a_long_write_keeps_renewing_and_is_not_taken_for_frozen(stores: list[Store]):
+    """Its writer's fence must not hold back its own heartbeat: otherwise a write longer than the
+    lease lets the lease and heartbeat lapse, and the others end the sessions of a live daemon."""
+    (a,) = _members(stores[:1], shards=2, lease=30.0)
+    a.beat()
+    (b,) = _members(stores[1:2], shards=2, lease=30.0)
+    raw = stores[0].engine.raw_connection()  # a's writer, in the middle of a long batch
+    try:
+        cursor = raw.cursor()
+        cursor.execute(_FENCE_SQL, ([0, 1], a.instance_id))
+        assert len(cursor.fetchall()) == 2
+        with stores[1].engine.begin() as conn:  # the lease lapsed meanwhile; a's heartbeat has not
+            conn.execute(text("SET LOCAL lock_timeout = '5s'"))  # under FOR SHARE, this waited too
+            conn.execute(text("UPDATE shard_leases SET expires_at = now() - interval '1 second'"))
+        beat = threading.Thread(target=a.beat)  # renews under FOR NO KEY UPDATE: not held back by its writer
+        beat.start()
+        beat.join(10)
+        assert not beat.is_alive(), "the heartbeat waited for its own writer's fence"
+        assert a.epochs() == {0: 1}  # renewed its fair share, gave shard 1 back (b has joined)
+        b.beat()  # a is live: b ends nobody, and cannot claim shard 1 before a's write commits
+        assert b.epochs() == {}
+        cursor.execute("SELECT 1")  # the writer's session is alive
+        raw.commit()
+        b.beat()
+        assert b.epochs() == {1: 2}
+    finally:
+        raw.invalidate()
