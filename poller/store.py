@@ -2128,15 +2128,15 @@ class Store:
 
         @event.listens_for(self.engine, "checkout")
         def _named(dbapi_conn: Any, record: Any, proxy: Any) -> None:
-            name = self._session_name
-            if record.info.get("application_name") != name:
+            wanted = self._session_name  # read at each checkout: the name the store holds now
+            if record.info.get("application_name") != wanted:
                 try:
-                    dbapi_conn.execute("SELECT set_config('application_name', %s, false)", (name,))
+                    dbapi_conn.execute("SELECT set_config('application_name', %s, false)", (wanted,))
                     dbapi_conn.commit()  # a SET rolled back with its transaction would be undone
                 except Exception as exc:
                     # The pool then replaces this connection and tries again (a session lost meanwhile).
                     raise DisconnectionError(f"could not name the database session: {exc}") from exc
-                record.info["application_name"] = name
+                record.info["application_name"] = wanted
 
     def heartbeat(self, instance_id: int, host: str, pid: int, shards: int, lease: float) -> tuple[dict[int, int], int]:
         """Renew this instance and its leases, give back shards beyond its fair share, claim free or

@@ -30,6 +30,7 @@ from poller.store import (
     migrate,
     migrations_dir,
     open_engine,
+    session_name,
 )
 from poller.watchlist import WatchSpec
 
@@ -378,8 +379,8 @@ def _expire(store: Store, member: Membership) -> None:
 
 
 def _frozen_inside_a_copy(store: Store, observer: Store, member: Membership) -> tuple[Any, Any]:
-    """A writer's connection of ``member`` stopped inside a batch: shard 0 share-locked (the fence),
-    a COPY open. Returns the pool's connection (invalidate it when done) and the COPY, which must
+    """A writer's connection of ``member`` stopped inside a batch: shard 0 locked as the fence locks
+    it, a COPY open. Returns the pool's connection (invalidate it when done) and the COPY, which must
     stay referenced: collected, psycopg would end it (CopyFail) and the transaction with it."""
     raw = store.engine.raw_connection()
     driver = raw.driver_connection
@@ -393,14 +394,14 @@ def _frozen_inside_a_copy(store: Store, observer: Store, member: Membership) -> 
             text("SELECT application_name, state FROM pg_stat_activity WHERE pid = :p"), {"p": driver.info.backend_pid}
         )
         # "active", not "idle in transaction": no server timeout applies.
-        assert tuple(frozen.one()) == (store._session_name, "active")
+        assert tuple(frozen.one()) == (session_name(member.instance_id, "public"), "active")
     return raw, copy
 
 
 @pg_only
 def test_a_daemon_frozen_inside_a_copy_has_its_sessions_ended_by_the_claimer(stores: list[Store]):
     """SIGSTOP mid-COPY: the session counts as active, so no server timeout ends it, and the fence's
-    share locks would keep its shards from every claim for as long as it stays frozen. The daemon
+    row locks would keep its shards from every claim for as long as it stays frozen. The daemon
     that wants them ends that instance's sessions (found by their application_name), then claims."""
     from conftest import wait_for
 
@@ -423,7 +424,7 @@ def test_a_daemon_frozen_inside_a_copy_has_its_sessions_ended_by_the_claimer(sto
                 return int(
                     conn.execute(
                         text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :n"),
-                        {"n": stores[0]._session_name},
+                        {"n": session_name(a.instance_id, "public")},
                     ).scalar_one()
                 )
 
@@ -461,7 +462,7 @@ def test_a_claimer_not_allowed_to_end_a_frozen_holder_says_so_and_keeps_its_own_
             b.beat()
             b.beat()
             assert list(b.epochs()) == [1]  # the unlocked shard; its own heartbeat did not fail
-            assert f"could not end the database sessions of {stores[0]._session_name}" in caplog.text
+            assert f"could not end the database sessions of {session_name(a.instance_id, 'public')}" in caplog.text
             assert "run every daemon as the same role" in caplog.text
         finally:
             raw.invalidate()
