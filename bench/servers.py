@@ -60,7 +60,9 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
 
 
 def client(endpoint: str, pool: int = 64) -> Any:
-    return boto3.client(
+    # A session of its own: boto3's default one keeps the credentials it first found, and a test
+    # that changed the environment since then got 403 from rclone --auth-key.
+    return boto3.session.Session().client(
         "s3",
         endpoint_url=endpoint,
         region_name="us-east-1",
@@ -116,7 +118,9 @@ def start_rclone(workdir: Path, n_keys: int, auth: tuple[str, str] | None = None
     argv = [binary, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--config", "/dev/null", str(root)]
     if auth is not None:
         argv += ["--auth-key", ",".join(auth)]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Its log (a refused request's reason) goes to rclone.log in ``workdir``.
+    with open(workdir / "rclone.log", "ab") as log:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log)
     endpoint = f"http://127.0.0.1:{port}"
     wait_http(endpoint + "/")
     name = "rclone serve s3 --auth-key (client-bound)" if auth else "rclone serve s3, anonymous (client-bound)"

@@ -5,7 +5,8 @@ the client's CPU per row (this process: SQLAlchemy, the driver, and for SQLite t
 itself; PostgreSQL's server runs in its own processes). The PostgreSQL server is a throwaway one
 from Debian's initdb/pg_ctl (tests/pgserver.py), durable (fsync on) like a real deployment.
 Each batch is what the daemon's writer commits: 1% changes with a history event, the rest unchanged
-(each watch keeps its ETag, so its unchanged polls extend one run of the run-length log).
+(each watch keeps its ETag, so its unchanged polls extend one run of the run-length log). The
+databases take turns batch by batch, so the machine's drift in speed falls on both alike.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -54,31 +56,51 @@ def batches(watches: list[Watch], count: int, size: int) -> list[list[PollResult
     return out
 
 
-def measure(
-    url: str, count: int, size: int, warmup: int = 3, copy: bool = True, stage: bool = True
-) -> dict[str, float]:
-    store = Store(open_engine(url))
-    if not copy:
-        store._copy = False  # the pipelined executemany path, for comparison
-    if not stage:
-        store._stage_states = False  # object_state upserts row by row (pipelined executemany)
-    try:
-        migrate(store.engine)
-        specs = [WatchSpec(f"w{i}", "bench", f"keys/{i}", 60.0, None) for i in range(size)]
-        watches = list(store.sync_watches(specs, datetime.now(UTC)).watches.values())
-        work = batches(watches, warmup + 1 + count, size)
-        # Every watch's first sighting, then the warm-up batches, before the clock starts.
-        warm = 1 + warmup  # the watches are one batch long
-        for batch in work[:warm]:
-            store.record(batch)
+class Writer:
+    """One database's store, its watches synced and warmed up, and its timed batches still to record."""
+
+    def __init__(self, url: str, count: int, size: int, warmup: int = 3, copy: bool = True, stage: bool = True) -> None:
+        self.store = Store(open_engine(url))
+        if not copy:
+            self.store._copy = False  # the pipelined executemany path, for comparison
+        if not stage:
+            self.store._stage_states = False  # object_state upserts row by row (pipelined executemany)
+        self.wall = self.cpu = 0.0
+        self.rows = 0
+        try:
+            migrate(self.store.engine)
+            specs = [WatchSpec(f"w{i}", "bench", f"keys/{i}", 60.0, None) for i in range(size)]
+            watches = list(self.store.sync_watches(specs, datetime.now(UTC)).watches.values())
+            work = batches(watches, warmup + 1 + count, size)
+            # Every watch's first sighting, then the warm-up batches, before the clock starts.
+            warm = 1 + warmup  # the watches are one batch long
+            for batch in work[:warm]:
+                self.store.record(batch)
+        except BaseException:
+            self.store.close()
+            raise
+        self._todo = iter(work[warm:])
+
+    def step(self) -> None:
+        """Record the next timed batch."""
+        batch = next(self._todo)
         wall, cpu = time.perf_counter(), time.process_time()
-        for batch in work[warm:]:
-            store.record(batch)
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    finally:
-        store.close()
-    rows = count * size
-    return {"rows": rows, "rows_per_s": rows / wall, "cpu_us_per_row": cpu * 1e6 / rows}
+        self.store.record(batch)
+        self.wall += time.perf_counter() - wall
+        self.cpu += time.process_time() - cpu
+        self.rows += len(batch)
+
+    def figures(self) -> dict[str, float]:
+        return {"rows": self.rows, "rows_per_s": self.rows / self.wall, "cpu_us_per_row": self.cpu * 1e6 / self.rows}
+
+
+def measure_paired(writers: list[Writer], count: int) -> list[dict[str, float]]:
+    """Time ``count`` batches of each writer, taking turns batch by batch (the order alternating), so
+    this shared machine's drift in speed, tens of percent within seconds, falls on every database alike."""
+    for b in range(count):
+        for writer in writers if b % 2 == 0 else writers[::-1]:
+            writer.step()
+    return [writer.figures() for writer in writers]
 
 
 def _median(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -89,7 +111,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.store_write", description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=30, help="timed batches per database (default 30)")
     parser.add_argument("--batch-size", type=int, default=1000, help="results per batch (default 1000)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds, SQLite and PostgreSQL taking turns (default 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, each on fresh databases (default 3)")
     parser.add_argument(
         "--compare-executemany",
         action="store_true",
@@ -110,20 +132,26 @@ def main() -> int:
     server = PgServer(bindir, durable=True).start()
     try:
         for _ in range(args.rounds):
-            one: dict[str, dict[str, float]] = {}
-            with tempfile.TemporaryDirectory(prefix="poller-bench-") as tmp:
-                one["sqlite"] = measure(f"sqlite:///{Path(tmp) / 'p.db'}", args.batches, args.batch_size)
             variants = [("postgresql", True, True)]
             if args.compare_executemany:
                 variants.append(("postgresql (executemany)", False, True))
             if args.compare_row_upserts:
                 variants.append(("postgresql (row upserts)", True, False))
-            for name, copy, stage in variants:
-                # A round's database is dropped once measured: its autovacuum would otherwise run
-                # during the next round (on this VM's two hyperthreads SQLite then took 2x the CPU a row).
-                with server.database() as url:
-                    one[name] = measure(url, args.batches, args.batch_size, copy=copy, stage=stage)
-            rounds.append(one)
+            # A fresh database of each kind every round: a dropped one's autovacuum cannot run
+            # during the next round (on this VM's two hyperthreads SQLite then took 2x the CPU a row).
+            with tempfile.TemporaryDirectory(prefix="poller-bench-") as tmp, ExitStack() as stack:
+                urls = [f"sqlite:///{Path(tmp) / 'p.db'}"] + [stack.enter_context(server.database()) for _ in variants]
+                writers: list[Writer] = []
+                try:
+                    writers.append(Writer(urls[0], args.batches, args.batch_size))
+                    for url, (_, copy, stage) in zip(urls[1:], variants, strict=True):
+                        writers.append(Writer(url, args.batches, args.batch_size, copy=copy, stage=stage))
+                    figures = measure_paired(writers, args.batches)
+                finally:
+                    for writer in writers:
+                        writer.store.close()
+            names = ["sqlite"] + [name for name, _, _ in variants]
+            rounds.append(dict(zip(names, figures, strict=True)))
     finally:
         server.stop()
     print(

@@ -118,6 +118,36 @@ def test_a_change_is_recorded_once_when_two_writers_report_it(stores: list[Store
     assert [h for h in history(a) if h[1] in ('"p"', '"q"')] == [("first_seen", '"p"', 1)]
 
 
+def test_a_batch_of_changes_is_decided_change_by_change(stores: list[Store]):
+    """On PostgreSQL a batch's compare-and-sets go in one pipeline: each change is still recorded or
+    refused on its own, a key never stored is inserted, and one that only held errors is taken over."""
+    a, b, _ = stores
+    ws = a.sync_watches(specs("w0", "w1", "w2", "w3", "w4"), NOW).watches
+    x = state('"x"')
+    assert a.record([change(ws[n], None, x, "first_seen") for n in ("w0", "w1", "w2")]) == {}
+    assert a.record([PollResult(ws["w4"], NOW, "error", None, 1.0, None, None, None, "503 Slow Down")]) == {}
+    assert b.record([change(ws["w1"], x, state('"b"'), "modified")]) == {}  # another writer was first
+    refused = a.record(
+        [
+            change(ws["w0"], x, state('"y0"'), "modified"),
+            change(ws["w1"], x, state('"y1"'), "modified"),
+            change(ws["w2"], x, state(None, present=False), "deleted"),
+            change(ws["w3"], None, state('"y3"'), "first_seen"),
+            change(ws["w4"], None, state('"y4"'), "first_seen"),
+        ]
+    )
+    assert list(refused) == [1] and isinstance(refused[1], Superseded)
+    assert [stored_etag(a, ws[n]) for n in ("w0", "w1", "w2", "w3", "w4")] == [
+        ('"y0"', 2),
+        ('"b"', 2),
+        (None, 2),
+        ('"y3"', 1),
+        ('"y4"', 1),
+    ]
+    assert sorted(history(a))[-1] == ("modified", '"y0"', 2)
+    assert len(history(a)) == 3 + 1 + 4  # the refused change left no row
+
+
 def test_the_database_refuses_a_second_history_row_at_one_sequence_number(stores: list[Store]):
     a = stores[0]
     watch = a.sync_watches(specs("w"), NOW).watches["w"]
