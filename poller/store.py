@@ -1058,9 +1058,10 @@ class Store:
         if not folded:
             return
         sql = self._run_sql
+        sampled: set[int] = set()  # segments whose one sample the staged UPDATE wrote itself
         with _driver_cursor(conn, "poll_runs") as cursor:
             if self._copy and len(folded) >= STAGE_MIN_ROWS:
-                run_ids = self._extend_staged(conn, cursor, folded, created, learned)
+                run_ids = self._extend_staged(conn, cursor, folded, created, learned, sampled)
             else:
                 run_ids = self._extend_rows(cursor, folded, learned)
             opened: list[tuple[int, int, str]] = []
@@ -1077,7 +1078,7 @@ class Store:
                         opened.append((run_id, seg.watch_id, seg.state_key))
                         if seg.run_key is None:
                             learned.append((seg.watch_id, run_id, seg.identity))
-                if self.keep_samples:
+                if self.keep_samples and n not in sampled:
                     samples += [(run_id, at, duration) for at, duration in seg.samples]
             if opened:
                 cursor.executemany(sql.close, [(watch_id, key) for _, watch_id, key in opened])
@@ -1127,9 +1128,11 @@ class Store:
         folded: list[Segment],
         created: list[str],
         learned: list[tuple[int, int, Identity]],
+        sampled: set[int],
     ) -> dict[int, int]:
         """PostgreSQL: extend the open runs of a batch in one UPDATE ... FROM a COPY-staged table,
-        by cached id where there is one (a primary-key join), else through object_state.run_id."""
+        by cached id where there is one (a primary-key join), else through object_state.run_id.
+        ``sampled`` receives the segments of one poll whose sample that UPDATE wrote as well."""
         if _RUN_STAGE not in conn.info.get(_STAGE_INFO, ()):
             cursor.execute(
                 f"CREATE TEMPORARY TABLE IF NOT EXISTS {_RUN_STAGE} (n integer, run_id bigint, watch_id bigint, "
@@ -1157,8 +1160,17 @@ class Store:
         if guessed:
             # Joined by primary key only, so the plan stays a few index lookups per row however
             # many open runs there are (through object_state it hashed every open run).
-            cursor.execute(self._run_sql.extend_staged)
-            run_ids.update(cursor.fetchall())
+            # A segment of one poll (nearly all: a key is polled once per batch) is its own sample:
+            # written from the staged row by the server, not encoded and sent again by this one.
+            if self.keep_samples:
+                cursor.execute(self._run_sql.extend_staged_sampled)
+                for n, run_id, count in cursor.fetchall():
+                    run_ids[n] = run_id
+                    if count == 1:
+                        sampled.add(n)
+            else:
+                cursor.execute(self._run_sql.extend_staged)
+                run_ids.update(cursor.fetchall())
         # Not cached, or the cached run is over (another daemon held the key meanwhile), or cached
         # with another identity (every key's second poll after a start): object_state knows.
         todo = [*asked, *sorted(guessed - run_ids.keys())]
@@ -2790,4 +2802,12 @@ class _RunStatements:
             "AND r.http_status IS NOT DISTINCT FROM s.http_status "
             "AND r.etag IS NOT DISTINCT FROM s.etag AND r.last_modified IS NOT DISTINCT FROM s.last_modified "
             "AND r.error IS NOT DISTINCT FROM s.error RETURNING s.n, r.id"
+        )
+        # The same, writing the sample of each extended segment of one poll (its last_at and dsum are
+        # that poll's time and duration) in the same statement.
+        self.extend_staged_sampled = (
+            f"WITH extended AS ({self.extend_staged}, s.count, s.last_at, s.dsum), "
+            "sampled AS (INSERT INTO poll_samples (run_id, polled_at, duration_us) "
+            "SELECT id, last_at, dsum FROM extended WHERE count = 1) "
+            "SELECT n, id, count FROM extended"
         )

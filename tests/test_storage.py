@@ -84,6 +84,31 @@ def test_segments_fold_a_batch_per_key_in_order():
     assert first.samples == [(1000, 10), (2000, 20)]
 
 
+def test_every_poll_of_a_large_batch_has_its_sample(store: Store):
+    """Batches large enough for PostgreSQL's staged path, where the UPDATE that extends a run of one
+    poll writes that poll's sample itself: each poll has exactly one sample, with its time and duration."""
+    ws = [
+        store.sync_watches([WatchSpec(f"w{i}", "bucket", f"k{i}", 60.0, None) for i in range(20)], NOW).watches[f"w{i}"]
+        for i in range(20)
+    ]
+    made: list[tuple[int, int, int]] = []  # (watch id, epoch ms, duration µs) of every poll
+    for b in range(4):
+        batch = [
+            poll(w, at(60 * b + i / 100), "modified" if b == 0 else "unchanged", ms=1 + i) for i, w in enumerate(ws)
+        ]
+        if b == 3:  # one key twice in a batch: a segment of two polls
+            batch.append(poll(ws[0], at(60 * b + 30), ms=7.5))
+        store.record(batch)
+        made += [(r.watch.id, to_ms(r.polled_at), round(r.duration_ms * 1000)) for r in batch]
+    with store.engine.connect() as conn:
+        stored = conn.execute(
+            text(
+                "SELECT r.watch_id, s.polled_at, s.duration_us FROM poll_samples s JOIN poll_runs r ON r.id = s.run_id"
+            )
+        ).all()
+    assert sorted(tuple(int(v) for v in row) for row in stored) == sorted(made)
+
+
 def test_epoch_milliseconds_round_trip_and_floor():
     t = datetime(2026, 11, 24, 10, 0, 0, 123999, tzinfo=UTC)
     assert from_ms(to_ms(t)) == t.replace(microsecond=123000)
