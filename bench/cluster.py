@@ -191,7 +191,10 @@ def rate_figures(plan: clusterrun.Plan, windows: list[tuple[clusterrun.Sample, c
     for r in [*rows, overall]:
         where = f"window {r.get('window', 'A+B')} {r['who']}"
         sustained, demanded = r["sustained_polls_per_s"], r["demanded_polls_per_s"]
-        if sustained is None or abs(sustained - demanded) > RATE_TOLERANCE * demanded:
+        # Below the demand is work not done. Above it is not: a 30-second window's count moves by
+        # a percent with the moment its metrics are read, or a backlog is being worked off (which
+        # the lateness shows), and a key polled twice in an interval is counted on its own.
+        if sustained is None or sustained < (1 - RATE_TOLERANCE) * demanded:
             reasons.append(f"{where}: {sustained} polls/s sustained of {demanded} demanded")
         if r["skipped"]:
             reasons.append(f"{where}: {r['skipped']} polls skipped")
@@ -230,7 +233,7 @@ def print_rate_table(rate: dict[str, Any]) -> None:
         )
     if rate["target_met"]:
         print(
-            f"  verdict: target met (sustained = demanded within {RATE_TOLERANCE:.0%}, "
+            f"  verdict: target met (sustained >= demanded - {RATE_TOLERANCE:.0%}, "
             f"p99 lateness < {TARGET_LATENESS_P99:g} s, 0 skipped, in every steady window and daemon)"
         )
     else:

@@ -110,6 +110,8 @@ SIZE_CHUNK = 500
 LEGACY_CHUNK = 1000
 # Below this many object_state rows the staging table's two statements cost more than they save.
 STAGE_MIN_ROWS = 8
+# How often a lasting refusal to end a frozen holder's sessions is logged again (seconds).
+REPEAT_REFUSAL_S = 600.0
 _STAGE_INFO = "poller_staging_tables"
 _OK_COLUMNS = ("watch_id", "key", *_STATE_COLUMNS, "last_changed_at")
 _ERROR_COLUMNS = (
@@ -410,6 +412,8 @@ class Store:
         self.keep_samples = True
         # Several daemons (PostgreSQL): this instance's sessions' name, and the schema of its tables.
         self._session_name: str | None = None
+        # The last refusal to end a frozen holder's sessions that was logged: (holders, SQLSTATE), when.
+        self._refusal: tuple[tuple[frozenset[str], str], float] | None = None
         self._schema = ""
         self._staged = (self._staged_upsert(error=False), self._staged_upsert(error=True))
         self._staged_first = self._staged_first_sightings()
@@ -2279,6 +2283,12 @@ class Store:
                 ).scalar_one()
         except DBAPIError as exc:
             refused = getattr(exc.orig, "sqlstate", None) == "42501"  # insufficient_privilege
+            # Said once, then again every REPEAT_REFUSAL_S while it lasts: not at every heartbeat.
+            said = (frozenset(names), str(getattr(exc.orig, "sqlstate", None)))
+            now = time.monotonic()
+            if self._refusal is not None and self._refusal[0] == said and now - self._refusal[1] < REPEAT_REFUSAL_S:
+                return
+            self._refusal = (said, now)
             log.error(
                 "cluster: could not end the database sessions of %s, whose expired leases stay locked (%s)%s",
                 ", ".join(names),
@@ -2289,6 +2299,7 @@ class Store:
                 else "; tried again at the next heartbeat",
             )
             return
+        self._refusal = None
         if ended:
             log.warning(
                 "cluster: ended %d database sessions of %s: it stopped beating for a lease while holding "

@@ -7,6 +7,7 @@ import argparse
 import importlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,6 +47,28 @@ def test_cluster_lateness_counts_skipped_slots() -> None:
     assert _lateness({}, after, 0.5) == 0.005
     # 100 polls under 10 ms and 100 skipped slots of a 60 s interval: the p99 is among the skipped.
     assert _lateness({}, after, 0.99, skipped=100, interval=60.0) == ">60.000"
+
+
+def test_cluster_verdict_fails_below_the_demand_not_above_it() -> None:
+    """A daemon short of its demand fails the verdict; one a percent above it (a 30 s window's edge,
+    or a backlog being worked off) does not: keys polled twice in an interval are counted apart."""
+    from clusterrun import Plan, Sample
+
+    from bench.cluster import rate_figures
+
+    plan = Plan(watches=600, interval=60.0, shards=1)
+
+    def scraped(polls: float) -> dict[str, float]:
+        return {**histogram({"0.01": polls, "+Inf": polls}), "poller_schedule_lateness_seconds_count": polls}
+
+    def verdict(polls: float) -> dict[str, Any]:
+        window = (Sample(0.0, {1: scraped(0)}, {1: [0]}), Sample(100.0, {1: scraped(polls)}, {1: [0]}))
+        return rate_figures(plan, [window])
+
+    assert verdict(1000)["target_met"]  # 10.0 polls/s for 10 demanded
+    assert verdict(1013)["target_met"]  # 10.13
+    short = verdict(985)  # 9.85
+    assert not short["target_met"] and "9.8 polls/s sustained of 10.0 demanded" in short["not_met_because"][0]
 
 
 def test_lateness_quantile_interpolates_within_a_bucket() -> None:
