@@ -1072,7 +1072,7 @@ class Store:
             samples: list[tuple[int, int, int]] = []
             # The runs a batch opens (every key's first polls after a start, every change).
             new = [n for n in range(len(folded)) if n not in run_ids]
-            ids = self._insert_runs(cursor, [_run_row(folded[n]) for n in new])
+            ids = _each_returning(cursor, sql.insert, [_run_row(folded[n]) for n in new], self._copy)
             inserted = dict(zip(new, ids, strict=True))
             for n, seg in enumerate(folded):
                 run_id = run_ids.get(n)
@@ -1093,17 +1093,6 @@ class Store:
                 _copy_in(cursor, "poll_samples", ("run_id", "polled_at", "duration_us"), samples)
             elif samples:
                 cursor.executemany(sql.sample, samples)
-
-    def _insert_runs(self, cursor: Any, rows: list[tuple[Any, ...]]) -> list[int]:
-        """Insert new runs (``_run_row``s); their ids, in order. PostgreSQL: the ids drawn from the
-        sequence in one statement, the rows sent by COPY (an INSERT ... RETURNING each, even in a
-        pipeline, cost a tenth of the writer's CPU at 1% changes: each change begins two runs)."""
-        if not self._copy or len(rows) < 2:
-            return _each_returning(cursor, self._run_sql.insert, rows, self._copy)
-        cursor.execute(self._run_sql.next_ids, (len(rows),))
-        ids = [int(row[0]) for row in cursor.fetchall()]
-        _copy_in(cursor, "poll_runs", ("id", *_RUN_COLUMNS), [(i, *row) for i, row in zip(ids, rows, strict=True)])
-        return ids
 
     def _extend_rows(
         self, cursor: Any, folded: list[Segment], learned: list[tuple[int, int, Identity]]
@@ -2815,10 +2804,6 @@ class _RunStatements:
         # PostgreSQL: the two in one statement (different tables; the subquery reads the old run_id).
         self.close_and_open = p(
             f"WITH closed AS ({self.close}) UPDATE object_state SET run_id = ? WHERE watch_id = ? AND key = ?"
-        )
-        # PostgreSQL: ids for n new runs, ascending (they are COPYed with their rows).
-        self.next_ids = (
-            "SELECT nextval(pg_get_serial_sequence('poll_runs', 'id')) FROM generate_series(1, %s) ORDER BY 1"
         )
         self.insert_plain = self.insert.removesuffix(" RETURNING id")
         # Folding the old per-poll table (Store.convert_legacy_polls).
