@@ -412,9 +412,9 @@ class Store:
         self.keep_samples = True
         # Several daemons (PostgreSQL): this instance's sessions' name, and the schema of its tables.
         self._session_name: str | None = None
+        self._schema = ""
         # The last refusal to end a frozen holder's sessions that was logged: (holders, SQLSTATE), when.
         self._refusal: tuple[tuple[frozenset[str], str], float] | None = None
-        self._schema = ""
         self._staged = (self._staged_upsert(error=False), self._staged_upsert(error=True))
         self._staged_first = self._staged_first_sightings()
         self._first_upsert = self._first_values()
@@ -2715,11 +2715,6 @@ def _name_filter(pattern: str, dialect: str) -> Any:
 
 
 _RUN_STAGE = "poller_stage_runs"
-# A new run's columns, in _run_row's order.
-_RUN_COLUMNS = (
-    "watch_id", "key", "outcome", "http_status", "etag", "last_modified", "error", "first_at", "ended_at",
-    "last_at", "count", "duration_min_us", "duration_sum_us", "duration_max_us",
-)  # fmt: skip
 _RUN_STAGE_COLUMNS = (
     "n", "run_id", "watch_id", "state_key", "outcome", "http_status", "etag", "last_modified", "error",
     "last_at", "count", "dmin", "dsum", "dmax",
@@ -2797,8 +2792,9 @@ class _RunStatements:
         # A key's open run ends when its next run begins (before object_state points at the new one).
         self.close = p(f"UPDATE poll_runs SET ended_at = last_at WHERE id = {open_run} AND ended_at IS NULL")
         self.insert = p(
-            f"INSERT INTO poll_runs ({', '.join(_RUN_COLUMNS)}) VALUES ({', '.join('?' * len(_RUN_COLUMNS))}) "
-            "RETURNING id"
+            "INSERT INTO poll_runs (watch_id, key, outcome, http_status, etag, last_modified, error, first_at, "
+            "ended_at, last_at, count, duration_min_us, duration_sum_us, duration_max_us) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id"
         )
         self.open = p("UPDATE object_state SET run_id = ? WHERE watch_id = ? AND key = ?")
         # PostgreSQL: the two in one statement (different tables; the subquery reads the old run_id).
