@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -26,6 +27,7 @@ from typing import Any
 from bench.__main__ import _scrape, lateness_quantile
 from bench.servers import BUCKET, client, start_rclone
 from poller.cluster import shard_of
+from poller.timetable import PhasedIntervalTrigger, phase_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import clusterrun
@@ -129,10 +131,47 @@ def _lateness(
     return f">{value:.3f}" if lower_bound else round(value, 3)
 
 
+class Slots:
+    """The schedule slots of the harness's watches, by shard: how many fall due inside a window.
+
+    Watches' phases are spread over the interval as a whole, but not evenly within one shard (the
+    shard and the phase are both CRC-32s of the name): over a 30 s window, a daemon holding a third
+    of the shards has 2-4% more or fewer slots than a third of the demand, so each daemon's demand
+    is counted from its own slots, not from its share of the watches."""
+
+    def __init__(self, plan: clusterrun.Plan) -> None:
+        self.interval = plan.interval
+        self.anchors: dict[int, list[float]] = {}
+        for i in range(plan.watches):
+            name = f"w{i:05d}"
+            anchor = PhasedIntervalTrigger(plan.interval, phase_of(name, plan.interval)).anchor_ts
+            self.anchors.setdefault(shard_of(name, plan.shards), []).append(anchor)
+
+    def due(self, shards: list[int], start: float, end: float) -> int:
+        """Slots of the watches in ``shards`` at or after ``start`` and before ``end`` (epoch seconds)."""
+        i = self.interval
+        return sum(
+            math.ceil((end - anchor) / i) - math.ceil((start - anchor) / i)
+            for shard in shards
+            for anchor in self.anchors.get(shard, ())
+        )
+
+    def between(self, a: clusterrun.Sample, b: clusterrun.Sample, shards: list[int]) -> int | None:
+        """``due`` between two samples, when both know their wall-clock time."""
+        return None if a.wall is None or b.wall is None else self.due(shards, a.wall, b.wall)
+
+
 def _row(
-    label: str, watches: int, seconds: float, interval: float, before: dict[str, float], after: dict[str, float]
+    label: str,
+    watches: int,
+    seconds: float,
+    interval: float,
+    before: dict[str, float],
+    after: dict[str, float],
+    due: int | None = None,
 ) -> dict[str, Any]:
-    demanded = watches / interval
+    # The demand is the slots due in the window when its wall-clock edges are known.
+    demanded = due / seconds if due is not None and seconds > 0 else watches / interval
     # Polls started in the window (each start observes its lateness), not results committed in it:
     # a writer still draining the start-up backlog commits more than the window's polls.
     polls = _delta(before, after, f"{LATENESS}_count")
@@ -147,6 +186,7 @@ def _row(
         "lateness_p50_s": _lateness(before, after, 0.5, skipped, interval),
         "lateness_p99_s": _lateness(before, after, 0.99, skipped, interval),
         "polls": int(polls),
+        "slots_due": due,
     }
 
 
@@ -154,6 +194,7 @@ def rate_figures(plan: clusterrun.Plan, windows: list[tuple[clusterrun.Sample, c
     """Per daemon, per steady window and in total: demanded vs sustained polls/s, skipped polls and
     lateness (the daemons' own histogram, as `python -m bench` reads it), then the verdict."""
     per_shard = Counter(shard_of(f"w{i:05d}", plan.shards) for i in range(plan.watches))
+    slots = Slots(plan)
     rows: list[dict[str, Any]] = []
     reasons: list[str] = []
     all_before: list[dict[str, float]] = []
@@ -163,19 +204,22 @@ def rate_figures(plan: clusterrun.Plan, windows: list[tuple[clusterrun.Sample, c
         name = "AB"[n] if n < 2 else str(n)
         seconds = b.at - a.at
         pids = [pid for pid in a.metrics if pid in b.metrics]
+
         for pid in pids:
             if sorted(a.shards[pid]) != sorted(b.shards[pid]):
                 reasons.append(f"window {name}: pid {pid}'s shards changed inside the window")
             watches = sum(per_shard[s] for s in a.shards[pid])
-            rows.append(
-                {"window": name, **_row(f"pid {pid}", watches, seconds, plan.interval, a.metrics[pid], b.metrics[pid])}
-            )
+            due = slots.between(a, b, a.shards[pid])
+            row = _row(f"pid {pid}", watches, seconds, plan.interval, a.metrics[pid], b.metrics[pid], due)
+            rows.append({"window": name, **row})
         before = _sum_metrics([a.metrics[p] for p in pids])
         after = _sum_metrics([b.metrics[p] for p in pids])
-        held = sum(per_shard[s] for p in pids for s in a.shards[p])
+        held_shards = [s for p in pids for s in a.shards[p]]
+        held = sum(per_shard[s] for s in held_shards)
         if held != plan.watches:
             reasons.append(f"window {name}: the live daemons held {held} of {plan.watches} watches")
-        rows.append({"window": name, **_row("total", held, seconds, plan.interval, before, after)})
+        due_total = slots.between(a, b, held_shards)
+        rows.append({"window": name, **_row("total", held, seconds, plan.interval, before, after, due_total)})
         all_before += [a.metrics[p] for p in pids]
         all_after += [b.metrics[p] for p in pids]
         seconds_total += seconds
@@ -188,6 +232,10 @@ def rate_figures(plan: clusterrun.Plan, windows: list[tuple[clusterrun.Sample, c
     overall["sustained_polls_per_s"] = (
         round(sum(r["polls"] for r in rows if r["who"] == "total") / seconds_total, 1) if seconds_total else None
     )
+    totals_due = [r["slots_due"] for r in rows if r["who"] == "total"]
+    if totals_due and None not in totals_due and seconds_total:
+        overall["slots_due"] = sum(totals_due)
+        overall["demanded_polls_per_s"] = round(sum(totals_due) / seconds_total, 1)
     for r in [*rows, overall]:
         where = f"window {r.get('window', 'A+B')} {r['who']}"
         sustained, demanded = r["sustained_polls_per_s"], r["demanded_polls_per_s"]
@@ -317,7 +365,8 @@ def main() -> int:
     )
     for key, value in figures.items():
         print(f"  {key:<40}{value}")
-    print("  steady windows: A = before the kill, B = after the restart's rebalance")
+    print("  steady windows: A = before the kill, B = after the restart's rebalance; demand/s: the slots of")
+    print("  the daemon's watches that fell due in the window, over its length")
     print_rate_table(rate)
     for name, used in zip("AB", rate["cores_used"], strict=False):
         print(f"  cores used in window {name}: " + ", ".join(f"{k} {v}" for k, v in used.items()))

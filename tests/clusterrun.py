@@ -190,6 +190,7 @@ class Sample:
     metrics: dict[int, dict[str, float]]  # by pid
     shards: dict[int, list[int]]  # by pid
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds so far, by process (run's ``cpu``)
+    wall: float | None = None  # time.time() at ``at``: which schedule slots fall inside a window
 
 
 @dataclass
@@ -281,14 +282,14 @@ def run(
     report.figures["seed_objects_s"] = round(seeded_s, 1)
 
     def sample() -> Sample:
-        at = time.monotonic()
+        at, wall = time.monotonic(), time.time()
         holders = {r["pid"]: list(r["shards"]) for r in store.cluster_status() if r["heartbeat_age"] < plan.lease}
         metrics = {}
         for d in daemons:
             if scrape is not None and d.metrics_port is not None and d.proc.poll() is None:
                 metrics[d.proc.pid] = scrape(d.metrics_port)
         used = cpu([d.proc.pid for d in daemons if d.proc.poll() is None]) if cpu is not None else {}
-        return Sample(at, metrics, {pid: holders.get(pid, []) for pid in metrics}, used)
+        return Sample(at, metrics, {pid: holders.get(pid, []) for pid in metrics}, used, wall)
 
     measuring = plan.metrics and scrape is not None
     begun = time.monotonic()

@@ -71,6 +71,42 @@ def test_cluster_verdict_fails_below_the_demand_not_above_it() -> None:
     assert not short["target_met"] and "9.8 polls/s sustained of 10.0 demanded" in short["not_met_because"][0]
 
 
+def test_cluster_demand_is_each_daemons_slots_in_the_window() -> None:
+    """A daemon's demand in a window is the slots of its own watches that fall in it: over a whole
+    interval that is each watch once, while half an interval's share differs between shard sets."""
+    from clusterrun import Plan, Sample
+
+    from bench.cluster import Slots, rate_figures
+    from poller.cluster import shard_of
+
+    plan = Plan(watches=9000, interval=60.0, shards=64)
+    slots = Slots(plan)
+    mine = list(range(22))
+    held = sum(shard_of(f"w{i:05d}", 64) in mine for i in range(plan.watches))
+    start = 1_800_000_007.25
+    assert slots.due(mine, start, start + 60.0) == held
+    halves = [slots.due(mine, start, start + 30.0), slots.due(mine, start + 30.0, start + 60.0)]
+    assert sum(halves) == held
+    assert slots.due(list(range(64)), start, start + 600.0) == 10 * plan.watches
+
+    def scraped(polls: float) -> dict[str, float]:
+        return {**histogram({"0.01": polls, "+Inf": polls}), "poller_schedule_lateness_seconds_count": polls}
+
+    due = slots.due(mine, start, start + 30.0)
+
+    def verdict(polls: int) -> dict[str, Any]:
+        a = Sample(0.0, {1: scraped(0)}, {1: mine}, wall=start)
+        b = Sample(30.0, {1: scraped(polls)}, {1: mine}, wall=start + 30.0)
+        return rate_figures(plan, [(a, b)])
+
+    met = verdict(due)
+    assert met["rows"][0]["demanded_polls_per_s"] == round(due / 30.0, 1)
+    assert met["rows"][0]["slots_due"] == due
+    assert not any("pid 1" in reason for reason in met["not_met_because"])
+    short = verdict(int(due * 0.98))
+    assert any("pid 1:" in reason and "sustained" in reason for reason in short["not_met_because"])
+
+
 def test_lateness_quantile_interpolates_within_a_bucket() -> None:
     after = histogram({"0.01": 50, "0.05": 100, "300.0": 100, "+Inf": 100})
     assert lateness_quantile({}, after, 0.5) == (0.01, False)
