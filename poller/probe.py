@@ -33,7 +33,7 @@ from poller.calibrate import (
     version_id_words,
 )
 from poller.lean import LeanHead
-from poller.model import Answer, Event, ObjectState, Outcome, PollResult, Watch, sendable
+from poller.model import Answer, Event, ObjectState, Outcome, PollResult, ProtocolError, Watch, sendable
 from poller.redact import redact
 from poller.s3client import (
     bucket_missing,
@@ -86,16 +86,25 @@ def request_conditions(state: ObjectState | None, mode: Mode) -> dict[str, Any]:
     return conditions
 
 
-def classify(state: ObjectState | None, answer: Answer) -> Verdict:
-    """Map a HEAD answer (200, 304 or 404) against the stored state to outcome, event and new state."""
+def classify(state: ObjectState | None, answer: Answer, *, conditional: bool = True) -> Verdict:
+    """Map a HEAD answer (200, 304 or 404) against the stored state to outcome, event and new state;
+    ``conditional``: whether the HEAD carried a condition. An answer that cannot be one raises ProtocolError."""
     known = state is not None and state.present is True
     if answer.status == 304:
-        if state is None or not known:
-            raise ValueError("a 304 answered a HEAD that carried no condition")
+        if state is None or not known or not conditional:
+            # Taken as an answer it would record a `modified` to the ETag already stored, or miss a change.
+            raise ProtocolError(
+                "the server answered 304 Not Modified to a HEAD without conditions: not recorded, polled again "
+                "next time"
+            )
         if answer.etag is not None and answer.etag != state.etag:
             return Verdict("modified", "modified", state, needs_full_head=True)
         return Verdict("unchanged", None, _confirmed(state, answer))
     if answer.status == 200:
+        if answer.etag is None:
+            # S3 sends one with every object. Recorded, this would be a `modified` to no ETag, then
+            # (the next poll unconditional) another back; and a later change would read as unchanged.
+            raise ProtocolError("the server answered 200 without an ETag: not recorded, polled again next time")
         new = ObjectState(
             etag=answer.etag,
             last_modified=answer.last_modified,
@@ -210,17 +219,18 @@ class Prober:
         started = time.perf_counter()
         status: int | None = None
         try:
-            answer = self._head(watch, request_conditions(state, mode))
+            conditions = request_conditions(state, mode)
+            answer = self._head(watch, conditions)
             status = answer.status
             note = ""
             if answer.status == 404 and not self._bucket_exists(watch.bucket):
                 return error_result(watch, polled_at, started, state, 404, bucket_missing(watch))
-            verdict = classify(state, answer)
+            verdict = classify(state, answer, conditional=bool(conditions))
             if verdict.needs_full_head:
                 note = "304 with a new ETag"
                 answer = self._head(watch, {})
                 status = answer.status
-                verdict = classify(state, answer)
+                verdict = classify(state, answer, conditional=False)
             if verdict.event == "deleted":
                 self._observe_deletion(state, answer)
         except ClientError as exc:

@@ -244,6 +244,12 @@ def _duplicate_etag(same: bool) -> Behaviour:
     return behave
 
 
+def _always_304(peer: Peer, req: Request) -> None:
+    # A broken cache or clone: 304 with another ETag, whatever the request asked (none at all too).
+    lines = ["HTTP/1.1 304 Not Modified", f"Date: {formatdate(usegmt=True)}", 'ETag: "etag-other"']
+    peer.send(render([*lines, f"Last-Modified: {LAST_MODIFIED}"]))
+
+
 def _stray_before(peer: Peer, req: Request) -> None:
     peer.send(b"garbage!" + answer(req, peer.server))
 
@@ -277,6 +283,8 @@ BEHAVIOURS: dict[str, Behaviour] = {
     "duplicate_etag_differ": _duplicate_etag(False),
     "stray_before": _stray_before,
     "empty_etag": _empty_etag,
+    "no_etag": _without("ETag"),
+    "always_304": _always_304,
 }
 
 

@@ -78,6 +78,9 @@ CASES: dict[str, Case] = {
         "either: http.client takes a head cut short by a close as complete (headers after the cut lost)",
     ),
     "empty_etag": Case("an empty ETag", "error"),
+    "no_etag": Case("200 without an ETag", "error"),
+    # Polled from a known state: a 304 with a new ETag, then 304 again to the HEAD without conditions.
+    "always_304": Case("304 Not Modified to a HEAD without conditions", "error"),
     "banner": Case(r"not an HTTP response: 'SSH-2\.0-OpenSSH_9\.6'", "error"),
     "head_100k": Case("ok", "ok"),
     "head_10m": Case("response head larger than 256 KiB", "error"),
@@ -104,7 +107,7 @@ def arrange(server: HostileServer, case: str, key: str = "h") -> ObjectState | N
     if case == "normal_404":
         server.missing.add(key)
     server.behaviours[key] = BEHAVIOURS.get(case, BEHAVIOURS["normal"])
-    if case == "normal_304":
+    if case in ("normal_304", "always_304"):
         lm = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
         return ObjectState(etag_of(key), lm, lm + timedelta(hours=1), None, 42, True)
     return None

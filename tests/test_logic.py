@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from poller.config import format_duration, parse_duration
-from poller.model import Answer, ObjectState
+from poller.model import Answer, ObjectState, ProtocolError
 from poller.probe import classify, request_conditions
 from poller.schema import to_text
 from poller.timetable import PhasedIntervalTrigger, phase_of
@@ -65,6 +65,20 @@ def test_200_with_new_state_records_metadata():
 def test_304_to_an_unconditional_request_is_rejected():
     with pytest.raises(ValueError):
         classify(None, Answer(304))
+    # A known state polled without conditions (the HEAD after a 304 with a new ETag, a risky state in
+    # timestamp mode): a 304 answers nothing that was asked, and taken as an answer it would record
+    # a `modified` to the ETag already stored, or miss a change.
+    for answer in (Answer(304, etag=E2), Answer(304, etag=E1), Answer(304)):
+        with pytest.raises(ProtocolError, match="304 Not Modified to a HEAD without conditions"):
+            classify(SEEN, answer, conditional=False)
+
+
+@pytest.mark.parametrize("state", [None, SEEN, GONE], ids=["never seen", "seen", "gone"])
+def test_200_without_an_etag_is_an_error_not_a_change(state):
+    """Recorded, it would be a `modified` to no ETag, then (the next poll unconditional) a second
+    `modified` back; and without ETags a later change would read as `unchanged`."""
+    with pytest.raises(ProtocolError, match="200 without an ETag"):
+        classify(state, Answer(200, last_modified=T0))
 
 
 def test_deleted_state_forgets_the_etag():
