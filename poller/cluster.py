@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Callable
 
 from poller.config import ClusterSettings
-from poller.store import Store, describe_db_error
+from poller.store import ShardCountChanged, Store, describe_db_error
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class Membership:
         self.instance_id = store.register_instance(self.host, self.pid, self.shards, self.lease)
         self.live = 1
         self._held: dict[int, int] = {}
+        self._refused = ""  # the shard-count mismatch last logged
         # A lease is counted from before the heartbeat's transaction: the database's own expiry is later.
         self._valid_until = 0.0
         self._lock = threading.Lock()
@@ -64,6 +65,12 @@ class Membership:
         with self._lock:
             return dict(self._held) if self._clock() < self._valid_until else {}
 
+    def epoch_of(self, name: str) -> int | None:
+        """The epoch this daemon holds ``name``'s shard at; None if not held, or the leases may have lapsed."""
+        shard = self.shard_of(name)
+        with self._lock:
+            return self._held.get(shard) if self._clock() < self._valid_until else None
+
     def holds(self, name: str) -> bool:
         with self._lock:
             return self.shard_of(name) in self._held
@@ -75,6 +82,13 @@ class Membership:
         started = self._clock()
         try:
             held, live = self.store.heartbeat(self.instance_id, self.host, self.pid, self.shards, self.lease)
+        except ShardCountChanged as exc:
+            # Its leases are gone with the old table, and the same shard number names other watches now.
+            if str(exc) != self._refused:
+                log.error("cluster: %s", exc)
+                self._refused = str(exc)
+            self._apply({})
+            return
         except Exception as exc:
             log.error("cluster heartbeat failed: %s", describe_db_error(exc, ""))
             if self._clock() >= self._valid_until and self._held:
@@ -85,6 +99,9 @@ class Membership:
                 self._apply({})
             return
         self.live = live
+        if self._refused:
+            log.info("cluster: the shard count matches this daemon's again (%d)", self.shards)
+            self._refused = ""
         self._apply(held, valid_until=started + self.lease)
 
     def _apply(self, held: dict[int, int], valid_until: float = 0.0) -> None:

@@ -50,6 +50,11 @@ STATUS_EVERY = 10.0
 SIGNALS_EVERY = 5.0
 
 
+def _target(watch: Watch | None) -> tuple[str, str, bool] | None:
+    """The object (or prefix) a watch polls."""
+    return None if watch is None else (watch.bucket, watch.key, watch.prefix)
+
+
 class StartupError(Exception):
     """A resource the daemon needs at start (the metrics port) cannot be had; the message says which."""
 
@@ -112,6 +117,10 @@ class Daemon:
                 self.metrics.serve(settings.metrics.listen)
             except OSError as exc:
                 self.recorder.close()
+                if self.membership is not None:
+                    # Registered already: a row left behind would count as a live daemon for a
+                    # lease, and the others would give back shards that nobody then claims.
+                    self.membership.stop()
                 self.store.close()
                 raise StartupError(
                     f"cannot serve metrics on {settings.metrics.listen} ([metrics] listen): "
@@ -387,9 +396,18 @@ class Daemon:
                 return self._refuse("polls of re-pointed watches still in flight; try the reload again")
         try:
             synced = self.store.sync_watches(list(specs.values()), datetime.now(UTC))
+            # Re-pointed at another object or prefix: its cached state must not condition the next
+            # poll. This sync dropped the stored one, or another daemon's reload did first (then
+            # synced.retargeted is empty here and the database may hold the new object's state).
+            moved = [
+                synced.watches[name].id
+                for name in diff.retargeted
+                if synced.watches[name].id in synced.retargeted
+                or _target(old.watches.get(name)) != _target(synced.watches[name])
+            ]
             # Read before switching over: a database error here refuses the reload, never ends the daemon.
             added = [synced.watches[name].id for name in diff.added]
-            resumed = self.store.load_states_for(added) if added else ({}, {})
+            resumed = self.store.load_states_for(added + moved) if added or moved else ({}, {})
         except Exception as exc:
             if held and self.workers is not None:
                 self.workers.release(held)
@@ -420,14 +438,12 @@ class Daemon:
             self.service.forget(old.watches[name].id)
             self.service.drop_outcome(old.watches[name].id)
         for name in diff.retargeted:
-            watch = synced.watches[name]
-            if watch.id in synced.retargeted:  # another object or prefix: the store dropped its state
-                self.service.forget(watch.id)
             if self.timetable.get(name) is not None:  # with several daemons, maybe another one's
-                self.timetable.retarget(name, watch)
+                self.timetable.retarget(name, synced.watches[name])
         # A watch removed by an earlier reload and added back keeps its row and its object_state:
         # resume from that, so a change made while it was out is `modified`, not a new `first_seen`.
-        self.service.resume_from(added, resumed)
+        # A re-pointed one resumes from what is stored of its new object (usually nothing).
+        self.service.resume_from(added + moved, resumed)
         if held and self.workers is not None:
             self.workers.release(held)
         now = datetime.now(UTC)

@@ -42,6 +42,7 @@ DAEMON_LINGER = 0.1
 # sending HEADs whose results would only queue up (memory stays flat; the timetable counts the
 # polls that could not start as skipped, watch by watch, so no watch starves).
 MAX_PENDING = 8 * MAX_BATCH
+_NOT_HELD = -1  # no lease epoch is negative: a watch whose shard this daemon does not hold now
 FIRST_LIMIT = 32  # threads at most before any poll time is known
 
 
@@ -67,7 +68,8 @@ class Recorder:
         self._max_batch = max_batch
         self._room = threading.Semaphore(max_pending)  # taken by submit, given back after the commit
         self.waits = 0  # submissions that had to wait for room (the writer is the bottleneck)
-        self._queue: queue.SimpleQueue[tuple[PollResult, Committed] | None] = queue.SimpleQueue()
+        # (result, what to call after the commit, the lease epoch its poll was made under)
+        self._queue: queue.SimpleQueue[tuple[PollResult, Committed, int | None] | None] = queue.SimpleQueue()
         # Set when a whole batch is waiting, or to stop: the writer then stops gathering at once.
         self._hurry = threading.Event()
         self._thread = threading.Thread(target=self._run, name="poller-writer", daemon=True)
@@ -78,9 +80,9 @@ class Recorder:
             self.waits += 1
             self._room.acquire()
 
-    def submit(self, result: PollResult) -> Future[None]:
+    def submit(self, result: PollResult, epoch: int | None = None) -> Future[None]:
         """Queue a result; the future completes once it is committed (or fails with the reason).
-        Waits while ``max_pending`` results are uncommitted."""
+        Waits while ``max_pending`` results are uncommitted. ``epoch``: see ``submit_nowait``."""
         future: Future[None] = Future()
 
         def done(exc: BaseException | None) -> None:
@@ -89,15 +91,17 @@ class Recorder:
             else:
                 future.set_exception(exc)
 
-        self._put((result, done))
+        self._put((result, done, epoch))
         return future
 
-    def submit_nowait(self, result: PollResult, then: Committed) -> None:
+    def submit_nowait(self, result: PollResult, then: Committed, epoch: int | None = None) -> None:
         """Queue a result; ``then`` runs in the writer thread after the commit (or its failure).
-        Returns at once unless ``max_pending`` results are uncommitted: then it waits for room."""
-        self._put((result, then))
+        Returns at once unless ``max_pending`` results are uncommitted: then it waits for room.
+        ``epoch`` (several daemons): the lease epoch of the watch's shard when the poll began; the
+        commit is refused (Fenced) at any other."""
+        self._put((result, then, epoch))
 
-    def _put(self, item: tuple[PollResult, Committed]) -> None:
+    def _put(self, item: tuple[PollResult, Committed, int | None]) -> None:
         self._wait_for_room()
         self._queue.put(item)
         if self._queue.qsize() >= self._max_batch - 1:  # with the one the writer holds: a whole batch
@@ -120,7 +124,7 @@ class Recorder:
             if item is not None and self.linger > 0:
                 self._hurry.wait(self.linger)
             self._hurry.clear()
-            batch: list[tuple[PollResult, Committed]] = []
+            batch: list[tuple[PollResult, Committed, int | None]] = []
             rows = 0  # a list pass over a new prefix brings thousands: it is a transaction of its own
             while True:
                 if item is None:
@@ -137,15 +141,16 @@ class Recorder:
             if batch:
                 self._commit(batch)
 
-    def _commit(self, batch: list[tuple[PollResult, Committed]]) -> None:
+    def _commit(self, batch: list[tuple[PollResult, Committed, int | None]]) -> None:
         try:
             self._record(batch)
         finally:
             self._room.release(len(batch))
 
-    def _record(self, batch: list[tuple[PollResult, Committed]]) -> None:
+    def _record(self, batch: list[tuple[PollResult, Committed, int | None]]) -> None:
         try:
-            refused = self._store.record([r for r, _ in batch], self.route)
+            epochs = [e for _, _, e in batch]
+            refused = self._store.record([r for r, _, _ in batch], self.route, epochs)
         except Exception as exc:
             if len(batch) > 1:
                 # One bad row must not sink the others: retry each on its own.
@@ -154,9 +159,9 @@ class Recorder:
                 return
             _call(batch[0][1], exc)
             return
-        for i, (_, then) in enumerate(batch):
+        for i, (_, then, _) in enumerate(batch):
             _call(then, refused.get(i))
-        if self.on_events is not None and any(r.event or r.changes for r, _ in batch):
+        if self.on_events is not None and any(r.event or r.changes for r, _, _ in batch):
             self.on_events()
 
 
@@ -273,9 +278,12 @@ class PollService:
         """Probe, commit, then report; returns None when the result could not be committed."""
         if self._stopping.is_set():
             return None
+        epoch = self._epoch(watch)
+        if epoch == _NOT_HELD:
+            return None
         result, listed = self._probe(watch)
         try:
-            self.recorder.submit(result).result()
+            self.recorder.submit(result, epoch).result()
         except Exception as exc:
             self._unrecorded(result, exc)
             return None
@@ -285,7 +293,8 @@ class PollService:
     def start_poll(self, watch: Watch, done: Callable[[], None]) -> None:
         """Probe, queue the commit and return: ``done`` runs once the result is committed (or failed),
         so the caller can keep the watch from being polled again against a state not yet committed."""
-        if self._stopping.is_set():
+        epoch = self._epoch(watch)
+        if self._stopping.is_set() or epoch == _NOT_HELD:
             done()
             return
         result, listed = self._probe(watch)
@@ -299,7 +308,16 @@ class PollService:
             finally:
                 done()
 
-        self.recorder.submit_nowait(result, then)
+        self.recorder.submit_nowait(result, then, epoch)
+
+    def _epoch(self, watch: Watch) -> int | None:
+        """Several daemons: the epoch this one holds the watch's shard at, read before the poll
+        observes anything (_NOT_HELD: not held now, or the leases may have lapsed: no poll)."""
+        fence = self.store.fence
+        if fence is None:
+            return None
+        epoch = fence.epoch_of(watch.name)
+        return _NOT_HELD if epoch is None else epoch
 
     def _probe(self, watch: Watch) -> tuple[PollResult, PrefixState | None]:
         if watch.prefix:

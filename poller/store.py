@@ -137,6 +137,11 @@ class Fenced(Exception):
     """A result not recorded: this daemon no longer holds its watch's shard (several daemons)."""
 
 
+class ShardCountChanged(StoreError):
+    """The database's shard table no longer has this daemon's [cluster] shards (all daemons were
+    restarted with another count while this one was paused or cut off): it must not poll."""
+
+
 class Superseded(Exception):
     """A change not recorded: the stored state moved on from the one its poll conditioned on."""
 
@@ -154,6 +159,8 @@ class Fence(Protocol):
     def shard_of(self, name: str) -> int: ...
 
     def epochs(self) -> dict[int, int]: ...
+
+    def epoch_of(self, name: str) -> int | None: ...
 
 
 @dataclass(slots=True)
@@ -607,8 +614,11 @@ class Store:
 
     # --- recording ------------------------------------------------------------------
 
-    def record(self, results: Sequence[PollResult], route: Route | None = None) -> dict[int, Exception]:
+    def record(
+        self, results: Sequence[PollResult], route: Route | None = None, epochs: Sequence[int | None] | None = None
+    ) -> dict[int, Exception]:
         """Commit poll rows, object states and history events of ``results`` in one transaction.
+        ``epochs`` (several daemons): by position, the lease epoch of its shard each poll was made under.
 
         ``route(watch_name, event)`` names the notification sinks of an event; their outbox rows
         are written in the same transaction, so a committed change is never without its delivery.
@@ -617,13 +627,15 @@ class Store:
         not the one the poll conditioned on: its poll row was written, its change was not).
         """
         try:
-            return self._record(results, route)
+            return self._record(results, route, epochs)
         except _StaleRuns as exc:
             log.warning("recording polls: %s; asking the database instead", exc)
             self._open_runs.clear()
-            return self._record(results, route)
+            return self._record(results, route, epochs)
 
-    def _record(self, results: Sequence[PollResult], route: Route | None) -> dict[int, Exception]:
+    def _record(
+        self, results: Sequence[PollResult], route: Route | None, epochs: Sequence[int | None] | None
+    ) -> dict[int, Exception]:
         if not results:
             return {}
         run_polls: list[tuple[int, Poll]] = []
@@ -696,7 +708,7 @@ class Store:
         created: list[str] = []  # staging tables this transaction created (_write_states)
         learned: list[tuple[int, int, Identity]] = []  # (watch id, run id, identity) of open runs
         with self._tx() as conn:
-            failed: dict[int, Exception] = self._fenced(conn, results) if self.fence is not None else {}
+            failed: dict[int, Exception] = self._fenced(conn, results, epochs) if self.fence is not None else {}
             outbox: list[dict[str, Any]] = []
             history_rows: list[dict[str, Any]] = []
             routed: list[tuple[dict[str, Any], list[str]]] = []
@@ -1324,9 +1336,14 @@ class Store:
             where=and_(object_state.c.etag.is_(None), object_state.c.present.is_(None)),
         ).returning(object_state.c.watch_id, object_state.c.key, object_state.c.seq)
 
-    def _fenced(self, conn: Connection, results: Sequence[PollResult]) -> dict[int, Exception]:
+    def _fenced(
+        self, conn: Connection, results: Sequence[PollResult], epochs: Sequence[int | None] | None
+    ) -> dict[int, Exception]:
         """The results whose shard this instance no longer holds at the epoch it claimed, checked (and
-        locked against a claim, until commit) in the committing transaction."""
+        locked against a claim, until commit) in the committing transaction. A result polled under
+        an earlier epoch (``epochs``, by position) is refused too: between its poll and now another
+        daemon may have held the shard and recorded changes, which a compare-and-set on the ETag
+        alone cannot always tell (a key deleted and re-created meanwhile)."""
         fence = self.fence
         assert fence is not None
         shards = {i: fence.shard_of(r.watch.name) for i, r in enumerate(results)}
@@ -1336,12 +1353,18 @@ class Store:
             cursor.execute(_FENCE_SQL, (sorted(set(shards.values())), fence.instance_id))
             leases = cursor.fetchall()
         held = fence.epochs()
-        valid = {shard for shard, epoch in leases if held.get(shard) == epoch}
-        return {
-            i: Fenced(f"shard {shard} is no longer held by this daemon (lease lost or handed over)")
-            for i, shard in shards.items()
-            if shard not in valid
-        }
+        valid = {shard: epoch for shard, epoch in leases if held.get(shard) == epoch}
+        refused: dict[int, Exception] = {}
+        for i, shard in shards.items():
+            epoch = valid.get(shard)
+            if epoch is None:
+                refused[i] = Fenced(f"shard {shard} is no longer held by this daemon (lease lost or handed over)")
+            elif epochs is not None and epochs[i] is not None and epochs[i] != epoch:
+                refused[i] = Fenced(
+                    f"shard {shard} was handed over and claimed back since this poll was made (epoch "
+                    f"{epochs[i]}, now {epoch}): its result may be older than what was recorded meanwhile"
+                )
+        return refused
 
     def _compare_and_set_all(
         self, conn: Connection, changes: list[tuple[int, dict[str, Any], tuple[str | None, bool | None]]]
@@ -2155,13 +2178,17 @@ class Store:
                         f"[cluster] shards = {shards}, but the daemons running on this database ({live}) use "
                         f"{existing}: set the same number in every daemon's config (to change it, stop them all)"
                     )
+            # The new rows' epochs go on from the old ones': a paused daemon's result from before the
+            # change must never meet its epoch again.
+            base = int(conn.execute(select(func.coalesce(func.max(shard_leases.c.epoch), 0))).scalar_one())
+            if existing and existing != shards:
                 conn.execute(shard_leases.delete())
             conn.execute(
                 text(
-                    "INSERT INTO shard_leases (shard, epoch) SELECT s, 0 FROM generate_series(0, :n - 1) AS s "
+                    "INSERT INTO shard_leases (shard, epoch) SELECT s, :base FROM generate_series(0, :n - 1) AS s "
                     "ON CONFLICT DO NOTHING"
                 ),
-                {"n": shards},
+                {"n": shards, "base": base},
             )
             now = func.clock_timestamp()
             stmt = instances.insert().values(host=host, pid=pid, started_at=now, heartbeat_at=now)
@@ -2196,6 +2223,12 @@ class Store:
         now = func.clock_timestamp()
         until = now + timedelta(seconds=lease)
         with self._tx() as conn:
+            existing = int(conn.execute(select(func.count()).select_from(shard_leases)).scalar_one())
+            if existing != shards:
+                raise ShardCountChanged(
+                    f"the daemons on this database now use {existing} shards, this one's [cluster] shards = "
+                    f"{shards}: it polls nothing until restarted with the same number"
+                )
             beat = update(instances).where(instances.c.id == instance_id).values(heartbeat_at=now)
             if not conn.execute(beat).rowcount:
                 # Taken for dead and removed while this daemon was paused: come back under the same id.

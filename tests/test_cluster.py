@@ -229,6 +229,67 @@ def test_a_daemon_whose_lease_moved_on_cannot_commit(stores: list[Store]):
 
 
 @pg_only
+def test_a_result_polled_before_a_handover_and_back_is_refused(stores: list[Store]):
+    """A poll made under one epoch, committed after the shard went to another daemon and came back:
+    the other recorded a creation and a deletion meanwhile, so the stored state is again the one the
+    poll started from and a compare-and-set on the ETag would take the old `created` a second time."""
+    a, b, _ = _members(stores, shards=1)
+    a.beat()
+    watch = stores[0].sync_watches(specs("w"), NOW).watches["w"]
+    gone = state(None, present=False)
+    assert stores[0].record([change(watch, None, state('"x"'), "first_seen")]) == {}
+    assert stores[0].record([change(watch, state('"x"'), gone, "deleted")]) == {}
+    polled_at = a.epoch_of("w")
+    assert polled_at == a.epochs()[0]
+    late = change(watch, gone, state('"y"'), "created")  # a's poll, its commit delayed
+    # a pauses past its lease; b takes the shard and records what a saw, then the next deletion.
+    with stores[0].engine.begin() as conn:
+        conn.execute(text("UPDATE shard_leases SET expires_at = now() - interval '1 second'"))
+    b.beat()
+    assert stores[1].record([change(watch, gone, state('"y"'), "created")], epochs=[b.epoch_of("w")]) == {}
+    assert stores[1].record([change(watch, state('"y"'), gone, "deleted")], epochs=[b.epoch_of("w")]) == {}
+    b.stop()  # b leaves; a claims the shard again, at a later epoch
+    a.beat()
+    assert a.epoch_of("w") is not None and a.epoch_of("w") != polled_at
+    refused = stores[0].record([late], epochs=[polled_at])
+    assert isinstance(refused[0], Fenced) and "claimed back since this poll was made" in str(refused[0])
+    assert history(stores[0]) == [
+        ("first_seen", '"x"', 1),
+        ("deleted", None, 2),
+        ("created", '"y"', 3),
+        ("deleted", None, 4),
+    ]
+    # A poll made under the epoch held now commits.
+    assert stores[0].record([change(watch, gone, state('"z"'), "created")], epochs=[a.epoch_of("w")]) == {}
+    assert history(stores[0])[-1] == ("created", '"z"', 5)
+
+
+@pg_only
+def test_a_poll_is_not_made_for_a_shard_not_held(stores: list[Store], db_url: str):
+    """The daemon's poll path reads the epoch before it observes anything: none held, no request."""
+    from poller.pipeline import PollService, Recorder
+
+    (a,) = _members(stores[:1], shards=1)
+    watch = stores[0].sync_watches(specs("w"), NOW).watches["w"]
+
+    class Prober:
+        calls = 0
+
+        def probe(self, w: Watch, s: ObjectState | None) -> PollResult:
+            Prober.calls += 1
+            return change(w, None, state('"x"'), "first_seen")
+
+    service = PollService(stores[0], Prober(), Recorder(stores[0]), db_url)  # type: ignore[arg-type]
+    try:
+        assert service.poll(watch) is None and Prober.calls == 0  # no beat yet: nothing held
+        a.beat()
+        assert service.poll(watch) is not None and Prober.calls == 1
+    finally:
+        service.recorder.close()
+    assert history(stores[0]) == [("first_seen", '"x"', 1)]
+
+
+@pg_only
 def test_lapsed_lease_is_not_used_even_before_anyone_claims_it(stores: list[Store]):
     clock = [0.0]
     settings = ClusterSettings(shards=2, lease=10.0, heartbeat=3.0)
@@ -314,6 +375,31 @@ def test_status_shows_the_daemons_their_heartbeats_and_watches(stores: list[Stor
 
 
 @pg_only
+def test_a_daemon_that_fails_to_start_leaves_no_live_instance(
+    stores: list[Store], db_url: str, config: ConfigFile, start_daemon: Any
+):
+    """Its instance row would count as live for a lease: the others would shrink their share and
+    give back shards nobody claims (a crash-looping unit keeps a few such rows live)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config.write(
+            [{"name": "a", "bucket": "bucket", "key": "a"}],
+            database={"url": db_url},
+            metrics={"listen": f"127.0.0.1:{port}"},
+        )
+        daemon = start_daemon(config)
+        assert daemon.proc.wait(60) == 1
+    assert "cannot serve metrics" in daemon.log, daemon.log
+    with stores[0].engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM instances")).scalar() == 0
+        assert conn.execute(text("SELECT count(*) FROM shard_leases WHERE instance_id IS NOT NULL")).scalar() == 0
+
+
+@pg_only
 def test_a_daemon_with_another_shard_count_is_refused(stores: list[Store]):
     _members(stores[:1], shards=8)[0].beat()
     refused = r"\[cluster\] shards = 16, but the daemons running on this database \(1\) use 8"
@@ -321,9 +407,34 @@ def test_a_daemon_with_another_shard_count_is_refused(stores: list[Store]):
         _members(stores[1:2], shards=16)
     with stores[0].engine.begin() as conn:  # all stopped: the new count takes over
         conn.execute(text("UPDATE instances SET heartbeat_at = now() - interval '1 hour'"))
+        old_top = conn.execute(text("SELECT max(epoch) FROM shard_leases")).scalar()
     (m,) = _members(stores[1:2], shards=16)
     m.beat()
     assert len(m.epochs()) == 16
+    assert min(m.epochs().values()) > old_top  # no epoch of the old table comes back
+
+
+@pg_only
+def test_a_daemon_paused_across_a_shard_count_change_stops_polling(
+    stores: list[Store], caplog: pytest.LogCaptureFixture
+):
+    """It wakes with 8 shards while the others now use 16: shard 3 names other watches now, so it
+    must hold nothing (not claim rows of the new table under its own count) and say why."""
+    (a,) = _members(stores[:1], shards=8)
+    a.beat()
+    assert len(a.epochs()) == 8
+    with stores[0].engine.begin() as conn:  # a paused a long time; the operator restarted the rest
+        conn.execute(text("UPDATE instances SET heartbeat_at = now() - interval '1 hour'"))
+    (b,) = _members(stores[1:2], shards=16)
+    with caplog.at_level("ERROR", logger="poller.cluster"):
+        a.beat()
+        a.beat()
+    assert a.epochs() == {}
+    refusals = [r.getMessage() for r in caplog.records if "this one's [cluster] shards = 8" in r.getMessage()]
+    assert len(refusals) == 1, refusals  # said once, not at every heartbeat
+    assert "now use 16 shards" in refusals[0]
+    b.beat()
+    assert len(b.epochs()) == 16  # nothing of the new table went to a
 
 
 def test_migration_0006_numbers_the_history_already_recorded(db_url: str):
