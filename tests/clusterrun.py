@@ -191,6 +191,8 @@ class Sample:
     shards: dict[int, list[int]]  # by pid
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds so far, by process (run's ``cpu``)
     wall: float | None = None  # time.time() at ``at``: which schedule slots fall inside a window
+    # time.time() as each daemon's metrics were read (scraping three loaded daemons takes a while)
+    scraped: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -284,12 +286,14 @@ def run(
     def sample() -> Sample:
         at, wall = time.monotonic(), time.time()
         holders = {r["pid"]: list(r["shards"]) for r in store.cluster_status() if r["heartbeat_age"] < plan.lease}
-        metrics = {}
+        metrics, scraped = {}, {}
         for d in daemons:
             if scrape is not None and d.metrics_port is not None and d.proc.poll() is None:
+                asked = time.time()
                 metrics[d.proc.pid] = scrape(d.metrics_port)
+                scraped[d.proc.pid] = (asked + time.time()) / 2
         used = cpu([d.proc.pid for d in daemons if d.proc.poll() is None]) if cpu is not None else {}
-        return Sample(at, metrics, {pid: holders.get(pid, []) for pid in metrics}, used, wall)
+        return Sample(at, metrics, {pid: holders.get(pid, []) for pid in metrics}, used, wall, scraped)
 
     measuring = plan.metrics and scrape is not None
     begun = time.monotonic()

@@ -197,6 +197,39 @@ def test_reload_reschedules_only_what_changed(config: ConfigFile, s3, bucket):
         daemon.shutdown()
 
 
+def test_a_watch_repointed_by_another_daemon_first_is_polled_afresh_here(config: ConfigFile, s3, bucket):
+    """Daemons sharing a database reload one after the other: the first re-points the watch's row
+    (and drops the old object's state), so this one's sync finds nothing to re-point. Its cached
+    state of the old object must still go: the new object, a copy with the same ETag, would answer
+    304 to it and its first sighting would never be recorded."""
+    from datetime import UTC, datetime
+
+    from poller.store import Store, open_engine
+    from poller.watchlist import WatchSpec
+
+    s3.put_object(Bucket=bucket, Key="a", Body=b"same")
+    s3.put_object(Bucket=bucket, Key="b", Body=b"same")
+    config.write([{"name": "w", "bucket": bucket, "key": "a"}])
+    daemon = Daemon(config.path, load_settings(config.path), Notifier(""))
+    daemon.start(paused=True)
+    try:
+        first = daemon.service.poll(daemon.current.watches["w"])
+        assert first is not None and first.event == "first_seen"
+        other = Store(open_engine(config.url))  # the other daemon's reload
+        try:
+            assert other.sync_watches([WatchSpec("w", bucket, "b", 60.0, None)], datetime.now(UTC)).retargeted
+        finally:
+            other.close()
+        config.write([{"name": "w", "bucket": bucket, "key": "b"}])
+        assert daemon.reload()
+        polled = daemon.service.poll(daemon.current.watches["w"])
+        assert polled is not None and (polled.outcome, polled.event) == ("modified", "first_seen"), polled
+        assert polled.state.etag == first.state.etag  # the copy: only its first sighting tells it apart
+    finally:
+        daemon.shutdown()
+    assert events(config.db, "w") == ["first_seen", "first_seen"]
+
+
 def test_first_runs_are_spread_over_the_interval(config: ConfigFile, bucket):
     config.write([{"name": f"w{i}", "bucket": bucket, "key": f"k{i}", "interval": "60s"} for i in range(200)])
     daemon = Daemon(config.path, load_settings(config.path), Notifier(""))
