@@ -17,10 +17,11 @@ import logging
 import os
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime, timedelta
 from fnmatch import fnmatchcase
 from typing import Any
@@ -30,11 +31,15 @@ from poller import __version__
 from poller.config import NotifySettings, format_duration
 from poller.events import content_type, event_id, event_type, render, rfc3339
 from poller.safetext import host_and_port, printable, redact_url, scrub
-from poller.store import Store, describe_db_error
+from poller.store import CLAIM_SECONDS, Store, describe_db_error
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 3600.0
+# A pass marks its successes at least this often (seconds), not only at its end.
+MARK_EVERY = 5.0
+# No attempt starts within this many seconds (plus the sink's timeout) of its claim's end.
+CLAIM_MARGIN = 30.0
 SIGNATURE_HEADER = "X-Poller-Signature"
 
 # What a command sink inherits from the daemon's environment; everything else (AWS_* credentials,
@@ -230,30 +235,53 @@ class Dispatcher:
     def run_once(self, now: datetime | None = None) -> int:
         """Attempt every due delivery once; return how many were attempted."""
         now = now or datetime.now(UTC)
+        started = time.monotonic()
         rows = self.store.due_notifications(now)
-        futures = [self._pool.submit(self._attempt, row, now) for row in rows]
+        # Rows are claimed for CLAIM_SECONDS (several daemons): no attempt starts that could outlast it.
+        budget = started + CLAIM_SECONDS - CLAIM_MARGIN
+        pending: set[Future[tuple[int, datetime, str] | None]] = {
+            self._pool.submit(self._attempt, row, now, budget) for row in rows
+        }
         delivered: list[tuple[int, datetime, str]] = []
         failure: Exception | None = None
-        for future in futures:
-            try:
-                done = future.result()
-            except Exception as exc:  # recording a failed attempt failed: mark the successes first
-                failure = failure or exc
-                continue
-            if done is not None:
-                delivered.append(done)
-        # The pass's successes in one transaction, only after their sinks took them: a crash before
-        # this commit delivers them again (same event id, receivers de-duplicate), never loses one.
-        self.store.delivered_many([(notification_id, at) for notification_id, at, _ in delivered])
-        for _, _, label in delivered:
-            log.info("notification %s delivered", label)
+        mark_failure: Exception | None = None
+        next_mark = started + MARK_EVERY
+        while pending:
+            finished, pending = wait(pending, max(next_mark - time.monotonic(), 0.0), FIRST_COMPLETED)
+            for future in finished:
+                try:
+                    done = future.result()
+                except Exception as exc:  # recording a failed attempt failed: mark the successes first
+                    failure = failure or exc
+                    continue
+                if done is not None:
+                    delivered.append(done)
+            # Successes in one transaction, after their sinks took them (a crash before the commit
+            # delivers them again, same event id: never lost), at least every MARK_EVERY: a sink that
+            # hangs must not hold the others' marks back until their claims lapse and another daemon
+            # delivers them again.
+            if delivered and mark_failure is None and (not pending or time.monotonic() >= next_mark):
+                try:
+                    self._mark(delivered)
+                except Exception as exc:
+                    mark_failure = exc
+                delivered = []
+                next_mark = time.monotonic() + MARK_EVERY
+        if mark_failure is not None:
+            raise mark_failure
         if failure is not None:
             raise failure
         return len(rows)
 
-    def _attempt(self, row: Mapping[str, Any], now: datetime) -> tuple[int, datetime, str] | None:
+    def _mark(self, delivered: list[tuple[int, datetime, str]]) -> None:
+        self.store.delivered_many([(notification_id, at) for notification_id, at, _ in delivered])
+        for _, _, label in delivered:
+            log.info("notification %s delivered", label)
+
+    def _attempt(self, row: Mapping[str, Any], now: datetime, budget: float) -> tuple[int, datetime, str] | None:
         """One attempt of one row: a failure or a give-up is recorded here; a success is returned as
-        (id, when, label) for run_once to mark with the pass's others."""
+        (id, when, label) for run_once to mark. None attempted once ``budget`` (monotonic) could pass
+        during it: the row's claim would lapse meanwhile; it stays pending for the next pass."""
         history_id = row.get("history_id")
         ref = f"event {history_id}" if history_id is not None else f"watch event {row.get('event_id')}"
         label = printable(f"{row['sink']} {row['event']} of {row['watch']} ({ref})")
@@ -272,6 +300,9 @@ class Dispatcher:
             log.error("notification %s given up after %d attempts (max_age reached)", label, row["attempts"])
             return None
         try:
+            if time.monotonic() + sink.timeout > budget:
+                log.debug("notification %s left for the next pass (its claim would lapse during the attempt)", label)
+                return None
             deliver(sink, row)
         except Exception as exc:
             # Whatever went wrong, it is this attempt's failure, recorded on the row: never a database

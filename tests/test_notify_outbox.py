@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from conftest import serving
+from conftest import serving, wait_for
 from sqlalchemy import event, select
 
 from poller.config import NotifySettings
@@ -106,6 +106,66 @@ def test_a_pass_marks_its_deliveries_in_one_transaction(store: Store, hooks: tup
     marks = [(sql, many) for sql, many in updates if "delivered_at" in sql]
     assert len(marks) == 1 and marks[0][1], marks
     assert len(updates) == 7
+
+
+def test_a_hanging_sink_does_not_hold_back_the_other_deliveries_marks(
+    store: Store, hooks: tuple[Hooks, list[NotifySettings]], monkeypatch: pytest.MonkeyPatch
+):
+    """Marked only at the pass's end, the quick sink's deliveries would wait for the hanging one;
+    past their claim (several daemons) another daemon would deliver them again."""
+    import poller.notify
+
+    received, sinks = hooks
+    release = threading.Event()
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            release.wait(30)
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    monkeypatch.setattr(poller.notify, "MARK_EVERY", 0.1)
+    with serving(Slow) as port:
+        slow = NotifySettings(type="webhook", name="down", url=f"http://127.0.0.1:{port}/slow", timeout=30.0)
+        first_sightings(store, 3)  # routed to "ok" and "down"
+        dispatcher = Dispatcher(store, [sinks[0], slow], "test")
+        passing = threading.Thread(target=dispatcher.run_once, args=(NOW + timedelta(seconds=1),))
+        passing.start()
+        try:
+            wait_for(lambda: [r[0] for r in outbox(store)["ok"]] == ["delivered"] * 3, what="the quick sink's marks")
+            assert passing.is_alive() and {r[0] for r in outbox(store)["down"]} == {"pending"}
+        finally:
+            release.set()
+            passing.join(30)
+            dispatcher.stop()
+    assert [r[0] for r in outbox(store)["down"]] == ["delivered"] * 3
+    assert len(received.received) == 3
+
+
+def test_no_attempt_starts_that_could_outlast_its_claim(
+    store: Store, hooks: tuple[Hooks, list[NotifySettings]], monkeypatch: pytest.MonkeyPatch
+):
+    """A pass that has run for most of its rows' claim leaves the rest to the next pass, unattempted,
+    rather than deliver what another daemon may have claimed and delivered meanwhile."""
+    import poller.notify
+
+    received, sinks = hooks
+    first_sightings(store, 2)
+    dispatcher = Dispatcher(store, sinks[:1], "test")  # "ok": timeout 10 s
+    try:
+        monkeypatch.setattr(poller.notify, "CLAIM_SECONDS", 9.0)
+        monkeypatch.setattr(poller.notify, "CLAIM_MARGIN", 0.0)
+        dispatcher.run_once(NOW + timedelta(seconds=1))
+        assert received.received == [] and [r[:2] for r in outbox(store)["ok"]] == [("pending", 0)] * 2
+        monkeypatch.setattr(poller.notify, "CLAIM_SECONDS", 600.0)
+        assert dispatcher.run_once(NOW + timedelta(seconds=2)) == 2
+    finally:
+        dispatcher.stop()
+    assert [r[:2] for r in outbox(store)["ok"]] == [("delivered", 1)] * 2
 
 
 def test_a_crash_before_the_mark_delivers_again_with_the_same_id(
