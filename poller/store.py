@@ -209,6 +209,11 @@ def migrations_dir() -> Path:
 # against a claim (it locks FOR UPDATE: it skips them, and bumps the epoch only after). KEY SHARE, the
 # weakest lock that does: this daemon's own heartbeat renews them under FOR NO KEY UPDATE meanwhile,
 # so a long write never holds back its renewal and makes a live daemon look frozen.
+# After the staged upsert of unchanged keys: the rows whose stored state its guard kept.
+_KEPT_STAGED_SQL = (
+    "SELECT s.watch_id, s.key FROM poller_stage_ok s JOIN object_state o ON o.watch_id = s.watch_id AND o.key = s.key "
+    "WHERE o.etag IS DISTINCT FROM s.etag OR o.present IS DISTINCT FROM s.present"
+)
 _FENCE_SQL = (
     "SELECT shard, epoch FROM shard_leases WHERE shard = ANY(%s) AND instance_id = %s "
     "AND expires_at > clock_timestamp() ORDER BY shard FOR KEY SHARE"
@@ -769,16 +774,36 @@ class Store:
             # A superseded change's poll still happened and is counted; a fenced one is not ours.
             recorded = [poll for i, poll in run_polls if not isinstance(failed.get(i), Fenced)]
             applying: list[Any] = []  # the staged upserts, sent while the polls fold into runs below
-            rows = [row for i, row in ok_states if i not in failed]
-            if rows:
-                self._write_states(conn, rows, created, applying, error=False)
+            ok_rows = [(i, row) for i, row in ok_states if i not in failed]
+            written = (
+                self._write_states(conn, [row for _, row in ok_rows], created, applying, error=False) if ok_rows else 0
+            )
             rows = [row for i, row in error_states if i not in failed]
             if rows:
                 self._write_states(conn, rows, created, applying, error=True)
-            with _pipelined(conn, bool(applying)):
-                for statement in applying:
-                    conn.execute(statement)
-                folded = segments(recorded)
+            with _driver_cursor(conn, "the unchanged states' check") as check:
+                with _pipelined(conn, bool(applying)):
+                    for statement in applying:
+                        conn.execute(statement)
+                    if written is None:
+                        check.execute(_KEPT_STAGED_SQL)  # answered once the pipeline is through
+                    folded = segments(recorded)
+                # An unchanged poll's state the guard kept (it was not the stored one: another writer,
+                # such as `poller once`, recorded a change): refused, so the daemon reads the stored
+                # state back and its next poll compares against it; taken as written, the change
+                # back to what this poll saw would never be recorded.
+                if written is None:
+                    kept = {(int(w), str(k)) for w, k in check.fetchall()}
+                elif written < len(ok_rows):
+                    kept = self._kept_states(conn, [row for _, row in ok_rows])
+                else:
+                    kept = set()
+            for i, upserted in ok_rows:
+                if (upserted["watch_id"], upserted["key"]) in kept:
+                    failed[i] = Superseded(
+                        f"{printable(results[i].watch.name)} {printable(upserted['key'])}: unchanged, but not against "
+                        "the stored state (another writer recorded a change since this daemon read it)"
+                    )
             signals = self._streak_signals(conn, results, ok_states, error_states, changed, failed)
             raised = self._insert_signals(conn, signals, route) if signals else []
             # After the states: a key's open run is found through its object_state row.
@@ -1041,27 +1066,40 @@ class Store:
 
     def _write_states(
         self, conn: Connection, rows: list[dict[str, Any]], created: list[str], applying: list[Any], *, error: bool
-    ) -> None:
+    ) -> int | None:
         """Upsert the object_state rows of unchanged keys (or of errors), in batch order; a staged
-        batch (PostgreSQL) is COPYed here, and the upsert that applies it appended to ``applying``."""
+        batch (PostgreSQL) is COPYed here, and the upsert that applies it appended to ``applying``.
+        Returns how many rows the upsert wrote, or None when it runs later (staged)."""
         if self._on_driver:
             upsert, columns = (self._upsert_error, _ERROR_COLUMNS) if error else (self._upsert_ok, _OK_COLUMNS)
-            self._driver_statement(upsert, columns).run(conn, rows)
-            return
+            return self._driver_statement(upsert, columns).run(conn, rows)
         if not self._stage_states or len(rows) < STAGE_MIN_ROWS:
-            conn.execute(self._upsert_error if error else self._upsert_ok, rows)
-            return
+            return int(conn.execute(self._upsert_error if error else self._upsert_ok, rows).rowcount)
         if error:
             # Errors of one key add up (consecutive_errors + 1 each); the last one's text stays.
             rows = _fold_errors(rows)
         elif len({(row["watch_id"], row["key"]) for row in rows}) < len(rows):
             # One key twice: row by row, each against what the one before it left (the guard, and
             # last_changed_at kept from an earlier row); one INSERT ... SELECT cannot touch a row twice.
-            conn.execute(self._upsert_ok, rows)
-            return
+            return int(conn.execute(self._upsert_ok, rows).rowcount)
         stage, upsert = self._staged[error]
         _stage_rows(conn, stage, rows, created)
         applying.append(upsert)
+        return None
+
+    def _kept_states(self, conn: Connection, rows: list[dict[str, Any]]) -> set[tuple[int, str]]:
+        """Of unchanged keys' upserted ``rows``, those whose stored state the guard kept (another
+        writer recorded a change the poll's state had not seen): ETag or presence differs."""
+        state = object_state.c
+        query = select(state.watch_id, state.key, state.etag, state.present).where(
+            state.watch_id.in_(sorted({row["watch_id"] for row in rows}))
+        )
+        stored = {(w, k): (e, p) for w, k, e, p in conn.execute(query)}
+        return {
+            (row["watch_id"], row["key"])
+            for row in rows
+            if stored.get((row["watch_id"], row["key"])) != (row["etag"], row["present"])
+        }
 
     def _write_runs(
         self, conn: Connection, folded: list[Segment], created: list[str], learned: list[tuple[int, int, Identity]]
@@ -2602,10 +2640,12 @@ class _DriverMany:
             params.append(values)
         return params
 
-    def run(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Execute the statement once per row in ``conn``'s transaction; errors as SQLAlchemy's."""
+    def run(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Execute the statement once per row in ``conn``'s transaction; errors as SQLAlchemy's.
+        Returns the rows it wrote."""
         with _driver_cursor(conn, self.sql) as cursor:
             cursor.executemany(self.sql, self._params(rows))
+            return int(cursor.rowcount)
 
     def returning(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> list[Any]:
         """Execute a statement with RETURNING once per row (executemany returns nothing); the rows

@@ -148,6 +148,28 @@ def test_a_batch_of_changes_is_decided_change_by_change(stores: list[Store]):
     assert len(history(a)) == 3 + 1 + 4  # the refused change left no row
 
 
+def test_an_unchanged_poll_of_a_state_another_writer_moved_on_from_is_refused(stores: list[Store]):
+    """`poller once` (it fences nothing) records X -> Y while a daemon's cache still says X, and the
+    object goes back to X: the daemon's poll says unchanged (a 304 to If-None-Match X). The guard
+    keeps Y; were that silent, the daemon would keep polling against X and Y -> X would never be
+    recorded. Refused, the daemon reads Y back and its next poll records the change."""
+    daemon, once = stores[0], stores[1]
+    watches = daemon.sync_watches(specs(*[f"w{i:02d}" for i in range(12)]), NOW).watches
+    x = state('"x"')
+    assert daemon.record([change(w, None, x, "first_seen") for w in watches.values()]) == {}
+    w0 = watches["w00"]
+    assert once.record([change(w0, x, state('"y"'), "modified")]) == {}
+    # Alone, and in a batch large enough to be staged on PostgreSQL.
+    for batch in ([unchanged(w0, x)], [unchanged(w, x) for w in watches.values()]):
+        refused = daemon.record(batch)
+        assert list(refused) == [0] and isinstance(refused[0], Superseded), refused
+        assert "unchanged, but not against the stored state" in str(refused[0])
+    assert stored_etag(daemon, w0) == ('"y"', 2)
+    assert stored_etag(daemon, watches["w01"]) == ('"x"', 1)
+    assert daemon.record([change(w0, state('"y"'), x, "modified")]) == {}
+    assert history(daemon)[-2:] == [("modified", '"y"', 2), ("modified", '"x"', 3)]
+
+
 def test_the_database_refuses_a_second_history_row_at_one_sequence_number(stores: list[Store]):
     a = stores[0]
     watch = a.sync_watches(specs("w"), NOW).watches["w"]
