@@ -209,11 +209,6 @@ def migrations_dir() -> Path:
 # against a claim (it locks FOR UPDATE: it skips them, and bumps the epoch only after). KEY SHARE, the
 # weakest lock that does: this daemon's own heartbeat renews them under FOR NO KEY UPDATE meanwhile,
 # so a long write never holds back its renewal and makes a live daemon look frozen.
-# After the staged upsert of unchanged keys: the rows whose stored state its guard kept.
-_KEPT_STAGED_SQL = (
-    "SELECT s.watch_id, s.key FROM poller_stage_ok s JOIN object_state o ON o.watch_id = s.watch_id AND o.key = s.key "
-    "WHERE o.etag IS DISTINCT FROM s.etag OR o.present IS DISTINCT FROM s.present"
-)
 _FENCE_SQL = (
     "SELECT shard, epoch FROM shard_leases WHERE shard = ANY(%s) AND instance_id = %s "
     "AND expires_at > clock_timestamp() ORDER BY shard FOR KEY SHARE"
@@ -428,6 +423,11 @@ class Store:
         # The last refusal to end a frozen holder's sessions that was logged: (holders, SQLSTATE), when.
         self._refusal: tuple[tuple[frozenset[str], str], float] | None = None
         self._staged = (self._staged_upsert(error=False), self._staged_upsert(error=True))
+        # Unchanged keys' staged upsert, run on the driver's cursor: its row count (how many the guard
+        # let through) comes with the pipeline's results, at no extra statement.
+        self._staged_ok = _NamedMany(self._staged[False][1], engine.dialect) if self._stage_states else None
+        # Its parameters are constants: literals, and the default of each column the stage lacks (seq).
+        self._staged_ok_params = self._staged_ok.bind([{}], object_state)[0] if self._staged_ok is not None else {}
         self._staged_first = self._staged_first_sightings()
         self._first_upsert = self._first_values()
         # Set when several daemons share this PostgreSQL database: every commit is fenced by it.
@@ -781,23 +781,21 @@ class Store:
             rows = [row for i, row in error_states if i not in failed]
             if rows:
                 self._write_states(conn, rows, created, applying, error=True)
-            with _driver_cursor(conn, "the unchanged states' check") as check:
+            with _driver_cursor(conn, "the unchanged keys' states") as staged_ok:
                 with _pipelined(conn, bool(applying)):
                     for statement in applying:
-                        conn.execute(statement)
-                    if written is None:
-                        check.execute(_KEPT_STAGED_SQL)  # answered once the pipeline is through
+                        if self._staged_ok is not None and statement is self._staged_ok.statement:
+                            staged_ok.execute(self._staged_ok.sql, self._staged_ok_params)
+                        else:
+                            conn.execute(statement)
                     folded = segments(recorded)
-                # An unchanged poll's state the guard kept (it was not the stored one: another writer,
-                # such as `poller once`, recorded a change): refused, so the daemon reads the stored
-                # state back and its next poll compares against it; taken as written, the change
-                # back to what this poll saw would never be recorded.
                 if written is None:
-                    kept = {(int(w), str(k)) for w, k in check.fetchall()}
-                elif written < len(ok_rows):
-                    kept = self._kept_states(conn, [row for _, row in ok_rows])
-                else:
-                    kept = set()
+                    written = int(staged_ok.rowcount)  # known once the pipeline is through
+            # An unchanged poll's state the guard kept (it was not the stored one: another writer,
+            # such as `poller once`, recorded a change): refused, so the daemon reads the stored
+            # state back and its next poll compares against it; taken as written, the change back
+            # to what this poll saw would never be recorded.
+            kept = self._kept_states(conn, [row for _, row in ok_rows]) if written < len(ok_rows) else set()
             for i, upserted in ok_rows:
                 if (upserted["watch_id"], upserted["key"]) in kept:
                     failed[i] = Superseded(
@@ -2663,6 +2661,7 @@ class _NamedMany:
     bind processor."""
 
     def __init__(self, statement: Any, dialect: Any) -> None:
+        self.statement = statement
         self._compiled = statement.compile(dialect=dialect)
         self.sql = str(self._compiled)
         self._process = {
@@ -2671,11 +2670,17 @@ class _NamedMany:
             if (process := bind.type.bind_processor(dialect)) is not None
         }
 
-    def bind(self, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """The driver's parameters of each of ``rows``."""
+    def bind(self, rows: Sequence[Mapping[str, Any]], defaults: Table | None = None) -> list[dict[str, Any]]:
+        """The driver's parameters of each of ``rows``; with ``defaults``, an INSERT's columns the row
+        lacks take that table's scalar column defaults (as SQLAlchemy's execution fills them in)."""
         out = []
         for row in rows:
             params = self._compiled.construct_params(row)
+            if defaults is not None:
+                for name, value in params.items():
+                    default = defaults.c[name].default if name in defaults.c else None
+                    if value is None and name not in row and default is not None and default.is_scalar:
+                        params[name] = default.arg
             for name, process in self._process.items():
                 if name in params:
                     params[name] = process(params[name])
