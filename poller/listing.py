@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.parsers import ResponseParserError
@@ -25,6 +25,11 @@ class PrefixTooLarge(Exception):
     """The listing passed the watch's max_keys bound."""
 
 
+class ListingError(Exception):
+    """A listing whose answers cannot be the whole prefix (a truncated one without a way on, pages
+    that loop, an entry without a key or an ETag, a key outside the prefix): nothing is recorded."""
+
+
 def matches(key: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
     """Whether a key passes the watch's include globs (any; none = all) and exclude globs (none)."""
     if include and not any(fnmatchcase(key, g) for g in include):
@@ -32,8 +37,15 @@ def matches(key: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> boo
     return not any(fnmatchcase(key, g) for g in exclude)
 
 
-def diff_listing(stored: PrefixState, listed: dict[str, ObjectState]) -> list[KeyChange]:
-    """Compare a listing with the stored states: first_seen, created, modified, deleted, per key."""
+def diff_listing(
+    stored: PrefixState,
+    listed: dict[str, ObjectState],
+    include: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+) -> list[KeyChange]:
+    """Compare a listing (of the keys passing ``include``/``exclude``) with the stored states:
+    first_seen, created, modified, deleted, per key. A stored key the filters now leave out is no
+    longer watched, not deleted (a reload narrowed them)."""
     changes = []
     for key, now in listed.items():
         before = stored.objects.get(key)
@@ -47,7 +59,7 @@ def diff_listing(stored: PrefixState, listed: dict[str, ObjectState]) -> list[Ke
             # growing. Keep the new values without inventing an event.
             changes.append(KeyChange(key, None, before, now))
     for key, before in stored.objects.items():
-        if before.present and key not in listed:
+        if before.present and key not in listed and matches(key, include, exclude):
             changes.append(KeyChange(key, "deleted", before, ObjectState(present=False)))
     return changes
 
@@ -61,19 +73,47 @@ def _changed(before: ObjectState, now: ObjectState) -> bool:
 
 
 def list_prefix(client: S3Client, watch: Watch) -> tuple[dict[str, ObjectState], int]:
-    """Every key under the watch's prefix that passes its filters, and the number of pages it took."""
+    """Every key under the watch's prefix that passes its filters, and the number of pages it took.
+
+    Each page is checked before it counts: whatever a listing leaves out, the diff would report as
+    deleted. So a page marked truncated must say where to go on, a page not marked truncated must not,
+    the pages must not come round again (the same token, or the same first key: a server that
+    ignores the token), and every entry needs a key under the prefix and an ETag (ListingError).
+    """
     listed: dict[str, ObjectState] = {}
     pages = 0
-    paginator = client.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=watch.bucket, Prefix=watch.key, **watch.request_params):
+    tokens: set[str] = set()
+    first_keys: set[str] = set()
+    args: dict[str, Any] = {"Bucket": watch.bucket, "Prefix": watch.key, **watch.request_params}
+    while True:
+        page = client.list_objects_v2(**args)
         pages += 1
-        for item in page.get("Contents", []):
-            key = item["Key"]
+        contents = page.get("Contents", [])
+        if contents:
+            first = str(contents[0].get("Key"))
+            if first in first_keys:
+                raise ListingError(
+                    f"the listing came round to a page it had already sent (page {pages} starts at {first!r} again): "
+                    "the server ignores the continuation token; not recorded"
+                )
+            first_keys.add(first)
+        for item in contents:
+            key = item.get("Key")
+            if not isinstance(key, str) or not key.startswith(watch.key):
+                raise ListingError(
+                    f"the listing holds an entry {'without a key' if key is None else repr(key)}"
+                    f"{'' if key is None else ' outside the prefix'}: the server ignores the Prefix parameter "
+                    "or sends a broken listing; not recorded"
+                )
             # The prefix itself (a "folder" marker) shares the watch's own row in object_state.
             if key == watch.key or not matches(key, watch.include, watch.exclude):
                 continue
+            etag = canonical_etag(item.get("ETag"))
+            if etag is None or etag in ('""', 'W/""'):
+                # As on a HEAD: stored, it would be a `modified` to no ETag, then another back.
+                raise ListingError(f"the listing shows {key!r} without an ETag: not recorded, listed again next time")
             listed[key] = ObjectState(
-                etag=canonical_etag(item.get("ETag")),
+                etag=etag,
                 last_modified=item.get("LastModified"),
                 size=item.get("Size"),
                 present=True,
@@ -83,7 +123,23 @@ def list_prefix(client: S3Client, watch: Watch) -> tuple[dict[str, ObjectState],
                     f"the prefix holds more than max_keys = {watch.max_keys} matching keys; "
                     "narrow it with include/exclude or raise max_keys"
                 )
-    return listed, pages
+        token = page.get("NextContinuationToken")
+        if page.get("IsTruncated") is not True:
+            if token:
+                raise ListingError(
+                    "the server sent a continuation token on a page it did not mark truncated (IsTruncated): "
+                    "whether the listing is whole cannot be told; not recorded"
+                )
+            return listed, pages
+        if not token:
+            raise ListingError(
+                f"the server marked page {pages} truncated (IsTruncated) but sent no NextContinuationToken: the "
+                "rest of the prefix cannot be listed; not recorded"
+            )
+        if token in tokens:
+            raise ListingError("the server's continuation tokens came round again: the listing loops; not recorded")
+        tokens.add(token)
+        args["ContinuationToken"] = token
 
 
 def poll_prefix(prober: Prober, watch: Watch, stored: PrefixState) -> PollResult:
@@ -97,7 +153,7 @@ def poll_prefix(prober: Prober, watch: Watch, stored: PrefixState) -> PollResult
         if status == 404:
             return error_result(watch, polled_at, started, None, 404, bucket_missing(watch))
         return error_result(watch, polled_at, started, None, status, describe_client_error(exc))
-    except PrefixTooLarge as exc:
+    except (PrefixTooLarge, ListingError) as exc:
         return error_result(watch, polled_at, started, None, 200, str(exc))
     except (BotoCoreError, OSError, ValueError) as exc:
         return error_result(watch, polled_at, started, None, None, describe_transport_error(exc))
@@ -106,7 +162,7 @@ def poll_prefix(prober: Prober, watch: Watch, stored: PrefixState) -> PollResult
         # botocore's message goes on with the whole body: the first line says why.
         reason = str(exc).split("\n", 1)[0].removesuffix(" Further retries may succeed:")
         return error_result(watch, polled_at, started, None, 200, f"the listing could not be read: {reason[:300]}")
-    changes = tuple(diff_listing(stored, listed))
+    changes = tuple(diff_listing(stored, listed, watch.include, watch.exclude))
     return PollResult(
         watch=watch,
         polled_at=polled_at,
@@ -114,7 +170,8 @@ def poll_prefix(prober: Prober, watch: Watch, stored: PrefixState) -> PollResult
         http_status=200,
         duration_ms=(time.perf_counter() - started) * 1000,
         previous=None,
-        state=ObjectState(),
+        # The pass's own row says the prefix was listed (present): an error pass later leaves that be.
+        state=ObjectState(present=True),
         note=f"{len(listed)} keys, {pages} list page{'' if pages == 1 else 's'}",
         changes=changes,
     )

@@ -611,8 +611,9 @@ class Store:
                 continue
             entry = prefixed.setdefault(watch_id, PrefixState())
             if key == watch_key:
-                # The list pass's own row: a successful pass means the prefix was listed.
-                if outcome in ("unchanged", "modified"):
+                # The list pass's own row: a successful pass means the prefix was listed (present
+                # since this release, kept through later errors; the outcome before it).
+                if present or outcome in ("unchanged", "modified"):
                     prefixed[watch_id] = PrefixState(True, entry.objects)
                 continue
             entry.objects[key] = ObjectState(etag, from_stored(last_modified), None, None, size, present)
@@ -2012,13 +2013,14 @@ class Store:
 
     # --- notification outbox ----------------------------------------------------------
 
-    def due_notifications(self, now: datetime, limit: int = 100) -> list[dict[str, Any]]:
+    def due_notifications(self, now: datetime, limit: int = 100, claim: float = CLAIM_SECONDS) -> list[dict[str, Any]]:
         """Pending deliveries whose next attempt is due, with the event they carry (the event row of
-        poller.events plus the outbox's id, sink, attempts, queued_at), oldest first."""
+        poller.events plus the outbox's id, sink, attempts, queued_at), oldest first; with several
+        daemons, claimed for ``claim`` seconds."""
         query = self._outbox_query().where(notifications.c.status == "pending", notifications.c.next_attempt_at <= now)
         query = query.order_by(notifications.c.next_attempt_at, notifications.c.id).limit(limit)
         if self.fence is not None:
-            return self._claim_notifications(query, now, limit)
+            return self._claim_notifications(query, now, limit, claim)
         with self._read() as conn:
             return [_outbox_row(row) for row in conn.execute(query)]
 
@@ -2055,9 +2057,9 @@ class Store:
             .join(watches, watches.c.id == func.coalesce(h.c.watch_id, e.c.watch_id))
         )
 
-    def _claim_notifications(self, query: Any, now: datetime, limit: int) -> list[dict[str, Any]]:
+    def _claim_notifications(self, query: Any, now: datetime, limit: int, claim: float) -> list[dict[str, Any]]:
         """Several daemons: claim due rows (SKIP LOCKED, so two never take one row) for this instance;
-        a claim lapses after CLAIM_SECONDS or once its holder's heartbeat is older than a lease."""
+        a claim lapses after ``claim`` seconds or once its holder's heartbeat is older than a lease."""
         fence = self.fence
         assert fence is not None
         clock = func.clock_timestamp()
@@ -2083,7 +2085,7 @@ class Store:
                 conn.execute(
                     update(notifications)
                     .where(notifications.c.id.in_(claimable.scalar_subquery()))
-                    .values(claimed_by=fence.instance_id, claimed_until=clock + timedelta(seconds=CLAIM_SECONDS))
+                    .values(claimed_by=fence.instance_id, claimed_until=clock + timedelta(seconds=claim))
                     .returning(notifications.c.id)
                 )
                 .scalars()

@@ -145,3 +145,72 @@ def test_a_listing_broken_inside_is_an_error_outcome(peer: Peer):
     assert result.outcome == "error" and result.changes == ()
     assert result.error is not None and result.error.startswith("the listing could not be read: Unable to parse")
     assert "p/b" not in result.error  # not the body (it can be a megabyte) in every error row
+
+
+def page(
+    *keys: str, truncated: bool | None = False, token: str = "", etag: str | None = '"e-{}"', prefix: str = "p/"
+) -> bytes:
+    """One ListObjectsV2 page: ``truncated`` None leaves IsTruncated out, ``etag`` None the ETags."""
+    contents = b"".join(
+        b"<Contents><Key>%s</Key><LastModified>2026-11-25T10:00:00.000Z</LastModified>%s<Size>3</Size></Contents>"
+        % (k.encode(), b"" if etag is None else b"<ETag>%s</ETag>" % etag.format(k).encode())
+        for k in keys
+    )
+    flag = b"" if truncated is None else b"<IsTruncated>%s</IsTruncated>" % str(truncated).lower().encode()
+    more = b"<NextContinuationToken>%s</NextContinuationToken>" % token.encode() if token else b""
+    return (
+        XML
+        + b"<ListBucketResult%s><Name>b</Name><Prefix>%s</Prefix><KeyCount>%d</KeyCount>%s%s%s</ListBucketResult>"
+        % (NS, prefix.encode(), len(keys), flag, more, contents)
+    )
+
+
+STORED = PrefixState(
+    True, {k: ObjectState(f'"e-{k}"', None, None, None, 3, True) for k in ("p/a", "p/b", "p/c", "p/d")}
+)
+
+
+def _pass(peer: Peer, *bodies: bytes) -> Any:
+    peer.bodies = list(bodies)
+    prober = SimpleNamespace(client=_client(peer), now=lambda: datetime.now(UTC))
+    return poll_prefix(prober, Watch(1, "w", "b", "p/", prefix=True), STORED)  # type: ignore[arg-type]
+
+
+def test_a_listing_in_pages_is_read_whole(peer: Peer):
+    result = _pass(peer, page("p/a", "p/b", truncated=True, token="t1"), page("p/c", "p/d"))
+    assert result.outcome == "unchanged" and not [c for c in result.changes if c.event], result.error
+    assert peer.requests == 2 and "2 list pages" in result.note
+
+
+@pytest.mark.parametrize(
+    ("bodies", "error"),
+    [
+        # Read as the end, each would have every key of the pages never fetched recorded as deleted.
+        ([page("p/a", "p/b", truncated=True)], "truncated (IsTruncated) but sent no NextContinuationToken"),
+        ([page("p/a", "p/b", truncated=None, token="t1")], "continuation token on a page it did not mark truncated"),
+        ([page("p/a", "p/b", truncated=False, token="t1")], "continuation token on a page it did not mark truncated"),
+        # Loops: without a check the worker would list forever and the watch never be polled again.
+        (
+            [
+                page("p/a", truncated=True, token="t1"),
+                page("p/b", truncated=True, token="t2"),
+                page("p/c", truncated=True, token="t1"),
+            ],
+            "continuation tokens came round again",
+        ),
+        (
+            [page("p/a", "p/b", truncated=True, token=f"t{i}") for i in range(5)],
+            "came round to a page it had already sent",
+        ),
+        # Entries that cannot be recorded: as on a HEAD, an error, not a `modified` to no ETag.
+        ([page("p/a", "p/b", etag=None)], "'p/a' without an ETag"),
+        ([page("p/a", "p/b", etag='""')], "'p/a' without an ETag"),
+        ([page("p/a", "q/x")], "'q/x' outside the prefix"),
+    ],
+    ids=["truncated-no-token", "token-no-flag", "token-not-truncated", "tokens-loop", "token-ignored", "no-etag",
+         "empty-etag", "outside-prefix"],
+)  # fmt: skip
+def test_a_listing_that_cannot_be_whole_is_an_error_and_deletes_nothing(peer: Peer, bodies: list[bytes], error: str):
+    result = _pass(peer, *bodies)
+    assert result.outcome == "error" and result.changes == (), result
+    assert error in (result.error or ""), result.error
