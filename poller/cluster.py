@@ -87,6 +87,10 @@ class Membership:
             if str(exc) != self._refused:
                 log.error("cluster: %s", exc)
                 self._refused = str(exc)
+                try:  # counted as live meanwhile, it would shrink the others' share of the new shards
+                    self.store.leave(self.instance_id)
+                except Exception as left:
+                    log.error("cluster: could not remove this daemon's instance row: %s", describe_db_error(left, ""))
             self._apply({})
             return
         except Exception as exc:

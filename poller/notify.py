@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime, timedelta
 from fnmatch import fnmatchcase
@@ -40,6 +40,17 @@ MAX_BACKOFF = 3600.0
 MARK_EVERY = 5.0
 # No attempt starts within this many seconds (plus the sink's timeout) of its claim's end.
 CLAIM_MARGIN = 30.0
+DEFERRED = "deferred"  # an attempt not started (run_once): its row waits for the next pass
+
+
+def claim_seconds(sinks: Iterable[NotifySettings]) -> float:
+    """How long a pass claims its rows: CLAIM_SECONDS, or long enough for two attempts of the
+    slowest sink (its timeout) and the margin, so every row can start at a pass's beginning."""
+    # (A timeout that is not a number, never from a validated config, fails its own attempts.)
+    timeouts = [sink.timeout for sink in sinks if isinstance(sink.timeout, int | float)]
+    return max([CLAIM_SECONDS, *(2 * timeout + CLAIM_MARGIN for timeout in timeouts)])
+
+
 SIGNATURE_HEADER = "X-Poller-Signature"
 
 # What a command sink inherits from the daemon's environment; everything else (AWS_* credentials,
@@ -236,13 +247,15 @@ class Dispatcher:
         """Attempt every due delivery once; return how many were attempted."""
         now = now or datetime.now(UTC)
         started = time.monotonic()
-        rows = self.store.due_notifications(now)
-        # Rows are claimed for CLAIM_SECONDS (several daemons): no attempt starts that could outlast it.
-        budget = started + CLAIM_SECONDS - CLAIM_MARGIN
-        pending: set[Future[tuple[int, datetime, str] | None]] = {
+        claim = claim_seconds(self.sinks.values())
+        rows = self.store.due_notifications(now, claim=claim)
+        # Rows are claimed for ``claim`` seconds (several daemons): no attempt starts that could outlast it.
+        budget = started + claim - CLAIM_MARGIN
+        pending: set[Future[tuple[int, datetime, str] | str | None]] = {
             self._pool.submit(self._attempt, row, now, budget) for row in rows
         }
         delivered: list[tuple[int, datetime, str]] = []
+        deferred = 0
         failure: Exception | None = None
         mark_failure: Exception | None = None
         next_mark = started + MARK_EVERY
@@ -254,31 +267,35 @@ class Dispatcher:
                 except Exception as exc:  # recording a failed attempt failed: mark the successes first
                     failure = failure or exc
                     continue
-                if done is not None:
+                if done == DEFERRED:
+                    deferred += 1
+                elif isinstance(done, tuple):
                     delivered.append(done)
             # Successes in one transaction, after their sinks took them (a crash before the commit
             # delivers them again, same event id: never lost), at least every MARK_EVERY: a sink that
             # hangs must not hold the others' marks back until their claims lapse and another daemon
             # delivers them again.
-            if delivered and mark_failure is None and (not pending or time.monotonic() >= next_mark):
+            if pending and time.monotonic() < next_mark:
+                continue
+            next_mark = time.monotonic() + MARK_EVERY  # the next wait sleeps, whatever is left to mark
+            if delivered and mark_failure is None:
                 try:
                     self._mark(delivered)
                 except Exception as exc:
                     mark_failure = exc
-                delivered = []
-                next_mark = time.monotonic() + MARK_EVERY
+            delivered = []
         if mark_failure is not None:
             raise mark_failure
         if failure is not None:
             raise failure
-        return len(rows)
+        return len(rows) - deferred  # all deferred: nothing was attempted, the loop waits
 
     def _mark(self, delivered: list[tuple[int, datetime, str]]) -> None:
         self.store.delivered_many([(notification_id, at) for notification_id, at, _ in delivered])
         for _, _, label in delivered:
             log.info("notification %s delivered", label)
 
-    def _attempt(self, row: Mapping[str, Any], now: datetime, budget: float) -> tuple[int, datetime, str] | None:
+    def _attempt(self, row: Mapping[str, Any], now: datetime, budget: float) -> tuple[int, datetime, str] | str | None:
         """One attempt of one row: a failure or a give-up is recorded here; a success is returned as
         (id, when, label) for run_once to mark. None attempted once ``budget`` (monotonic) could pass
         during it: the row's claim would lapse meanwhile; it stays pending for the next pass."""
@@ -302,7 +319,7 @@ class Dispatcher:
         try:
             if time.monotonic() + sink.timeout > budget:
                 log.debug("notification %s left for the next pass (its claim would lapse during the attempt)", label)
-                return None
+                return DEFERRED
             deliver(sink, row)
         except Exception as exc:
             # Whatever went wrong, it is this attempt's failure, recorded on the row: never a database

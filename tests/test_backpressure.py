@@ -23,7 +23,7 @@ class GatedStore:
         self.gate = threading.Event()
         self.recorded: list[PollResult] = []
 
-    def record(self, results: Sequence[PollResult], route: Any = None) -> dict[int, Exception]:
+    def record(self, results: Sequence[PollResult], route: Any = None, epochs: Any = None) -> dict[int, Exception]:
         self.gate.wait()
         self.recorded.extend(results)
         return {}
@@ -59,7 +59,7 @@ def test_workers_wait_once_max_pending_results_are_uncommitted():
 
 def test_a_failed_commit_gives_its_room_back():
     class Failing(GatedStore):
-        def record(self, results: Sequence[PollResult], route: Any = None) -> dict[int, Exception]:
+        def record(self, results: Sequence[PollResult], route: Any = None, epochs: Any = None) -> dict[int, Exception]:
             raise RuntimeError("database is locked")
 
     recorder = Recorder(Failing(), max_batch=2, max_pending=2)  # type: ignore[arg-type]
@@ -78,7 +78,7 @@ def test_a_list_pass_with_many_changed_keys_is_a_transaction_of_its_own():
             super().__init__()
             self.batches: list[list[int]] = []
 
-        def record(self, results: Sequence[PollResult], route: Any = None) -> dict[int, Exception]:
+        def record(self, results: Sequence[PollResult], route: Any = None, epochs: Any = None) -> dict[int, Exception]:
             self.gate.wait()
             self.batches.append([r.watch.id for r in results])
             return {}
@@ -109,7 +109,7 @@ def test_the_writer_gathers_for_its_linger_but_not_past_a_whole_batch_or_a_stop(
             super().__init__()
             self.batches: list[list[int]] = []
 
-        def record(self, results: Sequence[PollResult], route: Any = None) -> dict[int, Exception]:
+        def record(self, results: Sequence[PollResult], route: Any = None, epochs: Any = None) -> dict[int, Exception]:
             self.batches.append([r.watch.id for r in results])
             return {}
 

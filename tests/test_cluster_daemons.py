@@ -61,8 +61,13 @@ def test_a_paused_daemon_cannot_commit_after_its_lease(
             etags = [s3.put_object(Bucket=bucket, Key=key, Body=b"v2")["ETag"] for key in keys]
             wait_for(lambda: history(store) == 2 * plan.watches, 20, what="the changes recorded by the other daemon")
             paused.proc.send_signal(signal.SIGCONT)
-            # Back, it finds its leases gone: what it had in hand is dropped, then the shards rebalance.
-            wait_for(lambda: "poll result dropped: shard" in paused.log_path.read_text(), 20, what="a dropped result")
+            # Back, it finds its leases gone: what it had in hand is dropped, and it polls nothing more of
+            # those shards (its leases lapsed: no poll starts), until the shards rebalance.
+            wait_for(
+                lambda: any(s in paused.log_path.read_text() for s in ("poll result dropped: shard", "holds 0 of 4")),
+                20,
+                what="a dropped result or the lost shards",
+            )
             wait_for(lambda: len(holders()) == 2, 20, what="the rebalance")
             wait_for(lambda: len(receiver.snapshot()) == 2 * plan.watches, 20, what="every delivery")
         finally:

@@ -129,6 +129,14 @@ def test_a_hanging_sink_does_not_hold_back_the_other_deliveries_marks(
             pass
 
     monkeypatch.setattr(poller.notify, "MARK_EVERY", 0.1)
+    waits = [0]
+    real_wait = poller.notify.wait
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        waits[0] += 1
+        return real_wait(*args, **kwargs)
+
+    monkeypatch.setattr(poller.notify, "wait", counted)
     with serving(Slow) as port:
         slow = NotifySettings(type="webhook", name="down", url=f"http://127.0.0.1:{port}/slow", timeout=30.0)
         first_sightings(store, 3)  # routed to "ok" and "down"
@@ -138,6 +146,10 @@ def test_a_hanging_sink_does_not_hold_back_the_other_deliveries_marks(
         try:
             wait_for(lambda: [r[0] for r in outbox(store)["ok"]] == ["delivered"] * 3, what="the quick sink's marks")
             assert passing.is_alive() and {r[0] for r in outbox(store)["down"]} == {"pending"}
+            # Nothing left to mark while the sink hangs: the pass sleeps between looks, it does not spin.
+            before = waits[0]
+            threading.Event().wait(0.5)  # a stretch of the hang to count the pass's looks over
+            assert waits[0] - before < 20, f"{waits[0] - before} looks in 0.5 s"
         finally:
             release.set()
             passing.join(30)
@@ -150,19 +162,29 @@ def test_no_attempt_starts_that_could_outlast_its_claim(
     store: Store, hooks: tuple[Hooks, list[NotifySettings]], monkeypatch: pytest.MonkeyPatch
 ):
     """A pass that has run for most of its rows' claim leaves the rest to the next pass, unattempted,
-    rather than deliver what another daemon may have claimed and delivered meanwhile."""
+    rather than deliver what another daemon may have claimed and delivered meanwhile; the claim is
+    long enough for the slowest sink's attempts to start at a pass's beginning."""
+    import time
+
     import poller.notify
+    from poller.notify import DEFERRED, claim_seconds
 
     received, sinks = hooks
+    assert claim_seconds(sinks) == 600.0  # timeouts of 10 s
+    slow = NotifySettings(type="webhook", name="slow", url="http://127.0.0.1:9/", timeout=400.0)
+    assert claim_seconds([*sinks, slow]) == 2 * 400.0 + poller.notify.CLAIM_MARGIN
     first_sightings(store, 2)
-    dispatcher = Dispatcher(store, sinks[:1], "test")  # "ok": timeout 10 s
+    dispatcher = Dispatcher(store, sinks, "test")  # timeouts of 10 s
     try:
-        monkeypatch.setattr(poller.notify, "CLAIM_SECONDS", 9.0)
-        monkeypatch.setattr(poller.notify, "CLAIM_MARGIN", 0.0)
-        dispatcher.run_once(NOW + timedelta(seconds=1))
+        (row, _) = (r for r in store.due_notifications(NOW + timedelta(seconds=1)) if r["sink"] == "ok")
+        assert dispatcher._attempt(row, NOW, budget=time.monotonic() + 5.0) == DEFERRED
         assert received.received == [] and [r[:2] for r in outbox(store)["ok"]] == [("pending", 0)] * 2
-        monkeypatch.setattr(poller.notify, "CLAIM_SECONDS", 600.0)
-        assert dispatcher.run_once(NOW + timedelta(seconds=2)) == 2
+        # A pass whose every row is deferred attempted nothing: the dispatcher's loop then waits.
+        monkeypatch.setattr(poller.notify, "claim_seconds", lambda sinks: 20.0)
+        assert dispatcher.run_once(NOW + timedelta(seconds=1)) == 0
+        assert received.received == [] and {r[1] for r in outbox(store)["down"]} == {0}
+        monkeypatch.setattr(poller.notify, "claim_seconds", claim_seconds)
+        assert dispatcher.run_once(NOW + timedelta(seconds=2)) == 4
     finally:
         dispatcher.stop()
     assert [r[:2] for r in outbox(store)["ok"]] == [("delivered", 1)] * 2
