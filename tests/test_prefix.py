@@ -37,6 +37,15 @@ def test_diff_listing_events():
     assert first == {"x": "first_seen"}
 
 
+def test_a_key_the_filters_now_leave_out_is_not_deleted():
+    """A reload narrowed include/exclude: the key still exists, it is only no longer watched."""
+    stored = PrefixState(True, {"p/a.csv": obj('"a"'), "p/b.json": obj('"b"')})
+    listed = {"p/a.csv": obj('"a"')}  # listed under the new filter
+    assert diff_listing(stored, listed, include=("*.csv",)) == []
+    assert diff_listing(stored, listed, exclude=("*.json",)) == []
+    assert [(c.key, c.event) for c in diff_listing(stored, listed)] == [("p/b.json", "deleted")]
+
+
 def test_same_etag_new_time_is_a_silent_refresh():
     stored = PrefixState(True, {"k": obj('"a"')})
     later = ObjectState(etag='"a"', last_modified=T.replace(hour=1), size=1, present=True)

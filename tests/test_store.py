@@ -728,6 +728,17 @@ def test_a_batch_of_first_sightings_is_recorded_as_one_by_one(store: Store, monk
         assert "poller_stage_first" in staged
 
 
+def test_a_prefix_stays_listed_through_an_error_pass(store: Store):
+    """Read back after an error pass (a restart, a handover), a prefix listed before is still listed:
+    a key new to it is `created`, not a `first_seen` that sinks routed on `created` never get."""
+    w = store.sync_watches([WatchSpec("p", "bucket", "p/", 60.0, None, prefix=True)], NOW).watches["p"]
+    listed = (KeyChange("p/a", "first_seen", None, ObjectState('"a"', NOW, None, None, 7, True)),)
+    store.record([PollResult(w, NOW, "modified", 200, 1.0, None, ObjectState(present=True), changes=listed)])
+    assert store.load_prefix_states()[w.id].listed
+    store.record([PollResult(w, NOW, "error", 503, 1.0, None, None, error="HTTP 503 SlowDown")])
+    assert store.load_prefix_states()[w.id].listed
+
+
 def test_states_read_back_are_the_states_recorded(store: Store, monkeypatch: pytest.MonkeyPatch):
     # A restart conditions every first request on these: the same values and the same types (a
     # `present` of 1 is not True to the probe; times are aware UTC), on both databases.
