@@ -191,6 +191,7 @@ def cmd_once(args: argparse.Namespace) -> int:
     try:
         store = _open_store(settings, readonly=False)
         try:
+            _refuse_beside_daemons(store, settings)
             service, specs, synced = prepare(settings, store, log_polls=False)
             # In the config's order (the synced list is in the database's).
             results = poll_all(service, [synced.watches[name] for name in specs], settings.schedule.concurrency)
@@ -219,6 +220,20 @@ def cmd_once(args: argparse.Namespace) -> int:
     for sig in raised:
         print(printable(f"{sig.watch} {sig.event}: {sig.key}" + (f" ({sig.error})" if sig.error else "")))
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _refuse_beside_daemons(store: Any, settings: Settings) -> None:
+    """PostgreSQL: no `once` while daemons poll the database (SQLite's writer lock says the same):
+    it would poll their watches a second time and write states they have not seen."""
+    live = [d for d in store.cluster_status() if d["heartbeat_age"] < settings.cluster.lease]
+    if live:
+        who = ", ".join(printable(f"instance {d['id']} on {d['host']} pid {d['pid']}") for d in live)
+        polling = f"{len(live)} daemons poll" if len(live) > 1 else "1 daemon polls"
+        raise RuntimeFailure(
+            f"{polling} this database ({who}): one writer of the watches at a time. Stop them first "
+            "(they already poll every watch), or point [database] url "
+            "elsewhere; `poller status` and `poller history` read it meanwhile."
+        )
 
 
 def describe_probe(result: Any) -> str:

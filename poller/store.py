@@ -209,6 +209,8 @@ def migrations_dir() -> Path:
 # against a claim (it locks FOR UPDATE: it skips them, and bumps the epoch only after). KEY SHARE, the
 # weakest lock that does: this daemon's own heartbeat renews them under FOR NO KEY UPDATE meanwhile,
 # so a long write never holds back its renewal and makes a live daemon look frozen.
+# What each watch of a batch polls now, as the last reload of any daemon stored it.
+_TARGETS_SQL = "SELECT id, bucket, key, kind FROM watches WHERE id = ANY(%s)"
 _FENCE_SQL = (
     "SELECT shard, epoch FROM shard_leases WHERE shard = ANY(%s) AND instance_id = %s "
     "AND expires_at > clock_timestamp() ORDER BY shard FOR KEY SHARE"
@@ -1389,6 +1391,8 @@ class Store:
         with _driver_cursor(conn, "the shard fence") as cursor:
             cursor.execute(_FENCE_SQL, (sorted(set(shards.values())), fence.instance_id))
             leases = cursor.fetchall()
+            cursor.execute(_TARGETS_SQL, (sorted({r.watch.id for r in results}),))
+            targets = {watch_id: (bucket, key, kind == "prefix") for watch_id, bucket, key, kind in cursor.fetchall()}
         held = fence.epochs()
         valid = {shard: epoch for shard, epoch in leases if held.get(shard) == epoch}
         refused: dict[int, Exception] = {}
@@ -1401,6 +1405,15 @@ class Store:
                     f"shard {shard} was handed over and claimed back since this poll was made (epoch "
                     f"{epochs[i]}, now {epoch}): its result may be older than what was recorded meanwhile"
                 )
+            else:
+                watch = results[i].watch
+                if targets.get(watch.id) != (watch.bucket, watch.key, watch.prefix):
+                    # Another daemon's reload re-pointed it (and dropped the old object's state): a
+                    # result of the old target would be stored as the new one's, until this one reloads.
+                    refused[i] = Fenced(
+                        "the watch was re-pointed by another daemon's reload; this daemon polls its old target "
+                        "until it reloads the same config"
+                    )
         return refused
 
     def _compare_and_set_all(

@@ -312,6 +312,27 @@ def test_a_poll_is_not_made_for_a_shard_not_held(stores: list[Store], db_url: st
 
 
 @pg_only
+def test_a_result_of_a_target_another_daemon_re_pointed_is_refused(stores: list[Store]):
+    """Daemons reload one after the other: the first re-points a watch to another bucket (same key)
+    and drops the old object's state; the holder, not reloaded yet, still polls the old object. Its
+    304 would put the old object's state back as the new target's, which the holder then conditions
+    its first poll of the new target on."""
+    (a,) = _members(stores[:1], shards=1)
+    a.beat()
+    watch = stores[0].sync_watches(specs("w"), NOW).watches["w"]
+    assert stores[0].record([change(watch, None, state('"x"'), "first_seen")], epochs=[a.epoch_of("w")]) == {}
+    elsewhere = [WatchSpec("w", "elsewhere", "key/w", 60.0, None)]
+    assert stores[1].sync_watches(elsewhere, NOW).retargeted  # the other daemon's reload
+    refused = stores[0].record([unchanged(watch, state('"x"'))], epochs=[a.epoch_of("w")])
+    assert isinstance(refused[0], Fenced) and "re-pointed by another daemon's reload" in str(refused[0])
+    with stores[0].engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM object_state")).scalar() == 0
+    moved = stores[0].sync_watches(elsewhere, NOW).watches["w"]  # the holder reloads: its polls count again
+    assert stores[0].record([change(moved, None, state('"x"'), "first_seen")], epochs=[a.epoch_of("w")]) == {}
+    assert history(stores[0]) == [("first_seen", '"x"', 1), ("first_seen", '"x"', 2)]
+
+
+@pg_only
 def test_lapsed_lease_is_not_used_even_before_anyone_claims_it(stores: list[Store]):
     clock = [0.0]
     settings = ClusterSettings(shards=2, lease=10.0, heartbeat=3.0)
@@ -419,6 +440,22 @@ def test_a_daemon_that_fails_to_start_leaves_no_live_instance(
     with stores[0].engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM instances")).scalar() == 0
         assert conn.execute(text("SELECT count(*) FROM shard_leases WHERE instance_id IS NOT NULL")).scalar() == 0
+
+
+@pg_only
+def test_once_is_refused_while_daemons_poll_the_database(stores: list[Store], db_url: str, config: ConfigFile):
+    """As SQLite's writer lock refuses it: `once` beside daemons would poll their watches a second
+    time and write states their caches have not seen."""
+    config.write([{"name": "w", "bucket": "bucket", "key": "key/w"}], database={"url": db_url}, cluster={"shards": 4})
+    (a,) = _members(stores[:1], shards=4)
+    a.beat()
+    out = run_cli("once", "--config", str(config.path))
+    assert out.returncode == 1, out.stderr
+    assert f"1 daemon polls this database (instance {a.instance_id} on {a.host} pid {a.pid})" in out.stderr
+    assert "Traceback" not in out.stderr
+    a.stop()  # gone: `once` runs
+    out = run_cli("once", "--config", str(config.path))
+    assert "daemon polls this database" not in out.stderr, out.stderr
 
 
 @pg_only
