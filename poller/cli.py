@@ -225,14 +225,15 @@ def cmd_once(args: argparse.Namespace) -> int:
 def _refuse_beside_daemons(store: Any, settings: Settings) -> None:
     """PostgreSQL: no `once` while daemons poll the database (SQLite's writer lock says the same):
     it would poll their watches a second time and write states they have not seen."""
-    live = [d for d in store.cluster_status() if d["heartbeat_age"] < settings.cluster.lease]
+    # A daemon holding an unexpired shard lease counts too: its own lease may be longer than this config's.
+    live = [d for d in store.cluster_status() if d["heartbeat_age"] < settings.cluster.lease or d["shards"]]
     if live:
         who = ", ".join(printable(f"instance {d['id']} on {d['host']} pid {d['pid']}") for d in live)
         polling = f"{len(live)} daemons poll" if len(live) > 1 else "1 daemon polls"
         raise RuntimeFailure(
             f"{polling} this database ({who}): one writer of the watches at a time. Stop them first "
-            "(they already poll every watch), or point [database] url "
-            "elsewhere; `poller status` and `poller history` read it meanwhile."
+            "(they already poll every watch; one killed without stopping counts until its lease runs out), "
+            "or point [database] url elsewhere; `poller status` and `poller history` read it meanwhile."
         )
 
 

@@ -27,7 +27,7 @@ from poller.model import KeyChange, ObjectState, Outcome, PollResult, PrefixStat
 from poller.notify import make_route
 from poller.probe import Prober, prober_for
 from poller.safetext import iso, printable
-from poller.store import Fenced, Route, Store, Superseded, SyncResult, describe_db_error, migrate
+from poller.store import Fenced, Retargeted, Route, Store, Superseded, SyncResult, describe_db_error, migrate
 from poller.watchlist import WatchSpec, rules_from_settings, specs_from_settings
 
 log = logging.getLogger(__name__)
@@ -216,6 +216,7 @@ class PollService:
         self._outcomes_lock = threading.Lock()
         # Watches a reload removed: a poll of theirs committing after the removal counts no outcome.
         self._dropped: set[int] = set()
+        self._retargeted: set[int] = set()  # watches whose results were dropped as re-pointed (logged once)
         self.stats = Stats()
         self.metrics: Metrics | None = None
         self._stopping = threading.Event()
@@ -229,6 +230,7 @@ class PollService:
         """Drop the cached state of a watch that was removed or now points at another object."""
         self.states.pop(watch_id, None)
         self.prefix_states.pop(watch_id, None)
+        self._retargeted.discard(watch_id)  # re-pointed here too: a later mismatch is told again
 
     def drop_outcome(self, watch_id: int) -> None:
         """A watch removed from the list: its last outcome no longer counts, nor that of a poll of it
@@ -327,6 +329,18 @@ class PollService:
 
     def _unrecorded(self, result: PollResult, exc: BaseException) -> None:
         watch = result.watch
+        if isinstance(exc, Retargeted):
+            # Every poll of it is dropped until this daemon reloads: say so once, loudly.
+            self.stats.add("fenced")
+            if watch.id not in self._retargeted:
+                self._retargeted.add(watch.id)
+                log.warning(
+                    "%s %s: %s (`systemctl reload` this daemon, or check that every host has the same config)",
+                    printable(watch.name),
+                    printable(watch.url),
+                    exc,
+                )
+            return
         if isinstance(exc, Fenced):
             # Another daemon holds this watch now and polls it from the committed state.
             self.stats.add("fenced")

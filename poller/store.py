@@ -142,6 +142,10 @@ class ShardCountChanged(StoreError):
     restarted with another count while this one was paused or cut off): it must not poll."""
 
 
+class Retargeted(Fenced):
+    """A result of a watch's old target: another daemon's reload re-pointed the watch."""
+
+
 class Superseded(Exception):
     """A change not recorded: the stored state moved on from the one its poll conditioned on."""
 
@@ -1410,7 +1414,7 @@ class Store:
                 if targets.get(watch.id) != (watch.bucket, watch.key, watch.prefix):
                     # Another daemon's reload re-pointed it (and dropped the old object's state): a
                     # result of the old target would be stored as the new one's, until this one reloads.
-                    refused[i] = Fenced(
+                    refused[i] = Retargeted(
                         "the watch was re-pointed by another daemon's reload; this daemon polls its old target "
                         "until it reloads the same config"
                     )

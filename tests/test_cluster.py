@@ -23,6 +23,7 @@ from poller.model import ObjectState, PollResult, Watch
 from poller.store import (
     _FENCE_SQL,
     Fenced,
+    Retargeted,
     Store,
     StoreError,
     Superseded,
@@ -324,12 +325,31 @@ def test_a_result_of_a_target_another_daemon_re_pointed_is_refused(stores: list[
     elsewhere = [WatchSpec("w", "elsewhere", "key/w", 60.0, None)]
     assert stores[1].sync_watches(elsewhere, NOW).retargeted  # the other daemon's reload
     refused = stores[0].record([unchanged(watch, state('"x"'))], epochs=[a.epoch_of("w")])
-    assert isinstance(refused[0], Fenced) and "re-pointed by another daemon's reload" in str(refused[0])
+    assert isinstance(refused[0], Retargeted) and "re-pointed by another daemon's reload" in str(refused[0])
     with stores[0].engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM object_state")).scalar() == 0
     moved = stores[0].sync_watches(elsewhere, NOW).watches["w"]  # the holder reloads: its polls count again
     assert stores[0].record([change(moved, None, state('"x"'), "first_seen")], epochs=[a.epoch_of("w")]) == {}
     assert history(stores[0]) == [("first_seen", '"x"', 1), ("first_seen", '"x"', 2)]
+
+
+def test_a_re_pointed_watchs_dropped_results_are_told_once(stores: list[Store], db_url: str, caplog: Any):
+    """Every poll of it is dropped until this daemon reloads: one warning, not a line per poll."""
+    from poller.pipeline import PollService, Recorder
+
+    watch = stores[0].sync_watches(specs("w"), NOW).watches["w"]
+    service = PollService(stores[0], None, Recorder(stores[0]), db_url)  # type: ignore[arg-type]
+    try:
+        dropped = unchanged(watch, state('"x"'))
+        with caplog.at_level("WARNING", logger="poller.pipeline"):
+            for _ in range(3):
+                service._unrecorded(dropped, Retargeted("the watch was re-pointed by another daemon's reload"))
+            service.forget(watch.id)  # this daemon's own reload re-points it: a later mismatch is told again
+            service._unrecorded(dropped, Retargeted("the watch was re-pointed by another daemon's reload"))
+    finally:
+        service.recorder.close()
+    told = [r for r in caplog.records if "re-pointed by another daemon's reload" in r.getMessage()]
+    assert len(told) == 2 and all(r.levelname == "WARNING" for r in told)
 
 
 @pg_only
@@ -453,6 +473,11 @@ def test_once_is_refused_while_daemons_poll_the_database(stores: list[Store], db
     assert out.returncode == 1, out.stderr
     assert f"1 daemon polls this database (instance {a.instance_id} on {a.host} pid {a.pid})" in out.stderr
     assert "Traceback" not in out.stderr
+    # Its own lease may be longer than this config's: a daemon holding an unexpired shard counts too.
+    with stores[0].engine.begin() as conn:
+        conn.execute(text("UPDATE instances SET heartbeat_at = now() - interval '1 minute'"))
+    out = run_cli("once", "--config", str(config.path))
+    assert out.returncode == 1 and "1 daemon polls this database" in out.stderr, out.stderr
     a.stop()  # gone: `once` runs
     out = run_cli("once", "--config", str(config.path))
     assert "daemon polls this database" not in out.stderr, out.stderr
