@@ -24,7 +24,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from poller.cluster import Membership
 from poller.config import ConfigError, Settings, load_settings
 from poller.metrics import Metrics
-from poller.model import Watch
+from poller.model import Watch, object_of
 from poller.notify import Dispatcher, make_route
 from poller.pipeline import Workers, prepare, writer_linger
 from poller.probe import prober_for
@@ -48,11 +48,6 @@ STATUS_EVERY = 10.0
 # Deadlines and quiet periods are checked this often (longer for many watches: a pass reads each
 # checked watch's row).
 SIGNALS_EVERY = 5.0
-
-
-def _target(watch: Watch | None) -> tuple[str, str, bool] | None:
-    """The object (or prefix) a watch polls."""
-    return None if watch is None else (watch.bucket, watch.key, watch.prefix)
 
 
 class StartupError(Exception):
@@ -403,7 +398,7 @@ class Daemon:
                 synced.watches[name].id
                 for name in diff.retargeted
                 if synced.watches[name].id in synced.retargeted
-                or _target(old.watches.get(name)) != _target(synced.watches[name])
+                or object_of(old.watches[name]) != object_of(synced.watches[name])
             ]
             # Read before switching over: a database error here refuses the reload, never ends the daemon.
             added = [synced.watches[name].id for name in diff.added]

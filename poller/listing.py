@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.parsers import ResponseParserError
 
-from poller.model import Event, KeyChange, ObjectState, PollResult, PrefixState, Watch, canonical_etag
+from poller.model import EMPTY_ETAGS, Event, KeyChange, ObjectState, PollResult, PrefixState, Watch, canonical_etag
 from poller.probe import Prober, error_result
 from poller.s3client import bucket_missing, describe_client_error, describe_transport_error, status_of
 
@@ -109,7 +109,7 @@ def list_prefix(client: S3Client, watch: Watch) -> tuple[dict[str, ObjectState],
             if key == watch.key or not matches(key, watch.include, watch.exclude):
                 continue
             etag = canonical_etag(item.get("ETag"))
-            if etag is None or etag in ('""', 'W/""'):
+            if etag is None or etag in EMPTY_ETAGS:
                 # As on a HEAD: stored, it would be a `modified` to no ETag, then another back.
                 raise ListingError(f"the listing shows {key!r} without an ETag: not recorded, listed again next time")
             listed[key] = ObjectState(

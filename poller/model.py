@@ -57,6 +57,10 @@ class Answer:
 target_of: Callable[[object], tuple[object, ...]] = operator.attrgetter(
     "bucket", "key", "prefix", "include", "exclude", "max_keys", "request_payer", "expected_bucket_owner"
 )
+# The object (or prefix) itself, part of the target: a change of these drops the watch's stored state.
+object_of: Callable[[object], tuple[object, ...]] = operator.attrgetter("bucket", "key", "prefix")
+# What an object never has: an empty entity-tag (rclone sends one on a HEAD racing a DELETE).
+EMPTY_ETAGS = frozenset({'""', 'W/""'})
 
 
 class Watch(NamedTuple):
@@ -183,7 +187,7 @@ def _etag(value: str | None) -> str | None:
         if len(tags) != 1 or _ENTITY_TAG.fullmatch(next(iter(tags))) is None:
             raise ProtocolError(f"the server sent conflicting or malformed ETag headers: {value!r}")
         value = tags.pop()
-    if value in ('""', 'W/""'):
+    if value in EMPTY_ETAGS:
         # An object always has an ETag; rclone sends this on a HEAD racing a DELETE. Stored, it would
         # be an invented `modified` (then a `deleted`): an error now, the next poll sees the truth.
         raise ProtocolError('the server answered with an empty ETag (""): not recorded, polled again next time')

@@ -41,16 +41,6 @@ MARK_EVERY = 5.0
 # No attempt starts within this many seconds (plus the sink's timeout) of its claim's end.
 CLAIM_MARGIN = 30.0
 DEFERRED = "deferred"  # an attempt not started (run_once): its row waits for the next pass
-
-
-def claim_seconds(sinks: Iterable[NotifySettings]) -> float:
-    """How long a pass claims its rows: CLAIM_SECONDS, or long enough for two attempts of the
-    slowest sink (its timeout) and the margin, so every row can start at a pass's beginning."""
-    # (A timeout that is not a number, never from a validated config, fails its own attempts.)
-    timeouts = [sink.timeout for sink in sinks if isinstance(sink.timeout, int | float)]
-    return max([CLAIM_SECONDS, *(2 * timeout + CLAIM_MARGIN for timeout in timeouts)])
-
-
 SIGNATURE_HEADER = "X-Poller-Signature"
 
 # What a command sink inherits from the daemon's environment; everything else (AWS_* credentials,
@@ -73,6 +63,14 @@ for _handler in (
     urllib.request.HTTPErrorProcessor(),
 ):
     _OPENER.add_handler(_handler)
+
+
+def claim_seconds(sinks: Iterable[NotifySettings]) -> float:
+    """How long a pass claims its rows: CLAIM_SECONDS, or long enough for two attempts of the
+    slowest sink (its timeout) and the margin, so every row can start at a pass's beginning."""
+    # (A timeout that is not a number, never from a validated config, fails its own attempts.)
+    timeouts = [sink.timeout for sink in sinks if isinstance(sink.timeout, int | float)]
+    return max([CLAIM_SECONDS, *(2 * timeout + CLAIM_MARGIN for timeout in timeouts)])
 
 
 class DeliveryError(Exception):
@@ -297,8 +295,8 @@ class Dispatcher:
 
     def _attempt(self, row: Mapping[str, Any], now: datetime, budget: float) -> tuple[int, datetime, str] | str | None:
         """One attempt of one row: a failure or a give-up is recorded here; a success is returned as
-        (id, when, label) for run_once to mark. None attempted once ``budget`` (monotonic) could pass
-        during it: the row's claim would lapse meanwhile; it stays pending for the next pass."""
+        (id, when, label) for run_once to mark. DEFERRED, not attempted, when ``budget`` (monotonic)
+        could pass during it: the row's claim would lapse meanwhile; it stays pending for the next pass."""
         history_id = row.get("history_id")
         ref = f"event {history_id}" if history_id is not None else f"watch event {row.get('event_id')}"
         label = printable(f"{row['sink']} {row['event']} of {row['watch']} ({ref})")

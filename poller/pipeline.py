@@ -329,10 +329,13 @@ class PollService:
 
     def _unrecorded(self, result: PollResult, exc: BaseException) -> None:
         watch = result.watch
-        if isinstance(exc, Retargeted):
-            # Every poll of it is dropped until this daemon reloads: say so once, loudly.
+        if isinstance(exc, Fenced):
             self.stats.add("fenced")
-            if watch.id not in self._retargeted:
+            if not isinstance(exc, Retargeted):
+                # Another daemon holds this watch now and polls it from the committed state.
+                log.info("%s %s poll result dropped: %s", printable(watch.name), printable(watch.url), exc)
+            elif watch.id not in self._retargeted:
+                # Every poll of it is dropped until this daemon reloads: say so once, loudly.
                 self._retargeted.add(watch.id)
                 log.warning(
                     "%s %s: %s (`systemctl reload` this daemon, or check that every host has the same config)",
@@ -340,11 +343,6 @@ class PollService:
                     printable(watch.url),
                     exc,
                 )
-            return
-        if isinstance(exc, Fenced):
-            # Another daemon holds this watch now and polls it from the committed state.
-            self.stats.add("fenced")
-            log.info("%s %s poll result dropped: %s", printable(watch.name), printable(watch.url), exc)
             return
         if isinstance(exc, Superseded):
             # Lost a race to another writer: read back what is committed, so the next poll is

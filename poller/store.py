@@ -50,7 +50,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError
 from sqlalchemy.sql.elements import ColumnElement
 
 from poller.config import postgres_driver_problem
-from poller.model import ObjectState, PollResult, PrefixState, Watch
+from poller.model import ObjectState, PollResult, PrefixState, Watch, object_of
 from poller.redact import redact
 from poller.runs import OUTCOME_CODES, OUTCOMES, Identity, Poll, Segment, from_ms, segments, to_ms
 from poller.safetext import printable
@@ -209,12 +209,12 @@ def migrations_dir() -> Path:
     raise StoreError("the database migrations are missing from this installation; reinstall poller")
 
 
+# What each watch of a batch polls now, as the last reload of any daemon stored it.
+_TARGETS_SQL = "SELECT id, bucket, key, kind FROM watches WHERE id = ANY(%s)"
 # The shards of a batch still held by this instance at an unexpired lease, locked until the commit
 # against a claim (it locks FOR UPDATE: it skips them, and bumps the epoch only after). KEY SHARE, the
 # weakest lock that does: this daemon's own heartbeat renews them under FOR NO KEY UPDATE meanwhile,
 # so a long write never holds back its renewal and makes a live daemon look frozen.
-# What each watch of a batch polls now, as the last reload of any daemon stored it.
-_TARGETS_SQL = "SELECT id, bucket, key, kind FROM watches WHERE id = ANY(%s)"
 _FENCE_SQL = (
     "SELECT shard, epoch FROM shard_leases WHERE shard = ANY(%s) AND instance_id = %s "
     "AND expires_at > clock_timestamp() ORDER BY shard FOR KEY SHARE"
@@ -1411,7 +1411,7 @@ class Store:
                 )
             else:
                 watch = results[i].watch
-                if targets.get(watch.id) != (watch.bucket, watch.key, watch.prefix):
+                if targets.get(watch.id) != object_of(watch):
                     # Another daemon's reload re-pointed it (and dropped the old object's state): a
                     # result of the old target would be stored as the new one's, until this one reloads.
                     refused[i] = Retargeted(
