@@ -45,12 +45,14 @@ def diff_listing(
 ) -> list[KeyChange]:
     """Compare a listing (of the keys passing ``include``/``exclude``) with the stored states:
     first_seen, created, modified, deleted, per key. A stored key the filters now leave out is no
-    longer watched, not deleted (a reload narrowed them)."""
+    longer watched, not deleted (a reload narrowed them); a key they now let in that the last pass's
+    filters left out is first seen, not created (a reload widened them: the key may be years old)."""
     changes = []
     for key, now in listed.items():
         before = stored.objects.get(key)
         if before is None or not before.present:
-            event: Event = "created" if stored.listed else "first_seen"
+            watched = stored.listed and (stored.filters is None or matches(key, *stored.filters))
+            event: Event = "created" if watched else "first_seen"
             changes.append(KeyChange(key, event, before, now))
         elif _changed(before, now):
             changes.append(KeyChange(key, "modified", before, now))

@@ -19,6 +19,8 @@ Outcome = Literal["unchanged", "modified", "missing", "error"]
 Event = Literal["first_seen", "modified", "deleted", "created"]
 Conditional = Literal["both", "etag", "timestamp"]
 Payer = Literal["requester"]
+# A prefix watch's (include, exclude) globs.
+Filters = tuple[tuple[str, ...], tuple[str, ...]]
 
 
 class RequestParams(TypedDict, total=False):
@@ -136,16 +138,18 @@ class KeyChange:
 
 @dataclass(frozen=True, slots=True)
 class PrefixState:
-    """What is committed for a prefix watch: whether it was ever listed, and every key's state."""
+    """What is committed for a prefix watch: whether it was ever listed, every key's state, and the
+    include/exclude globs of its last list pass (None: not known, a pass of an earlier release)."""
 
     listed: bool = False
     objects: dict[str, ObjectState] = field(default_factory=dict)
+    filters: Filters | None = None
 
-    def apply(self, changes: tuple[KeyChange, ...]) -> PrefixState:
-        """The state after ``changes`` were committed."""
+    def apply(self, changes: tuple[KeyChange, ...], filters: Filters) -> PrefixState:
+        """The state after ``changes``, listed with ``filters``, were committed."""
         objects = dict(self.objects)
         objects.update((c.key, c.state) for c in changes)
-        return PrefixState(True, objects)
+        return PrefixState(True, objects, filters)
 
 
 def canonical_etag(etag: str | None) -> str | None:

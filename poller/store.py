@@ -6,6 +6,7 @@ batch, each result all-or-nothing), prune old polls, and read status and history
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
@@ -50,7 +51,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError
 from sqlalchemy.sql.elements import ColumnElement
 
 from poller.config import postgres_driver_problem
-from poller.model import ObjectState, PollResult, PrefixState, Watch, object_of
+from poller.model import Filters, ObjectState, PollResult, PrefixState, Watch, object_of
 from poller.redact import redact
 from poller.runs import OUTCOME_CODES, OUTCOMES, Identity, Poll, Segment, from_ms, segments, to_ms
 from poller.safetext import printable
@@ -588,6 +589,7 @@ class Store:
                 s.size,
                 s.present,
                 s.last_outcome,
+                s.listed_filter,
                 watches.c.key.label("watch_key"),
                 watches.c.kind,
             )
@@ -606,13 +608,13 @@ class Store:
     @staticmethod
     def _add_states(rows: list[Any], keyed: dict[int, ObjectState], prefixed: dict[int, PrefixState]) -> None:
         """_load_states' reading of object_state rows (watch_id, key, ..., watch_key, kind) into states."""
-        for watch_id, key, etag, last_modified, observed, version_id, size, present, outcome, watch_key, kind in rows:
+        for watch_id, key, etag, modified, observed, version, size, present, outcome, filters, watch_key, kind in rows:
             if present is not None:
                 present = bool(present)  # SQLite answers 0 or 1
             if kind != "prefix":
                 if key == watch_key:  # a row left by an earlier target is not this watch's state
                     keyed[watch_id] = ObjectState(
-                        etag, from_stored(last_modified), from_stored(observed), version_id, size, present
+                        etag, from_stored(modified), from_stored(observed), version, size, present
                     )
                 continue
             entry = prefixed.setdefault(watch_id, PrefixState())
@@ -620,9 +622,9 @@ class Store:
                 # The list pass's own row: a successful pass means the prefix was listed (present
                 # since this release, kept through later errors; the outcome before it).
                 if present or outcome in ("unchanged", "modified"):
-                    prefixed[watch_id] = PrefixState(True, entry.objects)
+                    prefixed[watch_id] = PrefixState(True, entry.objects, _filters_of(filters))
                 continue
-            entry.objects[key] = ObjectState(etag, from_stored(last_modified), None, None, size, present)
+            entry.objects[key] = ObjectState(etag, from_stored(modified), None, None, size, present)
 
     # --- recording ------------------------------------------------------------------
 
@@ -809,6 +811,14 @@ class Store:
                         f"{printable(results[i].watch.name)} {printable(upserted['key'])}: unchanged, but not against "
                         "the stored state (another writer recorded a change since this daemon read it)"
                     )
+            passes = [
+                {"b_watch": r.watch.id, "b_key": r.watch.key, "b_filters": _filters_text(r.watch)}
+                for i, r in enumerate(results)
+                if r.watch.prefix and r.state is not None and i not in failed
+            ]
+            if passes:
+                # Only with the pass's states: its next diff tells a key these filters let in from a new one.
+                conn.execute(_SET_LISTED_FILTER, passes)
             signals = self._streak_signals(conn, results, ok_states, error_states, changed, failed)
             raised = self._insert_signals(conn, signals, route) if signals else []
             # After the states: a key's open run is found through its object_state row.
@@ -2760,6 +2770,29 @@ def _column_oids(cursor: Any, table: str) -> dict[str, int]:
         )
         oids = tables[table] = {name: int(oid) for name, oid in cursor.fetchall()}
     return oids
+
+
+_SET_LISTED_FILTER = (
+    update(object_state)
+    .where(object_state.c.watch_id == bindparam("b_watch"), object_state.c.key == bindparam("b_key"))
+    .values(listed_filter=bindparam("b_filters"))
+)
+
+
+def _filters_text(watch: Watch) -> str:
+    """A prefix watch's include/exclude as stored in its pass row's listed_filter."""
+    return json.dumps({"include": list(watch.include), "exclude": list(watch.exclude)})
+
+
+def _filters_of(text: str | None) -> Filters | None:
+    """listed_filter read back; None when unknown (a pass of an earlier release, or an edited row)."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+        return tuple(map(str, value["include"])), tuple(map(str, value["exclude"]))
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def _unchanged_guard(excluded: Any) -> Any:

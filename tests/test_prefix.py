@@ -46,6 +46,44 @@ def test_a_key_the_filters_now_leave_out_is_not_deleted():
     assert [(c.key, c.event) for c in diff_listing(stored, listed)] == [("p/b.json", "deleted")]
 
 
+def test_a_key_the_filters_now_let_in_is_first_seen_not_created():
+    """A reload widened include/exclude: a key the last pass's filters left out may be years old."""
+    stored = PrefixState(True, {"p/a.csv": obj('"a"')}, (("*.csv",), ()))
+    listed = {"p/a.csv": obj('"a"'), "p/new.csv": obj('"n"'), "p/old.json": obj('"o"')}
+    widened = {c.key: c.event for c in diff_listing(stored, listed, include=("*.csv", "*.json"))}
+    assert widened == {"p/new.csv": "created", "p/old.json": "first_seen"}
+    # An exclude lifted: the same.
+    stored = PrefixState(True, {"p/a.csv": obj('"a"')}, ((), ("*.json",)))
+    assert {c.key: c.event for c in diff_listing(stored, listed)} == widened
+    # Filters not known (a pass of an earlier release): every new key is created, as it was.
+    legacy = PrefixState(True, {"p/a.csv": obj('"a"')})
+    assert {c.key: c.event for c in diff_listing(legacy, listed)} == {"p/new.csv": "created", "p/old.json": "created"}
+    assert stored.apply((), (("*",), ())).filters == (("*",), ())
+
+
+def test_widening_the_filters_reports_the_keys_let_in_as_first_seen(config: ConfigFile, s3, bucket):
+    """Over the wire and across processes: the filters of the last pass are stored with it."""
+    for key in ("p/a.csv", "p/b.json"):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"v1")
+    config.write([{"name": "p", "bucket": bucket, "prefix": "p/", "include": ["*.csv"]}])
+    args = ("once", "--config", str(config.path))
+    assert run_cli(*args).returncode == 0
+    assert events(config.db) == [("p/a.csv", "first_seen")]
+    s3.put_object(Bucket=bucket, Key="p/c.csv", Body=b"v1")  # made while the watch had the old filters
+    s3.put_object(Bucket=bucket, Key="p/d.json", Body=b"v1")
+    config.write([{"name": "p", "bucket": bucket, "prefix": "p/", "include": ["*.csv", "*.json"]}])
+    second = run_cli(*args)
+    assert second.returncode == 0, second.stderr
+    assert sorted(events(config.db)[1:]) == [
+        ("p/b.json", "first_seen"),
+        ("p/c.csv", "created"),
+        ("p/d.json", "first_seen"),
+    ]
+    s3.put_object(Bucket=bucket, Key="p/e.json", Body=b"v1")
+    assert run_cli(*args).returncode == 0
+    assert events(config.db)[4:] == [("p/e.json", "created")], "the widened filters are the stored ones now"
+
+
 def test_same_etag_new_time_is_a_silent_refresh():
     stored = PrefixState(True, {"k": obj('"a"')})
     later = ObjectState(etag='"a"', last_modified=T.replace(hour=1), size=1, present=True)

@@ -739,6 +739,20 @@ def test_a_prefix_stays_listed_through_an_error_pass(store: Store):
     assert store.load_prefix_states()[w.id].listed
 
 
+def test_a_prefix_pass_stores_its_filters(store: Store):
+    """The include/exclude a pass listed with are read back with the prefix (a reload that widens them
+    lets in keys that are first seen, not created); an error pass listed nothing and leaves them."""
+    spec = WatchSpec("p", "bucket", "p/", 60.0, None, prefix=True, include=("*.csv",), exclude=("tmp/*",))
+    w = store.sync_watches([spec], NOW).watches["p"]
+    store.record([PollResult(w, NOW, "unchanged", 200, 1.0, None, ObjectState(present=True))])
+    assert store.load_prefix_states()[w.id].filters == (("*.csv",), ("tmp/*",))
+    wider = store.sync_watches([WatchSpec("p", "bucket", "p/", 60.0, None, prefix=True)], NOW).watches["p"]
+    store.record([PollResult(wider, NOW, "error", 503, 1.0, None, None, error="HTTP 503 SlowDown")])
+    assert store.load_prefix_states()[w.id].filters == (("*.csv",), ("tmp/*",))
+    store.record([PollResult(wider, NOW, "unchanged", 200, 1.0, None, ObjectState(present=True))])
+    assert store.load_states_for([w.id])[1][w.id].filters == ((), ())
+
+
 def test_states_read_back_are_the_states_recorded(store: Store, monkeypatch: pytest.MonkeyPatch):
     # A restart conditions every first request on these: the same values and the same types (a
     # `present` of 1 is not True to the probe; times are aware UTC), on both databases.
@@ -751,7 +765,7 @@ def test_states_read_back_are_the_states_recorded(store: Store, monkeypatch: pyt
     store.record([PollResult(w["p"], NOW, "modified", 200, 1.0, None, ObjectState(), changes=listed)])
     keyed, prefixed = store.load_states_for([w["k"].id, w["gone"].id, w["p"].id])
     assert keyed == {w["k"].id: seen, w["gone"].id: ObjectState('"e1"', NOW, NOW, None, 3, False)}
-    assert prefixed == {w["p"].id: PrefixState(True, {"p/a": ObjectState('"a"', micro, None, None, 7, True)})}
+    assert prefixed == {w["p"].id: PrefixState(True, {"p/a": ObjectState('"a"', micro, None, None, 7, True)}, ((), ()))}
     assert (keyed, prefixed) == (store.load_states(), store.load_prefix_states())
     monkeypatch.setattr("poller.store.READ_CHUNK", 1)  # read back a row per fetch: the same states
     assert store.load_states_for([w["k"].id, w["gone"].id, w["p"].id]) == (keyed, prefixed)
