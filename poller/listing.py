@@ -13,7 +13,17 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.parsers import ResponseParserError
 
-from poller.model import EMPTY_ETAGS, Event, KeyChange, ObjectState, PollResult, PrefixState, Watch, canonical_etag
+from poller.model import (
+    EMPTY_ETAGS,
+    Event,
+    Filters,
+    KeyChange,
+    ObjectState,
+    PollResult,
+    PrefixState,
+    Watch,
+    canonical_etag,
+)
 from poller.probe import Prober, error_result
 from poller.s3client import bucket_missing, describe_client_error, describe_transport_error, status_of
 
@@ -45,14 +55,14 @@ def diff_listing(
 ) -> list[KeyChange]:
     """Compare a listing (of the keys passing ``include``/``exclude``) with the stored states:
     first_seen, created, modified, deleted, per key. A stored key the filters now leave out is no
-    longer watched, not deleted (a reload narrowed them); a key they now let in that the last pass's
-    filters left out is first seen, not created (a reload widened them: the key may be years old)."""
+    longer watched, not deleted (a reload narrowed them); a key that no earlier pass's filters let in
+    is first seen, not created (a reload widened them: the key may be years old)."""
     changes = []
     for key, now in listed.items():
         before = stored.objects.get(key)
         if before is None or not before.present:
-            watched = stored.listed and (stored.filters is None or matches(key, *stored.filters))
-            event: Event = "created" if watched else "first_seen"
+            # Without a row, the key was made after the last pass whose filters let it in, if any did.
+            event: Event = "created" if stored.listed and (before is not None or covered(stored, key)) else "first_seen"
             changes.append(KeyChange(key, event, before, now))
         elif _changed(before, now):
             changes.append(KeyChange(key, "modified", before, now))
@@ -64,6 +74,18 @@ def diff_listing(
         if before.present and key not in listed and matches(key, include, exclude):
             changes.append(KeyChange(key, "deleted", before, ObjectState(present=False)))
     return changes
+
+
+def covered(stored: PrefixState, key: str) -> bool:
+    """Whether an earlier list pass's filters let ``key`` in (not known: assume so, as before they were stored)."""
+    return stored.filters is None or any(matches(key, include, exclude) for include, exclude in stored.filters)
+
+
+def filters_after(stored: PrefixState, watch: Watch) -> tuple[Filters, ...]:
+    """The filters stored with a pass of ``watch``: those of the passes before it, and its own."""
+    own: Filters = (watch.include, watch.exclude)
+    earlier = stored.filters or ()
+    return earlier if own in earlier else (*earlier, own)
 
 
 def _changed(before: ObjectState, now: ObjectState) -> bool:
@@ -176,4 +198,5 @@ def poll_prefix(prober: Prober, watch: Watch, stored: PrefixState) -> PollResult
         state=ObjectState(present=True),
         note=f"{len(listed)} keys, {pages} list page{'' if pages == 1 else 's'}",
         changes=changes,
+        filters=filters_after(stored, watch),
     )

@@ -124,6 +124,8 @@ class PollResult:
     error: str | None = None
     note: str = ""
     changes: tuple[KeyChange, ...] = ()  # prefix watches: the per-key changes of this list pass
+    # Prefix watches: every (include, exclude) its list passes have used, this one's included.
+    filters: tuple[Filters, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,15 +140,16 @@ class KeyChange:
 
 @dataclass(frozen=True, slots=True)
 class PrefixState:
-    """What is committed for a prefix watch: whether it was ever listed, every key's state, and the
-    include/exclude globs of its last list pass (None: not known, a pass of an earlier release)."""
+    """What is committed for a prefix watch: whether it was ever listed, every key's state, and every
+    (include, exclude) its list passes used since it took this prefix (None: not known, passes of a
+    release before they were stored)."""
 
     listed: bool = False
     objects: dict[str, ObjectState] = field(default_factory=dict)
-    filters: Filters | None = None
+    filters: tuple[Filters, ...] | None = None
 
-    def apply(self, changes: tuple[KeyChange, ...], filters: Filters) -> PrefixState:
-        """The state after ``changes``, listed with ``filters``, were committed."""
+    def apply(self, changes: tuple[KeyChange, ...], filters: tuple[Filters, ...] | None) -> PrefixState:
+        """The state after a pass's ``changes`` and ``filters`` were committed."""
         objects = dict(self.objects)
         objects.update((c.key, c.state) for c in changes)
         return PrefixState(True, objects, filters)

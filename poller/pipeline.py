@@ -367,7 +367,7 @@ class PollService:
         watch = result.watch
         if listed is not None:
             if result.outcome != "error":
-                self.prefix_states[watch.id] = listed.apply(result.changes, (watch.include, watch.exclude))
+                self.prefix_states[watch.id] = listed.apply(result.changes, result.filters)
         elif result.state is not None:
             self.states[watch.id] = result.state
         self.stats.add(result.outcome)

@@ -135,8 +135,8 @@ object_state = Table(
     Column("seq", BigInt, nullable=False, server_default="0", default=0),
     Column("run_id", BigInteger),  # this key's open row of poll_runs
     Column("error_since", UTCDateTime),  # when the current (or latest) error streak began
-    # A prefix watch's own row: the include/exclude of its last list pass, as JSON, so that a key a
-    # reload's wider filters let in is first seen, not created (poller.listing.diff_listing).
+    # A prefix watch's own row: every include/exclude its list passes used since it took this prefix,
+    # as JSON, so that a key a reload's wider filters let in is first seen, not created (poller.listing).
     Column("listed_filter", Text),
 )
 

@@ -811,13 +811,14 @@ class Store:
                         f"{printable(results[i].watch.name)} {printable(upserted['key'])}: unchanged, but not against "
                         "the stored state (another writer recorded a change since this daemon read it)"
                     )
+            # A pass's filters with its keys' states (a Superseded pass's are written too: every key it
+            # listed has its row), so that its next diff tells a key they let in from one they did not.
             passes = [
-                {"b_watch": r.watch.id, "b_key": r.watch.key, "b_filters": _filters_text(r.watch)}
+                {"b_watch": r.watch.id, "b_key": r.watch.key, "b_filters": _filters_text(r.filters)}
                 for i, r in enumerate(results)
-                if r.watch.prefix and r.state is not None and i not in failed
+                if r.filters is not None and r.state is not None and not isinstance(failed.get(i), Fenced)
             ]
             if passes:
-                # Only with the pass's states: its next diff tells a key these filters let in from a new one.
                 conn.execute(_SET_LISTED_FILTER, passes)
             signals = self._streak_signals(conn, results, ok_states, error_states, changed, failed)
             raised = self._insert_signals(conn, signals, route) if signals else []
@@ -2772,25 +2773,29 @@ def _column_oids(cursor: Any, table: str) -> dict[str, int]:
     return oids
 
 
+# Written only when it differs: most passes use the filters the pass before them stored.
 _SET_LISTED_FILTER = (
     update(object_state)
-    .where(object_state.c.watch_id == bindparam("b_watch"), object_state.c.key == bindparam("b_key"))
+    .where(
+        object_state.c.watch_id == bindparam("b_watch"),
+        object_state.c.key == bindparam("b_key"),
+        object_state.c.listed_filter.is_distinct_from(bindparam("b_filters")),
+    )
     .values(listed_filter=bindparam("b_filters"))
 )
 
 
-def _filters_text(watch: Watch) -> str:
-    """A prefix watch's include/exclude as stored in its pass row's listed_filter."""
-    return json.dumps({"include": list(watch.include), "exclude": list(watch.exclude)})
+def _filters_text(filters: tuple[Filters, ...]) -> str:
+    """A prefix watch's list passes' filters as stored in its own row's listed_filter."""
+    return json.dumps([{"include": list(include), "exclude": list(exclude)} for include, exclude in filters])
 
 
-def _filters_of(text: str | None) -> Filters | None:
-    """listed_filter read back; None when unknown (a pass of an earlier release, or an edited row)."""
+def _filters_of(text: str | None) -> tuple[Filters, ...] | None:
+    """listed_filter read back; None when not known (passes of an earlier release, or an edited row)."""
     if text is None:
         return None
     try:
-        value = json.loads(text)
-        return tuple(map(str, value["include"])), tuple(map(str, value["exclude"]))
+        return tuple((tuple(map(str, f["include"])), tuple(map(str, f["exclude"]))) for f in json.loads(text))
     except (ValueError, TypeError, KeyError):
         return None
 

@@ -16,8 +16,8 @@ import pytest
 from conftest import ConfigFile, make_client, run_cli
 from faultproxy import FaultProxy
 
-from poller.listing import diff_listing, matches
-from poller.model import ObjectState, PrefixState
+from poller.listing import diff_listing, filters_after, matches
+from poller.model import Filters, ObjectState, PrefixState, Watch
 
 T = datetime(2026, 11, 24, tzinfo=UTC)
 
@@ -47,18 +47,30 @@ def test_a_key_the_filters_now_leave_out_is_not_deleted():
 
 
 def test_a_key_the_filters_now_let_in_is_first_seen_not_created():
-    """A reload widened include/exclude: a key the last pass's filters left out may be years old."""
-    stored = PrefixState(True, {"p/a.csv": obj('"a"')}, (("*.csv",), ()))
-    listed = {"p/a.csv": obj('"a"'), "p/new.csv": obj('"n"'), "p/old.json": obj('"o"')}
+    """A reload widened include/exclude: a key no earlier pass's filters let in may be years old."""
+    csv: Filters = (("*.csv",), ())
+    stored = PrefixState(True, {"p/a.csv": obj('"a"'), "p/gone.json": ObjectState(present=False)}, (csv,))
+    listed = {"p/a.csv": obj('"a"'), "p/new.csv": obj('"n"'), "p/old.json": obj('"o"'), "p/gone.json": obj('"g"')}
     widened = {c.key: c.event for c in diff_listing(stored, listed, include=("*.csv", "*.json"))}
-    assert widened == {"p/new.csv": "created", "p/old.json": "first_seen"}
+    # A key whose deletion was recorded is back: created, whatever the filters were meanwhile.
+    assert widened == {"p/new.csv": "created", "p/old.json": "first_seen", "p/gone.json": "created"}
     # An exclude lifted: the same.
-    stored = PrefixState(True, {"p/a.csv": obj('"a"')}, ((), ("*.json",)))
+    stored = PrefixState(True, stored.objects, (((), ("*.json",)),))
     assert {c.key: c.event for c in diff_listing(stored, listed)} == widened
-    # Filters not known (a pass of an earlier release): every new key is created, as it was.
-    legacy = PrefixState(True, {"p/a.csv": obj('"a"')})
-    assert {c.key: c.event for c in diff_listing(legacy, listed)} == {"p/new.csv": "created", "p/old.json": "created"}
-    assert stored.apply((), (("*",), ())).filters == (("*",), ())
+    # Narrowed, then widened back: a key the first filters let in has no row, so it was made since.
+    stored = PrefixState(True, stored.objects, ((("*.json", "*.csv"), ()), csv))
+    assert {c.key: c.event for c in diff_listing(stored, listed)}["p/old.json"] == "created"
+    # Filters not known (passes of an earlier release): every new key is created, as it was.
+    legacy = PrefixState(True, stored.objects)
+    assert {c.key: c.event for c in diff_listing(legacy, listed)}["p/old.json"] == "created"
+
+
+def test_a_pass_adds_its_filters_to_those_stored():
+    w = Watch(1, "p", "b", "p/", prefix=True, include=("*.csv",))
+    assert filters_after(PrefixState(), w) == ((("*.csv",), ()),)
+    both = ((("*.json",), ()), (("*.csv",), ()))
+    assert filters_after(PrefixState(True, {}, both[:1]), w) == both
+    assert filters_after(PrefixState(True, {}, both), w) == both, "a pair already stored is not added again"
 
 
 def test_widening_the_filters_reports_the_keys_let_in_as_first_seen(config: ConfigFile, s3, bucket):
@@ -81,7 +93,15 @@ def test_widening_the_filters_reports_the_keys_let_in_as_first_seen(config: Conf
     ]
     s3.put_object(Bucket=bucket, Key="p/e.json", Body=b"v1")
     assert run_cli(*args).returncode == 0
-    assert events(config.db)[4:] == [("p/e.json", "created")], "the widened filters are the stored ones now"
+    assert events(config.db)[4:] == [("p/e.json", "created")], "the widened filters are stored now"
+    # Narrowed, then widened back: a key the wide filters would have listed was made in between.
+    config.write([{"name": "p", "bucket": bucket, "prefix": "p/", "include": ["*.csv"]}])
+    assert run_cli(*args).returncode == 0
+    s3.put_object(Bucket=bucket, Key="p/f.json", Body=b"v1")
+    assert run_cli(*args).returncode == 0
+    config.write([{"name": "p", "bucket": bucket, "prefix": "p/", "include": ["*.csv", "*.json"]}])
+    assert run_cli(*args).returncode == 0
+    assert events(config.db)[5:] == [("p/f.json", "created")]
 
 
 def test_same_etag_new_time_is_a_silent_refresh():

@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 
 from poller.config import ConfigError, load_settings
 from poller.daemon import Daemon
-from poller.model import KeyChange, ObjectState, PollResult, PrefixState, Watch
+from poller.model import Filters, KeyChange, ObjectState, PollResult, PrefixState, Watch
 from poller.schema import etag_history, metadata, notifications, object_state, watches
 from poller.sdnotify import Notifier
 from poller.store import Store, StoreError, Superseded, _DriverMany, migrate, migrations_dir, open_engine
@@ -740,17 +740,20 @@ def test_a_prefix_stays_listed_through_an_error_pass(store: Store):
 
 
 def test_a_prefix_pass_stores_its_filters(store: Store):
-    """The include/exclude a pass listed with are read back with the prefix (a reload that widens them
-    lets in keys that are first seen, not created); an error pass listed nothing and leaves them."""
+    """The include/exclude pairs a prefix's passes listed with are read back with it (a reload that
+    widens them lets in keys that are first seen, not created); an error pass listed nothing."""
     spec = WatchSpec("p", "bucket", "p/", 60.0, None, prefix=True, include=("*.csv",), exclude=("tmp/*",))
     w = store.sync_watches([spec], NOW).watches["p"]
-    store.record([PollResult(w, NOW, "unchanged", 200, 1.0, None, ObjectState(present=True))])
-    assert store.load_prefix_states()[w.id].filters == (("*.csv",), ("tmp/*",))
+    narrow: Filters = (("*.csv",), ("tmp/*",))
+    passed = PollResult(w, NOW, "unchanged", 200, 1.0, None, ObjectState(present=True), filters=(narrow,))
+    store.record([passed])
+    assert store.load_prefix_states()[w.id].filters == (narrow,)
     wider = store.sync_watches([WatchSpec("p", "bucket", "p/", 60.0, None, prefix=True)], NOW).watches["p"]
     store.record([PollResult(wider, NOW, "error", 503, 1.0, None, None, error="HTTP 503 SlowDown")])
-    assert store.load_prefix_states()[w.id].filters == (("*.csv",), ("tmp/*",))
-    store.record([PollResult(wider, NOW, "unchanged", 200, 1.0, None, ObjectState(present=True))])
-    assert store.load_states_for([w.id])[1][w.id].filters == ((), ())
+    assert store.load_prefix_states()[w.id].filters == (narrow,)
+    both = (narrow, ((), ()))
+    store.record([PollResult(wider, NOW, "unchanged", 200, 1.0, None, ObjectState(present=True), filters=both)])
+    assert store.load_states_for([w.id])[1][w.id].filters == both
 
 
 def test_states_read_back_are_the_states_recorded(store: Store, monkeypatch: pytest.MonkeyPatch):
@@ -762,10 +765,14 @@ def test_states_read_back_are_the_states_recorded(store: Store, monkeypatch: pyt
     store.record([PollResult(w["k"], NOW, "modified", 200, 1.0, None, seen, "first_seen")])
     store.record([result(w["gone"], "missing", "deleted")])
     listed = (KeyChange("p/a", "first_seen", None, ObjectState('"a"', micro, None, None, 7, True)),)
-    store.record([PollResult(w["p"], NOW, "modified", 200, 1.0, None, ObjectState(), changes=listed)])
+    store.record(
+        [PollResult(w["p"], NOW, "modified", 200, 1.0, None, ObjectState(), changes=listed, filters=(((), ()),))]
+    )
     keyed, prefixed = store.load_states_for([w["k"].id, w["gone"].id, w["p"].id])
     assert keyed == {w["k"].id: seen, w["gone"].id: ObjectState('"e1"', NOW, NOW, None, 3, False)}
-    assert prefixed == {w["p"].id: PrefixState(True, {"p/a": ObjectState('"a"', micro, None, None, 7, True)}, ((), ()))}
+    assert prefixed == {
+        w["p"].id: PrefixState(True, {"p/a": ObjectState('"a"', micro, None, None, 7, True)}, (((), ()),))
+    }
     assert (keyed, prefixed) == (store.load_states(), store.load_prefix_states())
     monkeypatch.setattr("poller.store.READ_CHUNK", 1)  # read back a row per fetch: the same states
     assert store.load_states_for([w["k"].id, w["gone"].id, w["p"].id]) == (keyed, prefixed)

@@ -1,9 +1,10 @@
-"""The include/exclude of each prefix watch's last list pass.
+"""The include/exclude filters each prefix watch's list passes have used.
 
-A reload that widens a prefix watch's filters lets in keys that may have existed for years; with
-the filters of the last pass stored, those are ``first_seen`` and only keys the earlier filters
-also let in are ``created``. Rows of earlier passes stay NULL: not known, every new key created,
-as before this revision.
+A reload that widens a prefix watch's filters lets in keys that may have existed for years. With
+the filters of its passes stored (every pair used since the watch took this prefix), a key without
+a row is ``created`` only if one of them let it in (it was made after that pass), else
+``first_seen``. Rows of passes before this revision stay NULL until the next pass: not known,
+every new key ``created``, as before.
 
 Revision ID: 0009
 Revises: 0008
