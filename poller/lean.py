@@ -404,20 +404,21 @@ class LeanHead:
 
     # --- the request -----------------------------------------------------------------
 
-    def head(self, bucket: str, key: str, conditions: dict[str, Any]) -> Answer:
-        """One HeadObject; a 304 or 404 is an Answer, anything else raises as boto3 would."""
+    def head(self, bucket: str, key: str, conditions: dict[str, Any], *, fresh: bool = False) -> Answer:
+        """One HeadObject; a 304 or 404 is an Answer, anything else raises as boto3 would. ``fresh``: on a
+        new connection, so the answer cannot be one an earlier request was owed."""
         target = self.target(bucket)
         if target is None:
             return head(self._client, bucket, key, **conditions)
         try:
-            return self._head(target, request_path(target, key), header_conditions(conditions))
+            return self._head(target, request_path(target, key), header_conditions(conditions), fresh)
         except _Fallback as redirect:
             where = f"region redirect to {redirect.region}" if redirect.region else "region redirect"
             hint = f'set [s3] region = "{redirect.region}" if your buckets live there' if redirect.region else ""
             self._fall_back(bucket, Fallback("region_redirect", where, hint))
             return head(self._client, bucket, key, **conditions)
 
-    def _head(self, target: Target, path: str, conditions: dict[str, str]) -> Answer:
+    def _head(self, target: Target, path: str, conditions: dict[str, str], fresh: bool) -> Answer:
         attempt = 0
         while True:
             attempt += 1
@@ -433,7 +434,7 @@ class LeanHead:
             headers["accept-encoding"] = "identity"
             headers["user-agent"] = self._user_agent
             try:
-                status, reason, answer_headers = self._send(target, path, headers)
+                status, reason, answer_headers, reused = self._send(target, path, headers, fresh)
             except (
                 ConnectTimeoutError,
                 EndpointConnectionError,
@@ -447,7 +448,7 @@ class LeanHead:
                 _backoff(attempt)
                 continue
             if status in (200, 304, 404):
-                return answer_from_headers(status, answer_headers)
+                return answer_from_headers(status, answer_headers, reused=reused)
             if status in (301, 307, 400) and "x-amz-bucket-region" in answer_headers:
                 raise _Fallback(answer_headers["x-amz-bucket-region"])  # boto3 follows that redirect
             if status in RETRY_STATUSES and attempt < self._max_attempts:
@@ -467,18 +468,23 @@ class LeanHead:
                 "HeadObject",
             )
 
-    def _send(self, target: Target, path: str, headers: dict[str, str]) -> tuple[int, str, dict[str, str]]:
+    def _send(
+        self, target: Target, path: str, headers: dict[str, str], fresh: bool = False
+    ) -> tuple[int, str, dict[str, str], bool]:
         """One attempt, within read_timeout, on this thread's kept-alive connection or a new one.
 
         A kept connection is used only when nothing waits unread on it (as urllib3 checks before reuse);
         one the server closed while idle is replaced silently. Any byte nobody asked for ends keep-alive
         to the endpoint (``_stray``), and an answer read on a kept connection next to such bytes is asked
-        again on a new connection: it may have been the answer to an earlier request.
+        again on a new connection: it may have been the answer to an earlier request. The last item says
+        whether the answer was read on a kept connection (``Answer.reused``).
         """
         request = _request_bytes(path, headers)
         endpoint = target.endpoint
         connections: dict[Target, socket.socket] = self._local.__dict__.setdefault("connections", {})
-        sock = connections.pop(target, None)
+        # Fresh: a new connection, and the kept one stays for the next request, whose idle check sees
+        # what else the peer sent on it (a late answer there shows the peer answered twice).
+        sock = None if fresh else connections.pop(target, None)
         if sock is not None:
             waiting = _idle_state(sock)
             if waiting:
@@ -531,12 +537,12 @@ class LeanHead:
                 if reused:
                     reused = False
                     continue
-                return status, reason, answer_headers
-            if keep and endpoint not in _no_keepalive:
+                return status, reason, answer_headers, reused
+            if keep and endpoint not in _no_keepalive and target not in connections:
                 connections[target] = sock
             else:
                 sock.close()
-            return status, reason, answer_headers
+            return status, reason, answer_headers, reused
 
     def _connect(self, target: Target) -> socket.socket:
         try:

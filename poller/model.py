@@ -52,6 +52,9 @@ class Answer:
     server_date: datetime | None = None
     version_id: str | None = None
     size: int | None = None
+    # Read on a kept-alive connection: a peer that answered an earlier request twice may have sent
+    # this for that one (no client can tell in time), so a change it shows is asked again (probe.py).
+    reused: bool = False
 
 
 # What a poll is sent to (a change of any of these re-points a watch on reload), read the same way
@@ -202,7 +205,7 @@ def _etag(value: str | None) -> str | None:
     return canonical_etag(value)
 
 
-def answer_from_headers(status: int, headers: dict[str, str]) -> Answer:
+def answer_from_headers(status: int, headers: dict[str, str], *, reused: bool = False) -> Answer:
     """Build an Answer from an HTTP status and lower-cased response headers; a bad ETag raises ProtocolError."""
     size = headers.get("content-length")
     return Answer(
@@ -211,7 +214,8 @@ def answer_from_headers(status: int, headers: dict[str, str]) -> Answer:
         last_modified=_http_date(headers.get("last-modified")),
         server_date=_http_date(headers.get("date")),
         version_id=headers.get("x-amz-version-id") or None,
-        size=int(size) if size and size.isdigit() and status == 200 else None,
+        size=int(size) if size and size.isascii() and size.isdigit() and status == 200 else None,
+        reused=reused,
     )
 
 
@@ -248,8 +252,8 @@ def _http_date(value: str | None) -> datetime | None:
             pass  # an impossible date (31 Feb, second 60): the general parser decides
     try:
         parsed = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)
+    except (TypeError, ValueError, OverflowError):
+        return None  # OverflowError: a date near year 9999 in a zone west of UTC is past datetime's range

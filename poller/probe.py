@@ -220,17 +220,15 @@ class Prober:
         status: int | None = None
         try:
             conditions = request_conditions(state, mode)
-            answer = self._head(watch, conditions)
+            answer, verdict, note = self._ask(watch, state, conditions, fresh=False)
+            if verdict.event is not None and answer.reused:
+                # A change read on a kept-alive connection is asked again on a new one: a peer that
+                # answered an earlier request twice would have that answer recorded as this key's
+                # change (and the next poll a change back). Changes are rare: this costs little.
+                answer, verdict, note = self._ask(watch, state, conditions, fresh=True)
             status = answer.status
-            note = ""
             if answer.status == 404 and not self._bucket_exists(watch.bucket):
                 return error_result(watch, polled_at, started, state, 404, bucket_missing(watch))
-            verdict = classify(state, answer, conditional=bool(conditions))
-            if verdict.needs_full_head:
-                note = "304 with a new ETag"
-                answer = self._head(watch, {})
-                status = answer.status
-                verdict = classify(state, answer, conditional=False)
             if verdict.event == "deleted":
                 self._observe_deletion(state, answer)
         except ClientError as exc:
@@ -250,6 +248,17 @@ class Prober:
             note=note,
         )
 
+    def _ask(
+        self, watch: Watch, state: ObjectState | None, conditions: dict[str, Any], *, fresh: bool
+    ) -> tuple[Answer, Verdict, str]:
+        """The conditional HEAD and its verdict, after an unconditional one if the first was a 304 with a new ETag."""
+        answer = self._head(watch, conditions, fresh=fresh)
+        verdict = classify(state, answer, conditional=bool(conditions))
+        if not verdict.needs_full_head:
+            return answer, verdict, ""
+        answer = self._head(watch, {}, fresh=fresh)
+        return answer, classify(state, answer, conditional=False), "304 with a new ETag"
+
     # --- calibration ----------------------------------------------------------------
 
     def calibrate(self, watch: Watch) -> None:
@@ -259,8 +268,13 @@ class Prober:
 
     def _calibrate(self, watch: Watch) -> None:
         """Up to seven read-only HEADs on the watch's object; what they show decides the bucket's mode."""
+
+        def ask(conditions: dict[str, Any]) -> Answer:
+            # On new connections: an answer an earlier request was owed would teach the wrong semantics.
+            return self._head(watch, conditions, fresh=True)
+
         try:
-            current = self._head(watch, {})
+            current = ask({})
             lm = current.last_modified
             if current.status != 200 or current.etag is None or lm is None:
                 raise Inconclusive(f"the object answered {current.status} without ETag and Last-Modified")
@@ -272,14 +286,12 @@ class Prober:
             sem = measure(
                 Measured(
                     current=current,
-                    mismatch_and_since=self._head(watch, {"IfNoneMatch": NO_MATCH_ETAG, "IfModifiedSince": since}),
-                    match=self._head(watch, {"IfNoneMatch": current.etag}),
-                    since=self._head(watch, {"IfModifiedSince": since}),
-                    mismatch=self._head(watch, {"IfNoneMatch": NO_MATCH_ETAG}),
-                    mismatch_and_equal=(
-                        self._head(watch, {"IfNoneMatch": NO_MATCH_ETAG, "IfModifiedSince": lm}) if later else None
-                    ),
-                    equal=self._head(watch, {"IfModifiedSince": lm}) if later else None,
+                    mismatch_and_since=ask({"IfNoneMatch": NO_MATCH_ETAG, "IfModifiedSince": since}),
+                    match=ask({"IfNoneMatch": current.etag}),
+                    since=ask({"IfModifiedSince": since}),
+                    mismatch=ask({"IfNoneMatch": NO_MATCH_ETAG}),
+                    mismatch_and_equal=(ask({"IfNoneMatch": NO_MATCH_ETAG, "IfModifiedSince": lm}) if later else None),
+                    equal=ask({"IfModifiedSince": lm}) if later else None,
                 )
             )
         except (Inconclusive, ClientError, BotoCoreError, OSError, ValueError) as exc:
@@ -344,10 +356,10 @@ class Prober:
         except Exception as exc:
             log.warning("endpoint %s: could not record version-id behaviour: %s", self.endpoint, redact(str(exc)))
 
-    def _head(self, watch: Watch, conditions: dict[str, Any]) -> Answer:
+    def _head(self, watch: Watch, conditions: dict[str, Any], *, fresh: bool = False) -> Answer:
         conditions = {**conditions, **watch.request_params}  # request payer, expected owner: signed on both paths
         if self.lean is not None:
-            return self.lean.head(watch.bucket, watch.key, conditions)
+            return self.lean.head(watch.bucket, watch.key, conditions, fresh=fresh)
         return head(self.client, watch.bucket, watch.key, **conditions)
 
     def _bucket_exists(self, bucket: str) -> bool:

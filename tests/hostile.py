@@ -250,6 +250,12 @@ def _always_304(peer: Peer, req: Request) -> None:
     peer.send(render([*lines, f"Last-Modified: {LAST_MODIFIED}"]))
 
 
+def _far_future_date(peer: Peer, req: Request) -> None:
+    # Past datetime's range once converted to UTC (year 10000): the parser must not raise out of the poll.
+    date = "Fri, 31 Dec 9999 23:59:59 -0100"
+    peer.send(render(_replace(head_lines(req, peer.server), "Last-Modified", f"Last-Modified: {date}")))
+
+
 def _stray_before(peer: Peer, req: Request) -> None:
     peer.send(b"garbage!" + answer(req, peer.server))
 
@@ -285,6 +291,7 @@ BEHAVIOURS: dict[str, Behaviour] = {
     "empty_etag": _empty_etag,
     "no_etag": _without("ETag"),
     "always_304": _always_304,
+    "far_future_date": _far_future_date,
 }
 
 
