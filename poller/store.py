@@ -122,6 +122,12 @@ _ERROR_COLUMNS = (
 MIGRATION_LOCK = 0x706F6C6C6572
 PRUNE_LOCK = MIGRATION_LOCK + 1
 CONVERT_LOCK = MIGRATION_LOCK + 2
+REGISTER_LOCK = MIGRATION_LOCK + 3
+# Taken shared by every fenced batch before it reads the watches' targets, exclusive by a sync that
+# re-points a watch: so a result of the old target commits before the sync drops its state, or
+# reads the new target and is refused; never in between (an unlocked read saw the old target while
+# the sync's transaction was open, and the old object's state came back as the new one's).
+REPOINT_LOCK = MIGRATION_LOCK + 4
 # How long a daemon may hold an outbox row it is delivering (well past any sink's timeout); a
 # claim of a daemon whose heartbeat stopped lapses sooner, after one lease.
 CLAIM_SECONDS = 600.0
@@ -212,6 +218,7 @@ def migrations_dir() -> Path:
 
 # What each watch of a batch polls now, as the last reload of any daemon stored it.
 _TARGETS_SQL = "SELECT id, bucket, key, kind FROM watches WHERE id = ANY(%s)"
+_REPOINT_SHARED = f"SELECT pg_advisory_xact_lock_shared({REPOINT_LOCK})"
 # The shards of a batch still held by this instance at an unexpired lease, locked until the commit
 # against a claim (it locks FOR UPDATE: it skips them, and bumps the epoch only after). KEY SHARE, the
 # weakest lock that does: this daemon's own heartbeat renews them under FOR NO KEY UPDATE meanwhile,
@@ -508,6 +515,10 @@ class Store:
             )
             existing = {r[1]: _WatchRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7])) for r in cursor}
             cursor.close()
+            if not sqlite_db and any(_moves(row, wanted.get(name)) for name, row in existing.items()):
+                # Before any write of this transaction (REPOINT_LOCK): waits for the batches being
+                # committed, and holds new ones back until this commits; a rare, short pause.
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": REPOINT_LOCK})
             added = [s for name, s in wanted.items() if name not in existing]
             # In chunks: a million parameter tuples at once would add to the daemon's peak memory.
             for start in range(0, len(added), SYNC_CHUNK):
@@ -531,7 +542,7 @@ class Store:
                         .where(watches.c.id == row.id)
                         .values(dict(zip([c.name for c in target], values, strict=True), active=True))
                     )
-                if (row.bucket, row.key, row.kind) != (spec.bucket, spec.key, spec.kind):
+                if _moves(row, spec):
                     # Another object (or prefix) now: its old state must not feed the next poll.
                     conn.execute(object_state.delete().where(object_state.c.watch_id == row.id))
                     # Runs name their key only when it is not the watch's: the old key's runs keep theirs.
@@ -1404,6 +1415,7 @@ class Store:
         # On the driver, one fixed statement: built with SQLAlchemy, its IN list was rendered anew for
         # every batch, 8% of a PostgreSQL daemon's interpreter time at 500 polls/s (py-spy --gil).
         with _driver_cursor(conn, "the shard fence") as cursor:
+            cursor.execute(_REPOINT_SHARED)  # before the targets' snapshot below (REPOINT_LOCK)
             cursor.execute(_FENCE_SQL, (sorted(set(shards.values())), fence.instance_id))
             leases = cursor.fetchall()
             cursor.execute(_TARGETS_SQL, (sorted({r.watch.id for r in results}),))
@@ -2231,7 +2243,7 @@ class Store:
         """
         with self._tx() as conn:
             # One at a time: two first starts with different counts must not both find no rows.
-            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PRUNE_LOCK + 1})
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": REGISTER_LOCK})
             existing = int(conn.execute(select(func.count()).select_from(shard_leases)).scalar_one())
             if existing and existing != shards:
                 live = conn.execute(
@@ -2774,6 +2786,11 @@ def _column_oids(cursor: Any, table: str) -> dict[str, int]:
 
 
 # Written only when it differs: most passes use the filters the pass before them stored.
+def _moves(row: _WatchRow, spec: WatchSpec | None) -> bool:
+    """Whether the config points a stored watch at another object or prefix (its state is dropped)."""
+    return spec is not None and (row.bucket, row.key, row.kind) != (spec.bucket, spec.key, spec.kind)
+
+
 _SET_LISTED_FILTER = (
     update(object_state)
     .where(

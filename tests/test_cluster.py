@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from alembic import command
 from alembic.config import Config
-from conftest import ConfigFile, run_cli
+from conftest import ConfigFile, run_cli, wait_for
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
@@ -331,6 +331,53 @@ def test_a_result_of_a_target_another_daemon_re_pointed_is_refused(stores: list[
     moved = stores[0].sync_watches(elsewhere, NOW).watches["w"]  # the holder reloads: its polls count again
     assert stores[0].record([change(moved, None, state('"x"'), "first_seen")], epochs=[a.epoch_of("w")]) == {}
     assert history(stores[0]) == [("first_seen", '"x"', 1), ("first_seen", '"x"', 2)]
+
+
+@pg_only
+def test_a_result_committed_while_a_re_pointing_sync_is_open_waits_and_is_refused(stores: list[Store]):
+    """The target check reads committed rows: a batch committed while another daemon's sync that
+    re-points its watch is still open waits for that sync (REPOINT_LOCK), then sees the new target.
+    Unlocked, it read the old one and put the old object's state back after the sync dropped it."""
+    from sqlalchemy import event
+
+    (a,) = _members(stores[:1], shards=1)
+    a.beat()
+    watch = stores[0].sync_watches(specs("w"), NOW).watches["w"]
+    assert stores[0].record([change(watch, None, state('"x"'), "first_seen")], epochs=[a.epoch_of("w")]) == {}
+    inside, go = threading.Event(), threading.Event()
+
+    def hold_commit(conn: Any) -> None:
+        if not inside.is_set():
+            inside.set()
+            assert go.wait(30)
+
+    event.listen(stores[1].engine, "commit", hold_commit)
+    elsewhere = [WatchSpec("w", "elsewhere", "key/w", 60.0, None)]
+    synced: list[Any] = []
+    refused: list[dict[int, Exception]] = []
+    sync = threading.Thread(target=lambda: synced.append(stores[1].sync_watches(elsewhere, NOW)))
+    write = threading.Thread(
+        target=lambda: refused.append(stores[0].record([unchanged(watch, state('"x"'))], epochs=[a.epoch_of("w")]))
+    )
+    sync.start()
+    try:
+        assert inside.wait(30), "the sync reached its commit"
+        write.start()
+
+        def waiting() -> bool:
+            with stores[2].engine.connect() as conn:
+                return bool(conn.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted")).scalar())
+
+        wait_for(waiting, what="the batch waiting for the open sync")
+        assert write.is_alive()
+    finally:
+        go.set()
+        sync.join(30)
+        write.join(30)
+        event.remove(stores[1].engine, "commit", hold_commit)
+    assert synced[0].retargeted and isinstance(refused[0][0], Retargeted)
+    with stores[0].engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM object_state")).scalar() == 0
 
 
 def test_a_re_pointed_watchs_dropped_results_are_told_once(stores: list[Store], db_url: str, caplog: Any):
