@@ -1749,7 +1749,17 @@ class Store:
             for start in range(0, len(stale), limit):
                 with self._tx(background=True) as conn:
                     ids = stale[start : start + limit]
-                    total += conn.execute(poll_runs.delete().where(runs.id.in_(ids), stale_open)).rowcount
+                    gone = list(
+                        conn.execute(
+                            poll_runs.delete().where(runs.id.in_(ids), stale_open).returning(runs.id)
+                        ).scalars()
+                    )
+                    if gone:
+                        # The key (a watch polled less often than poll_retention, or removed) opens a
+                        # new run at its next poll: pointing at a deleted id, it would extend whatever
+                        # run SQLite gives that id next (ids are reused there), another key's.
+                        conn.execute(update(object_state).where(object_state.c.run_id.in_(gone)).values(run_id=None))
+                    total += len(gone)
         while chunks is None or chunks > 0:
             chunks = None if chunks is None else chunks - 1
             # Read outside SQLite's write lock what the delete will touch: the chunk's rows and

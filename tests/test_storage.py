@@ -171,6 +171,33 @@ def test_a_run_survives_a_new_store_and_a_stale_open_run_is_not_extended(store: 
     assert runs(store) == [("modified", 1, at(0), at(0), None), ("unchanged", 1, at(180), at(180), None)]
 
 
+def test_a_pruned_open_run_is_not_extended_under_its_reused_id(store: Store):
+    """A watch polled less often than poll_retention (a monthly cron) has its open run pruned, and
+    SQLite gives the next run that id again (another key's): the watch's next poll opens its own."""
+    both = [WatchSpec("v", "bucket", "v", 60.0, None), WatchSpec("w", "bucket", "k", 60.0, None)]
+    ws = store.sync_watches(both, NOW).watches
+    store.record([poll(ws["v"], at(0), "modified")])
+    store.record([poll(ws["v"], at(60))])
+    store.record([poll(ws["w"], at(1), "modified")])  # the newest run, open, last polled at 1 s
+    store.prune_polls(at(30))
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT run_id FROM object_state WHERE key = 'k'")).scalar() is None
+    store.record([poll(ws["v"], at(120), "error")])  # a new run, under the pruned run's id on SQLite
+    for writer in (store, Store(open_engine(store.engine.url.render_as_string(hide_password=False)))):
+        # Through the writer's cache of open runs, then through object_state (another process).
+        writer.record([poll(ws["w"], at(130 + (writer is not store)), "error")])
+        if writer is not store:
+            writer.close()
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT w.name, p.count, p.ended_at IS NULL FROM poll_runs p JOIN watches w ON w.id = p.watch_id "
+                "WHERE p.error IS NOT NULL ORDER BY w.name"
+            )
+        ).all()
+    assert [tuple(r) for r in rows] == [("v", 1, True), ("w", 2, True)]
+
+
 def test_a_retargeted_watch_keeps_the_old_key_on_its_runs(store: Store):
     w = watch_of(store, key="old/key")
     store.record([poll(w, at(0), "modified"), poll(w, at(60))])
