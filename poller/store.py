@@ -1712,26 +1712,38 @@ class Store:
                     break
                 total += removed
             return total
-        # PostgreSQL's statistics lag the deletes: remove, once per pass, as many runs as the
-        # excess is worth at the table's current bytes per run; the next pass corrects.
-        with self._read() as conn:
-            excess = self.used_bytes() - max_bytes
+        # PostgreSQL's statistics lag the deletes: remove, once per pass, as many samples and then
+        # runs as the excess is worth at each table's current bytes per row; the next pass corrects.
+        excess = self.used_bytes() - max_bytes
+        if excess <= 0:
+            return 0
+        size, rows = self._bytes_and_rows(poll_samples)
+        if rows:
+            wanted = min(rows, -(-excess * rows // max(size, 1)))
+            removed = self._prune_samples(None, chunks=-(-wanted // SAMPLE_PRUNE_CHUNK))
+            excess -= removed * size // rows
             if excess <= 0:
                 return 0
-            size, rows = conn.exec_driver_sql(
-                "SELECT pg_total_relation_size('poll_runs'), reltuples FROM pg_class WHERE oid = 'poll_runs'::regclass"
-            ).one()
-            if rows <= 0:  # never analyzed yet, so not large: count
-                rows = conn.execute(select(func.count()).select_from(poll_runs)).scalar()
+        size, rows = self._bytes_and_rows(poll_runs)
         if not rows:
             return 0
-        wanted = min(int(rows), -(-excess * int(rows) // max(int(size), 1)))
+        wanted = min(rows, -(-excess * rows // max(size, 1)))
         while total < wanted:
             removed = self._prune_runs(None, chunks=1, limit=min(SIZE_CHUNK, wanted - total))
             if not removed:
                 break
             total += removed
         return total
+
+    def _bytes_and_rows(self, table: Table) -> tuple[int, int]:
+        """PostgreSQL: a table's bytes with its indexes, and its rows as last estimated (counted if never)."""
+        with self._read() as conn:
+            size, rows = conn.exec_driver_sql(
+                f"SELECT pg_total_relation_size(oid), reltuples FROM pg_class WHERE oid = '{table.name}'::regclass"
+            ).one()
+            if rows <= 0:  # never analyzed yet, so not large: count
+                rows = conn.execute(select(func.count()).select_from(table)).scalar()
+        return int(size), int(rows or 0)
 
     def _prune_runs(self, before_ms: int | None, chunks: int | None = None, limit: int = PRUNE_CHUNK) -> int:
         """Delete runs that ended before ``before_ms`` (None: the oldest), ``limit`` per transaction;

@@ -158,6 +158,16 @@ def test_prune_by_size_removes_the_oldest_runs_first(store: Store):
         assert store.used_bytes() <= used // 2
 
 
+def test_prune_by_size_removes_samples_before_runs(store: Store):
+    """The per-poll samples are detail, the runs the accounting: over the size, samples go first."""
+    watch = store.sync_watches(specs("a"), NOW).watches["a"]
+    store.record([result(watch, etag=f'"e{n}"', when=NOW - timedelta(minutes=3000 - n)) for n in range(3000)])
+    pruned = store.prune_polls(NOW - timedelta(days=30), NOW - timedelta(days=30), max_bytes=store.used_bytes() - 1)
+    assert pruned.runs == 0 and len(store.history(limit=None)) == 3000
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM poll_samples")).scalar() < 3000
+
+
 @pytest.mark.parametrize(
     ("pattern", "expected"),
     [
