@@ -11,8 +11,9 @@ region) goes through boto3 instead, and ``[s3] http_client = "boto3"`` turns it 
 What comes back is trusted less than boto3 does (tests/test_conformance.py runs both against a
 hostile peer): the head must be strict HTTP/1.1 (CRLF only, no control characters, no conflicting
 ETag), one deadline covers a whole attempt, a kept socket is reused only if nothing waits unread on
-it, and the first byte nobody asked for ends keep-alive to that endpoint for the life of the process,
-so that a stray answer is never recorded under the next key.
+it, the first byte nobody asked for ends keep-alive to that endpoint for KEEPALIVE_OFF_SECONDS, and
+a change read on a kept socket is asked again on a new one (probe.py), so that a stray answer is
+never recorded under the next key.
 """
 
 from __future__ import annotations
@@ -171,33 +172,45 @@ _HEAD_BYTES = bytes([9, 10, 13, *range(0x20, 0x7F), *range(0x80, 0x100)])
 # Headers an answer is read from: a second, different value is a protocol error, not a choice to make.
 _SINGLE = frozenset({"etag", "last-modified", "content-length", "date", "x-amz-version-id", "x-amz-bucket-region"})
 
-# Endpoints that sent bytes nobody asked for: keep-alive to them is off for the life of the process.
+# An endpoint that sent bytes nobody asked for gets a new connection per request for this long: a
+# stray answer on a kept connection could be read as the next key's. Not for good: one stray byte (a
+# proxy's 408, a stray chunk) would otherwise cost a connection per request for the process's life,
+# and a TLS handshake each, or run out of ports in TIME_WAIT.
+KEEPALIVE_OFF_SECONDS = 600.0
+# How many kept connections a worker thread holds (one per endpoint host; least recently used goes).
+MAX_KEPT = 4
 _stray_lock = threading.Lock()
-_no_keepalive: set[str] = set()
+_no_keepalive: dict[str, float] = {}  # endpoint -> monotonic time keep-alive to it comes back
+_keepalive_offs = 0
+_clock = time.monotonic
 
 
 def keepalive_disabled(endpoint: str) -> bool:
-    """True once ``endpoint`` (``scheme://host[:port]``) sent a stray byte: each request then takes a new connection."""
-    return endpoint in _no_keepalive
+    """True while ``endpoint`` (``scheme://host[:port]``) gets a new connection per request after a stray byte."""
+    until = _no_keepalive.get(endpoint)
+    return until is not None and _clock() < until
 
 
 def keepalive_disabled_count() -> int:
-    """How many endpoints lost keep-alive to a stray byte in this process (the ``poller_keepalive_disabled`` metric)."""
+    """How many times a stray byte turned keep-alive off in this process (the ``poller_keepalive_disabled`` metric)."""
     with _stray_lock:
-        return len(_no_keepalive)
+        return _keepalive_offs
 
 
 def _stray(endpoint: str, what: str) -> None:
-    """End keep-alive to ``endpoint`` for good: a stray answer on a kept connection reads as the next key's."""
+    """Turn keep-alive to ``endpoint`` off for a while: a stray answer on a kept connection reads as the next key's."""
+    global _keepalive_offs
     with _stray_lock:
-        if endpoint in _no_keepalive:
+        if keepalive_disabled(endpoint):
             return
-        _no_keepalive.add(endpoint)
+        _no_keepalive[endpoint] = _clock() + KEEPALIVE_OFF_SECONDS
+        _keepalive_offs += 1
     log.warning(
-        "endpoint %s sent %s: keep-alive to it is off for the life of this process (one new connection per "
-        "request), so that a stray answer is never read as another key's",
+        "endpoint %s sent %s: keep-alive to it is off for %d minutes (one new connection per request), so "
+        "that a stray answer is never read as another key's",
         endpoint,
         what,
+        KEEPALIVE_OFF_SECONDS // 60,
     )
 
 
@@ -481,10 +494,12 @@ class LeanHead:
         """
         request = _request_bytes(path, headers)
         endpoint = target.endpoint
-        connections: dict[Target, socket.socket] = self._local.__dict__.setdefault("connections", {})
+        # Keyed by where the socket goes, not by bucket: path-style buckets of one endpoint share it.
+        connections: dict[tuple[str, str, int], socket.socket] = self._local.__dict__.setdefault("connections", {})
+        where = (target.scheme, target.host, target.port)
         # Fresh: a new connection, and the kept one stays for the next request, whose idle check sees
         # what else the peer sent on it (a late answer there shows the peer answered twice).
-        sock = None if fresh else connections.pop(target, None)
+        sock = None if fresh else connections.pop(where, None)
         if sock is not None:
             waiting = _idle_state(sock)
             if waiting:
@@ -538,8 +553,10 @@ class LeanHead:
                     reused = False
                     continue
                 return status, reason, answer_headers, reused
-            if keep and endpoint not in _no_keepalive and target not in connections:
-                connections[target] = sock
+            if keep and not keepalive_disabled(endpoint) and where not in connections:
+                connections[where] = sock  # the most recently used last
+                if len(connections) > MAX_KEPT:
+                    connections.pop(next(iter(connections))).close()
             else:
                 sock.close()
             return status, reason, answer_headers, reused

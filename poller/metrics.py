@@ -103,14 +103,14 @@ class _LeanFallbacks(Collector):
 
 
 class _KeepAliveDisabled(Collector):
-    """Endpoints whose stray bytes ended keep-alive to them for the life of the process (counted in poller.lean)."""
+    """Times an endpoint's stray bytes turned keep-alive to it off for a while (counted in poller.lean)."""
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         from poller.lean import keepalive_disabled_count  # the HTTP client only where metrics are served
 
         yield CounterMetricFamily(
             "poller_keepalive_disabled",
-            "Endpoints that sent bytes nobody asked for; each request to them now takes a new connection",
+            "Times an endpoint sent bytes nobody asked for; each request to it then takes a new connection for 10 minutes",
             value=keepalive_disabled_count(),
         )
 

@@ -394,3 +394,64 @@ def test_only_sendable_etags_are_read_or_sent_back() -> None:
     poisoned = ObjectState('"a"\nX-Injected: yes', lm, lm + timedelta(hours=1), None, 1, True)
     assert request_conditions(poisoned, "both") == {}
     assert request_conditions(replace(poisoned, etag='"a"'), "both").get("IfNoneMatch") == '"a"'
+
+
+def _target(server: HostileServer, bucket: str = BUCKET) -> Any:
+    from poller.targets import Target
+
+    port = int(server.endpoint.rsplit(":", 1)[1])
+    return Target("http", "127.0.0.1", port, f"127.0.0.1:{port}", f"/{bucket}/", "us-east-1")
+
+
+def _send(head: Any, target: Any, key: str) -> int:
+    """One HEAD through the lean client's connection handling (signing aside): its status."""
+    status: int = head._send(target, f"{target.prefix}{key}", {"host": target.host_header})[0]
+    return status
+
+
+def test_path_style_buckets_of_one_endpoint_share_a_workers_connection(hostile: HostileServer) -> None:
+    """Kept connections go by host, not by bucket: each bucket had its own, per worker thread, and
+    a few path-style buckets at full concurrency ran the process out of file descriptors."""
+    head = prober_for(settings(hostile.endpoint, "lean"), 1).lean
+    for bucket in ["b1", "b2", "b3", "b1"]:
+        assert _send(head, _target(hostile, bucket), "k0") == 200
+    assert [(r.bucket, r.conn) for r in hostile.requests] == [("b1", 1), ("b2", 1), ("b3", 1), ("b1", 1)]
+
+
+def test_a_worker_keeps_at_most_max_kept_connections() -> None:
+    """One per endpoint host (virtual-hosted buckets are hosts of their own), the least recent closed."""
+    from poller import lean
+
+    servers = [HostileServer() for _ in range(lean.MAX_KEPT + 1)]
+    try:
+        head = prober_for(settings(servers[0].endpoint, "lean"), 1).lean
+        for server in servers:
+            assert _send(head, _target(server), "k0") == 200
+        kept = head._local.connections  # type: ignore[union-attr]
+        assert [port for _, _, port in kept] == [_target(s).port for s in servers[1:]]
+    finally:
+        for server in servers:
+            server.close()
+
+
+def test_keepalive_comes_back_after_a_while(hostile: HostileServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stray byte turns keep-alive off for KEEPALIVE_OFF_SECONDS, not for the life of the process:
+    one proxy's 408 would otherwise cost a connection (and a TLS handshake) per request for good."""
+    from poller import lean
+
+    run_case(hostile, "late_body", "lean")
+    assert lean.keepalive_disabled(hostile.endpoint)
+    head = prober_for(settings(hostile.endpoint, "lean"), 1).lean
+    target = _target(hostile)
+    assert target.endpoint == hostile.endpoint
+    mark = len(hostile.requests)
+    for _ in range(2):
+        assert _send(head, target, "k1") == 200
+    assert len({r.conn for r in hostile.requests[mark:]}) == 2, "off: a new connection per request"
+    later = time.monotonic() + lean.KEEPALIVE_OFF_SECONDS + 1
+    monkeypatch.setattr(lean, "_clock", lambda: later)
+    assert not lean.keepalive_disabled(hostile.endpoint)
+    mark = len(hostile.requests)
+    for _ in range(3):
+        assert _send(head, target, "k1") == 200
+    assert len({r.conn for r in hostile.requests[mark:]}) == 1, "back on: the new connection is kept"
