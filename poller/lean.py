@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import random
 import re
 import select
@@ -454,6 +453,7 @@ class LeanHead:
                 ReadTimeoutError,
                 ConnectionClosedError,
                 ProtocolError,
+                SSLError,  # as botocore's standard mode: a load balancer's EOF mid-handshake is transient
             ):
                 # botocore's standard mode retries these too (ConnectionError, HTTPClientError).
                 if attempt >= self._max_attempts:
@@ -580,5 +580,7 @@ class LeanHead:
         if self._ssl is None:
             from botocore.httpsession import get_cert_path
 
-            self._ssl = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True))
+            # The CA bundle botocore verifies with: AWS_CA_BUNDLE, or ca_bundle in the profile, else certifi's.
+            bundle = self._session._session.get_config_variable("ca_bundle")
+            self._ssl = ssl.create_default_context(cafile=bundle or get_cert_path(True))
         return self._ssl

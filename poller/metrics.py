@@ -110,7 +110,7 @@ class _KeepAliveDisabled(Collector):
 
         yield CounterMetricFamily(
             "poller_keepalive_disabled",
-            "Times an endpoint sent bytes nobody asked for; each request to it then takes a new connection for 10 minutes",
+            "Times an endpoint sent bytes nobody asked for; a new connection per request to it for 10 minutes",
             value=keepalive_disabled_count(),
         )
 

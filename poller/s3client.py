@@ -224,7 +224,12 @@ def describe_transport_error(exc: BaseException) -> str:
     if isinstance(exc, ConnectTimeoutError):
         return "connect timeout: the endpoint did not accept a connection in [s3] connect_timeout"
     if isinstance(exc, SSLError):
-        return f"TLS certificate verification failed ({exc}); for a private CA set AWS_CA_BUNDLE to its certificate"
+        if "CERTIFICATE_VERIFY_FAILED" not in str(exc):
+            return f"TLS handshake failed ({exc}): the endpoint or a proxy in between ended it"
+        return (
+            f"TLS certificate verification failed ({exc}); for a private CA set AWS_CA_BUNDLE (or ca_bundle in the "
+            "AWS profile) to its certificate"
+        )
     if isinstance(exc, EndpointConnectionError):
         return "cannot connect to the endpoint (connection refused or DNS failure); check [s3] endpoint_url"
     if isinstance(exc, NoCredentialsError):

@@ -236,6 +236,13 @@ def test_https_endpoint_is_verified_against_the_ca_bundle(credentials, tmp_path,
         assert answer.status == 304 and answer.etag == '"9b2cf535f27731c974343645a3985328"'
         assert lean.head("bkt", "k", {}).status == 304  # the same TLS connection, kept alive
         assert [path for path, _ in handler.seen] == ["/bkt/k", "/bkt/k"]
+        # ca_bundle in the AWS profile, as botocore reads it (the environment variable unset).
+        monkeypatch.delenv("AWS_CA_BUNDLE")
+        profile = tmp_path / "aws-config"
+        profile.write_text(f"[default]\nca_bundle = {cert}\n")
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(profile))
+        lean, _ = lean_for(S3Settings(endpoint_url=endpoint, addressing_style="path"), boto3.session.Session())
+        assert lean.head("bkt", "k", {}).status == 304
 
 
 class _Redirect(http.server.BaseHTTPRequestHandler):

@@ -80,6 +80,15 @@ def test_transport_error_for_a_profile_that_vanished():
     assert "cannot get AWS credentials" in text and "gone" in text
 
 
+def test_a_tls_failure_is_called_a_certificate_problem_only_when_it_is_one():
+    from botocore.exceptions import SSLError
+
+    eof = describe_transport_error(SSLError(endpoint_url="https://s3", error="EOF occurred in violation of protocol"))
+    assert eof.startswith("TLS handshake failed") and "AWS_CA_BUNDLE" not in eof
+    cert = describe_transport_error(SSLError(endpoint_url="https://s3", error="[SSL: CERTIFICATE_VERIFY_FAILED] x"))
+    assert cert.startswith("TLS certificate verification failed") and "ca_bundle in the AWS profile" in cert
+
+
 # --- canonical ETags and the listing diff ------------------------------------------------------
 
 
