@@ -340,6 +340,9 @@ def test_what_a_head_may_say() -> None:
     assert (status, headers, keep) == (200, {"connection": "Keep-Alive", "x-a": "1, 2"}, True)
     assert _parse_head(b"HTTP/1.1 200 OK\r\nConnection: foo, close", "e")[3] is False
     assert _parse_head(b'HTTP/1.1 200 OK\r\nETag: "a"\r\nETag: "a"', "e")[2] == {"etag": '"a"'}
+    # Two Dates (a proxy's beside the server's): neither is kept; the poll goes on without one.
+    two_dates = b"HTTP/1.1 200 OK\r\nDate: Fri, 27 Nov 2026 09:00:00 GMT\r\nDate: Fri, 27 Nov 2026 09:00:07 GMT"
+    assert _parse_head(two_dates, "e")[2] == {}
 
 
 @pytest.mark.parametrize("case", ["normal", "extra_late"])
