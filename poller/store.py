@@ -1691,7 +1691,9 @@ class Store:
                     latest = cursor.fetchone()
                     if latest is not None and latest[1] <= seg.first_at and tuple(latest[2:]) == seg.identity:
                         cursor.execute(sql.extend_converted, (*_run_totals(seg), seg.last_at, latest[0]))
-                        continue
+                        if cursor.rowcount == 1:
+                            continue
+                        # Pruned meanwhile by another process (PostgreSQL): a run of its own, not lost.
                 # Every converted run is over: the daemon opens the next one.
                 new.append((seg.watch_id, seg.run_key, *seg.identity, seg.first_at, seg.last_at, *_run_totals(seg)))
             if new:
@@ -2979,7 +2981,8 @@ class _RunStatements:
         # Folding the old per-poll table (Store.convert_legacy_polls).
         self.latest_converted = p(
             "SELECT id, last_at, outcome, http_status, etag, last_modified, error FROM poll_runs "
-            f"WHERE watch_id = ? AND first_at <= ? AND key {same} ? ORDER BY first_at DESC, id DESC LIMIT 1"
+            f"WHERE watch_id = ? AND first_at <= ? AND key {same} ? AND ended_at IS NOT NULL "
+            "ORDER BY first_at DESC, id DESC LIMIT 1"
         )
         self.extend_converted = p(f"UPDATE poll_runs SET {totals}, ended_at = {greatest}(last_at, ?) WHERE id = ?")
         self.delete_legacy = p("DELETE FROM polls_legacy WHERE id = ?")

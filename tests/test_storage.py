@@ -315,6 +315,22 @@ def test_migration_folds_old_poll_rows_in_chunks_and_resumes(db_url: str):
         store.close()
 
 
+def test_a_fold_whose_earlier_run_was_pruned_meanwhile_loses_no_poll(db_url: str):
+    """The run an earlier chunk left, pruned by another process before this chunk extends it (the
+    extension then changes no row): the chunk's polls make a run of their own."""
+    rows = _legacy_database(db_url, watches=2, polls_each=60)
+    engine = open_engine(db_url)
+    migrate(engine)
+    store = Store(engine)
+    try:
+        store._run_sql.extend_converted += " AND 1 = 0"  # every extension finds its run gone
+        assert store.convert_legacy_polls(chunk=7) == len(rows)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT sum(count) FROM polls")).scalar() == len(rows)
+    finally:
+        store.close()
+
+
 def test_kill_9_during_db_upgrade_then_the_next_run_finishes(tmp_path: Path):
     db = tmp_path / "old.db"
     rows = _legacy_database(f"sqlite:///{db}", watches=20, polls_each=2500)
