@@ -58,15 +58,14 @@ def _settings(args: argparse.Namespace, *, watches: bool = True) -> tuple[Path, 
 
 
 def _open_store(settings: Settings, *, readonly: bool) -> Any:
-    from poller.redact import redact
-    from poller.store import Store, StoreError, describe_db_error, open_engine
+    from poller.store import Store, StoreError, describe_db_error, open_engine, safe_url
 
     try:
         store = Store(open_engine(settings.database.url, readonly=readonly))
         store.keep_samples = settings.database.sample_retention > 0
         if readonly and not store.has_schema():
             raise StoreError(
-                f"database {redact(settings.database.url)} has no poller tables yet: run `poller db upgrade` "
+                f"database {safe_url(settings.database.url)} has no poller tables yet: run `poller db upgrade` "
                 "or start the daemon"
             )
     except StoreError as exc:
@@ -614,7 +613,7 @@ def _require_watch_name(store: Any, pattern: str) -> None:
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     """Create or upgrade the database schema to the newest revision."""
-    from poller.store import migrate
+    from poller.store import migrate, safe_url
 
     _, settings = _settings(args, watches=False)
     store = _open_store(settings, readonly=False)
@@ -629,9 +628,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
             print(f"\nconverted {converted:,} poll rows into runs", file=sys.stderr)
     finally:
         store.close()
-    from poller.redact import redact
-
-    print(f"database {redact(settings.database.url)} is up to date")
+    print(f"database {safe_url(settings.database.url)} is up to date")
     return EXIT_OK
 
 

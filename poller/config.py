@@ -15,6 +15,7 @@ import stat
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 from urllib.parse import parse_qsl, urlsplit
@@ -63,12 +64,17 @@ class ConfigError(Exception):
         super().__init__(redact(message))
 
 
+_SECONDS = re.compile(r"\d+(?:\.\d+)?")
+
+
 def parse_duration(value: object) -> float:
     """Turn ``"30s"``, ``"5m"``, ``"1h30m"``, ``"1d"`` or a number of seconds into seconds."""
     if isinstance(value, bool):
         raise ValueError('expected a duration such as "30s", "5m", "1h" or "1d"')
     if isinstance(value, int | float):
         seconds = float(value)
+    elif isinstance(value, str) and _SECONDS.fullmatch(value.strip()):
+        seconds = float(value)  # "60": seconds, as `interval = 60` in TOML (an environment value is text)
     elif isinstance(value, str):
         text = value.strip().lower()
         pos, seconds = 0, 0.0
@@ -124,6 +130,7 @@ def parse_alert_after(value: object) -> int | float:
 
 AlertAfter = Annotated[int | float, BeforeValidator(parse_alert_after)]
 
+MAX_SIZE = 10**15
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)", re.IGNORECASE)
 
 
@@ -131,17 +138,22 @@ def parse_size(value: object) -> int:
     """Turn ``"2GB"``, ``"500MiB"``, ``"1.5G"`` or a number of bytes into bytes."""
     if isinstance(value, bool):
         raise ValueError('expected a size such as "500MB" or "2GB"')
+    size: float | None = None
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("a size must not be negative")
-        return int(value)
-    if isinstance(value, str):
+        size = value
+    elif isinstance(value, str):
         match = _SIZE.fullmatch(value.strip())
         if match:
             unit = match.group(2).lower()
             power = "_kmgt".index(unit[0]) if unit[:1] in ("k", "m", "g", "t") else 0
-            return int(float(match.group(1)) * (1024 if "i" in unit else 1000) ** power)
-    raise ValueError(f'expected a size such as "500MB" or "2GB", got {value!r}')
+            size = float(match.group(1)) * (1024 if "i" in unit else 1000) ** power
+    if size is None:
+        raise ValueError(f'expected a size such as "500MB" or "2GB", got {_short(value)}')
+    if not size <= MAX_SIZE:  # inf and NaN too
+        raise ValueError(f"size {_short(value)} is out of range (at most 1 PB)")
+    return int(size)
 
 
 ByteSize = Annotated[int, BeforeValidator(parse_size)]
@@ -319,10 +331,31 @@ class DatabaseSettings(_Section):
         if not self.url.strip():
             raise ValueError("url must not be empty")
         # At load as well as in open_engine(): a reload must not take a URL the writer cannot use.
-        problem = postgres_driver_problem(self.url)
+        problem = postgres_driver_problem(self.url) or database_url_problem(self.url)
         if problem:
             raise ValueError(f"url: {problem}")
         return self
+
+
+def database_url_problem(url: str) -> str | None:
+    """Why SQLAlchemy would refuse ``url`` when the database is opened, or None (never quoting the URL:
+    it may hold a password)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    expected = "expected sqlite:///PATH or postgresql://HOST:PORT/DATABASE"
+    try:
+        parsed = make_url(url)
+        port = parsed.port  # parsed as a number on access in some versions
+    except (ArgumentError, ValueError, TypeError):
+        return f"cannot be read as a database URL ({expected})"
+    if parsed.get_backend_name() not in ("sqlite", "postgresql", "postgres"):
+        return f"the database {parsed.get_backend_name()!r} is not supported ({expected})"
+    if parsed.get_backend_name() == "sqlite" and parsed.get_driver_name() not in ("pysqlite", ""):
+        return f"the SQLite driver {parsed.get_driver_name()!r} is not supported (write sqlite:///PATH)"
+    if port is not None and not 0 < port < 65536:
+        return f"port {port} is out of range"
+    return None
 
 
 def postgres_driver_problem(url: str) -> str | None:
@@ -429,6 +462,10 @@ class WatchSettings(_Section):
         if self.prefix is None and (self.include or self.exclude):
             raise ValueError("include and exclude apply to prefix watches only")
         target = self.key if self.prefix is None else self.prefix
+        for field, value in (("name", self.name), ("key" if self.prefix is None else "prefix", target)):
+            if "\x00" in value:
+                # PostgreSQL's text cannot hold one, and S3 keys cannot either.
+                raise ValueError(f"field {field!r} contains a NUL character")
         if len(target.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
             raise ValueError(f"key is longer than S3's limit of {MAX_KEY_BYTES} bytes")
         if self.interval is not None:
@@ -516,7 +553,7 @@ def _plain_entry(item: object) -> WatchEntry | None:
     name, bucket, key = item.get("name", ""), item.get("bucket"), item.get("key", "")
     if type(name) is not str or type(bucket) is not str or type(key) is not str:
         return None
-    if not key or not bucket.strip():
+    if not key or not bucket.strip() or "\x00" in name or "\x00" in key:
         return None
     if len(key) > MAX_KEY_BYTES // 4 and len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
         return None
@@ -555,9 +592,11 @@ def _check_cron(expr: str) -> None:
     from apscheduler.triggers.cron import CronTrigger
 
     try:
-        CronTrigger.from_crontab(expr, timezone="UTC")
+        trigger = CronTrigger.from_crontab(expr, timezone="UTC")
     except ValueError as exc:
         raise ValueError(f"cron {expr!r} is not a valid crontab expression ({exc})") from None
+    if trigger.get_next_fire_time(None, datetime.now(UTC)) is None:
+        raise ValueError(f"cron {expr!r} never fires (a day that no month has, such as 30 February)")
 
 
 # What botocore itself accepts as a Bucket parameter (botocore.handlers.VALID_BUCKET / VALID_S3_ARN):
@@ -717,6 +756,8 @@ class NotifySettings(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> NotifySettings:
+        if "\x00" in self.name:
+            raise ValueError("field 'name' contains a NUL character")
         _positive("timeout", self.timeout)
         _positive("backoff", self.backoff)
         _positive("max_age", self.max_age)
@@ -866,6 +907,8 @@ def load_settings(path: Path, *, watches: bool = True) -> Settings:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: TOML syntax error: {exc}.") from None
+        except RecursionError:  # tomli's parser recurses once per nesting level
+            raise ConfigError(f"{path}: TOML syntax error: arrays or tables nested too deep.") from None
     if not watches:
         data.pop("watch", None)
     if mode & stat.S_IROTH:
@@ -907,7 +950,7 @@ def _parse_without_watches(text: str) -> dict[str, Any] | None:
         return None
     try:
         return tomllib.loads(head)
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         return None  # cut inside a multi-line string, or a syntax error: the whole file says which
 
 
@@ -981,7 +1024,7 @@ def find_secrets(data: Mapping[str, Any], text: str = "") -> list[str]:
             body = comment.group().strip()
             try:
                 commented = tomllib.loads(body.lstrip("#").strip())
-            except (tomllib.TOMLDecodeError, ValueError):
+            except (tomllib.TOMLDecodeError, ValueError, RecursionError):
                 continue
             in_comment: list[tuple[str, tuple[str | int, ...]]] = []
             _scan(commented, (), "", in_comment)

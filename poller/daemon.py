@@ -28,6 +28,7 @@ from poller.model import Watch, object_of
 from poller.notify import Dispatcher, make_route
 from poller.pipeline import Workers, prepare, writer_linger
 from poller.probe import prober_for
+from poller.redact import redact
 from poller.sdnotify import Notifier, watchdog_interval
 from poller.signalcheck import SignalCheck, watched_from
 from poller.store import Store, describe_db_error, open_engine
@@ -373,6 +374,9 @@ class Daemon:
             require_watches(new, str(self.config_path))
         except ConfigError as exc:
             return self._refuse(str(exc))
+        except Exception as exc:  # a flaw in reading it must not end a daemon that runs well
+            log.debug("reading the config for a reload failed", exc_info=True)
+            return self._refuse(redact(f"{self.config_path}: cannot be read ({type(exc).__name__}: {exc})"))
         specs = specs_from_settings(new)
         diff = diff_watch_lists(old.watches, specs)
         prober = None

@@ -39,7 +39,7 @@ def lock_path(url: str) -> Path | None:
     """The sidecar lock file of a SQLite database URL; None for other databases and in-memory SQLite."""
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         return None
     if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
         return None

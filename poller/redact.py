@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import re
 
-_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+# Up to the first '@': a password may hold a raw '/' (SQLAlchemy's URLs take one).
+_USERINFO = re.compile(r"(?<=://)[^@\s]+?@")
+# A credential passed as a query parameter (libpq's ?password=, presigned URLs' signatures, tokens).
+_SECRET_PARAM = re.compile(
+    r"(?i)([?&](?:password|passwd|pwd|sslpassword|token|access_token|secret|sig|signature|x-amz-signature|"
+    r"x-amz-security-token|x-amz-credential)=)[^&\s#]*"
+)
 
 
 def redact(text: str) -> str:
-    """Hide credentials embedded in URLs (``https://user:secret@host`` -> ``https://***@host``)."""
-    return _USERINFO.sub("***@", text)
+    """Hide credentials embedded in URLs (``https://user:secret@host`` -> ``https://***@host``, and
+    ``?password=...`` -> ``?password=***``)."""
+    return _SECRET_PARAM.sub(r"\1***", _USERINFO.sub("***@", text))

@@ -248,13 +248,13 @@ def open_engine(url: str, *, readonly: bool = False, idle_in_transaction: float 
     """
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         raise StoreError("[database] url is not a valid SQLAlchemy URL (e.g. sqlite:///poller.db)") from None
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     problem = postgres_driver_problem(url)
     if problem:
-        raise StoreError(f"cannot use database {_safe_url(url)}: {problem}")
+        raise StoreError(f"cannot use database {safe_url(url)}: {problem}")
     is_sqlite = parsed.get_backend_name() == "sqlite"
     if is_sqlite and parsed.database and parsed.database != ":memory:":
         path = Path(parsed.database)
@@ -272,9 +272,9 @@ def open_engine(url: str, *, readonly: bool = False, idle_in_transaction: float 
         engine = create_engine(parsed, pool_pre_ping=not is_sqlite, connect_args=connect_args)
     except ImportError as exc:
         hint = "; install it with: pip install 'poller[postgres]'" if parsed.get_backend_name() == "postgresql" else ""
-        raise StoreError(f"cannot use database {_safe_url(url)}: its driver is not installed ({exc}){hint}") from None
+        raise StoreError(f"cannot use database {safe_url(url)}: its driver is not installed ({exc}){hint}") from None
     except ArgumentError:
-        raise StoreError(f"cannot use database {_safe_url(url)}: not a valid SQLAlchemy URL") from None
+        raise StoreError(f"cannot use database {safe_url(url)}: not a valid SQLAlchemy URL") from None
     if is_sqlite:
         _configure_sqlite(engine, readonly=readonly)
     return engine
@@ -349,7 +349,7 @@ def migrate(engine: Engine) -> None:
 def describe_db_error(exc: BaseException, url: str) -> str:
     """Turn a database exception into a sentence for the operator."""
     text = redact(str(getattr(exc, "orig", exc)))
-    where = _safe_url(url)
+    where = safe_url(url)
     if "readonly database" in text or "attempt to write" in text or _read_only_dir(url):
         return (
             f"database {where} is read-only for this user ({text}): a WAL database needs write access to "
@@ -386,12 +386,13 @@ def _on_read_only_fs(directory: Path) -> bool:
         return False
 
 
-def _safe_url(url: str) -> str:
+def safe_url(url: str) -> str:
+    """A database URL as shown to the operator: no password, in the userinfo or the query."""
     if not url:
         return "(database)"
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
+        return redact(make_url(url).render_as_string(hide_password=True))
+    except (ArgumentError, ValueError):
         return "(unparseable URL)"
 
 

@@ -173,6 +173,14 @@ CONFIG_ERRORS = [
     ('[database]\nsample_retention = "-1h"\n', ["[database]", "sample_retention", "duration"]),
     ('[schedul]\ninterval = "1s"\n', ["schedul", "unknown key"]),
     ('[[watch]\nbucket = "b"\n', ["TOML syntax error", "line 1"]),
+    ("x = " + "[" * 1000 + "]" * 1000 + "\n", ["TOML syntax error", "nested too deep"]),
+    ("[database]\nmax_db_size = inf\n", ["[database]", "max_db_size", "out of range"]),
+    ('[database]\nmax_db_size = "1' + "0" * 400 + '"\n', ["[database]", "max_db_size", "out of range"]),
+    ('[database]\nurl = "postgresql://poller@db:5432x/poller"\n', ["[database]", "url", "cannot be read"]),
+    ('[database]\nurl = "mysql://db/poller"\n', ["[database]", "url", "'mysql' is not supported"]),
+    ('[[watch]]\nname = "c"\nbucket = "b"\nkey = "k"\ncron = "0 0 30 2 *"\n', ["'c'", "cron", "never fires"]),
+    ('[[watch]]\nname = "n\\u0000"\nbucket = "b"\nkey = "k"\n', ["watch #1", "name", "NUL character"]),
+    ('[[watch]]\nname = "n"\nbucket = "b"\nkey = "k\\u0000"\n', ["watch #1", "key", "NUL character"]),
 ]
 
 
@@ -188,6 +196,24 @@ def test_config_errors_exit_2_and_name_the_field(tmp_path, text, fragments):
     assert str(path) in message
     for fragment in fragments:
         assert fragment in message, (fragment, message)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://poller:s3cret@db:5432x/poller",  # not a port: refused at load
+        "postgresql://poller:s3/cret@127.0.0.1:1/poller",  # a raw '/' in the password
+        "postgresql://poller@127.0.0.1:1/poller?password=s3cret",  # libpq's password parameter
+    ],
+)
+def test_a_database_password_is_in_no_message(tmp_path, url):
+    path = tmp_path / "c.toml"
+    path.write_text(f'[database]\nurl = "{url}"\n')
+    path.chmod(0o600)
+    for command in (("check",), ("status",), ("db", "upgrade")):
+        proc = run_cli(*command, "--config", str(path))
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert "s3cret" not in proc.stdout + proc.stderr and "cret" not in proc.stderr, proc.stderr
 
 
 def test_missing_config_file(tmp_path):

@@ -110,13 +110,23 @@ def test_request_conditions(state, mode, expected):
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("30s", 30), ("5m", 300), ("1h", 3600), ("1d", 86400), ("1h30m", 5400), ("250ms", 0.25), (15, 15), ("2.5s", 2.5)],
+    [
+        ("30s", 30),
+        ("5m", 300),
+        ("1h", 3600),
+        ("1d", 86400),
+        ("1h30m", 5400),
+        ("250ms", 0.25),
+        (15, 15),
+        ("2.5s", 2.5),
+        ("60", 60),
+    ],  # as an environment variable gives it: seconds, as `interval = 60` in TOML
 )
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "5", "-5s", "5 s", "5x", "s", "1e999s", True, None, [1]])
+@pytest.mark.parametrize("text", ["", "-5", "-5s", "5 s", "5x", "s", "1e999s", True, None, [1]])
 def test_parse_duration_rejects(text):
     with pytest.raises(ValueError):
         parse_duration(text)

@@ -61,6 +61,14 @@ def test_malformed_secret_url_in_config_error_is_redacted(tmp_path: Path):
     assert_clean(proc.stderr, proc.stdout)
 
 
+def test_redact_hides_userinfo_with_a_slash_and_password_parameters():
+    from poller.redact import redact
+
+    text = redact("db postgresql://u:pa/ss@h/db?host=/run&password=pw1&sslmode=require and https://x?token=t0k")
+    assert "pa/ss" not in text and "pw1" not in text and "t0k" not in text
+    assert "postgresql://***@h/db?host=/run&password=***&sslmode=require" in text
+
+
 def test_database_url_password_never_leaks(tmp_path: Path):
     path = tmp_path / "c.toml"
     path.write_text(f'[database]\nurl = "postgresql://poller:{URL_SECRET}@127.0.0.1:{free_port()}/poller"\n')
