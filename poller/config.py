@@ -589,10 +589,10 @@ def watch_entries(value: object) -> list[WatchEntry]:
 
 
 def _check_cron(expr: str) -> None:
-    from apscheduler.triggers.cron import CronTrigger
+    from poller.crontab import trigger as cron_trigger
 
     try:
-        trigger = CronTrigger.from_crontab(expr, timezone="UTC")
+        trigger = cron_trigger(expr)
     except ValueError as exc:
         raise ValueError(f"cron {expr!r} is not a valid crontab expression ({exc})") from None
     if trigger.get_next_fire_time(None, datetime.now(UTC)) is None:

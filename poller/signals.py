@@ -15,10 +15,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from apscheduler.triggers.cron import CronTrigger
+from poller.crontab import trigger as cron_trigger
 
 WATCH_EVENTS = ("stale", "fresh", "settled", "failing", "recovered", "access_lost")
 # The changes that count as a delivery for a freshness deadline, and that open a burst to settle.
@@ -100,32 +99,54 @@ def _span(seconds: float) -> str:
     return format_duration(seconds)
 
 
-@lru_cache(maxsize=256)
-def _cron(expr: str) -> CronTrigger:
-    from apscheduler.triggers.cron import CronTrigger
-
-    return CronTrigger.from_crontab(expr, timezone=UTC)
-
-
 def next_fire(expr: str, after: datetime) -> datetime | None:
     """The first fire time of crontab ``expr`` (UTC) strictly after ``after``."""
     # get_next_fire_time(None, t) may return t itself; a microsecond later makes it strict.
-    fire = _cron(expr).get_next_fire_time(None, after + timedelta(microseconds=1))
+    fire = cron_trigger(expr).get_next_fire_time(None, after + timedelta(microseconds=1))
     return None if fire is None else fire.astimezone(UTC)
+
+
+def previous_fire(expr: str, before: datetime) -> datetime | None:
+    """The last fire time of crontab ``expr`` (UTC) strictly before ``before``; None within 8 years."""
+    step = timedelta(minutes=1)
+    while step < timedelta(days=8 * 366):
+        fire = next_fire(expr, before - step)
+        if fire is not None and fire < before:
+            while (later := next_fire(expr, fire)) is not None and later < before:
+                fire = later
+            return fire
+        step *= 2
+    return None
 
 
 def deadline(rules: Rules, last_change_at: datetime) -> datetime | None:
     """When the next change is due, given the last one (or when watching began): None without a rule.
 
-    With ``expect_change_by`` a change is due by the first fire time after the last change, plus
-    the grace (as healthchecks-style cron checks do): a late delivery never counts for the next one.
+    With ``expect_change_by`` each fire time plus the grace is a due time, and a change counts for
+    the nearest one: up to the fire time, or within the grace after it, for that fire's; one that
+    comes after a due time passed is late for it if that is nearer than the next fire time (a late
+    delivery never counts for the next one), else early for the next. The next change is due by the
+    due time after the one it counted for.
     """
     if rules.expect_change_within is not None:
         return last_change_at + timedelta(seconds=rules.expect_change_within)
     if rules.expect_change_by is not None:
-        fire = next_fire(rules.expect_change_by, last_change_at)
-        return None if fire is None else fire + timedelta(seconds=rules.expect_grace)
+        return _cron_deadline(rules.expect_change_by, rules.expect_grace, last_change_at)
     return None
+
+
+@lru_cache(maxsize=65536)  # every check asks for every watch; a watch's last change rarely moves
+def _cron_deadline(expr: str, grace_seconds: float, last: datetime) -> datetime | None:
+    grace = timedelta(seconds=grace_seconds)
+    upcoming = next_fire(expr, last - grace - timedelta(microseconds=1))  # its due time is not past at `last`
+    if upcoming is None:
+        return None
+    if last < upcoming:
+        previous = previous_fire(expr, upcoming)
+        if previous is not None and last - (previous + grace) < upcoming - last:
+            return upcoming + grace  # late for the previous due time: this one is still due
+    following = next_fire(expr, upcoming)
+    return None if following is None else following + grace
 
 
 def is_failing(rules: Rules, consecutive_errors: int, error_since: datetime | None, now: datetime) -> bool:

@@ -3,7 +3,8 @@
 APScheduler keeps a Job, a trigger and a jobstore round trip per watch, and its main loop walks
 them under a lock: at 100,000 watches the daemon peaked at 559 MB, with that loop a large share of
 its CPU (py-spy; README "Benchmarks"). Here a watch is one heap entry. The times still come from
-triggers: APScheduler's CronTrigger for cron watches, PhasedIntervalTrigger for intervals.
+triggers: APScheduler's CronTrigger for cron watches (read as crontab reads them: poller.crontab),
+PhasedIntervalTrigger for intervals.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from apscheduler.triggers.base import BaseTrigger
-from apscheduler.triggers.cron import CronTrigger
 
 from poller.config import format_duration
+from poller.crontab import trigger as cron_trigger
 from poller.model import Watch
 from poller.watchlist import WatchSpec
 
@@ -93,7 +94,7 @@ def next_ts(trigger: BaseTrigger, previous: float | None, now: float) -> float |
 def trigger_for(spec: WatchSpec | Watch, jitter: float) -> BaseTrigger:
     """The trigger of a watch: phased interval, or crontab in UTC."""
     if spec.cron is not None:
-        return CronTrigger.from_crontab(spec.cron, timezone=UTC)
+        return cron_trigger(spec.cron)
     assert spec.interval_seconds is not None
     return PhasedIntervalTrigger(spec.interval_seconds, phase_of(spec.name, spec.interval_seconds), jitter)
 

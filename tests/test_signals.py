@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from poller.events import cloudevent
 from poller.model import ObjectState, PollResult, Watch
 from poller.signalcheck import SignalCheck, Watched
-from poller.signals import Rules, deadline, is_failing, is_settled, next_fire
+from poller.signals import Rules, deadline, is_failing, is_settled, next_fire, previous_fire
 from poller.store import Store
 from poller.watchlist import WatchSpec
 
@@ -39,10 +39,21 @@ def test_expect_change_within_is_due_that_long_after_the_last_change():
 
 def test_expect_change_by_is_due_by_the_first_fire_after_the_last_change_plus_grace():
     rules = Rules(expect_change_by="0 7 * * *", expect_grace=1800)
-    # The 06:10 delivery is due again by tomorrow 07:30.
-    assert deadline(rules, NOW.replace(hour=6, minute=10)) == NOW.replace(hour=7, minute=30)
+    tomorrow = NOW.replace(hour=7, minute=30) + timedelta(days=1)
+    # The 06:10 delivery counts for today's 07:00: the next one is due by tomorrow 07:30 (it was
+    # due today 07:30, and a punctual feed was stale every morning).
+    assert deadline(rules, NOW.replace(hour=6, minute=10)) == tomorrow
+    # Within the grace (07:10): today's, on time.
+    assert deadline(rules, NOW.replace(hour=7, minute=10)) == tomorrow
     # A late delivery (07:45) never counts for the next day: the next one is due tomorrow 07:30.
-    assert deadline(rules, NOW.replace(hour=7, minute=45)) == NOW.replace(hour=7, minute=30) + timedelta(days=1)
+    assert deadline(rules, NOW.replace(hour=7, minute=45)) == tomorrow
+    # Nearer the next fire than the missed due time (23:00): early for tomorrow's.
+    assert deadline(rules, NOW.replace(hour=23)) == tomorrow + timedelta(days=1)
+    # Weekdays only: Friday's delivery at 06:00 makes Monday 07:30 the next due time.
+    weekdays = Rules(expect_change_by="0 7 * * 1-5", expect_grace=1800)
+    friday = datetime(2026, 11, 27, 6, 0, tzinfo=UTC)
+    assert deadline(weekdays, friday) == datetime(2026, 11, 30, 7, 30, tzinfo=UTC)
+    assert previous_fire("0 7 * * 1-5", datetime(2026, 11, 30, 7, 0, tzinfo=UTC)) == friday.replace(hour=7)
     # Exactly at the fire time: due at the next one.
     assert next_fire("0 7 * * *", NOW.replace(hour=7, minute=0)) == NOW.replace(hour=7) + timedelta(days=1)
 
