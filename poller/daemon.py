@@ -295,6 +295,7 @@ class Daemon:
             taken = [name for name in self.current.watches if shard_of(name) in gained]
             # Read back after the claim committed: the previous holder's last commits are in it.
             self.service.resume([self.current.watches[name].id for name in taken])
+            self.signals.taken_over(self.current.watches[name].id for name in taken)
             self._schedule_many(taken, datetime.now(UTC))
 
     def _submit(self, watch: Watch, scheduled: datetime) -> bool:

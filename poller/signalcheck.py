@@ -10,7 +10,8 @@ makes sure that happens once however many daemons or restarts try.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Mapping
+import threading
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -67,6 +68,15 @@ class SignalCheck:
         self._shown: dict[int, tuple[datetime | None, ...]] = {}  # what watch_signals holds per watch
         self.settling = 0  # watches with an unsettled burst at the last pass (a gauge)
         self._mine: set[int] = set()  # the watches checked by the last pass
+        self._taken_over: set[int] = set()  # watches whose cached state the next pass reads again
+        self._taken_lock = threading.Lock()
+
+    def taken_over(self, watch_ids: Iterable[int]) -> None:
+        """Watches this daemon now checks after another did (a shard gained): the next pass reads
+        their deliveries, open stale and settled bursts from the database again, as the other
+        daemon left them (cached from this daemon's start, a fresh or a settled burst went wrong)."""
+        with self._taken_lock:
+            self._taken_over.update(watch_ids)
 
     def set_watches(self, watched: Collection[Watched]) -> None:
         """The watches to check (those with a deadline or settle rule); the others are ignored."""
@@ -81,6 +91,13 @@ class SignalCheck:
     def run_once(self, route: Route | None = None, owned: Callable[[str], bool] | None = None) -> list[Signal]:
         """Check every watch (``owned`` ones only, with several daemons) once; record and return the new signals."""
         now = self.clock()
+        with self._taken_lock:
+            taken, self._taken_over = self._taken_over, set()
+        if taken:
+            for cache in (self._fresh, self._bursts, self._shown):
+                for watch_id in taken:
+                    cache.pop(watch_id, None)
+            self._loaded = False
         if not self._loaded:
             self._open_stale, settled = self.store.timed_signals()
             self._settled = {w: _parse(dedup) for w, dedup in settled.items()}

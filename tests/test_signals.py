@@ -272,6 +272,25 @@ def test_stale_once_at_the_deadline_fresh_at_the_next_delivery_then_stale_again(
     }
 
 
+def test_a_daemon_taking_a_watch_over_reads_its_signals_again(store: Store):
+    """Daemon B loaded its caches, then A held the watch and raised stale; B takes it back and the
+    delivery comes: B must say fresh (with its start's caches it knew of no stale, and never did)."""
+    watch = _watch(store)
+    first = PollResult(watch, NOW, "modified", 200, 5.0, None,
+                       ObjectState('"e1"', NOW - timedelta(minutes=10), NOW, None, 3, True), "first_seen")  # fmt: skip
+    store.record([first])
+    rules = Rules(expect_change_within=3600)
+    b, clock_b = _check(store, watch, rules, NOW + timedelta(minutes=1))
+    assert b.run_once() == []
+    a, _clock_a = _check(store, watch, rules, NOW + timedelta(minutes=51))
+    assert [s.event for s in a.run_once()] == ["stale"]
+    store.record([_change(watch, NOW + timedelta(minutes=70), '"e1"', '"e2"')])
+    b.taken_over([watch.id])
+    clock_b.now = NOW + timedelta(minutes=71)
+    assert [s.event for s in b.run_once()] == ["fresh"]
+    assert _events(store) == ["stale", "fresh"]
+
+
 def test_a_daemon_started_after_the_deadline_raises_it_once(store: Store):
     watch = _watch(store)
     store.record([_ok(watch, NOW, first=True)])
