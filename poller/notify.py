@@ -246,7 +246,7 @@ class Dispatcher:
         now = now or datetime.now(UTC)
         started = time.monotonic()
         claim = claim_seconds(self.sinks.values())
-        rows = self.store.due_notifications(now, claim=claim)
+        rows = self.store.due_notifications(now, claim=claim, sinks=list(self.sinks))
         # Rows are claimed for ``claim`` seconds (several daemons): no attempt starts that could outlast it.
         budget = started + claim - CLAIM_MARGIN
         pending: set[Future[tuple[int, datetime, str] | str | None]] = {

@@ -13,7 +13,7 @@ import sqlite3
 import time
 import weakref
 import zlib
-from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Container, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -41,6 +41,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    true,
     tuple_,
     type_coerce,
     update,
@@ -2078,14 +2079,16 @@ class Store:
 
     # --- notification outbox ----------------------------------------------------------
 
-    def due_notifications(self, now: datetime, limit: int = 100, claim: float = CLAIM_SECONDS) -> list[dict[str, Any]]:
+    def due_notifications(
+        self, now: datetime, limit: int = 100, claim: float = CLAIM_SECONDS, sinks: Collection[str] | None = None
+    ) -> list[dict[str, Any]]:
         """Pending deliveries whose next attempt is due, with the event they carry (the event row of
         poller.events plus the outbox's id, sink, attempts, queued_at), oldest first; with several
-        daemons, claimed for ``claim`` seconds."""
+        daemons, claimed for ``claim`` seconds, of ``sinks`` only (the ones this daemon can deliver to)."""
         query = self._outbox_query().where(notifications.c.status == "pending", notifications.c.next_attempt_at <= now)
         query = query.order_by(notifications.c.next_attempt_at, notifications.c.id).limit(limit)
         if self.fence is not None:
-            return self._claim_notifications(query, now, limit, claim)
+            return self._claim_notifications(query, now, limit, claim, sinks)
         with self._read() as conn:
             return [_outbox_row(row) for row in conn.execute(query)]
 
@@ -2122,9 +2125,12 @@ class Store:
             .join(watches, watches.c.id == func.coalesce(h.c.watch_id, e.c.watch_id))
         )
 
-    def _claim_notifications(self, query: Any, now: datetime, limit: int, claim: float) -> list[dict[str, Any]]:
+    def _claim_notifications(
+        self, query: Any, now: datetime, limit: int, claim: float, sinks: Collection[str] | None
+    ) -> list[dict[str, Any]]:
         """Several daemons: claim due rows (SKIP LOCKED, so two never take one row) for this instance;
-        a claim lapses after ``claim`` seconds or once its holder's heartbeat is older than a lease."""
+        a claim lapses after ``claim`` seconds or once its holder's heartbeat is older than a lease.
+        A sink this daemon does not know may be another's (a config being rolled out): not claimed."""
         fence = self.fence
         assert fence is not None
         clock = func.clock_timestamp()
@@ -2140,6 +2146,7 @@ class Store:
                     notifications.c.claimed_until < clock,
                     notifications.c.claimed_by.not_in(live),
                 ),
+                true() if sinks is None else notifications.c.sink.in_(list(sinks)),
             )
             .order_by(notifications.c.next_attempt_at, notifications.c.id)
             .limit(limit)

@@ -437,6 +437,21 @@ def test_outbox_rows_are_claimed_by_one_daemon(stores: list[Store]):
 
 
 @pg_only
+def test_a_daemon_claims_no_row_of_a_sink_it_does_not_know(stores: list[Store]):
+    """A sink added to one daemon's config before the other's reload: the other neither claims its
+    rows nor gives them up ("sink no longer configured" failed them for good)."""
+    a, b, _ = _members(stores)
+    a.beat()
+    b.beat()
+    watch = stores[0].sync_watches(specs("w"), NOW).watches["w"]
+    stores[2].fence = None
+    stores[2].record([change(watch, None, state('"x"'), "first_seen")], route=lambda name, event: ["old", "new"])
+    later = NOW + timedelta(seconds=1)
+    assert [r["sink"] for r in stores[1].due_notifications(later, sinks=["old"])] == ["old"]
+    assert [r["sink"] for r in stores[0].due_notifications(later, sinks=["old", "new"])] == ["new"]
+
+
+@pg_only
 def test_one_instance_prunes_at_a_time(stores: list[Store]):
     with stores[0].engine.connect() as holder:
         holder.execute(text("SELECT pg_advisory_lock(:k)"), {"k": 0x706F6C6C6572 + 1})
