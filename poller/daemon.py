@@ -96,6 +96,7 @@ class Daemon:
             self.service.metrics = self.metrics
         self.current = _Running(settings, synced.watches)
         self.workers: Workers | None = None
+        self._started_concurrency = settings.schedule.concurrency
         # On PostgreSQL, daemons sharing the database split the watches by shard (poller/cluster.py);
         # every commit is fenced by the leases held. SQLite has one daemon (poller/dblock.py).
         self.membership: Membership | None = None
@@ -470,8 +471,9 @@ class Daemon:
         return False
 
     def _warn_restart_only(self, old: Settings, new: Settings) -> None:
-        if new.database != old.database:
-            log.warning("reload: [database] changes take effect only after a restart")
+        if new.database.url != old.database.url:
+            # Retention and max_db_size apply at the next pruning pass; the database itself stays.
+            log.warning("reload: [database] url changes take effect only after a restart")
         if new.metrics != old.metrics:
             log.warning("reload: [metrics] changes take effect only after a restart")
         if new.cluster != old.cluster:
@@ -488,7 +490,8 @@ class Daemon:
         )
         if counts["skipped"]:
             line += (
-                f"; {counts['skipped']} polls skipped: more due than {self.current.settings.schedule.concurrency} "
+                # The pool's size as started: a reload does not resize it.
+                f"; {counts['skipped']} polls skipped: more due than {self._started_concurrency} "
                 "workers can run (raise concurrency or intervals)"
             )
         if self.membership is not None:
