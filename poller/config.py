@@ -115,7 +115,7 @@ def parse_alert_after(value: object) -> int | float:
         if value < 0:
             raise ValueError("must not be negative (0 turns failure alerts off)")
         return value
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         return int(value.strip())
     try:
         seconds = parse_duration(value)
@@ -897,7 +897,7 @@ def load_settings(path: Path, *, watches: bool = True) -> Settings:
         raise ConfigError(f"{path}: cannot read the configuration file ({exc.strerror}).") from None
     check_permissions(path, mode)
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").removeprefix("\ufeff")  # a byte order mark some editors write
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise ConfigError(f"{path}: line {line}: the file is not valid UTF-8 (TOML files must be UTF-8).") from None

@@ -227,6 +227,13 @@ def test_no_config_anywhere(tmp_path):
     assert proc.returncode == 2 and "--config" in proc.stderr
 
 
+def test_a_config_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b'\xef\xbb\xbf[[watch]]\nname = "w"\nbucket = "bucket"\nkey = "k"\n')
+    proc = run_cli("check", "--config", str(path))
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_non_utf8_config(tmp_path):
     path = tmp_path / "bin.toml"
     path.write_bytes(b'[s3]\nregion = "\xff\xfe"\n')
