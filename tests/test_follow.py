@@ -520,7 +520,9 @@ def test_follow_keeps_trying_while_postgresql_refuses_connections(
     code, err = f.stop()
     assert code == 130 and "Traceback" not in err
     assert err.count("still following") == 1 and err.count("answers again") == 1
-    assert "not currently accepting connections" in err.splitlines()[0]
+    # The first failure is the terminated session or the refused reconnect, as the timing falls.
+    first = err.splitlines()[0]
+    assert "not currently accepting connections" in first or "server closed the connection" in first, first
 
 
 def _refused(pg_server: PgServer, name: str) -> int:
