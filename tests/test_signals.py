@@ -235,15 +235,20 @@ def _check(store: Store, watch: Watch, rules: Rules, at: datetime) -> tuple[Sign
     return check, clock
 
 
+def _first_seen_at_ten_to(store: Store, watch: Watch) -> None:
+    """The object first seen at NOW, written ten minutes before (its Last-Modified is 09:50)."""
+    first = PollResult(watch, NOW, "modified", 200, 5.0, None,
+                       ObjectState('"e1"', NOW - timedelta(minutes=10), NOW, None, 3, True), "first_seen")  # fmt: skip
+    store.record([first])
+
+
 def _events(store: Store) -> list[str]:
     return [s["event"] for s in _signals(store)]
 
 
 def test_stale_once_at_the_deadline_fresh_at_the_next_delivery_then_stale_again(store: Store):
     watch = _watch(store)
-    first = PollResult(watch, NOW, "modified", 200, 5.0, None,
-                       ObjectState('"e1"', NOW - timedelta(minutes=10), NOW, None, 3, True), "first_seen")  # fmt: skip
-    store.record([first])
+    _first_seen_at_ten_to(store, watch)
     rules = Rules(expect_change_within=3600)
     check, clock = _check(store, watch, rules, NOW + timedelta(minutes=49))
     assert check.run_once() == []  # due 50 min after the object's Last-Modified
@@ -276,9 +281,7 @@ def test_a_daemon_taking_a_watch_over_reads_its_signals_again(store: Store):
     """Daemon B loaded its caches, then A held the watch and raised stale; B takes it back and the
     delivery comes: B must say fresh (with its start's caches it knew of no stale, and never did)."""
     watch = _watch(store)
-    first = PollResult(watch, NOW, "modified", 200, 5.0, None,
-                       ObjectState('"e1"', NOW - timedelta(minutes=10), NOW, None, 3, True), "first_seen")  # fmt: skip
-    store.record([first])
+    _first_seen_at_ten_to(store, watch)
     rules = Rules(expect_change_within=3600)
     b, clock_b = _check(store, watch, rules, NOW + timedelta(minutes=1))
     assert b.run_once() == []
@@ -295,9 +298,7 @@ def test_a_late_delivery_recorded_before_any_check_saw_the_deadline_is_still_sta
     """`poller once` from cron polls, then checks: a delivery 20 minutes late was recorded first, and
     the deadline it missed was never raised. Also a running daemon whose check did not run between."""
     watch = _watch(store)
-    first = PollResult(watch, NOW, "modified", 200, 5.0, None,
-                       ObjectState('"e1"', NOW - timedelta(minutes=10), NOW, None, 3, True), "first_seen")  # fmt: skip
-    store.record([first])
+    _first_seen_at_ten_to(store, watch)
     rules = Rules(expect_change_within=3600)  # due at 10:50
     running, clock = _check(store, watch, rules, NOW + timedelta(minutes=40))
     assert running.run_once() == []
