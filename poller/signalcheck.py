@@ -69,9 +69,6 @@ class SignalCheck:
         self.settling = 0  # watches with an unsettled burst at the last pass (a gauge)
         self._mine: set[int] = set()  # the watches checked by the last pass
         self._taken_over: set[int] = set()  # watches whose cached state the next pass reads again
-        # The delivery before the latest, for watches whose latest one no pass has judged yet: it was
-        # late if it came after the due time the one before set (a deadline no check saw pass).
-        self._before: dict[int, datetime | None] = {}
         self._taken_lock = threading.Lock()
 
     def taken_over(self, watch_ids: Iterable[int]) -> None:
@@ -146,7 +143,6 @@ class SignalCheck:
                 known = self._fresh.get(watch_id)
                 if known is not None and at > known[0]:
                     self._fresh[watch_id] = (at, etag)
-                    self._before.setdefault(watch_id, known[0])
         self._scanned = now
 
     def _deadline(self, w: Watched, created_at: datetime, now: datetime) -> tuple[list[Signal], datetime | None]:
@@ -155,15 +151,9 @@ class SignalCheck:
             found = self.store.last_fresh_change(w.id)
             if found is not None:
                 self._fresh[w.id] = found
-                previous = self.store.last_fresh_change(w.id, before=found[0])
-                self._before[w.id] = None if previous is None else previous[0]
         last, etag = self._fresh.get(w.id, (None, None))
         opened = self._open_stale.get(w.id)
         signals: list[Signal] = []
-        if w.id in self._before:
-            before = self._before.pop(w.id)
-            if opened is None and last is not None:
-                signals += self._late(w, before or created_at, last, etag, now)
         if opened is not None:
             stale_deadline = _parse(opened[0])
             if last is None or last <= stale_deadline:
@@ -185,21 +175,6 @@ class SignalCheck:
         )
         signals.append(Signal(w.id, w.name, w.key, "stale", now, dedup, etag, None, detail))
         return signals, due
-
-    def _late(self, w: Watched, previous: datetime, last: datetime, etag: str | None, now: datetime) -> list[Signal]:
-        """stale and fresh for a due time that passed before the delivery at ``last`` with no check to
-        see it (the daemon was down, or `poller once` recorded the late delivery before its check);
-        none if they were raised already (the database refuses a second one of a deadline)."""
-        missed = deadline(w.rules, previous)
-        if missed is None or missed >= last:
-            return []
-        dedup = signal_time(missed)
-        stale = {"deadline": dedup, "last_change_at": signal_time(previous), "rule": w.rules.describe_deadline}
-        late = {"stale_deadline": dedup, "stale_at": signal_time(now), "late_delivery_at": signal_time(last)}
-        return [
-            Signal(w.id, w.name, w.key, "stale", now, dedup, etag, None, dumps(stale)),
-            Signal(w.id, w.name, w.key, "fresh", now, dedup, etag, None, dumps(late)),
-        ]
 
     def _burst(self, watch_id: int, before: datetime, last_change: datetime) -> list[tuple[str, datetime]]:
         """The burst ending at ``last_change``, read once per last change (a pending one is asked every pass)."""

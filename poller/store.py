@@ -1016,17 +1016,15 @@ class Store:
                 out.update((row.id, dict(row._mapping)) for row in conn.execute(query.where(watches.c.id.in_(chunk))))
         return out
 
-    def last_fresh_change(self, watch_id: int, before: datetime | None = None) -> tuple[datetime, str | None] | None:
-        """The latest delivery of a watch (``modified``/``created``: time, ETag) detected before ``before``
-        (None: any); failing that, the newest object it first saw (by Last-Modified); None if none."""
+    def last_fresh_change(self, watch_id: int) -> tuple[datetime, str | None] | None:
+        """The latest delivery of a watch (``modified``/``created``: time, ETag); failing that, the
+        newest object it first saw (by Last-Modified); None if it has seen nothing."""
         h = etag_history.c
         query = (
             select(h.event, h.detected_at, h.last_modified, h.etag)
             .where(h.watch_id == watch_id, h.event.in_((*FRESH_EVENTS, "first_seen")))
             .order_by(h.detected_at.desc(), h.id.desc())
         )
-        if before is not None:
-            query = query.where(h.detected_at < before)
         first: tuple[datetime, str | None] | None = None
         with self._read() as conn:
             for row in conn.execute(query.limit(1000)):

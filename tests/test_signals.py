@@ -294,30 +294,6 @@ def test_a_daemon_taking_a_watch_over_reads_its_signals_again(store: Store):
     assert _events(store) == ["stale", "fresh"]
 
 
-def test_a_late_delivery_recorded_before_any_check_saw_the_deadline_is_still_stale_then_fresh(store: Store):
-    """`poller once` from cron polls, then checks: a delivery 20 minutes late was recorded first, and
-    the deadline it missed was never raised. Also a running daemon whose check did not run between."""
-    watch = _watch(store)
-    _first_seen_at_ten_to(store, watch)
-    rules = Rules(expect_change_within=3600)  # due at 10:50
-    running, clock = _check(store, watch, rules, NOW + timedelta(minutes=40))
-    assert running.run_once() == []
-    store.record([_change(watch, NOW + timedelta(minutes=70), '"e1"', '"e2"')])
-    once, _clock = _check(store, watch, rules, NOW + timedelta(minutes=71))
-    raised = once.run_once()
-    missed = "2026-11-24T10:50:00.000Z"
-    assert [(s.event, s.dedup) for s in raised] == [("stale", missed), ("fresh", missed)]
-    clock.now = NOW + timedelta(minutes=72)
-    assert running.run_once() == []  # the same deadline: refused by the database, not raised twice
-    again, _clock = _check(store, watch, rules, NOW + timedelta(minutes=73))
-    assert again.run_once() == []
-    assert _events(store) == ["stale", "fresh"]
-    # On time (the next delivery within the hour): nothing.
-    store.record([_change(watch, NOW + timedelta(minutes=100), '"e2"', '"e3"')])
-    clock.now = NOW + timedelta(minutes=101)
-    assert running.run_once() == []
-
-
 def test_a_daemon_started_after_the_deadline_raises_it_once(store: Store):
     watch = _watch(store)
     store.record([_ok(watch, NOW, first=True)])
