@@ -161,7 +161,7 @@ class SignalCheck:
             del self._open_stale[w.id]
             detail = dumps({"stale_deadline": opened[0], "stale_at": signal_time(opened[1])})
             signals.append(Signal(w.id, w.name, w.key, "fresh", now, opened[0], etag, None, detail))
-        due = deadline(w.rules, last or created_at)
+        due = deadline(w.rules, created_at, delivered=False) if last is None else deadline(w.rules, last)
         if due is None or now < due:
             return signals, due
         dedup = signal_time(due)

@@ -119,28 +119,31 @@ def previous_fire(expr: str, before: datetime) -> datetime | None:
     return None
 
 
-def deadline(rules: Rules, last_change_at: datetime) -> datetime | None:
-    """When the next change is due, given the last one (or when watching began): None without a rule.
+def deadline(rules: Rules, last_change_at: datetime, *, delivered: bool = True) -> datetime | None:
+    """When the next change is due, given the last one (``delivered=False``: when watching began,
+    no delivery yet): None without a rule.
 
     With ``expect_change_by`` each fire time plus the grace is a due time, and a change counts for
     the nearest one: up to the fire time, or within the grace after it, for that fire's; one that
     comes after a due time passed is late for it if that is nearer than the next fire time (a late
     delivery never counts for the next one), else early for the next. The next change is due by the
-    due time after the one it counted for.
+    due time after the one it counted for. Before any delivery, the first due time not yet passed.
     """
     if rules.expect_change_within is not None:
         return last_change_at + timedelta(seconds=rules.expect_change_within)
     if rules.expect_change_by is not None:
-        return _cron_deadline(rules.expect_change_by, rules.expect_grace, last_change_at)
+        return _cron_deadline(rules.expect_change_by, rules.expect_grace, last_change_at, delivered)
     return None
 
 
 @lru_cache(maxsize=65536)  # every check asks for every watch; a watch's last change rarely moves
-def _cron_deadline(expr: str, grace_seconds: float, last: datetime) -> datetime | None:
+def _cron_deadline(expr: str, grace_seconds: float, last: datetime, delivered: bool) -> datetime | None:
     grace = timedelta(seconds=grace_seconds)
     upcoming = next_fire(expr, last - grace - timedelta(microseconds=1))  # its due time is not past at `last`
     if upcoming is None:
         return None
+    if not delivered:
+        return upcoming + grace
     if last < upcoming:
         previous = previous_fire(expr, upcoming)
         if previous is not None and last - (previous + grace) < upcoming - last:

@@ -49,6 +49,11 @@ def test_expect_change_by_is_due_by_the_first_fire_after_the_last_change_plus_gr
     assert deadline(rules, NOW.replace(hour=7, minute=45)) == tomorrow
     # Nearer the next fire than the missed due time (23:00): early for tomorrow's.
     assert deadline(rules, NOW.replace(hour=23)) == tomorrow + timedelta(days=1)
+    # Before any delivery (watching began at 20:00): the first due time not yet passed, tomorrow's.
+    six = Rules(expect_change_by="0 6 * * *", expect_grace=3600)
+    evening = NOW.replace(hour=20)
+    assert deadline(six, evening, delivered=False) == NOW.replace(hour=7) + timedelta(days=1)
+    assert deadline(six, NOW.replace(hour=6, minute=30), delivered=False) == NOW.replace(hour=7)
     # Weekdays only: Friday's delivery at 06:00 makes Monday 07:30 the next due time.
     weekdays = Rules(expect_change_by="0 7 * * 1-5", expect_grace=1800)
     friday = datetime(2026, 11, 27, 6, 0, tzinfo=UTC)
