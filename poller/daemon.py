@@ -508,7 +508,22 @@ class Daemon:
 
 def run_daemon(config_path: Path, settings: Settings) -> int:
     """Entry point of `poller run`."""
+    _raise_descriptor_limit()
     return Daemon(config_path, settings, signals=True).run()
+
+
+def _raise_descriptor_limit() -> None:
+    """Take the hard limit on open files as the soft one (as most servers do): each worker keeps up to
+    lean.MAX_KEPT connections, and the usual soft limit of 1024 is below what 256 workers may hold."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d: %s (systemd: LimitNOFILE=)", soft, exc)
 
 
 class _Progress:

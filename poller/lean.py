@@ -177,7 +177,9 @@ _SINGLE = frozenset({"etag", "last-modified", "content-length", "date", "x-amz-v
 # and a TLS handshake each, or run out of ports in TIME_WAIT.
 KEEPALIVE_OFF_SECONDS = 600.0
 # How many kept connections a worker thread holds (one per endpoint host; least recently used goes).
-MAX_KEPT = 4
+# Virtual-hosted buckets are hosts of their own: a worker cycling through more buckets than this pays
+# a connection (and TLS handshake) per HEAD. The daemon raises its open-file limit to match.
+MAX_KEPT = 16
 _stray_lock = threading.Lock()
 _no_keepalive: dict[str, float] = {}  # endpoint -> monotonic time keep-alive to it comes back
 _keepalive_offs = 0

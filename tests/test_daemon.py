@@ -295,3 +295,19 @@ def test_sd_notify_to_a_peer_that_stopped_reading_never_blocks_the_daemon(tmp_pa
         notifier.close()
     finally:
         deaf.close()
+
+
+def test_the_daemon_raises_its_open_file_limit_to_the_hard_one():
+    """Each worker keeps up to lean.MAX_KEPT connections: 256 workers pass a soft limit of 1024."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource; from poller.daemon import _raise_descriptor_limit\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+        "_raise_descriptor_limit()\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard or hard == resource.RLIM_INFINITY)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True", out
