@@ -510,17 +510,14 @@ class Store:
         target = (watches.c.bucket, watches.c.key, watches.c.kind, watches.c.interval_seconds, watches.c.cron)
         with self._tx() as conn:
             # In id order, so concurrent syncs update rows in the same order and cannot deadlock.
-            # On the driver's cursor too: a restart with a million watches reads them all.
-            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-            cursor.execute(
-                'SELECT id, name, bucket, "key", kind, interval_seconds, cron, active FROM watches ORDER BY id'
-            )
-            existing = {r[1]: _WatchRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7])) for r in cursor}
-            cursor.close()
+            existing = _watch_rows(conn)
             if not sqlite_db and any(_moves(row, wanted.get(name)) for name, row in existing.items()):
                 # Before any write of this transaction (REPOINT_LOCK): waits for the batches being
-                # committed, and holds new ones back until this commits; a rare, short pause.
+                # committed, and holds new ones back until this commits; a rare, short pause. Read
+                # again under it: another daemon's sync of the same config may have re-pointed the
+                # watches meanwhile, and batches may have stored the new targets' states since.
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": REPOINT_LOCK})
+                existing = _watch_rows(conn)
             added = [s for name, s in wanted.items() if name not in existing]
             # In chunks: a million parameter tuples at once would add to the daemon's peak memory.
             for start in range(0, len(added), SYNC_CHUNK):
@@ -2818,6 +2815,16 @@ def _column_oids(cursor: Any, table: str) -> dict[str, int]:
 
 
 # Written only when it differs: most passes use the filters the pass before them stored.
+def _watch_rows(conn: Connection) -> dict[str, _WatchRow]:
+    """Every watch row by name, in id order, on the driver's cursor (a restart reads a million)."""
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute('SELECT id, name, bucket, "key", kind, interval_seconds, cron, active FROM watches ORDER BY id')
+        return {r[1]: _WatchRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7])) for r in cursor}
+    finally:
+        cursor.close()
+
+
 def _moves(row: _WatchRow, spec: WatchSpec | None) -> bool:
     """Whether the config points a stored watch at another object or prefix (its state is dropped)."""
     return spec is not None and (row.bucket, row.key, row.kind) != (spec.bucket, spec.key, spec.kind)

@@ -380,6 +380,45 @@ def test_a_result_committed_while_a_re_pointing_sync_is_open_waits_and_is_refuse
         assert conn.execute(text("SELECT count(*) FROM object_state")).scalar() == 0
 
 
+@pg_only
+def test_two_daemons_syncing_one_re_point_drop_the_old_state_once(stores: list[Store], monkeypatch: pytest.MonkeyPatch):
+    """Both daemons reload the same config: the second read the watch rows before the first
+    committed the re-point, and the new target's first state is stored meanwhile. The second must
+    not take the watch for still re-pointed (it read the rows again under the lock) and drop it."""
+    import poller.store as store_module
+
+    (a,) = _members(stores[:1], shards=1)
+    a.beat()
+    watch = stores[0].sync_watches(specs("w"), NOW).watches["w"]
+    assert stores[0].record([change(watch, None, state('"x"'), "first_seen")], epochs=[a.epoch_of("w")]) == {}
+    elsewhere = [WatchSpec("w", "elsewhere", "key/w", 60.0, None)]
+    read, go = threading.Event(), threading.Event()
+    reads = store_module._watch_rows
+    second: list[threading.Thread] = []
+
+    def paused_read(conn: Any) -> Any:
+        rows = reads(conn)
+        if threading.current_thread() in second and not read.is_set():
+            read.set()
+            assert go.wait(30)
+        return rows
+
+    monkeypatch.setattr(store_module, "_watch_rows", paused_read)
+    synced: list[Any] = []
+    second.append(threading.Thread(target=lambda: synced.append(stores[1].sync_watches(elsewhere, NOW))))
+    second[0].start()
+    try:
+        assert read.wait(30)
+        moved = stores[0].sync_watches(elsewhere, NOW).watches["w"]  # the first daemon's reload
+        assert stores[0].record([change(moved, None, state('"y"'), "first_seen")], epochs=[a.epoch_of("w")]) == {}
+    finally:
+        go.set()
+        second[0].join(30)
+    assert not synced[0].retargeted
+    with stores[0].engine.connect() as conn:
+        assert conn.execute(text("SELECT etag FROM object_state")).scalars().all() == ['"y"']
+
+
 def test_a_re_pointed_watchs_dropped_results_are_told_once(stores: list[Store], db_url: str, caplog: Any):
     """Every poll of it is dropped until this daemon reloads: one warning, not a line per poll."""
     from poller.pipeline import PollService, Recorder
