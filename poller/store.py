@@ -1758,21 +1758,23 @@ class Store:
             # Found outside the write lock (a scan of the open runs); the delete checks again.
             stale_open = and_(runs.ended_at.is_(None), runs.last_at < before_ms)
             with self._read() as conn:
-                stale = list(conn.execute(select(runs.id).where(stale_open)).scalars())
+                stale = conn.execute(select(runs.id, runs.watch_id).where(stale_open)).all()
             for start in range(0, len(stale), limit):
                 with self._tx(background=True) as conn:
-                    ids = stale[start : start + limit]
-                    gone = list(
-                        conn.execute(
-                            poll_runs.delete().where(runs.id.in_(ids), stale_open).returning(runs.id)
-                        ).scalars()
+                    ids = [row.id for row in stale[start : start + limit]]
+                    # The key (a watch polled less often than poll_retention, or removed) opens a new
+                    # run at its next poll: pointing at a deleted id, it would extend whatever run
+                    # SQLite gives that id next (ids are reused there), another key's. States first,
+                    # as the writer goes (states, then runs); by watch, so the key's index finds them.
+                    conn.execute(
+                        update(object_state)
+                        .where(
+                            object_state.c.watch_id.in_({row.watch_id for row in stale[start : start + limit]}),
+                            object_state.c.run_id.in_(select(runs.id).where(runs.id.in_(ids), stale_open)),
+                        )
+                        .values(run_id=None)
                     )
-                    if gone:
-                        # The key (a watch polled less often than poll_retention, or removed) opens a
-                        # new run at its next poll: pointing at a deleted id, it would extend whatever
-                        # run SQLite gives that id next (ids are reused there), another key's.
-                        conn.execute(update(object_state).where(object_state.c.run_id.in_(gone)).values(run_id=None))
-                    total += len(gone)
+                    total += conn.execute(poll_runs.delete().where(runs.id.in_(ids), stale_open)).rowcount
         while chunks is None or chunks > 0:
             chunks = None if chunks is None else chunks - 1
             # Read outside SQLite's write lock what the delete will touch: the chunk's rows and

@@ -508,8 +508,8 @@ def test_a_prune_pass_lets_the_daemons_writer_in_before_its_next_chunk(tmp_path:
     first_chunk: list[int] = []
 
     def hold_first_chunk(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
-        # The first chunk of ended runs (the stale open run's delete, with RETURNING, goes before it).
-        if statement.startswith("DELETE FROM poll_runs") and "RETURNING" not in statement and not in_chunk.is_set():
+        # The first pruning transaction's delete (here the stale open run's, one row).
+        if statement.startswith("DELETE FROM poll_runs") and not in_chunk.is_set():
             with sqlite3.connect(tmp_path / "p.db") as reader:  # what is committed before this chunk
                 first_chunk.append(reader.execute("SELECT count(*) FROM poll_runs").fetchone()[0] - cursor.rowcount)
             in_chunk.set()
