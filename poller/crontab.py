@@ -40,7 +40,7 @@ def weekdays(field: str) -> list[int]:
             low = int(first) if first.isdigit() else _NAMES.index(first.lower())
             high = low if last is None else (int(last) if last.isdigit() else _NAMES.index(last.lower()))
             if last is None and step is not None:
-                high = 7 if first.isdigit() else 6  # "1/2": from Monday to the end of the week
+                high = 7  # "1/2" or "mon/2": from Monday to the end of the week, Sunday (7) included
             if high < low:
                 raise ValueError(f"day of week {field!r}: the range {token!r} runs backwards")
         days.update(d % 7 for d in range(low, high + 1, int(step or 1)))

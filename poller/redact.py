@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 
-# Up to the first '@': a password may hold a raw '/' (SQLAlchemy's URLs take one).
-_USERINFO = re.compile(r"(?<=://)[^@\s]+?@")
+# Userinfo: "user:password@", where a password may hold a raw '/' (SQLAlchemy's URLs take one);
+# without a ':' before the first '/', an '@' further on is in the path (a key holding an e-mail).
+_USERINFO = re.compile(r"(?<=://)(?:[^@\s/:]*:[^@\s]*?|[^@\s/]+)@")
 # A credential passed as a query parameter (libpq's ?password=, presigned URLs' signatures, tokens).
 _SECRET_PARAM = re.compile(
     r"(?i)([?&](?:password|passwd|pwd|sslpassword|token|access_token|secret|sig|signature|x-amz-signature|"

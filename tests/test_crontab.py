@@ -35,7 +35,8 @@ def test_weekday_numbers_count_from_sunday_as_in_crontab():
 @pytest.mark.parametrize(
     ("field", "days"),
     [("*", [0, 1, 2, 3, 4, 5, 6]), ("1-5", [1, 2, 3, 4, 5]), ("0,7", [0]), ("*/2", [0, 2, 4, 6]),
-     ("1-5/2", [1, 3, 5]), ("5-7", [0, 5, 6]), ("Mon,wed", [1, 3]), ("sat-sat", [6])],
+     ("1-5/2", [1, 3, 5]), ("5-7", [0, 5, 6]), ("Mon,wed", [1, 3]), ("sat-sat", [6]), ("1/2", [0, 1, 3, 5]),
+     ("mon/2", [0, 1, 3, 5])],
 )  # fmt: skip
 def test_weekday_fields(field: str, days: list[int]):
     assert weekdays(field) == days

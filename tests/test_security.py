@@ -67,6 +67,11 @@ def test_redact_hides_userinfo_with_a_slash_and_password_parameters():
     text = redact("db postgresql://u:pa/ss@h/db?host=/run&password=pw1&sslmode=require and https://x?token=t0k")
     assert "pa/ss" not in text and "pw1" not in text and "t0k" not in text
     assert "postgresql://***@h/db?host=/run&password=***&sslmode=require" in text
+    # An '@' in a key is not userinfo: the host stays readable.
+    assert redact("https://bucket.s3.amazonaws.com/inbox/ann@example.com.csv") == (
+        "https://bucket.s3.amazonaws.com/inbox/ann@example.com.csv"
+    )
+    assert redact("https://user@host/x") == "https://***@host/x"
 
 
 def test_database_url_password_never_leaks(tmp_path: Path):
