@@ -69,6 +69,7 @@ class SignalCheck:
         self.settling = 0  # watches with an unsettled burst at the last pass (a gauge)
         self._mine: set[int] = set()  # the watches checked by the last pass
         self._taken_over: set[int] = set()  # watches whose cached state the next pass reads again
+        self._saved_due: dict[int, datetime] = {}  # deadlines in force at the last check, as stored
         self._taken_lock = threading.Lock()
 
     def taken_over(self, watch_ids: Iterable[int]) -> None:
@@ -99,6 +100,7 @@ class SignalCheck:
                     cache.pop(watch_id, None)
             self._loaded = False
         if not self._loaded:
+            self._saved_due = self.store.saved_deadlines()
             self._open_stale, settled = self.store.timed_signals()
             self._settled = {w: _parse(dedup) for w, dedup in settled.items()}
             self._loaded = True
@@ -154,6 +156,10 @@ class SignalCheck:
         last, etag = self._fresh.get(w.id, (None, None))
         opened = self._open_stale.get(w.id)
         signals: list[Signal] = []
+        shown = self._shown.get(w.id)
+        in_force = shown[0] if shown is not None else self._saved_due.get(w.id)
+        if opened is None and in_force is not None and last is not None and in_force < last and in_force <= now:
+            signals += self._missed(w, in_force, created_at, etag, now)
         if opened is not None:
             stale_deadline = _parse(opened[0])
             if last is None or last <= stale_deadline:
@@ -175,6 +181,30 @@ class SignalCheck:
         )
         signals.append(Signal(w.id, w.name, w.key, "stale", now, dedup, etag, None, detail))
         return signals, due
+
+    def _missed(
+        self, w: Watched, in_force: datetime, created_at: datetime, etag: str | None, now: datetime
+    ) -> list[Signal]:
+        """stale and fresh for the deadline the last check saw in force, when the delivery after it
+        came later and no check saw the deadline pass (the daemon down, `poller once` polling before
+        it checks). Only if the deliveries up to it still set that deadline under the rules now: a
+        delivery in time before it, or rules changed since, and nothing is raised. The database
+        refuses a second pair for one deadline (another daemon, a restart)."""
+        before = self.store.last_fresh_change(w.id, before=in_force + timedelta(microseconds=1))
+        expected = deadline(w.rules, created_at, delivered=False) if before is None else deadline(w.rules, before[0])
+        if expected != in_force:
+            return []
+        dedup = signal_time(in_force)
+        stale = {
+            "deadline": dedup,
+            "last_change_at": None if before is None else signal_time(before[0]),
+            "rule": w.rules.describe_deadline,
+        }
+        late = {"stale_deadline": dedup, "stale_at": signal_time(now), "late_delivery": True}
+        return [
+            Signal(w.id, w.name, w.key, "stale", now, dedup, etag, None, dumps(stale)),
+            Signal(w.id, w.name, w.key, "fresh", now, dedup, etag, None, dumps(late)),
+        ]
 
     def _burst(self, watch_id: int, before: datetime, last_change: datetime) -> list[tuple[str, datetime]]:
         """The burst ending at ``last_change``, read once per last change (a pending one is asked every pass)."""

@@ -1013,15 +1013,18 @@ class Store:
                 out.update((row.id, dict(row._mapping)) for row in conn.execute(query.where(watches.c.id.in_(chunk))))
         return out
 
-    def last_fresh_change(self, watch_id: int) -> tuple[datetime, str | None] | None:
-        """The latest delivery of a watch (``modified``/``created``: time, ETag); failing that, the
-        newest object it first saw (by Last-Modified); None if it has seen nothing."""
+    def last_fresh_change(self, watch_id: int, before: datetime | None = None) -> tuple[datetime, str | None] | None:
+        """The latest delivery of a watch (``modified``/``created``: time, ETag), detected before
+        ``before`` if given; failing that, the newest object it first saw (by Last-Modified); None if
+        it has seen nothing."""
         h = etag_history.c
         query = (
             select(h.event, h.detected_at, h.last_modified, h.etag)
             .where(h.watch_id == watch_id, h.event.in_((*FRESH_EVENTS, "first_seen")))
             .order_by(h.detected_at.desc(), h.id.desc())
         )
+        if before is not None:
+            query = query.where(h.detected_at < before)
         first: tuple[datetime, str | None] | None = None
         with self._read() as conn:
             for row in conn.execute(query.limit(1000)):
@@ -1068,6 +1071,14 @@ class Store:
                 elif row.dedup > settled.get(row.watch_id, ""):
                     settled[row.watch_id] = row.dedup
         return {w: v for w, v in stale.items() if (w, v[0]) not in fresh}, settled
+
+    def saved_deadlines(self) -> dict[int, datetime]:
+        """The deadline each watch's last check saw in force (watch_signals.deadline_at)."""
+        query = select(watch_signals.c.watch_id, watch_signals.c.deadline_at).where(
+            watch_signals.c.deadline_at.is_not(None)
+        )
+        with self._read() as conn:
+            return {row.watch_id: row.deadline_at for row in conn.execute(query)}
 
     def save_watch_signals(self, rows: Sequence[dict[str, Any]]) -> None:
         """Upsert watch_signals rows (watch_id, deadline_at, stale_since, settling_since)."""

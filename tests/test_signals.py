@@ -299,6 +299,48 @@ def test_a_daemon_taking_a_watch_over_reads_its_signals_again(store: Store):
     assert _events(store) == ["stale", "fresh"]
 
 
+def test_a_late_delivery_recorded_before_any_check_saw_its_deadline_is_stale_then_fresh(store: Store):
+    """`poller once` from cron polls, then checks: a delivery 20 minutes late was recorded first, and
+    the deadline the last check saw in force (watch_signals) was never raised. Once, whoever looks."""
+    watch = _watch(store)
+    _first_seen_at_ten_to(store, watch)
+    rules = Rules(expect_change_within=3600)  # due at 10:50
+    running, clock = _check(store, watch, rules, NOW + timedelta(minutes=40))
+    assert running.run_once() == []
+    store.record([_change(watch, NOW + timedelta(minutes=70), '"e1"', '"e2"')])
+    once, _clock = _check(store, watch, rules, NOW + timedelta(minutes=71))
+    missed = "2026-11-24T10:50:00.000Z"
+    assert [(s.event, s.dedup) for s in once.run_once()] == [("stale", missed), ("fresh", missed)]
+    clock.now = NOW + timedelta(minutes=72)
+    assert running.run_once() == []  # the same deadline: refused by the database
+    again, _clock = _check(store, watch, rules, NOW + timedelta(minutes=73))
+    assert again.run_once() == []
+    # On time (the next delivery within the hour): nothing.
+    store.record([_change(watch, NOW + timedelta(minutes=100), '"e2"', '"e3"')])
+    clock.now = NOW + timedelta(minutes=101)
+    assert running.run_once() == []
+    assert _events(store) == ["stale", "fresh"]
+
+
+def test_no_late_stale_is_invented_from_deliveries_between_two_checks_or_changed_rules(store: Store):
+    """Two deliveries between checks, the first in time: the deadline was met. And a check under other
+    rules than those that set the stored deadline judges nothing by them."""
+    watch = _watch(store)
+    _first_seen_at_ten_to(store, watch)
+    rules = Rules(expect_change_within=3600)  # due at 10:50
+    check, clock = _check(store, watch, rules, NOW + timedelta(minutes=40))
+    assert check.run_once() == []
+    store.record([_change(watch, NOW + timedelta(minutes=45), '"e1"', '"e2"')])  # in time
+    store.record([_change(watch, NOW + timedelta(minutes=55), '"e2"', '"e3"')])  # after 10:50: fine
+    clock.now = NOW + timedelta(minutes=56)
+    assert check.run_once() == []
+    # The stored deadline is now 11:55; a stricter rule (due 30 minutes after) does not re-judge it.
+    store.record([_change(watch, NOW + timedelta(minutes=180), '"e3"', '"e4"')])
+    stricter, _clock = _check(store, watch, Rules(expect_change_within=1800), NOW + timedelta(minutes=181))
+    assert [s.event for s in stricter.run_once()] == []
+    assert _events(store) == []
+
+
 def test_a_daemon_started_after_the_deadline_raises_it_once(store: Store):
     watch = _watch(store)
     store.record([_ok(watch, NOW, first=True)])
