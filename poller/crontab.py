@@ -23,7 +23,8 @@ _TOKEN = re.compile(rf"(?:\*|{_DAY}(?:-{_DAY})?)(?:/([1-9][0-9]*))?", re.IGNOREC
 
 
 def _day(text: str) -> int:
-    return int(text) % 7 if text.isdigit() else _NAMES.index(text.lower())
+    """A day as crontab writes it, a number (7 kept: a range may end on it) or a name."""
+    return int(text) if text.isdigit() else _NAMES.index(text.lower())
 
 
 def weekdays(field: str) -> list[int]:
@@ -37,8 +38,8 @@ def weekdays(field: str) -> list[int]:
         if first is None:  # "*" or "*/n"
             low, high = 0, 6
         else:
-            low = int(first) if first.isdigit() else _NAMES.index(first.lower())
-            high = low if last is None else (int(last) if last.isdigit() else _NAMES.index(last.lower()))
+            low = _day(first)
+            high = low if last is None else _day(last)
             if last is None and step is not None:
                 high = 7  # "1/2" or "mon/2": from Monday to the end of the week, Sunday (7) included
             if high < low:

@@ -322,21 +322,23 @@ def _parse_head(head: bytes, endpoint: str) -> tuple[int, str, dict[str, str], b
 def _merge(fields: list[tuple[str, str, str]], endpoint: str) -> dict[str, str]:
     """Headers with repeats: joined as urllib3 does, except one an answer is read from that disagrees."""
     headers: dict[str, str] = {}
-    dates: set[str] = set()
+    dates_differ = False
     for name, _, value in fields:
         name = name.lower()
         value = value.strip(" \t")
         seen = headers.get(name)
-        if name == "date":
-            dates.add(value)
         if seen is None:
             headers[name] = value
         elif name not in _SINGLE:
             headers[name] = f"{seen}, {value}"
-        elif seen != value and name != "date":
+        elif seen == value:
+            continue
+        elif name == "date":
+            dates_differ = True
+        else:
             shown = f"{_shown(seen.encode('latin-1'))} and {_shown(value.encode('latin-1'))}"
             raise _fault(endpoint, f"conflicting {name} headers: {shown}")
-    if len(dates) > 1:
+    if dates_differ:
         # A proxy's Date beside the server's: neither can be trusted for the same-second guard, and
         # without one the next poll asks by ETag alone (the safe side). Not worth failing every poll.
         del headers["date"]

@@ -52,6 +52,11 @@ def _checked(rules: Rules) -> bool:
     return rules.has_deadline or rules.settle is not None
 
 
+def _due(w: Watched, created_at: datetime, last: datetime | None) -> datetime | None:
+    """The deadline after the last delivery, or, before any, after the watch was added."""
+    return deadline(w.rules, created_at, delivered=False) if last is None else deadline(w.rules, last)
+
+
 class SignalCheck:
     """Raises stale/fresh/settled for the watches it is given; ``run_once`` is one pass."""
 
@@ -167,7 +172,7 @@ class SignalCheck:
             del self._open_stale[w.id]
             detail = dumps({"stale_deadline": opened[0], "stale_at": signal_time(opened[1])})
             signals.append(Signal(w.id, w.name, w.key, "fresh", now, opened[0], etag, None, detail))
-        due = deadline(w.rules, created_at, delivered=False) if last is None else deadline(w.rules, last)
+        due = _due(w, created_at, last)
         if due is None or now < due:
             return signals, due
         dedup = signal_time(due)
@@ -191,8 +196,7 @@ class SignalCheck:
         delivery in time before it, or rules changed since, and nothing is raised. The database
         refuses a second pair for one deadline (another daemon, a restart)."""
         before = self.store.last_fresh_change(w.id, before=in_force + timedelta(microseconds=1))
-        expected = deadline(w.rules, created_at, delivered=False) if before is None else deadline(w.rules, before[0])
-        if expected != in_force:
+        if _due(w, created_at, None if before is None else before[0]) != in_force:
             return []
         dedup = signal_time(in_force)
         stale = {

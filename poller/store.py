@@ -1771,8 +1771,9 @@ class Store:
             with self._read() as conn:
                 stale = conn.execute(select(runs.id, runs.watch_id).where(stale_open)).all()
             for start in range(0, len(stale), limit):
+                batch = stale[start : start + limit]
                 with self._tx(background=True) as conn:
-                    ids = [row.id for row in stale[start : start + limit]]
+                    ids = [row.id for row in batch]
                     # The key (a watch polled less often than poll_retention, or removed) opens a new
                     # run at its next poll: pointing at a deleted id, it would extend whatever run
                     # SQLite gives that id next (ids are reused there), another key's. States first,
@@ -1780,7 +1781,7 @@ class Store:
                     conn.execute(
                         update(object_state)
                         .where(
-                            object_state.c.watch_id.in_({row.watch_id for row in stale[start : start + limit]}),
+                            object_state.c.watch_id.in_({row.watch_id for row in batch}),
                             object_state.c.run_id.in_(select(runs.id).where(runs.id.in_(ids), stale_open)),
                         )
                         .values(run_id=None)
@@ -2827,7 +2828,6 @@ def _column_oids(cursor: Any, table: str) -> dict[str, int]:
     return oids
 
 
-# Written only when it differs: most passes use the filters the pass before them stored.
 def _watch_rows(conn: Connection) -> dict[str, _WatchRow]:
     """Every watch row by name, in id order, on the driver's cursor (a restart reads a million)."""
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
@@ -2843,6 +2843,7 @@ def _moves(row: _WatchRow, spec: WatchSpec | None) -> bool:
     return spec is not None and (row.bucket, row.key, row.kind) != (spec.bucket, spec.key, spec.kind)
 
 
+# Written only when it differs: most passes use the filters the pass before them stored.
 _SET_LISTED_FILTER = (
     update(object_state)
     .where(
