@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 # Often enough that poll_samples holds little more than sample_retention (default 1 h).
 PRUNE_EVERY = 300.0
 STATUS_EVERY = 10.0
+# A reload whose watch list reached the database but whose state read then failed is tried again
+# this long after: until it succeeds the running list is not the one stored.
+RELOAD_RETRY = 10.0
 # Deadlines and quiet periods are checked this often (longer for many watches: a pass reads each
 # checked watch's row).
 SIGNALS_EVERY = 5.0
@@ -72,6 +75,10 @@ class Daemon:
         self._wake = threading.Event()
         self._stop = False
         self._reload = False
+        # The database holds a newer watch list than the running one (a reload's sync committed, its
+        # state read failed): reloads are tried again every RELOAD_RETRY until one succeeds.
+        self._list_ahead = False
+        self._retry_reload_at = 0.0  # monotonic; 0: none due
         self._status_note = ""
         self._writer_waits = 0
         if signals:
@@ -232,7 +239,7 @@ class Daemon:
             self._wake.clear()
             if self._stop:
                 break
-            if self._reload:
+            if self._reload or (self._retry_reload_at and time.monotonic() >= self._retry_reload_at):
                 self._reload = False
                 self.reload()
             self._apply_shard_changes()
@@ -370,6 +377,7 @@ class Daemon:
         good, and watches (re-)added resume from their committed state.
         """
         self.notifier.reloading()
+        self._retry_reload_at = 0.0
         old = self.current
         try:
             new = load_settings(self.config_path)
@@ -395,6 +403,7 @@ class Daemon:
             if not self.workers.hold(held, drain):
                 self.workers.release(held)
                 return self._refuse("polls of re-pointed watches still in flight; try the reload again")
+        synced = None
         try:
             synced = self.store.sync_watches(list(specs.values()), datetime.now(UTC))
             # Re-pointed at another object or prefix: its cached state must not condition the next
@@ -412,7 +421,16 @@ class Daemon:
         except Exception as exc:
             if held and self.workers is not None:
                 self.workers.release(held)
-            return self._refuse(describe_db_error(exc, new.database.url))
+            if synced is None:
+                return self._refuse(describe_db_error(exc, new.database.url))
+            # The database holds the new list and this process still runs the old one: added watches
+            # unpolled, re-pointed ones refused at commit. The sync is idempotent: try again soon.
+            self._list_ahead = True
+            return self._refuse(
+                f"reading the stored state of the watches it adds or re-points failed: "
+                f"{describe_db_error(exc, new.database.url)}. The new watch list is already in the database, "
+                f"so the reload is tried again in {RELOAD_RETRY:.0f} s"
+            )
         self._warn_restart_only(old.settings, new)
         if prober is not None:
             self.service.prober = prober
@@ -459,6 +477,7 @@ class Daemon:
         if self.workers is not None:
             self.workers.demand = demand(specs.values())
         self._status_note = ""
+        self._list_ahead = False
         log.info("reloaded %s: %s; watching %d keys", self.config_path, diff.summary(), len(specs))
         self.notifier.ready(self.status_line())
         return True
@@ -466,6 +485,8 @@ class Daemon:
     def _refuse(self, reason: str) -> bool:
         """Keep the running config after a failed reload; say why in the log and in STATUS=."""
         self._status_note = "reload failed, old config kept: " + reason
+        if self._list_ahead:
+            self._retry_reload_at = time.monotonic() + RELOAD_RETRY
         log.error("reload failed, keeping the running watch list and settings: %s", reason)
         self.notifier.ready(self.status_line())
         return False

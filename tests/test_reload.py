@@ -297,3 +297,67 @@ def test_a_reload_keeps_one_record_per_watch(config: ConfigFile, s3, bucket):
         assert str(daemon.timetable.get("slower").trigger) == "every 2m"  # type: ignore[union-attr]
     finally:
         daemon.shutdown()
+
+
+def test_a_reload_whose_state_read_fails_after_the_sync_is_tried_again(config: ConfigFile, s3, bucket, monkeypatch):
+    """The sync committed the new list, then reading the added watches' state failed: the running list
+    is not the stored one (the added watch unpolled), so the daemon tries the reload again by itself."""
+    from sqlalchemy.exc import OperationalError
+
+    from poller.config import load_settings
+    from poller.daemon import Daemon
+    from poller.sdnotify import Notifier
+
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
+    config.write([{"name": "a", "bucket": bucket, "key": "k"}])
+    daemon = Daemon(config.path, load_settings(config.path), Notifier(""))
+    daemon.start(paused=True)
+    try:
+        config.write([{"name": "a", "bucket": bucket, "key": "k"}, {"name": "b", "bucket": bucket, "key": "k"}])
+        real = daemon.store.load_states_for
+        failures = iter([OperationalError("SELECT", {}, Exception("database is locked"))])
+
+        def flaky(ids: Any) -> Any:
+            failure = next(failures, None)
+            if failure is not None:
+                raise failure
+            return real(ids)
+
+        monkeypatch.setattr(daemon.store, "load_states_for", flaky)
+        assert not daemon.reload()
+        assert [name for (name,) in _active(config)] == ["a", "b"]  # the sync committed
+        assert "b" not in daemon.current.watches and daemon._retry_reload_at > 0
+        assert "the reload is tried again in 10 s" in daemon._status_note
+        config.write([{"name": "a", "bucket": bucket, "key": "k", "interval": "-1s"}])
+        assert not daemon.reload()  # a bad config meanwhile: refused, and still tried again
+        assert daemon._retry_reload_at > 0
+        config.write([{"name": "a", "bucket": bucket, "key": "k"}, {"name": "b", "bucket": bucket, "key": "k"}])
+        assert daemon.reload()  # what the main loop does once RELOAD_RETRY has passed
+        assert "b" in daemon.current.watches and daemon.timetable.get("b") is not None
+        assert daemon._retry_reload_at == 0.0
+    finally:
+        daemon.shutdown()
+
+
+def test_a_reload_refused_before_the_sync_is_not_retried(config: ConfigFile, s3, bucket, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    from poller.config import load_settings
+    from poller.daemon import Daemon
+    from poller.sdnotify import Notifier
+
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
+    config.write([{"name": "a", "bucket": bucket, "key": "k"}])
+    daemon = Daemon(config.path, load_settings(config.path), Notifier(""))
+    daemon.start(paused=True)
+    try:
+        config.write([{"name": "a", "bucket": bucket, "key": "k"}, {"name": "b", "bucket": bucket, "key": "k"}])
+
+        def down(*_: Any) -> Any:
+            raise OperationalError("INSERT", {}, Exception("database is locked"))
+
+        monkeypatch.setattr(daemon.store, "sync_watches", down)
+        assert not daemon.reload()
+        assert daemon._retry_reload_at == 0.0 and [name for (name,) in _active(config)] == ["a"]
+    finally:
+        daemon.shutdown()
