@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from collections.abc import Callable
@@ -55,11 +56,38 @@ def make_client(
         **extra,
     )
     client = session.client("s3", endpoint_url=settings.endpoint_url or None, config=config)
+    if not settings.endpoint_url:
+        _warn_if_unknown_region(session._session, settings.region)
     events = client.meta.events
     if _botocore_200_check is not None:
         events.unregister("before-parse.s3.*", _botocore_200_check)
     events.register_first("before-parse.s3.*", _check_200_body)
     return client
+
+
+_warned_regions: set[str] = set()
+
+
+def _warn_if_unknown_region(core: Any, region: str) -> None:
+    """Warn once about an AWS region botocore does not list: a typo (us-east-l) fails every poll on
+    DNS. Not an error: a region newer than the installed botocore is valid."""
+    if region == "us-east-1" or region in _warned_regions:
+        return
+    try:
+        known = {r for p in core.get_available_partitions() for r in core.get_available_regions("s3", partition_name=p)}
+    except Exception:  # the check is advice: botocore's data unreadable is not the operator's fault
+        return
+    if known and region not in known:
+        _warned_regions.add(region)
+        near = sorted(difflib.get_close_matches(region, sorted(known), n=3))
+        log.warning(
+            "[s3] region %r is not an AWS region botocore %s knows%s: if it is a typo, every poll will fail "
+            "to resolve the endpoint; if it is newer than botocore, upgrade botocore or ignore this "
+            "(an S3-compatible server: set [s3] endpoint_url)",
+            region,
+            botocore.__version__,
+            f" (near: {', '.join(near)})" if near else "",
+        )
 
 
 # botocore >= 1.36 parses every S3 answer of 200 with a body once more, looking for an error; older

@@ -237,3 +237,19 @@ def test_check_probe_tells_a_wrong_secret_from_a_missing_permission(config: Conf
     assert proc.returncode == 1, proc.stderr
     assert "the secret key does not match the access key id (SignatureDoesNotMatch)" in proc.stdout, proc.stdout
     assert "s3:GetObject" not in proc.stdout
+
+
+def test_an_aws_region_botocore_does_not_know_is_warned_about_once(caplog):
+    """A typo such as us-east-l passes the name check (it is a DNS label) and would fail every poll
+    on DNS: the client's build says so, suggesting the near region; an endpoint_url silences it."""
+    from poller.config import S3Settings
+    from poller.s3client import make_client
+
+    with caplog.at_level("WARNING", logger="poller.s3client"):
+        make_client(S3Settings(region="eu-west-l"), 1)
+        make_client(S3Settings(region="eu-west-l"), 1)
+        make_client(S3Settings(region="eu-west-1"), 1)
+        make_client(S3Settings(region="my-minio", endpoint_url="http://127.0.0.1:9"), 1)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1, warned
+    assert "'eu-west-l' is not an AWS region" in warned[0] and "(near: eu-west-1, eu-west-2, eu-west-3)" in warned[0]
