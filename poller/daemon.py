@@ -78,6 +78,9 @@ class Daemon:
         # The database holds a newer watch list than the running one (a reload's sync committed, its
         # state read failed): reloads are tried again every RELOAD_RETRY until one succeeds.
         self._list_ahead = False
+        # Watches that reload re-pointed in the database, held from polling until a reload succeeds:
+        # a poll of the old object would commit against the re-pointed watch (its state dropped).
+        self._ahead_held: set[int] = set()
         self._retry_reload_at = 0.0  # monotonic; 0: none due
         self._status_note = ""
         self._writer_waits = 0
@@ -397,7 +400,8 @@ class Daemon:
                 return self._refuse(f"{self.config_path}: [s3]: cannot build the S3 client: {exc}")
         # A poll of a re-pointed watch's old object still in flight would commit that object's state
         # after the sync dropped it: the next poll of the new object would then compare against it.
-        held = {old.watches[name].id for name in diff.retargeted if name in old.watches}
+        carried = self._ahead_held
+        held = {old.watches[name].id for name in diff.retargeted if name in old.watches} - carried
         if held and self.workers is not None:
             drain = self.current.settings.s3.read_timeout * self.current.settings.s3.max_attempts + 5
             if not self.workers.hold(held, drain):
@@ -415,16 +419,21 @@ class Daemon:
                 if synced.watches[name].id in synced.retargeted
                 or object_of(old.watches[name]) != object_of(synced.watches[name])
             ]
+            # Re-pointed by an earlier attempt (its state dropped then), whatever this config says now.
+            if carried:
+                ids = {watch.id for watch in synced.watches.values()}
+                moved += sorted((carried & ids) - set(moved))
             # Read before switching over: a database error here refuses the reload, never ends the daemon.
             added = [synced.watches[name].id for name in diff.added]
             resumed = self.store.load_states_for(added + moved) if added or moved else ({}, {})
         except Exception as exc:
-            if held and self.workers is not None:
-                self.workers.release(held)
             if synced is None:
+                if held and self.workers is not None:
+                    self.workers.release(held)
                 return self._refuse(describe_db_error(exc, new.database.url))
+            self._ahead_held |= held  # stay held until a reload succeeds
             # The database holds the new list and this process still runs the old one: added watches
-            # unpolled, re-pointed ones refused at commit. The sync is idempotent: try again soon.
+            # unpolled, re-pointed ones held. The sync is idempotent: try again soon.
             self._list_ahead = True
             return self._refuse(
                 f"reading the stored state of the watches it adds or re-points failed: "
@@ -463,8 +472,9 @@ class Daemon:
         # resume from that, so a change made while it was out is `modified`, not a new `first_seen`.
         # A re-pointed one resumes from what is stored of its new object (usually nothing).
         self.service.resume_from(added + moved, resumed)
-        if held and self.workers is not None:
-            self.workers.release(held)
+        if (held or carried) and self.workers is not None:
+            self.workers.release(held | carried)
+        self._ahead_held = set()
         now = datetime.now(UTC)
         for name in diff.rescheduled:
             self._schedule(name, now)

@@ -205,10 +205,11 @@ class Timetable:
                     self._cond.wait(delay)
                 if self._stopping:
                     return
-                due = self._take_due(time.time())
-            for watch, scheduled in due:
-                if not self._submit(watch, scheduled):
-                    self._on_skipped(1)
+                # Handed over under the lock: a reload that holds, re-points or removes a watch (under
+                # this lock) then never meets a poll of it taken before and submitted after.
+                for watch, scheduled in self._take_due(time.time()):
+                    if not self._submit(watch, scheduled):
+                        self._on_skipped(1)
 
     def _take_due(self, now_ts: float) -> list[tuple[Watch, datetime]]:
         """Pop what is due (under the lock) and push each watch's next time."""

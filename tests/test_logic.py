@@ -220,6 +220,41 @@ def test_timetable_replace_and_remove_leave_no_stale_run():
     assert len(table) == 1
 
 
+def test_timetable_hands_a_due_watch_over_under_its_lock():
+    """A reload holds, re-points or removes a watch under the timetable's lock: a poll taken from the
+    heap before that and handed to the workers after would probe the old object with the new one's
+    state (an invented first_seen). Taking and handing over happen under one hold of the lock."""
+    import threading
+
+    from poller.model import Watch
+    from poller.timetable import Timetable
+
+    locked_during_submit: list[bool] = []
+    handed = threading.Event()
+
+    def submit(watch: Watch, scheduled: datetime) -> bool:
+        def try_lock() -> None:
+            taken = table._cond.acquire(blocking=False)
+            locked_during_submit.append(not taken)
+            if taken:
+                table._cond.release()
+
+        probe = threading.Thread(target=try_lock)
+        probe.start()
+        probe.join()
+        handed.set()
+        return True
+
+    table = Timetable(submit)
+    table.add("a", Watch(1, "a", "b", "k"), PhasedIntervalTrigger(3600.0, 0.0), datetime(2026, 1, 1, tzinfo=UTC))
+    table.start()
+    try:
+        assert handed.wait(10)
+    finally:
+        table.stop()
+    assert locked_during_submit[0] is True
+
+
 @pytest.mark.parametrize("interval", [0.2, 0.3, 0.7, 1.1, 59.9])
 def test_trigger_always_advances_even_with_tiny_intervals(interval):
     # Regression: 10^9 slots after the anchor, float rounding returned the same fire time forever.

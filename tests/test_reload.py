@@ -301,7 +301,8 @@ def test_a_reload_keeps_one_record_per_watch(config: ConfigFile, s3, bucket):
 
 def test_a_reload_whose_state_read_fails_after_the_sync_is_tried_again(config: ConfigFile, s3, bucket, monkeypatch):
     """The sync committed the new list, then reading the added watches' state failed: the running list
-    is not the stored one (the added watch unpolled), so the daemon tries the reload again by itself."""
+    is not the stored one (the added watch unpolled), so the daemon tries the reload again by itself,
+    and a re-pointed watch, whose old object's state the sync dropped, is not polled meanwhile."""
     from sqlalchemy.exc import OperationalError
 
     from poller.config import load_settings
@@ -309,11 +310,15 @@ def test_a_reload_whose_state_read_fails_after_the_sync_is_tried_again(config: C
     from poller.sdnotify import Notifier
 
     s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
-    config.write([{"name": "a", "bucket": bucket, "key": "k"}])
+    s3.put_object(Bucket=bucket, Key="other", Body=b"o1")
+    first = [{"name": "a", "bucket": bucket, "key": "k"}, {"name": "r", "bucket": bucket, "key": "k"}]
+    second = [*first[:1], {"name": "b", "bucket": bucket, "key": "k"}, {"name": "r", "bucket": bucket, "key": "other"}]
+    config.write(first)
     daemon = Daemon(config.path, load_settings(config.path), Notifier(""))
     daemon.start(paused=True)
     try:
-        config.write([{"name": "a", "bucket": bucket, "key": "k"}, {"name": "b", "bucket": bucket, "key": "k"}])
+        daemon.service.poll(daemon.current.watches["r"])
+        config.write(second)
         real = daemon.store.load_states_for
         failures = iter([OperationalError("SELECT", {}, Exception("database is locked"))])
 
@@ -325,18 +330,30 @@ def test_a_reload_whose_state_read_fails_after_the_sync_is_tried_again(config: C
 
         monkeypatch.setattr(daemon.store, "load_states_for", flaky)
         assert not daemon.reload()
-        assert [name for (name,) in _active(config)] == ["a", "b"]  # the sync committed
+        assert [name for (name,) in _active(config)] == ["a", "b", "r"]  # the sync committed
         assert "b" not in daemon.current.watches and daemon._retry_reload_at > 0
         assert "the reload is tried again in 10 s" in daemon._status_note
+        # r still points at "k" here, whose state the sync dropped: no poll of it until a reload succeeds.
+        r_id = daemon.current.watches["r"].id
+        assert daemon._ahead_held == {r_id}  # the workers hand out no poll of it (paused here: none run)
         config.write([{"name": "a", "bucket": bucket, "key": "k", "interval": "-1s"}])
         assert not daemon.reload()  # a bad config meanwhile: refused, and still tried again
-        assert daemon._retry_reload_at > 0
-        config.write([{"name": "a", "bucket": bucket, "key": "k"}, {"name": "b", "bucket": bucket, "key": "k"}])
+        assert daemon._retry_reload_at > 0 and daemon._ahead_held == {r_id}
+        config.write(second)
         assert daemon.reload()  # what the main loop does once RELOAD_RETRY has passed
         assert "b" in daemon.current.watches and daemon.timetable.get("b") is not None
-        assert daemon._retry_reload_at == 0.0
+        assert daemon._retry_reload_at == 0.0 and daemon.current.watches["r"].key == "other"
+        assert daemon._ahead_held == set()
+        again = daemon.service.poll(daemon.current.watches["r"])
+        assert again is not None and again.event == "first_seen"
     finally:
         daemon.shutdown()
+    rows = query(
+        config.db,
+        "SELECT h.key, h.event FROM etag_history h JOIN watches w ON w.id = h.watch_id "
+        "WHERE w.name = 'r' ORDER BY h.id",
+    )
+    assert rows == [("k", "first_seen"), ("other", "first_seen")]
 
 
 def test_a_reload_refused_before_the_sync_is_not_retried(config: ConfigFile, s3, bucket, monkeypatch):
