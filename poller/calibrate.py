@@ -1,7 +1,7 @@
 """Calibration (design.md section 1, rule 3): learn, read-only, how a server evaluates conditional HEADs.
 
-Four HEADs on an object the daemon already watches (six when If-Modified-Since is asked at two
-dates), after an unconditional one that gives its current ETag and Last-Modified, tell whether
+Six HEADs on an object the daemon already watches (If-Modified-Since asked at two dates), between
+two unconditional ones that give its current ETag and Last-Modified and show it did not move, tell whether
 ``If-Modified-Since`` can override a non-matching ``If-None-Match`` and whether a 304 carries the ETag.
 ``measure`` and ``choose_mode`` are pure; ``Book`` keeps what was learned per bucket and decides
 when to learn it again. The HEADs themselves are sent by ``poller.probe.Prober``.
@@ -58,6 +58,9 @@ class Measured:
     # header, while a poll (which sends the stored Last-Modified itself) misses a timestamp-keeping copy.
     mismatch_and_equal: Answer | None = None
     equal: Answer | None = None
+    # Unconditional again, last: a rewrite of the same bytes keeps the ETag and moves Last-Modified, and
+    # a 304 without headers cannot show it; an identical answer shows nothing moved in between.
+    after: Answer | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,9 +112,18 @@ def measure(m: Measured) -> Semantics:
         if answer.status not in (200, 304):
             raise Inconclusive(f"a calibration HEAD answered {answer.status}")
         # Every 200 carries the ETag: another one means the object changed under the measurement,
-        # and a 200 to (a) might then be the timestamp's doing, not the ETag's.
+        # and a 200 to (a) might then be the timestamp's doing, not the ETag's. A later Last-Modified
+        # with the same ETag (the same bytes written again) makes every If-Modified-Since answer 200:
+        # an either-condition server would look as if it ignored the header.
         if answer.status == 200 and answer.etag != current.etag:
             raise Inconclusive("the object changed during calibration")
+        if answer.last_modified is not None and answer.last_modified != current.last_modified:
+            raise Inconclusive("the object was written again during calibration")
+    after = m.after
+    if after is not None and (
+        after.status != 200 or after.etag != current.etag or after.last_modified != current.last_modified
+    ):
+        raise Inconclusive("the object was written again during calibration")
     not_modified = [a for a in probes if a.status == 304]
     return Semantics(
         inm_honoured=m.match.status == 304,

@@ -267,7 +267,7 @@ class Prober:
             self._calibrate(watch)
 
     def _calibrate(self, watch: Watch) -> None:
-        """Up to seven read-only HEADs on the watch's object; what they show decides the bucket's mode."""
+        """Up to eight read-only HEADs on the watch's object; what they show decides the bucket's mode."""
 
         def ask(conditions: dict[str, Any]) -> Answer:
             # On new connections: an answer an earlier request was owed would teach the wrong semantics.
@@ -278,10 +278,13 @@ class Prober:
             lm = current.last_modified
             if current.status != 200 or current.etag is None or lm is None:
                 raise Inconclusive(f"the object answered {current.status} without ETag and Last-Modified")
+            if current.server_date is None:
+                # Only the equal date could be asked (see since_for): an off-by-one server would look
+                # RFC-compliant, and polls whose answers do carry a Date would then send the timestamp.
+                raise Inconclusive("the answer carried no usable Date header; measured again later")
             since = since_for(current)
             later = since != lm
-            if not later and current.server_date is not None:
-                # Only the equal date could be asked: an off-by-one server would look RFC-compliant.
+            if not later:
                 raise Inconclusive("the object was written less than 2 s ago; measured again later")
             sem = measure(
                 Measured(
@@ -292,6 +295,7 @@ class Prober:
                     mismatch=ask({"IfNoneMatch": NO_MATCH_ETAG}),
                     mismatch_and_equal=(ask({"IfNoneMatch": NO_MATCH_ETAG, "IfModifiedSince": lm}) if later else None),
                     equal=ask({"IfModifiedSince": lm}) if later else None,
+                    after=ask({}),
                 )
             )
         except (Inconclusive, ClientError, BotoCoreError, OSError, ValueError) as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -202,7 +203,7 @@ def test_calibration_is_read_only_and_learns_each_semantics(server, http_client)
     precedence, etag_on_304, mode = EXPECTED[server.semantics]
     assert (sem.precedence, sem.etag_on_304, prober.mode_for(BUCKET)) == (precedence, etag_on_304, mode)
     methods = {m for m, _, _ in server.requests[before:]}
-    assert methods == {"HEAD"} and len(server.requests) - before == 8  # 7 calibration HEADs + the poll
+    assert methods == {"HEAD"} and len(server.requests) - before == 9  # 8 calibration HEADs + the poll
     # Calibrated once: the next poll is one request.
     before = len(server.requests)
     prober.probe(watch, again.state)
@@ -555,3 +556,49 @@ def test_the_recorded_detail_of_a_key_with_a_line_break_stays_one_line(http_clie
         prober.probe(watch, prober.probe(watch, None).state)
         (detail,) = sink.details
         assert "\n" not in detail and "a\\nERROR forged" in detail
+
+
+def test_the_same_bytes_written_again_during_calibration_make_it_inconclusive():
+    """A rewrite keeps the ETag and moves Last-Modified: every If-Modified-Since then answers 200 and
+    an either-condition server without ETags on its 304s would read as `ims_ignored` (mode "both"),
+    missing a rollback for hours. Any answer's later Last-Modified, or the closing unconditional
+    HEAD's, shows it (a 304 without headers cannot)."""
+    either = _answers("either_noetag")
+    rewritten = Answer(200, etag=CUR, last_modified=LM + MINUTE)
+    with pytest.raises(Inconclusive, match="written again"):
+        measure(replace(either, mismatch_and_since=rewritten, since=rewritten))
+    with pytest.raises(Inconclusive, match="written again"):
+        measure(replace(either, after=rewritten))
+    assert measure(replace(either, after=either.current)).precedence == "either"
+
+
+def test_a_rewrite_during_calibration_over_the_wire_does_not_hide_a_rollback():
+    """End to end: the same bytes PUT again right after calibration's first HEAD, then the object
+    rolled back to an older version with an older Last-Modified."""
+    from poller.config import S3Settings
+
+    with semserver("either_noetag") as server:
+        server.put(BUCKET, KEY, '"v1"', T0)
+        server.put(BUCKET, KEY, '"v2"', T0 + MINUTE)
+        settings = S3Settings(endpoint_url=server.endpoint, addressing_style="path", max_attempts=1)
+        prober = prober_for(settings, 2)
+        watch = Watch(1, "w", BUCKET, KEY)
+        state = prober.probe(watch, None).state
+        answer, heads = server.answer, [0]
+
+        def rewrite_after_first_head(method: str, path: str, headers: Any) -> Any:
+            reply = answer(method, path, headers)
+            if method == "HEAD" and path.count("/") >= 2:
+                heads[0] += 1
+                if heads[0] == 1:
+                    server.put(BUCKET, KEY, '"v2"', T0 + 30 * MINUTE)
+            return reply
+
+        server.answer = rewrite_after_first_head
+        result = prober.probe(watch, state)
+        server.answer = answer
+        assert prober.book.semantics(BUCKET) is None  # inconclusive: nothing learned
+        assert prober.mode_for(BUCKET) == "etag"
+        server.put(BUCKET, KEY, '"v1"', T0)  # the newest version deleted: v1 is current again
+        after = prober.probe(watch, result.state or state)
+        assert (after.outcome, after.state.etag if after.state else None) == ("modified", '"v1"')
