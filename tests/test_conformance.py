@@ -393,7 +393,14 @@ def test_only_sendable_etags_are_read_or_sent_back() -> None:
     assert answer_from_headers(200, {"etag": '"a", "a"'}).etag == '"a"'
     with pytest.raises(ProtocolError, match="conflicting"):
         answer_from_headers(200, {"etag": '"a", "b"'})
+    # On a 404 the ETag describes no object: one empty or malformed must not make a deletion an error.
+    from poller.probe import classify
+
+    gone = answer_from_headers(404, {"etag": '""'})
+    assert gone.etag is None
     lm = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
+    stored = ObjectState('"a"', lm, lm + timedelta(hours=1), None, 1, True)
+    assert classify(stored, gone).event == "deleted"
     poisoned = ObjectState('"a"\nX-Injected: yes', lm, lm + timedelta(hours=1), None, 1, True)
     assert request_conditions(poisoned, "both") == {}
     assert request_conditions(replace(poisoned, etag='"a"'), "both").get("IfNoneMatch") == '"a"'
