@@ -30,6 +30,7 @@ from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 from poller import __version__
 from poller.config import NotifySettings, format_duration
 from poller.events import content_type, event_id, event_type, render, rfc3339
+from poller.redact import redact
 from poller.safetext import host_and_port, printable, redact_url, scrub
 from poller.store import CLAIM_SECONDS, Store, describe_db_error
 
@@ -137,7 +138,9 @@ def deliver(sink: NotifySettings, row: Mapping[str, Any]) -> None:
             raise DeliveryError(f"cannot run {sink.command[0]!r}: {exc.strerror}") from None
         if proc.returncode != 0:
             tail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
-            raise DeliveryError(f"command exited {proc.returncode}" + (f": {tail[0][:200]}" if tail else ""))
+            # A failing hook may print what it was given (a Slack URL from its env): out before cutting.
+            said = without_secrets(tail[0], sink)[:200] if tail else ""
+            raise DeliveryError(f"command exited {proc.returncode}" + (f": {said}" if said else ""))
         return
     headers = {
         "Content-Type": content_type(sink.format),
@@ -163,17 +166,31 @@ def deliver(sink: NotifySettings, row: Mapping[str, Any]) -> None:
             ) from None
         raise DeliveryError(f"webhook answered HTTP {exc.code}") from None
     except http.client.InvalidURL as exc:  # a ValueError that quotes the URL
-        raise DeliveryError(scrub(f"the HTTP client refused the webhook URL: {exc}"[:300], sink.url)) from None
+        raise DeliveryError(scrub(f"the HTTP client refused the webhook URL: {exc}", sink.url)[:300]) from None
     except (urllib.error.URLError, OSError) as exc:
         # Never the URL itself: webhook URLs often carry tokens.
         reason = getattr(exc, "reason", exc)
-        raise DeliveryError(scrub(f"webhook unreachable: {type(reason).__name__}: {reason}"[:300], sink.url)) from None
+        raise DeliveryError(scrub(f"webhook unreachable: {type(reason).__name__}: {reason}", sink.url)[:300]) from None
     except http.client.HTTPException as exc:
         raise DeliveryError(
-            scrub(f"webhook sent a broken HTTP answer: {type(exc).__name__}: {exc}"[:300], sink.url)
+            scrub(f"webhook sent a broken HTTP answer: {type(exc).__name__}: {exc}", sink.url)[:300]
         ) from None
     if not 200 <= status < 300:
         raise DeliveryError(f"webhook answered HTTP {status}")
+
+
+# Values of a command sink's env shorter than this are not taken for secrets ("1", "true", "C.UTF-8").
+SHORTEST_SECRET = 6
+
+
+def without_secrets(text: str, sink: NotifySettings) -> str:
+    """``text`` (an error or a command's stderr) without the sink's secrets: its URL's pieces, its env
+    values and signing secret, and credentials in any URL (poller.redact); escaped for one log line."""
+    for value in sorted({*sink.env.values(), sink.secret}, key=len, reverse=True):
+        if len(value) >= SHORTEST_SECRET:
+            text = text.replace(value, "…")
+    text = redact(text)
+    return scrub(text, sink.url) if sink.url else printable(text)
 
 
 def _split_userinfo(url: str) -> tuple[str, str]:
@@ -323,7 +340,7 @@ class Dispatcher:
             # Whatever went wrong, it is this attempt's failure, recorded on the row: never a database
             # error, never a row left pending with no attempt counted.
             reason = str(exc) if isinstance(exc, DeliveryError) else f"delivery failed: {type(exc).__name__}: {exc}"
-            reason = scrub(reason[:500], sink.url) if sink.url else printable(reason[:500])
+            reason = without_secrets(reason, sink)[:500]  # secrets out before cutting: a cut one would stay
             retry_at = now + timedelta(seconds=backoff_delay(sink.backoff, row["attempts"] + 1))
             self.store.attempt_failed(row["id"], reason, retry_at)
             log.warning(

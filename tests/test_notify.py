@@ -230,6 +230,29 @@ def test_failed_command_gives_up_after_max_age_and_retry_requeues(config: Config
     assert outbox(config.db)[0][:2] == ("cmd", "delivered")
 
 
+def test_a_failing_commands_stderr_keeps_the_sinks_secrets_out_of_the_row_and_the_log(
+    config: ConfigFile, s3, bucket, tmp_path: Path
+):
+    """A hook that prints what it was given (a requests error quoting its Slack URL) must not put the
+    token from its env into notifications.last_error, `notify list` or the log."""
+    token = "T0KEN-abcdef1234567890"
+    script = "import os, sys; print('404 Not Found for url: ' + os.environ['HOOK'], file=sys.stderr); sys.exit(1)"
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
+    hook = f"https://hooks.example.com/services/{token}"
+    config.write(
+        [{"name": "app", "bucket": bucket, "key": "k"}],
+        notify=[{"name": "cmd", "type": "command", "command": [sys.executable, "-c", script]}],
+    )
+    config.path.write_text(config.path.read_text() + f'env = {{ HOOK = "{hook}" }}\n')  # scalars only in write()
+    once = run_cli("once", "--config", str(config.path))
+    assert once.returncode == 0, once.stderr
+    row = outbox(config.db)[0]
+    assert row[:3] == ("cmd", "pending", 1) and row[3].startswith("command exited 1: 404 Not Found for url: "), row
+    listing = run_cli("notify", "list", "--format", "json", "--config", str(config.path)).stdout
+    for text in (str(row), once.stdout, once.stderr, listing):
+        assert token not in text
+
+
 @pytest.mark.parametrize(
     ("entry", "fragments"),
     [
