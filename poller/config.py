@@ -826,6 +826,14 @@ class Settings(BaseSettings):
         seen: set[str] = set()
         for index, sink in enumerate(self.notify):
             if not sink.name:
+                if len(self.notify) > 1:
+                    # Queued events are matched to their sink by name: a name by position would hand
+                    # them to another sink's URL (and secret) after a reorder or a removal.
+                    raise ValueError(
+                        f"notify #{index + 1} ({sink.type}): field 'name': required when there are several "
+                        "[[notify]] tables (queued events find their sink by name; a default by position would "
+                        "send them to another sink after the tables are reordered or one is removed)"
+                    )
                 object.__setattr__(sink, "name", f"{sink.type}-{index + 1}")
             sink._region = self.s3.region
             if sink.name in seen:

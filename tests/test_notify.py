@@ -270,6 +270,11 @@ def test_a_failing_commands_stderr_keeps_the_sinks_secrets_out_of_the_row_and_th
             ["notify #1 ('old')", "field 'events'", "'failing'", "format = 'legacy'"],
         ),
         (f'type = "webhook"\nurl = "http://h/"\nsecret = 12345{URL_TOKEN[:0]}\nbogus = 1', ["notify #1", "bogus"]),
+        # Several sinks: each named (a default by position would hand queued events to another sink).
+        (
+            'name = "a"\ntype = "webhook"\nurl = "http://h/"\n[[notify]]\ntype = "webhook"\nurl = "http://i/"',
+            ["notify #2 (webhook)", "field 'name'", "required when there are several"],
+        ),
     ],
 )
 def test_bad_notify_config_exit_2(tmp_path: Path, entry: str, fragments: list[str]):
