@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import signal
 import threading
 import time
@@ -49,6 +50,9 @@ STATUS_EVERY = 10.0
 # A reload whose watch list reached the database but whose state read then failed is tried again
 # this long after: until it succeeds the running list is not the one stored.
 RELOAD_RETRY = 10.0
+# After a thread the daemon cannot run without has died, the clean stop is given this long: with the
+# writer gone, polls waiting for its room would hold it forever (the database is consistent at a kill).
+FAILED_STOP_WITHIN = 30.0
 # Deadlines and quiet periods are checked this often (longer for many watches: a pass reads each
 # checked watch's row).
 SIGNALS_EVERY = 5.0
@@ -74,6 +78,7 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self._wake = threading.Event()
         self._stop = False
+        self._failed = ""  # the thread whose death stopped the daemon
         self._reload = False
         # The database holds a newer watch list than the running one (a reload's sync committed, its
         # state read failed): reloads are tried again every RELOAD_RETRY until one succeeds.
@@ -195,8 +200,34 @@ class Daemon:
         try:
             self._main_loop()
         finally:
-            self.shutdown()
-        return 0
+            if self._failed:
+                self._stop_within(FAILED_STOP_WITHIN)
+            else:
+                self.shutdown()
+        return 1 if self._failed else 0
+
+    def _vital_threads(self) -> list[threading.Thread | None]:
+        """The threads without which the daemon only pretends to run (WATCHDOG=1 would still go out)."""
+        threads = [self.timetable._thread, self.recorder._thread, self.dispatcher._thread]
+        if self.membership is not None:
+            threads.append(self.membership._thread)
+        return threads
+
+    def _dead_thread(self) -> str:
+        """The name of a vital thread that has ended, or ""."""
+        for thread in self._vital_threads():
+            if thread is not None and not thread.is_alive():
+                return thread.name
+        return ""
+
+    def _stop_within(self, seconds: float) -> None:
+        stopper = threading.Thread(target=self.shutdown, name="poller-stop", daemon=True)
+        stopper.start()
+        stopper.join(seconds)
+        if stopper.is_alive():
+            log.critical("the stop did not finish in %.0f s; exiting now (the database is consistent)", seconds)
+            logging.shutdown()
+            os._exit(1)
 
     def request_stop(self) -> None:
         self._stop = True
@@ -241,6 +272,16 @@ class Daemon:
             self._wake.wait(tick)
             self._wake.clear()
             if self._stop:
+                break
+            dead = self._dead_thread()
+            if dead:
+                self._failed = dead
+                log.critical(
+                    "the %s thread has stopped (its error is logged above): nothing would be polled or "
+                    "recorded; stopping with exit status 1 so that the service manager restarts poller",
+                    dead,
+                )
+                self.notifier.stopping(f"stopping: the {dead} thread died")
                 break
             if self._reload or (self._retry_reload_at and time.monotonic() >= self._retry_reload_at):
                 self._reload = False
@@ -299,13 +340,25 @@ class Daemon:
         if self.membership is None or not changes:
             return
         shard_of = self.membership.shard_of
-        for gained, lost in changes:
+        for index, (gained, lost) in enumerate(changes):
             for name in self.current.watches:
                 if shard_of(name) in lost:
                     self.timetable.remove(name)
             taken = [name for name in self.current.watches if shard_of(name) in gained]
-            # Read back after the claim committed: the previous holder's last commits are in it.
-            self.service.resume([self.current.watches[name].id for name in taken])
+            try:
+                # Read back after the claim committed: the previous holder's last commits are in it.
+                self.service.resume([self.current.watches[name].id for name in taken])
+            except Exception as exc:
+                # Kept, not dropped (the shards are this daemon's: nobody else would poll them), and
+                # never the end of the daemon: tried again at the next turn of the main loop.
+                with self._shard_changes_lock:
+                    self._shard_changes[:0] = changes[index:]
+                log.error(
+                    "cluster: reading the state of %d watches of shards taken over failed (%s); trying again",
+                    len(taken),
+                    describe_db_error(exc, self.current.settings.database.url),
+                )
+                return
             self.signals.taken_over(self.current.watches[name].id for name in taken)
             self._schedule_many(taken, datetime.now(UTC))
 
@@ -403,11 +456,15 @@ class Daemon:
         carried = self._ahead_held
         held = {old.watches[name].id for name in diff.retargeted if name in old.watches} - carried
         if held and self.workers is not None:
-            drain = self.current.settings.s3.read_timeout * self.current.settings.s3.max_attempts + 5
-            if not self.workers.hold(held, drain):
-                self.workers.release(held)
-                return self._refuse("polls of re-pointed watches still in flight; try the reload again")
+            self._alive()
+            drain = time.monotonic() + self.current.settings.s3.read_timeout * self.current.settings.s3.max_attempts + 5
+            while not self.workers.hold(held, min(10.0, max(drain - time.monotonic(), 0.0))):
+                if time.monotonic() >= drain:
+                    self.workers.release(held)
+                    return self._refuse("polls of re-pointed watches still in flight; try the reload again")
+                self._alive()
         synced = None
+        self._alive()
         try:
             synced = self.store.sync_watches(list(specs.values()), datetime.now(UTC))
             # Re-pointed at another object or prefix: its cached state must not condition the next
@@ -425,6 +482,7 @@ class Daemon:
                 moved += sorted((carried & ids) - set(moved))
             # Read before switching over: a database error here refuses the reload, never ends the daemon.
             added = [synced.watches[name].id for name in diff.added]
+            self._alive()
             resumed = self.store.load_states_for(added + moved) if added or moved else ({}, {})
         except Exception as exc:
             if synced is None:
@@ -492,6 +550,12 @@ class Daemon:
         self.notifier.ready(self.status_line())
         return True
 
+    def _alive(self) -> None:
+        """Ping the service manager's watchdog between the steps of a reload: each may take tens of
+        seconds (parsing a million watches, draining polls of re-pointed ones, the sync)."""
+        if watchdog_interval() is not None:
+            self.notifier.watchdog()
+
     def _refuse(self, reason: str) -> bool:
         """Keep the running config after a failed reload; say why in the log and in STATUS=."""
         self._status_note = "reload failed, old config kept: " + reason
@@ -540,7 +604,14 @@ class Daemon:
 def run_daemon(config_path: Path, settings: Settings) -> int:
     """Entry point of `poller run`."""
     _raise_descriptor_limit()
+    threading.excepthook = _log_thread_death
     return Daemon(config_path, settings, signals=True).run()
+
+
+def _log_thread_death(args: threading.ExceptHookArgs) -> None:
+    """An error that ends a thread goes to the log (the journal, with its priority), not bare stderr."""
+    name = args.thread.name if args.thread is not None else "a"
+    log.critical("the %s thread died", name, exc_info=args.exc_value or True)
 
 
 def _raise_descriptor_limit() -> None:

@@ -416,6 +416,10 @@ class Workers:
     """
 
     SAMPLES = 512  # recent poll times kept for the low percentile
+    # A poll running this long (or ten fast polls' time, if more) waits on a slow or hung endpoint,
+    # not the CPU: its thread does not count against the limit, so the others' polls are not queued
+    # behind it (a bucket whose endpoint hangs holds a thread per watch for read_timeout x attempts).
+    STUCK_AFTER = 0.5
 
     def __init__(
         self,
@@ -424,6 +428,7 @@ class Workers:
         on_start: Callable[[float], None] | None = None,
         *,
         first_threads: int = 4,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.service = service
         self._on_start = on_start  # gets the lateness (seconds after the scheduled time) of each poll
@@ -438,10 +443,14 @@ class Workers:
         self._fast_poll = 0.0  # their 2nd percentile, recomputed every SAMPLES polls
         self._free = threading.Semaphore(0)  # one count per thread waiting for work
         self._threads: list[threading.Thread] = []
+        self._began: list[float] = []  # per thread: when its poll began (clock), 0.0 when idle
+        self._clock = clock
         self._stopping = False
         for _ in range(min(first_threads, threads)):
-            self._spawn()
-            self._free.release()  # waiting from the start; a thread started for a poll is not
+            if self._spawn():
+                self._free.release()  # waiting from the start; a thread started for a poll is not
+        if not self._threads:
+            raise RuntimeError("cannot start any worker thread: the system's thread or process limit is reached")
 
     @property
     def threads(self) -> int:
@@ -460,10 +469,24 @@ class Workers:
             self._fast_poll = sorted(times)[len(times) // 50]
             times.clear()
 
-    def _spawn(self) -> None:
-        thread = threading.Thread(target=self._run, name=f"poller-worker-{len(self._threads)}", daemon=True)
+    def _stuck(self) -> int:
+        """How many threads have been on one poll longer than a slow endpoint explains (STUCK_AFTER)."""
+        now, after = self._clock(), max(self.STUCK_AFTER, 10 * self._fast_poll)
+        return sum(1 for began in self._began if began and now - began > after)
+
+    def _spawn(self) -> bool:
+        """Start one more thread; False if the system refuses one (a thread or process limit)."""
+        index = len(self._threads)
+        thread = threading.Thread(target=self._run, args=(index,), name=f"poller-worker-{index}", daemon=True)
+        self._began.append(0.0)
+        try:
+            thread.start()
+        except RuntimeError as exc:  # "can't start new thread": the running ones carry on
+            self._began.pop()
+            log.error("cannot start worker thread %d (%s): polling goes on with %d", index + 1, exc, index)
+            return False
         self._threads.append(thread)
-        thread.start()
+        return True
 
     def submit(self, watch: Watch, scheduled: datetime) -> bool:
         """Queue a due poll; False (skipped) if this watch's previous poll is still queued or not committed."""
@@ -471,9 +494,12 @@ class Workers:
             if watch.id in self._busy or watch.id in self._held or self._stopping:
                 return False
             self._busy.add(watch.id)
-            # A waiting thread takes it; none waiting: one more thread, up to what the work needs.
-            if not self._free.acquire(blocking=False) and len(self._threads) < self.limit:
-                self._spawn()
+            # A waiting thread takes it; none waiting: one more thread, up to what the work needs,
+            # not counting threads held by a hung endpoint's polls.
+            if not self._free.acquire(blocking=False):
+                started = len(self._threads)
+                if started < self.limit or (started < self._ceiling and started < self.limit + self._stuck()):
+                    self._spawn()
         self._queue.put((watch, scheduled))
         return True
 
@@ -506,23 +532,24 @@ class Workers:
         for thread in threads:
             thread.join()
 
-    def _run(self) -> None:
+    def _run(self, index: int) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
             watch, scheduled = item
-            if self._on_start is not None:
-                self._on_start(max(time.time() - scheduled.timestamp(), 0.0))
-            began = time.monotonic()
+            began = self._began[index] = self._clock()
             try:
+                if self._on_start is not None:
+                    self._on_start(max(time.time() - scheduled.timestamp(), 0.0))
                 self.service.start_poll(watch, functools.partial(self._done, watch.id))
                 with self._lock:
-                    self._timed(time.monotonic() - began)
+                    self._timed(self._clock() - began)
             except Exception:
                 # The probe never raises for S3 trouble; anything else is a bug, but the pool goes on.
                 log.exception("%s: poll failed", printable(watch.name))
                 self._done(watch.id)
+            self._began[index] = 0.0
             self._free.release()  # waiting again (ThreadPoolExecutor's idle count works the same way)
 
     def _done(self, watch_id: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import math
 import random
 import threading
@@ -26,6 +27,8 @@ from poller.config import format_duration
 from poller.crontab import trigger as cron_trigger
 from poller.model import Watch
 from poller.watchlist import WatchSpec
+
+log = logging.getLogger(__name__)
 
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _EPOCH_TS = EPOCH.timestamp()
@@ -194,6 +197,19 @@ class Timetable:
 
     def _run(self) -> None:
         while True:
+            try:
+                if not self._hand_out():
+                    return
+            except Exception:
+                # A flaw in one watch's times must not end every watch's polling: logged, and the
+                # rest go on (the daemon stops, to be restarted, only if this thread ends).
+                log.exception("timetable: handing out due polls failed; going on")
+                with self._cond:
+                    self._cond.wait(1.0)
+
+    def _hand_out(self) -> bool:
+        """Wait for the next due time and hand out what is due; False once stopping."""
+        while True:
             with self._cond:
                 while not self._stopping:
                     if not self._heap:
@@ -204,7 +220,7 @@ class Timetable:
                         break
                     self._cond.wait(delay)
                 if self._stopping:
-                    return
+                    return False
                 # Handed over under the lock: a reload that holds, re-points or removes a watch (under
                 # this lock) then never meets a poll of it taken before and submitted after.
                 for watch, scheduled in self._take_due(time.time()):
@@ -220,15 +236,20 @@ class Timetable:
                 continue
             scheduled = entry.due_ts
             out.append((entry.watch, datetime.fromtimestamp(scheduled, UTC)))
-            following = next_ts(entry.trigger, scheduled, now_ts)
             missed = 0
-            # Behind by more than an interval: run once now, not once per missed slot (coalesce).
-            while following is not None and following <= now_ts:
-                missed += 1
-                after = next_ts(entry.trigger, following, now_ts)
-                if after is not None and after <= following:  # a trigger that fails to advance must not spin
-                    after = next_ts(entry.trigger, None, now_ts + 1e-6)
-                following = after
+            try:
+                following = next_ts(entry.trigger, scheduled, now_ts)
+                # Behind by more than an interval: run once now, not once per missed slot (coalesce).
+                while following is not None and following <= now_ts:
+                    missed += 1
+                    after = next_ts(entry.trigger, following, now_ts)
+                    if after is not None and after <= following:  # a trigger that fails to advance must not spin
+                        after = next_ts(entry.trigger, None, now_ts + 1e-6)
+                    following = after
+            except Exception:
+                # Out of the heap, the watch would never be polled again: it stays, a minute later.
+                log.exception("%s: its next poll time cannot be computed; trying again in a minute", entry.watch.name)
+                following = now_ts + 60.0
             if missed:
                 self._on_skipped(missed)
             if following is None:

@@ -261,3 +261,67 @@ def test_a_poll_committing_after_its_watch_was_removed_counts_no_outcome() -> No
     service.resume_from([1], ({}, {}))  # added back: its polls count again
     service._set_outcome(1, "unchanged")
     assert service.outcome_counts() == {"unchanged": 2}
+
+
+def test_polls_hung_on_one_endpoint_do_not_queue_the_others_behind_them():
+    """The thread limit follows fast polls (five threads cover 1,000 polls/s of 2 ms ones): watches of
+    a hung endpoint, each holding a thread for read_timeout x attempts, must not take them all. A
+    thread on one poll longer than STUCK_AFTER does not count against the limit."""
+    import threading
+
+    from poller.pipeline import Workers
+
+    now = [1000.0]
+    hung = threading.Event()
+    done: list[str] = []
+
+    class Service:
+        def start_poll(self, watch: Watch, committed: Any) -> None:
+            if watch.bucket == "dead":
+                hung.wait()
+            done.append(watch.name)
+            committed()
+
+        def stop(self) -> None:
+            hung.set()
+
+    workers = Workers(Service(), 64, first_threads=1, clock=lambda: now[0])  # type: ignore[arg-type]
+    try:
+        workers.demand = 1000.0
+        workers._fast_poll = 0.002  # as timed
+        assert workers.limit == 7
+        dead = [Watch(100 + i, f"dead{i}", "dead", "k") for i in range(7)]
+        for watch in dead:
+            assert workers.submit(watch, NOW)
+        wait_for(lambda: workers.threads == 7 and sum(1 for b in workers._began if b) == 7, what="7 hung polls")
+        now[0] += Workers.STUCK_AFTER + 0.1  # they have been on their poll for longer than a slow endpoint explains
+        for i in range(20):
+            assert workers.submit(Watch(i, f"w{i}", "bucket", f"k{i}"), NOW)
+        wait_for(lambda: len(done) == 20, what="the healthy polls, beside the hung ones")
+        assert 7 < workers.threads <= 7 + 7
+    finally:
+        hung.set()
+        workers.stop()
+
+
+def test_a_thread_the_system_refuses_is_not_joined_and_the_pool_goes_on(monkeypatch, caplog):
+    import threading
+
+    from poller.pipeline import Workers
+
+    service = BlockingService()
+    workers = Workers(service, 4, first_threads=1)  # type: ignore[arg-type]
+    try:
+
+        def refuse(self: threading.Thread) -> None:
+            raise RuntimeError("can't start new thread")
+
+        monkeypatch.setattr(threading.Thread, "start", refuse)
+        assert workers.submit(Watch(1, "w1", "bucket", "k1"), NOW)
+        assert workers.submit(Watch(2, "w2", "bucket", "k2"), NOW)
+        monkeypatch.undo()
+        assert workers.threads == 1 and "cannot start worker thread 2" in caplog.text
+        service.gate.set()
+        wait_for(lambda: service.done == 2, what="both polls, on the one thread")
+    finally:
+        workers.stop()  # joins only threads that started

@@ -825,3 +825,35 @@ def test_a_live_daemon_inside_a_long_write_keeps_renewing_and_is_not_taken_for_f
         assert b.epochs() == {1: 2}
     finally:
         raw.invalidate()
+
+
+def test_a_database_error_taking_over_shards_is_retried_not_fatal(config: ConfigFile, s3, bucket, pg_server, caplog):
+    """Reading the taken-over watches' state failed: the exception ended the main loop (and the
+    daemon), and the shards' watches, popped from the list of changes, were never polled again."""
+    from sqlalchemy.exc import OperationalError
+
+    from poller.config import load_settings
+    from poller.daemon import Daemon
+    from poller.sdnotify import Notifier
+
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
+    with pg_server.database() as url:
+        config.write([{"name": f"w{i}", "bucket": bucket, "key": "k"} for i in range(5)], database={"url": url})
+        daemon = Daemon(config.path, load_settings(config.path), Notifier(""))
+        real = daemon.service.resume
+        failures = iter([OperationalError("SELECT", {}, Exception("server closed the connection unexpectedly"))])
+
+        def flaky(ids: Any) -> Any:
+            failure = next(failures, None)
+            if failure is not None:
+                raise failure
+            return real(ids)
+
+        daemon.service.resume = flaky  # type: ignore[method-assign]
+        try:
+            daemon.start(paused=True)  # claims every shard; the read fails
+            assert len(daemon.timetable) == 0 and "trying again" in caplog.text
+            daemon._apply_shard_changes()  # the main loop's next turn
+            assert len(daemon.timetable) == 5
+        finally:
+            daemon.shutdown()

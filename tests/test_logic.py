@@ -220,6 +220,31 @@ def test_timetable_replace_and_remove_leave_no_stale_run():
     assert len(table) == 1
 
 
+def test_a_trigger_that_fails_keeps_its_watch_in_the_timetable(caplog):
+    """Popped from the heap and not pushed back, a watch would never be polled again."""
+    from apscheduler.triggers.base import BaseTrigger
+
+    from poller.model import Watch
+    from poller.timetable import Timetable
+
+    class Flaky(BaseTrigger):
+        calls = 0
+
+        def get_next_fire_time(self, previous_fire_time, now):  # type: ignore[no-untyped-def]
+            Flaky.calls += 1
+            if Flaky.calls > 1:
+                raise OverflowError("date value out of range")
+            return now
+
+    table = Timetable(lambda watch, scheduled: True)
+    start = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
+    table.add("a", Watch(1, "a", "b", "k"), Flaky(), start)
+    due = table._take_due(start.timestamp() + 1)
+    assert [w.name for w, _ in due] == ["a"]
+    assert table.get("a").due == start + timedelta(seconds=61)  # type: ignore[union-attr]
+    assert "a: its next poll time cannot be computed" in caplog.text
+
+
 def test_timetable_hands_a_due_watch_over_under_its_lock():
     """A reload holds, re-points or removes a watch under the timetable's lock: a poll taken from the
     heap before that and handed to the workers after would probe the old object with the new one's

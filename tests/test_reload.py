@@ -340,7 +340,10 @@ def test_a_reload_whose_state_read_fails_after_the_sync_is_tried_again(config: C
         assert not daemon.reload()  # a bad config meanwhile: refused, and still tried again
         assert daemon._retry_reload_at > 0 and daemon._ahead_held == {r_id}
         config.write(second)
+        pings: list[int] = []
+        monkeypatch.setattr(daemon, "_alive", lambda: pings.append(1))
         assert daemon.reload()  # what the main loop does once RELOAD_RETRY has passed
+        assert len(pings) >= 2  # WATCHDOG=1 between its steps (sync, state read)
         assert "b" in daemon.current.watches and daemon.timetable.get("b") is not None
         assert daemon._retry_reload_at == 0.0 and daemon.current.watches["r"].key == "other"
         assert daemon._ahead_held == set()
@@ -378,3 +381,36 @@ def test_a_reload_refused_before_the_sync_is_not_retried(config: ConfigFile, s3,
         assert daemon._retry_reload_at == 0.0 and [name for (name,) in _active(config)] == ["a"]
     finally:
         daemon.shutdown()
+
+
+def test_a_vital_thread_that_dies_stops_the_daemon_with_exit_1(config: ConfigFile, s3, bucket, caplog):
+    """WATCHDOG=1 and STATUS= came from the main loop whatever the other threads did: a dead timetable
+    thread left a daemon that looked healthy and polled nothing. It now stops with exit status 1 (the
+    service manager restarts it)."""
+    import threading
+
+    from poller.config import load_settings
+    from poller.daemon import Daemon
+    from poller.sdnotify import Notifier
+
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
+    config.write([{"name": "a", "bucket": bucket, "key": "k"}])
+    daemon = Daemon(config.path, load_settings(config.path), Notifier(""))
+    code: list[int] = []
+    runner = threading.Thread(target=lambda: code.append(daemon.run()))
+    runner.start()
+    try:
+        wait_for(lambda: getattr(daemon, "timetable", None) is not None and daemon.timetable._thread is not None,
+                 what="the timetable running")  # fmt: skip
+        ended = threading.Thread(target=lambda: None, name="poller-timetable")
+        ended.start()
+        ended.join()
+        daemon.timetable.stop()
+        daemon.timetable._thread = ended  # as if it had died
+        daemon._wake.set()
+        runner.join(60)
+    finally:
+        daemon.request_stop()
+        runner.join(60)
+    assert code == [1]
+    assert "the poller-timetable thread has stopped" in caplog.text
