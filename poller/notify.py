@@ -9,12 +9,14 @@ What a sink receives is its ``format``'s document (poller.events), the same for 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import http.client
 import json
 import logging
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -52,14 +54,70 @@ EVENT_ENV = (
     "event", "watch", "bucket", "key", "etag", "previous_etag", "last_modified", "version_id", "event_id", "type"
 )  # fmt: skip
 
+
 # Only http and https, and no redirect handler: a webhook receiver answering 3xx gets a failed attempt,
 # never a second request (a redirected POST becomes a GET to wherever Location points, such as a
 # cloud metadata address). Proxies from the environment are honoured as urllib always does.
+class _Deadline:
+    """The whole attempt's time limit: urllib's timeout bounds each read, so a receiver that sends its
+    answer a byte at a time held the attempt (and the dispatcher's pass, and a stop) for hours. At the
+    deadline the connection's socket is shut down, which ends any read, handshake or send on it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._connection: http.client.HTTPConnection | None = None
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, connection: http.client.HTTPConnection) -> None:
+        self._connection = connection
+
+    def _expire(self) -> None:
+        self.expired = True
+        sock = self._connection.sock if self._connection is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):  # closed meanwhile: the attempt is over
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+class _Request(urllib.request.Request):
+    deadline: _Deadline
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args: Any, deadline: _Deadline | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if deadline is not None:
+            deadline.watch(self)
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args: Any, deadline: _Deadline | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if deadline is not None:
+            deadline.watch(self)
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: _Request) -> http.client.HTTPResponse:  # type: ignore[override]
+        return self.do_open(_HTTPConnection, req, deadline=req.deadline)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req: _Request) -> http.client.HTTPResponse:  # type: ignore[override]
+        return self.do_open(_HTTPSConnection, req, context=self._context, deadline=req.deadline)  # type: ignore[attr-defined]
+
+
 _OPENER = urllib.request.OpenerDirector()
 for _handler in (
     urllib.request.ProxyHandler(),
-    urllib.request.HTTPHandler(),
-    urllib.request.HTTPSHandler(),
+    _HTTPHandler(),
+    _HTTPSHandler(),
     urllib.request.HTTPDefaultErrorHandler(),
     urllib.request.HTTPErrorProcessor(),
 ):
@@ -153,10 +211,31 @@ def deliver(sink: NotifySettings, row: Mapping[str, Any]) -> None:
     url, authorization = _split_userinfo(sink.url)
     if authorization:
         headers["Authorization"] = authorization
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    request = _Request(url, data=body, headers=headers, method="POST")
+    request.deadline = deadline = _Deadline(sink.timeout)
+    try:
+        status = _send(request, sink, url)
+    except DeliveryError:
+        if not deadline.expired:
+            raise
+        status = 0
+    finally:
+        deadline.cancel()
+    if deadline.expired:
+        # Also after a status: a head cut off by the deadline reads as complete to http.client.
+        raise DeliveryError(
+            f"webhook did not answer within its timeout ({format_duration(sink.timeout)}): "
+            "it accepted the connection but sent its answer too slowly"
+        )
+    if not 200 <= status < 300:
+        raise DeliveryError(f"webhook answered HTTP {status}")
+
+
+def _send(request: _Request, sink: NotifySettings, url: str) -> int:
+    """One POST; its status, or DeliveryError saying why there is none (never quoting the URL)."""
     try:
         with _OPENER.open(request, timeout=sink.timeout) as response:
-            status = response.status
+            return int(response.status)
     except urllib.error.HTTPError as exc:
         exc.close()
         if 300 <= exc.code < 400:
@@ -175,8 +254,6 @@ def deliver(sink: NotifySettings, row: Mapping[str, Any]) -> None:
         raise DeliveryError(
             scrub(f"webhook sent a broken HTTP answer: {type(exc).__name__}: {exc}", sink.url)[:300]
         ) from None
-    if not 200 <= status < 300:
-        raise DeliveryError(f"webhook answered HTTP {status}")
 
 
 # Values of a command sink's env shorter than this are not taken for secrets ("1", "true", "C.UTF-8").

@@ -530,3 +530,51 @@ def test_bad_sink_env_exit_2(tmp_path: Path, entry: str, fragment: str):
     path.write_text(f"[[notify]]\n{entry}\n")
     proc = run_cli("check", "--config", str(path))
     assert proc.returncode == 2 and "notify #1" in proc.stderr and "env" in proc.stderr and fragment in proc.stderr
+
+
+def test_a_receiver_that_drips_its_answer_is_cut_off_at_the_sinks_timeout():
+    """urllib's timeout bounds each read: a receiver sending its answer a byte at a time held the
+    attempt, the dispatcher's pass (every sink's deliveries) and a stop for as long as it liked."""
+    import socket
+    import threading
+    import time
+
+    from poller.notify import DeliveryError, deliver
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    stop = threading.Event()
+
+    def drip() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"y" * 1000:
+                if stop.wait(0.05):  # the adversary's pace: one byte every 50 ms, each read "in time"
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return  # the client gave up: what is tested
+
+    server = threading.Thread(target=drip, daemon=True)
+    server.start()
+    row = {
+        "event": "modified",
+        "watch": "w",
+        "bucket": "b",
+        "key": "k",
+        "etag": '"e"',
+        "history_id": 1,
+        "event_id": "x",
+    }
+    began = time.monotonic()
+    try:
+        with pytest.raises(DeliveryError, match="did not answer within its timeout"):
+            deliver(sink(url=f"http://127.0.0.1:{listener.getsockname()[1]}/hook", timeout=1.0), row)
+        assert time.monotonic() - began < 10  # the whole answer would take 51 s
+    finally:
+        stop.set()
+        server.join(10)
+        listener.close()
