@@ -75,18 +75,37 @@ def _open_store(settings: Settings, *, readonly: bool) -> Any:
     return store
 
 
+def _count(text: str) -> int:
+    """A --limit: a whole number, 0 or more (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (all) or more, got {value}")
+    return value
+
+
 def _parse_since(text: str) -> datetime:
     try:
         return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
-    except ValueError:
-        pass
+    except ValueError as exc:
+        if "out of range" in str(exc):  # a duration, too long: say so rather than "expected a duration"
+            raise UsageError(
+                f"--since {text!r}: at most 366 days; for older rows give a time such as 2024-01-01"
+            ) from None
     try:
         value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise UsageError(
             f"--since {text!r}: expected a duration such as 24h or 7d, or a time such as 2026-11-24T10:00:00Z"
         ) from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if not value.tzinfo:
+        value = value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 is before the first representable UTC time
+        raise UsageError(f"--since {text!r}: out of range") from None
 
 
 def _cell(value: Any, escape: bool) -> Any:
@@ -723,7 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="events only: ETag changes (first_seen, modified, deleted, created) and watch signals "
         "(stale, fresh, settled, failing, recovered, access_lost)",
     )
-    history.add_argument("--limit", type=int, help="at most this many rows (default 100, 10 with --follow; 0 = all)")
+    history.add_argument("--limit", type=_count, help="at most this many rows (default 100, 10 with --follow; 0 = all)")
     history.add_argument(
         "--follow",
         "-f",
@@ -742,7 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         if name == "list":
             p.add_argument("--status", choices=["pending", "delivered", "failed"], help="only this status")
-            p.add_argument("--limit", type=int, default=100, help="at most this many rows (default 100; 0 = all)")
+            p.add_argument("--limit", type=_count, default=100, help="at most this many rows (default 100; 0 = all)")
         else:
             p.add_argument("--sink", metavar="NAME", help="only this sink's failed deliveries")
     db = sub.add_parser("db", help="database maintenance", description="Database maintenance.")

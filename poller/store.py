@@ -236,6 +236,9 @@ def session_name(instance_id: int, schema: str) -> str:
     return f"poller-{zlib.crc32(schema.encode()):08x}-instance-{instance_id}"
 
 
+MIN_SQLITE = (3, 35)
+
+
 def open_engine(url: str, *, readonly: bool = False, idle_in_transaction: float | None = None) -> Engine:
     """An engine with poller's SQLite settings (WAL, busy timeout, foreign keys, explicit BEGIN).
 
@@ -257,6 +260,13 @@ def open_engine(url: str, *, readonly: bool = False, idle_in_transaction: float 
     if problem:
         raise StoreError(f"cannot use database {safe_url(url)}: {problem}")
     is_sqlite = parsed.get_backend_name() == "sqlite"
+    if is_sqlite and sqlite3.sqlite_version_info < MIN_SQLITE:
+        # RETURNING (3.35) and UPDATE ... FROM (3.33) would fail later as bare syntax errors.
+        raise StoreError(
+            f"this Python's SQLite library is {sqlite3.sqlite_version}; poller needs "
+            f"{'.'.join(map(str, MIN_SQLITE))} or later (Debian 12, Ubuntu 22.04 and later have it): use a newer "
+            "Python or distribution, or PostgreSQL"
+        )
     if is_sqlite and parsed.database and parsed.database != ":memory:":
         path = Path(parsed.database)
         if readonly and not path.exists():

@@ -113,6 +113,16 @@ def test_history_formats_and_filters(config: ConfigFile, s3, bucket):
     assert len(json.loads(run_cli("history", "--limit", "1", "--format", "json", *args).stdout)) == 1
     bad = run_cli("history", "--since", "yesterday", *args)
     assert bad.returncode == 2 and "--since" in bad.stderr and "Traceback" not in bad.stderr
+    # The real cause, not "expected a duration" nor a database error; a negative limit never reaches SQL.
+    for argv, said in (
+        (["--since", "400d"], "at most 366 days"),
+        (["--changes", "--since", "0001-01-01T00:00:00+01:00"], "out of range"),
+        (["--limit", "-5"], "argument --limit: must be 0 (all) or more"),
+    ):
+        bad = run_cli("history", *argv, *args)
+        assert bad.returncode == 2 and said in bad.stderr and "database" not in bad.stderr, (argv, bad.stderr)
+    bad = run_cli("notify", "list", "--limit", "-5", *args)
+    assert bad.returncode == 2 and "must be 0 (all) or more" in bad.stderr
 
 
 def test_status_and_history_before_any_database(config: ConfigFile):

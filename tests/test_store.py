@@ -789,3 +789,15 @@ def test_states_read_back_are_the_states_recorded(store: Store, monkeypatch: pyt
     for state in [*keyed.values(), *prefixed[w["p"].id].objects.values()]:
         assert type(state.present) is bool
         assert state.last_modified is not None and state.last_modified.utcoffset() == timedelta(0)
+
+
+def test_an_sqlite_library_too_old_is_a_clear_error(monkeypatch, tmp_path):
+    """RETURNING (3.35) and UPDATE ... FROM (3.33) would fail later as bare syntax errors."""
+    import sqlite3
+
+    from poller.store import StoreError, open_engine
+
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.31.1")
+    with pytest.raises(StoreError, match=r"SQLite library is 3\.31\.1; poller needs 3\.35 or later"):
+        open_engine(f"sqlite:///{tmp_path / 'p.db'}")
