@@ -6,7 +6,6 @@ No logging.config.fileConfig() here: it would disable the application's loggers.
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import create_engine
 
 from poller.schema import metadata
 
@@ -14,14 +13,13 @@ config = context.config
 connection = config.attributes.get("connection")
 
 if connection is None:
-    # Plain `alembic -x url=...` use, outside poller: open our own connection.
-    url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option("sqlalchemy.url")
-    if not url:
-        raise SystemExit("set the database URL with: alembic -x url=sqlite:///poller.db upgrade head")
-    with create_engine(url).connect() as own, own.begin():
-        context.configure(connection=own, target_metadata=metadata, render_as_batch=True, transactional_ddl=True)
-        context.run_migrations()
-else:
-    context.configure(connection=connection, target_metadata=metadata, render_as_batch=True, transactional_ddl=True)
-    with context.begin_transaction():
-        context.run_migrations()
+    # The alembic command line would open a plain engine: on SQLite its DDL autocommits (a kill then
+    # leaves a half-applied revision), and neither the foreign-key pragma nor PostgreSQL's migration
+    # lock would be taken. poller.store.migrate does all three.
+    raise SystemExit(
+        "run poller's migrations with `poller db upgrade` (or by starting the daemon), not the alembic "
+        "command: they need poller's transaction and lock settings"
+    )
+context.configure(connection=connection, target_metadata=metadata, render_as_batch=True, transactional_ddl=True)
+with context.begin_transaction():
+    context.run_migrations()

@@ -801,3 +801,17 @@ def test_an_sqlite_library_too_old_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(sqlite3, "sqlite_version", "3.31.1")
     with pytest.raises(StoreError, match=r"SQLite library is 3\.31\.1; poller needs 3\.35 or later"):
         open_engine(f"sqlite:///{tmp_path / 'p.db'}")
+
+
+def test_the_alembic_command_line_is_refused_for_poller_db_upgrade():
+    """Without poller's connection (explicit BEGIN on SQLite, the PostgreSQL migration lock), a kill
+    during a revision would leave it half applied."""
+    from alembic import command
+    from alembic.config import Config
+
+    from poller.store import migrations_dir
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    with pytest.raises(SystemExit, match="poller db upgrade"):
+        command.upgrade(cfg, "head")
