@@ -192,6 +192,12 @@ def _etag(value: str | None) -> str | None:
         return None
     if not sendable(value):
         raise ProtocolError(f"the server sent an ETag with control characters: {value!r}")
+    if "," in value and '"' not in value:
+        # Unquoted ETags repeated, as botocore joins them ("abc, abc"); the lean client compares them.
+        bare = {tag.strip() for tag in value.split(",")}
+        if len(bare) != 1:
+            raise ProtocolError(f"the server sent conflicting ETag headers: {value!r}")
+        value = bare.pop()
     if _ENTITY_TAG.fullmatch(value) is None:
         tags = set(_ETAG_LIST.split(value))
         if len(tags) != 1 or _ENTITY_TAG.fullmatch(next(iter(tags))) is None:
@@ -208,13 +214,24 @@ def _etag(value: str | None) -> str | None:
 def answer_from_headers(status: int, headers: dict[str, str], *, reused: bool = False) -> Answer:
     """Build an Answer from an HTTP status and lower-cased response headers; a bad ETag raises ProtocolError."""
     size = headers.get("content-length")
+    date, modified = headers.get("date"), headers.get("last-modified")
+    if date is not None and len(date) > 29:  # an IMF-fixdate is 29 characters: maybe several, joined
+        dates = _joined_dates(date)
+        if dates is not None:  # two different Dates (a proxy's and the server's): trust neither
+            date = dates[0] if len(set(dates)) == 1 else None
+    if modified is not None and len(modified) > 29:
+        stamps = _joined_dates(modified)
+        if stamps is not None:
+            if len(set(stamps)) != 1:
+                raise ProtocolError(f"the server sent conflicting Last-Modified headers: {modified!r}")
+            modified = stamps[0]
     return Answer(
         status=status,
         # Read only where it describes the object: an empty or odd ETag on a 404 would otherwise make
         # every poll of a deleted object an error, and the deletion would never be recorded.
         etag=_etag(headers.get("etag")) if status in (200, 304) else None,
-        last_modified=_http_date(headers.get("last-modified")),
-        server_date=_http_date(headers.get("date")),
+        last_modified=_http_date(modified),
+        server_date=_http_date(date),
         version_id=headers.get("x-amz-version-id") or None,
         size=int(size) if size and size.isascii() and size.isdigit() and status == 200 else None,
         reused=reused,
@@ -236,6 +253,16 @@ _IMF_FIXDATE = re.compile(
 # and a datetime is immutable. Each stored state then points at a shared one (48 bytes a watch less
 # at a million watches) and most answers skip the parse.
 @functools.lru_cache(maxsize=4096)
+def _joined_dates(value: str) -> list[str] | None:
+    """The IMF-fixdates of a repeated date header as an HTTP client joins them ("d1, d2"), or None."""
+    if (len(value) + 2) % 31:
+        return None
+    parts = [value[i : i + 29] for i in range(0, len(value), 31)]
+    if any(value[i + 29 : i + 31] != ", " for i in range(0, len(value) - 29, 31)):
+        return None
+    return parts if all(_IMF_FIXDATE.fullmatch(part) for part in parts) else None
+
+
 def _http_date(value: str | None) -> datetime | None:
     if not value:
         return None

@@ -465,3 +465,21 @@ def test_keepalive_comes_back_after_a_while(hostile: HostileServer, monkeypatch:
     for _ in range(3):
         assert _send(head, target, "k1") == 200
     assert len({r.conn for r in hostile.requests[mark:]}) == 1, "back on: the new connection is kept"
+
+
+def test_repeated_headers_read_alike_by_both_clients() -> None:
+    """botocore joins a repeated header with ", "; the lean client compares the copies. The same
+    answer must read the same on both paths (switching paths must not invent a change)."""
+    from poller.model import ProtocolError, answer_from_headers
+
+    d1, d2 = "Fri, 27 Nov 2026 10:00:00 GMT", "Fri, 27 Nov 2026 10:00:01 GMT"
+    assert answer_from_headers(200, {"etag": "abc, abc"}).etag == '"abc"'  # lean: '"abc"', not '"abc, abc"'
+    with pytest.raises(ProtocolError, match="conflicting ETag"):
+        answer_from_headers(200, {"etag": "abc, def"})
+    # Two different Dates (a proxy's beside the server's): neither is trusted for the same-second guard.
+    assert answer_from_headers(200, {"etag": '"a"', "date": f"{d1}, {d2}"}).server_date is None
+    assert answer_from_headers(200, {"etag": '"a"', "date": f"{d1}, {d1}"}).server_date == datetime(
+        2026, 11, 27, 10, 0, tzinfo=UTC
+    )
+    with pytest.raises(ProtocolError, match="conflicting Last-Modified"):
+        answer_from_headers(200, {"etag": '"a"', "last-modified": f"{d1}, {d2}"})
