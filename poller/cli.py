@@ -582,7 +582,17 @@ def _history_follow(args: argparse.Namespace, settings: Settings, since: datetim
         for row in reversed(backlog):
             write(row)
         out.flush()
-        follow.run(tail, write, threading.Event(), report=report, gone=follow.reader_gone(out))
+
+        def warn(ids: int) -> None:
+            print(
+                f"poller: {ids} events may be missing here: more ids than --follow tracks "
+                f"({follow.IdCursor.max_gaps:,}) were in flight at once; `poller history --changes --since` "
+                "lists them once committed",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        follow.run(tail, write, threading.Event(), report=report, gone=follow.reader_gone(out), warn=warn)
     except _Stopped:
         return 128 + stopped[0]
     finally:

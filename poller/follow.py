@@ -48,6 +48,8 @@ class IdCursor:
     max_gaps: int = 100_000
     gaps: dict[int, float] = field(default_factory=dict)  # id -> when it was first missed; ids ascending
     done: set[int] = field(default_factory=set)
+    # Ids given up while they could still commit (more than max_gaps in flight): said, not hidden.
+    overflow: int = 0
 
     def floor(self) -> int:
         """Ask for ids above this one: just below the oldest open gap, else the top."""
@@ -69,8 +71,10 @@ class IdCursor:
             self.expire(now)
             return
         if self.grace > 0:
+            first = max(self.top + 1, high - self.max_gaps)
+            self.overflow += first - (self.top + 1)
             # New gaps are all above the old top, so the dict stays in id order (and in time order).
-            for i in range(max(self.top + 1, high - self.max_gaps), high):
+            for i in range(first, high):
                 if i not in present and i not in self.done:
                     self.gaps[i] = now
         self.top = high
@@ -92,6 +96,8 @@ class IdCursor:
             first = next(iter(self.gaps))
             if now - self.gaps[first] < self.grace and len(self.gaps) <= self.max_gaps:
                 return
+            if now - self.gaps[first] < self.grace:
+                self.overflow += 1
             del self.gaps[first]
 
 
@@ -125,6 +131,11 @@ class Tail:
             self.signals.take([i for i in _ids(rows, "event_id") if i <= tops[1]], now)
         self.changes.advance(tops[0], now)
         self.signals.advance(tops[1], now)
+
+    @property
+    def overflow(self) -> int:
+        """Ids given up while they might still commit (IdCursor.overflow), both tables."""
+        return self.changes.overflow + self.signals.overflow
 
     def mark(self, rows: Iterable[dict[str, Any]]) -> None:
         """Rows already printed (the backlog, read after ``start``): not printed again."""
@@ -205,15 +216,21 @@ def run(
     retry_interval: float = RETRY_INTERVAL,
     report: Callable[[BaseException | None], None] = lambda exc: None,
     gone: Callable[[], bool] = lambda: False,
+    warn: Callable[[int], None] = lambda ids: None,
 ) -> None:
     """Emit what ``tail`` finds every ``interval`` until ``stop`` is set or the reader left. A database
     that cannot be reached is reported once (``report(exc)``) and asked again; ``report(None)`` when it
-    answers again."""
+    answers again. ``warn(n)``: n ids were given up while they might still commit (see IdCursor)."""
     failing = False
+    warned = 0
     while not stop.is_set():
         try:
             for row in tail.poll():
                 emit(row)
+            overflow = tail.overflow
+            if overflow > warned:
+                warn(overflow - warned)
+                warned = overflow
         except TRANSIENT as exc:
             if not failing:
                 report(exc)

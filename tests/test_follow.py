@@ -65,6 +65,25 @@ def test_cursor_keeps_at_most_max_gaps():
     cursor = IdCursor(top=0, grace=60.0, max_gaps=100)
     cursor.take([1_000_000], now=0.0)
     assert len(cursor.gaps) == 100 and cursor.floor() == 999_899
+    # What it gives up while it could still commit is counted (the CLI says so on stderr), not hidden.
+    assert cursor.overflow == 999_899
+    lapsed = IdCursor(top=0, grace=60.0, max_gaps=100)
+    lapsed.take([5], now=0.0)
+    lapsed.take([6], now=61.0)  # the gaps 1-4 lapsed: rolled back or burnt, not given up
+    assert lapsed.overflow == 0
+
+
+def test_follow_warns_when_ids_in_flight_are_given_up():
+    import threading
+
+    from poller.follow import Tail, run
+
+    pages = iter([[{"history_id": 500, "event_id": None, "watch": "w"}]])
+    tail = Tail(lambda a, b, n: next(pages, []), grace=60.0, clock=lambda: 0.0)
+    tail.changes.max_gaps = 100
+    stop, emitted, warned = threading.Event(), [], []
+    run(tail, emitted.append, stop, interval=0.0, warn=warned.append, gone=lambda: len(emitted) == 1)
+    assert [row["history_id"] for row in emitted] == [500] and warned == [399]
 
 
 def test_cursor_does_not_reprint_the_backlog_and_does_not_skip_what_it_left_out():
@@ -162,6 +181,8 @@ def test_run_reports_an_unreachable_database_once_and_its_return():
     outcomes = iter([down, down, down, None, "stop"])
 
     class Flaky:
+        overflow = 0
+
         def poll(self) -> Iterator[dict[str, Any]]:
             outcome = next(outcomes)
             if isinstance(outcome, Exception):
