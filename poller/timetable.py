@@ -149,6 +149,10 @@ class Timetable:
                 old = self._entries.pop(name, None)
                 if old is not None:
                     old.alive = False
+                    # Rescheduled (a reload's new interval, cron or jitter): the slot already due comes
+                    # first, or the watch could go up to two intervals unpolled, no skip counted.
+                    if due is not None and now_ts <= old.due_ts < due:
+                        due = old.due_ts
                 if due is not None:
                     entry = self._entries[name] = Entry(watch, trigger, due)
                     added.append((due, next(self._seq), entry))

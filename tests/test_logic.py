@@ -216,7 +216,9 @@ def test_timetable_replace_and_remove_leave_no_stale_run():
     table.remove("gone")
     table.retarget("a", Watch(1, "a", "b", "elsewhere"))
     due = table._take_due((start + timedelta(seconds=9)).timestamp())
-    assert [(w.key, s.second) for w, s in due] == [("elsewhere", 6)]
+    # Once, at the slot already due (test_a_rescheduled_watch_keeps_the_slot_already_due), then the new grid.
+    assert [(w.key, s.second) for w, s in due] == [("elsewhere", 1)]
+    assert table.get("a").due == start + timedelta(seconds=16)  # type: ignore[union-attr]
     assert len(table) == 1
 
 
@@ -243,6 +245,23 @@ def test_a_trigger_that_fails_keeps_its_watch_in_the_timetable(caplog):
     assert [w.name for w, _ in due] == ["a"]
     assert table.get("a").due == start + timedelta(seconds=61)  # type: ignore[union-attr]
     assert "a: its next poll time cannot be computed" in caplog.text
+
+
+def test_a_rescheduled_watch_keeps_the_slot_already_due():
+    """A reload that changes the jitter (or the interval) re-adds the watch: its next slot on the
+    new grid may be nearly two intervals after the last poll, with no skip counted."""
+    from poller.model import Watch
+    from poller.timetable import Timetable
+
+    table = Timetable(lambda watch, scheduled: True)
+    start = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
+    table.add("a", Watch(1, "a", "b", "k"), PhasedIntervalTrigger(60.0, 5.0), start)
+    assert table.get("a").due == start + timedelta(seconds=5)  # type: ignore[union-attr]
+    table.add("a", Watch(1, "a", "b", "k"), PhasedIntervalTrigger(60.0, 50.0), start + timedelta(seconds=1))
+    assert table.get("a").due == start + timedelta(seconds=5)  # type: ignore[union-attr]
+    due = table._take_due((start + timedelta(seconds=5)).timestamp())
+    assert [w.name for w, _ in due] == ["a"]
+    assert table.get("a").due == start + timedelta(seconds=50)  # type: ignore[union-attr]  # then the new grid
 
 
 def test_timetable_hands_a_due_watch_over_under_its_lock():
