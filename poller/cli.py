@@ -186,7 +186,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         require_watches(settings, str(path))
         lock = _writer_lock(settings, "poller run")
         try:
-            return run_daemon(path, settings)
+            return run_daemon(path, settings, lock)
         except StartupError as exc:
             raise RuntimeFailure(str(exc)) from None
         finally:

@@ -353,6 +353,9 @@ def database_url_problem(url: str) -> str | None:
         return f"the database {parsed.get_backend_name()!r} is not supported ({expected})"
     if parsed.get_backend_name() == "sqlite" and parsed.get_driver_name() not in ("pysqlite", ""):
         return f"the SQLite driver {parsed.get_driver_name()!r} is not supported (write sqlite:///PATH)"
+    if parsed.get_backend_name() == "sqlite" and (parsed.database or "").startswith("file:"):
+        # Its options (mode=, vfs=, cache=) would decide where the data goes; the one-writer lock needs a path.
+        return "SQLite URI filenames (file:...) are not supported: write sqlite:///PATH"
     if port is not None and not 0 < port < 65536:
         return f"port {port} is out of range"
     return None

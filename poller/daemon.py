@@ -24,6 +24,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from poller.cluster import Membership
 from poller.config import ConfigError, Settings, load_settings
+from poller.dblock import DatabaseInUse, WriterLock
 from poller.metrics import Metrics
 from poller.model import Watch, object_of
 from poller.notify import Dispatcher, make_route
@@ -78,6 +79,7 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self._wake = threading.Event()
         self._stop = False
+        self.writer_lock: WriterLock | None = None  # SQLite: checked now and then (_check_writer_lock)
         self._failed = ""  # the thread whose death stopped the daemon
         self._reload = False
         # The database holds a newer watch list than the running one (a reload's sync committed, its
@@ -206,6 +208,24 @@ class Daemon:
                 self.shutdown()
         return 1 if self._failed else 0
 
+    def _check_writer_lock(self) -> None:
+        """The lock file removed or replaced (an operator clearing a "stale" lock): lock the new one,
+        or say loudly that another writer took it."""
+        lock = self.writer_lock
+        if lock is None or lock.intact():
+            return
+        try:
+            lock.renew()
+        except DatabaseInUse as exc:
+            log.critical("the writer lock file %s was replaced, and another process holds it: %s", lock.path, exc)
+            self.writer_lock = None  # said once; the old lock stays held until the end
+            return
+        log.error(
+            "the writer lock file %s was removed or replaced while this daemon held it; locked anew. It is "
+            "never stale (it ends with its process): do not delete it, or a second writer gets in",
+            lock.path,
+        )
+
     def _vital_threads(self) -> list[threading.Thread | None]:
         """The threads without which the daemon only pretends to run (WATCHDOG=1 would still go out)."""
         threads = [self.timetable._thread, self.recorder._thread, self.dispatcher._thread]
@@ -283,6 +303,7 @@ class Daemon:
                 )
                 self.notifier.stopping(f"stopping: the {dead} thread died")
                 break
+            self._check_writer_lock()
             if self._reload or (self._retry_reload_at and time.monotonic() >= self._retry_reload_at):
                 self._reload = False
                 self.reload()
@@ -601,11 +622,13 @@ class Daemon:
         return line[:1000]
 
 
-def run_daemon(config_path: Path, settings: Settings) -> int:
-    """Entry point of `poller run`."""
+def run_daemon(config_path: Path, settings: Settings, writer_lock: WriterLock | None = None) -> int:
+    """Entry point of `poller run`; ``writer_lock``: SQLite's one-writer lock, held by the caller."""
     _raise_descriptor_limit()
     threading.excepthook = _log_thread_death
-    return Daemon(config_path, settings, signals=True).run()
+    daemon = Daemon(config_path, settings, signals=True)
+    daemon.writer_lock = writer_lock
+    return daemon.run()
 
 
 def _log_thread_death(args: threading.ExceptHookArgs) -> None:

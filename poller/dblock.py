@@ -25,9 +25,24 @@ class DatabaseInUse(Exception):
 class WriterLock:
     """The held lock; ``release()`` (or the process ending, even by SIGKILL) frees it."""
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int, command: str = "") -> None:
         self.path = path
         self._fd: int | None = fd
+        self._command = command
+
+    def intact(self) -> bool:
+        """Whether the lock file at ``path`` is still the one held: removed or replaced (an operator
+        clearing a "stale" lock), the next writer would lock a new file and write beside this one."""
+        return self._fd is None or _same_file(self._fd, self.path)
+
+    def renew(self) -> None:
+        """Lock the file now at ``path`` (created anew if need be) beside the one held; raise
+        DatabaseInUse if another process took it meanwhile."""
+        fresh = acquire_writer_lock_at(self.path, self._command)
+        if fresh is not None and fresh._fd is not None:
+            if self._fd is not None:
+                os.close(self._fd)
+            self._fd, fresh._fd = fresh._fd, None
 
     def release(self) -> None:
         if self._fd is not None:
@@ -43,8 +58,6 @@ def lock_path(url: str) -> Path | None:
         return None
     if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
         return None
-    if parsed.database.startswith("file:"):
-        return None  # a SQLite URI filename: leave it to SQLite
     database = Path(parsed.database)
     if database.is_symlink():
         # The same file under another name must take the same lock (SQLite follows the link too).
@@ -57,6 +70,29 @@ def acquire_writer_lock(url: str, command: str) -> WriterLock | None:
     path = lock_path(url)
     if path is None:
         return None
+    return acquire_writer_lock_at(path, command)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        now = os.stat(path)
+    except OSError:
+        return False
+    held = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+
+
+def acquire_writer_lock_at(path: Path, command: str) -> WriterLock | None:
+    """The writer lock on the lock file ``path``; None where there can be none (see acquire_writer_lock)."""
+    for _ in range(3):  # the file removed between open and flock: the lock went to a dead name
+        lock = _lock_once(path, command)
+        if lock is None or lock.intact():
+            return lock
+        lock.release()
+    raise DatabaseInUse(f"the lock file {path} keeps being removed or replaced: is something deleting it?")
+
+
+def _lock_once(path: Path, command: str) -> WriterLock | None:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         writable = True
@@ -84,12 +120,13 @@ def acquire_writer_lock(url: str, command: str) -> WriterLock | None:
         raise DatabaseInUse(
             f"database {database} is in use by {holder}: one process at a time may write it. Stop that "
             "process first (the daemon already polls every watch), or point [database] url elsewhere; "
-            "`poller status` and `poller history` read it meanwhile."
+            "`poller status` and `poller history` read it meanwhile. The lock is never stale (it ends with "
+            "its process): do not delete the lock file."
         ) from None
     if writable:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {command}\n".encode(), 0)
-    return WriterLock(path, fd)
+    return WriterLock(path, fd, command)
 
 
 def _read_holder(fd: int) -> str:

@@ -49,3 +49,33 @@ def test_a_database_reached_through_a_symlink_takes_the_same_lock(tmp_path: Path
     with pytest.raises(DatabaseInUse, match="in use by poller run"):
         acquire_writer_lock(f"sqlite:///{tmp_path}/p.db", "poller once")
     held.release()
+
+
+def test_a_deleted_lock_file_lets_no_second_writer_in(tmp_path: Path):
+    """An operator deleting the lock file as "stale": the next writer would lock a new file beside the
+    held one. The holder sees it (intact) and locks the new file (renew); a writer that gets there
+    first is refused from then on, and the holder is told."""
+    url = f"sqlite:///{tmp_path}/p.db"
+    held = acquire_writer_lock(url, "poller run")
+    assert held is not None and held.intact()
+    (tmp_path / "p.db.lock").unlink()
+    assert not held.intact()
+    held.renew()
+    assert held.intact()
+    with pytest.raises(DatabaseInUse, match="in use by poller run"):
+        acquire_writer_lock(url, "poller once")
+    (tmp_path / "p.db.lock").unlink()
+    other = acquire_writer_lock(url, "poller once")  # in before the holder noticed
+    assert other is not None
+    with pytest.raises(DatabaseInUse, match="in use by poller once"):
+        held.renew()
+    other.release()
+    held.release()
+
+
+def test_a_sqlite_uri_filename_is_refused_at_load(tmp_path: Path):
+    """sqlite:///file:p.db?uri=true took no writer lock (its options decide where the data goes)."""
+    from poller.config import database_url_problem
+
+    assert "SQLite URI filenames" in (database_url_problem("sqlite:///file:p.db?uri=true") or "")
+    assert database_url_problem(f"sqlite:///{tmp_path}/p.db") is None

@@ -414,3 +414,24 @@ def test_a_vital_thread_that_dies_stops_the_daemon_with_exit_1(config: ConfigFil
         runner.join(60)
     assert code == [1]
     assert "the poller-timetable thread has stopped" in caplog.text
+
+
+def test_the_daemon_locks_a_replaced_writer_lock_file_anew(config: ConfigFile, s3, bucket, caplog):
+    from poller.config import load_settings
+    from poller.daemon import Daemon
+    from poller.dblock import acquire_writer_lock
+    from poller.sdnotify import Notifier
+
+    config.write([{"name": "a", "bucket": bucket, "key": "k"}])
+    lock = acquire_writer_lock(config.url, "poller run")
+    assert lock is not None
+    daemon = Daemon(config.path, load_settings(config.path), Notifier(""))
+    daemon.writer_lock = lock
+    daemon.start(paused=True)
+    try:
+        lock.path.unlink()
+        daemon._check_writer_lock()  # what the main loop does at every turn
+        assert lock.intact() and "locked anew" in caplog.text
+    finally:
+        daemon.shutdown()
+        lock.release()
