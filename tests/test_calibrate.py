@@ -602,3 +602,42 @@ def test_a_rewrite_during_calibration_over_the_wire_does_not_hide_a_rollback():
         server.put(BUCKET, KEY, '"v1"', T0)  # the newest version deleted: v1 is current again
         after = prober.probe(watch, result.state or state)
         assert (after.outcome, after.state.etag if after.state else None) == ("modified", '"v1"')
+
+
+def test_a_server_without_a_date_is_still_calibrated_where_that_is_sound():
+    """No Date on the answers: If-Modified-Since can only be asked at the object's own date. A server
+    whose non-matching If-None-Match answers 304 without an ETag must still be learned (polls go
+    unconditional), or the safe default ("etag") misses every change; a result that would send the
+    timestamp with nothing to cross-check is not trusted."""
+    import types
+
+    from poller.probe import Prober
+
+    class NoDate:
+        etag = '"v1"'
+        broken = True
+
+        def head(self, conditions: dict[str, Any]) -> Answer:
+            if not conditions:
+                return Answer(200, etag=self.etag, last_modified=LM, server_date=None, size=1)
+            if self.broken or conditions.get("IfNoneMatch") == self.etag:
+                return Answer(304)
+            return Answer(200, etag=self.etag, last_modified=LM, server_date=None, size=1)
+
+    server = NoDate()
+    client = types.SimpleNamespace(meta=types.SimpleNamespace(endpoint_url="http://s3.local"))
+    prober = Prober(client, "auto")  # type: ignore[arg-type]
+    prober._head = lambda watch, conditions, fresh=False: server.head(conditions)  # type: ignore[method-assign]
+    watch = Watch(1, "w", "b", "k")
+    first = prober.probe(watch, None)
+    prober.probe(watch, first.state)  # calibrates
+    assert prober.mode_for("b") == "none"
+    server.etag = '"v2"'
+    assert prober.probe(watch, first.state).event == "modified"
+    # An RFC-looking server without ETags on its 304s and no Date: not trusted with the timestamp.
+    server.broken, server.etag = False, '"v1"'
+    prober = Prober(client, "auto")  # type: ignore[arg-type]
+    prober._head = lambda watch, conditions, fresh=False: server.head(conditions)  # type: ignore[method-assign]
+    first = prober.probe(watch, None)
+    prober.probe(watch, first.state)
+    assert prober.book.semantics("b") is None and prober.mode_for("b") == "etag"
