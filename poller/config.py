@@ -835,7 +835,9 @@ class Settings(BaseSettings):
                     raise ValueError(
                         f"notify #{index + 1} ({sink.type}): field 'name': required when there are several "
                         "[[notify]] tables (queued events find their sink by name; a default by position would "
-                        "send them to another sink after the tables are reordered or one is removed)"
+                        "send them to another sink after the tables are reordered or one is removed). To keep "
+                        "events already queued, name each as it was called: its type and position, such as "
+                        f"{sink.type}-{index + 1}"
                     )
                 object.__setattr__(sink, "name", f"{sink.type}-{index + 1}")
             sink._region = self.s3.region

@@ -51,9 +51,10 @@ STATUS_EVERY = 10.0
 # A reload whose watch list reached the database but whose state read then failed is tried again
 # this long after: until it succeeds the running list is not the one stored.
 RELOAD_RETRY = 10.0
-# After a thread the daemon cannot run without has died, the clean stop is given this long: with the
-# writer gone, polls waiting for its room would hold it forever (the database is consistent at a kill).
-FAILED_STOP_WITHIN = 30.0
+# After a thread the daemon cannot run without has died, the clean stop is given the polls' own limit
+# (read_timeout x max_attempts) and this much more: with the writer gone, polls waiting for its room
+# would hold it forever (the database is consistent at a kill).
+FAILED_STOP_MARGIN = 15.0
 # Deadlines and quiet periods are checked this often (longer for many watches: a pass reads each
 # checked watch's row).
 SIGNALS_EVERY = 5.0
@@ -203,7 +204,8 @@ class Daemon:
             self._main_loop()
         finally:
             if self._failed:
-                self._stop_within(FAILED_STOP_WITHIN)
+                s3 = self.current.settings.s3
+                self._stop_within(s3.read_timeout * s3.max_attempts + FAILED_STOP_MARGIN)
             else:
                 self.shutdown()
         return 1 if self._failed else 0
@@ -506,14 +508,17 @@ class Daemon:
             self._alive()
             resumed = self.store.load_states_for(added + moved) if added or moved else ({}, {})
         except Exception as exc:
-            if synced is None:
-                if held and self.workers is not None:
-                    self.workers.release(held)
-                return self._refuse(describe_db_error(exc, new.database.url))
+            # Even a sync that raised may have committed (the connection lost during COMMIT): the
+            # database may hold the new list. The sync is idempotent: held, and tried again soon.
             self._ahead_held |= held  # stay held until a reload succeeds
-            # The database holds the new list and this process still runs the old one: added watches
-            # unpolled, re-pointed ones held. The sync is idempotent: try again soon.
             self._list_ahead = True
+            if synced is None:
+                return self._refuse(
+                    f"saving the new watch list to the database failed: {describe_db_error(exc, new.database.url)}. "
+                    f"The reload is tried again in {RELOAD_RETRY:.0f} s"
+                )
+            # The database holds the new list and this process still runs the old one: added watches
+            # unpolled, re-pointed ones held.
             return self._refuse(
                 f"reading the stored state of the watches it adds or re-points failed: "
                 f"{describe_db_error(exc, new.database.url)}. The new watch list is already in the database, "
@@ -633,6 +638,8 @@ def run_daemon(config_path: Path, settings: Settings, writer_lock: WriterLock | 
 
 def _log_thread_death(args: threading.ExceptHookArgs) -> None:
     """An error that ends a thread goes to the log (the journal, with its priority), not bare stderr."""
+    if args.exc_type is SystemExit:
+        return  # a thread's own way to end
     name = args.thread.name if args.thread is not None else "a"
     log.critical("the %s thread died", name, exc_info=args.exc_value or True)
 

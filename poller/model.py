@@ -219,7 +219,7 @@ def answer_from_headers(status: int, headers: dict[str, str], *, reused: bool = 
         dates = _joined_dates(date)
         if dates is not None:  # two different Dates (a proxy's and the server's): trust neither
             date = dates[0] if len(set(dates)) == 1 else None
-    if modified is not None and len(modified) > 29:
+    if modified is not None and len(modified) > 29 and status in (200, 304):
         stamps = _joined_dates(modified)
         if stamps is not None:
             if len(set(stamps)) != 1:

@@ -265,7 +265,8 @@ def without_secrets(text: str, sink: NotifySettings) -> str:
     values and signing secret, and credentials in any URL (poller.redact); escaped for one log line."""
     for value in sorted({*sink.env.values(), sink.secret}, key=len, reverse=True):
         if len(value) >= SHORTEST_SECRET:
-            text = text.replace(value, "…")
+            # A URL's pieces too (its path alone, as a hook's error may quote it), as for webhooks.
+            text = scrub(text, value) if "://" in value else text.replace(value, "…")
     text = redact(text)
     return scrub(text, sink.url) if sink.url else printable(text)
 

@@ -292,14 +292,17 @@ class PollService:
         self._recorded(result, listed)
         return result
 
-    def start_poll(self, watch: Watch, done: Callable[[], None]) -> None:
+    def start_poll(self, watch: Watch, done: Callable[[], None], probed: Callable[[], None] | None = None) -> None:
         """Probe, queue the commit and return: ``done`` runs once the result is committed (or failed),
-        so the caller can keep the watch from being polled again against a state not yet committed."""
+        so the caller can keep the watch from being polled again against a state not yet committed;
+        ``probed`` as soon as the server has answered (what follows may wait for the writer)."""
         epoch = self._epoch(watch)
         if self._stopping.is_set() or epoch == _NOT_HELD:
             done()
             return
         result, listed = self._probe(watch)
+        if probed is not None:
+            probed()
 
         def then(exc: BaseException | None) -> None:
             try:
@@ -443,7 +446,8 @@ class Workers:
         self._fast_poll = 0.0  # their 2nd percentile, recomputed every SAMPLES polls
         self._free = threading.Semaphore(0)  # one count per thread waiting for work
         self._threads: list[threading.Thread] = []
-        self._began: list[float] = []  # per thread: when its poll began (clock), 0.0 when idle
+        self._began: list[float] = []  # per thread: when its probe began (clock), 0.0 when not probing
+        self._probed: list[Callable[[], None]] = []  # per thread: clears its _began
         self._clock = clock
         self._stopping = False
         for _ in range(min(first_threads, threads)):
@@ -479,10 +483,12 @@ class Workers:
         index = len(self._threads)
         thread = threading.Thread(target=self._run, args=(index,), name=f"poller-worker-{index}", daemon=True)
         self._began.append(0.0)
+        self._probed.append(functools.partial(self._began.__setitem__, index, 0.0))
         try:
             thread.start()
         except RuntimeError as exc:  # "can't start new thread": the running ones carry on
             self._began.pop()
+            self._probed.pop()
             log.error("cannot start worker thread %d (%s): polling goes on with %d", index + 1, exc, index)
             return False
         self._threads.append(thread)
@@ -542,7 +548,9 @@ class Workers:
             try:
                 if self._on_start is not None:
                     self._on_start(max(time.time() - scheduled.timestamp(), 0.0))
-                self.service.start_poll(watch, functools.partial(self._done, watch.id))
+                # Stuck means on the server's answer, not waiting for room at the writer (a writer
+                # stall must not start a thread per poll: they would stay, and thrash the GIL).
+                self.service.start_poll(watch, functools.partial(self._done, watch.id), self._probed[index])
                 with self._lock:
                     self._timed(self._clock() - began)
             except Exception:

@@ -26,6 +26,7 @@ from apscheduler.triggers.base import BaseTrigger
 from poller.config import format_duration
 from poller.crontab import trigger as cron_trigger
 from poller.model import Watch
+from poller.safetext import printable
 from poller.watchlist import WatchSpec
 
 log = logging.getLogger(__name__)
@@ -252,7 +253,8 @@ class Timetable:
                     following = after
             except Exception:
                 # Out of the heap, the watch would never be polled again: it stays, a minute later.
-                log.exception("%s: its next poll time cannot be computed; trying again in a minute", entry.watch.name)
+                name = printable(entry.watch.name)
+                log.exception("%s: its next poll time cannot be computed; trying again in a minute", name)
                 following = now_ts + 60.0
             if missed:
                 self._on_skipped(missed)

@@ -142,7 +142,7 @@ class BlockingService:
         self.done = 0
         self.lock = threading.Lock()
 
-    def start_poll(self, watch: Watch, committed: Any) -> None:
+    def start_poll(self, watch: Watch, committed: Any, probed: Any = None) -> None:
         with self.lock:
             self.running += 1
         self.gate.wait()
@@ -276,7 +276,7 @@ def test_polls_hung_on_one_endpoint_do_not_queue_the_others_behind_them():
     done: list[str] = []
 
     class Service:
-        def start_poll(self, watch: Watch, committed: Any) -> None:
+        def start_poll(self, watch: Watch, committed: Any, probed: Any = None) -> None:
             if watch.bucket == "dead":
                 hung.wait()
             done.append(watch.name)
@@ -325,3 +325,39 @@ def test_a_thread_the_system_refuses_is_not_joined_and_the_pool_goes_on(monkeypa
         wait_for(lambda: service.done == 2, what="both polls, on the one thread")
     finally:
         workers.stop()  # joins only threads that started
+
+
+def test_polls_waiting_for_the_writer_are_not_stuck_on_their_endpoint():
+    """A writer stall (a PostgreSQL failover) holds every thread after its answer came: counting those
+    as stuck started a thread per poll, up to the ceiling, for good."""
+    import threading
+
+    from poller.pipeline import Workers
+
+    now = [1000.0]
+    writer = threading.Event()
+    waiting: list[int] = []
+
+    class Service:
+        def start_poll(self, watch: Watch, committed: Any, probed: Any = None) -> None:
+            probed()  # the server answered at once
+            waiting.append(watch.id)
+            writer.wait()  # waiting for room at the writer
+            committed()
+
+        def stop(self) -> None:
+            writer.set()
+
+    workers = Workers(Service(), 64, first_threads=1, clock=lambda: now[0])  # type: ignore[arg-type]
+    try:
+        workers.demand, workers._fast_poll = 1000.0, 0.002
+        for i in range(7):
+            assert workers.submit(Watch(i, f"w{i}", "bucket", f"k{i}"), NOW)
+        wait_for(lambda: len(waiting) == 7, what="seven polls waiting for the writer")
+        now[0] += 10.0
+        for i in range(7, 30):
+            assert workers.submit(Watch(i, f"w{i}", "bucket", f"k{i}"), NOW)
+        assert workers.threads == 7  # no thread per poll queued behind the writer
+    finally:
+        writer.set()
+        workers.stop()

@@ -483,3 +483,4 @@ def test_repeated_headers_read_alike_by_both_clients() -> None:
     )
     with pytest.raises(ProtocolError, match="conflicting Last-Modified"):
         answer_from_headers(200, {"etag": '"a"', "last-modified": f"{d1}, {d2}"})
+    assert answer_from_headers(404, {"last-modified": f"{d1}, {d2}"}).status == 404  # a deletion stays one

@@ -319,7 +319,7 @@ def test_workers_never_hand_out_a_watch_whose_poll_is_not_committed():
     handed: queue.Queue = queue.Queue()
 
     class Service:  # stands in for PollService: records the "committed" callback of each poll
-        def start_poll(self, watch, done):
+        def start_poll(self, watch, done, probed=None):
             handed.put((watch.name, done))
 
         def stop(self):
@@ -353,7 +353,7 @@ def test_a_held_watch_is_drained_and_not_handed_out_until_released():
     handed: queue.Queue = queue.Queue()
 
     class Service:
-        def start_poll(self, watch, done):
+        def start_poll(self, watch, done, probed=None):
             handed.put((watch.name, done))
 
         def stop(self):

@@ -273,7 +273,7 @@ def test_a_failing_commands_stderr_keeps_the_sinks_secrets_out_of_the_row_and_th
         # Several sinks: each named (a default by position would hand queued events to another sink).
         (
             'name = "a"\ntype = "webhook"\nurl = "http://h/"\n[[notify]]\ntype = "webhook"\nurl = "http://i/"',
-            ["notify #2 (webhook)", "field 'name'", "required when there are several"],
+            ["notify #2 (webhook)", "field 'name'", "required when there are several", "such as webhook-2"],
         ),
     ],
 )
@@ -578,3 +578,12 @@ def test_a_receiver_that_drips_its_answer_is_cut_off_at_the_sinks_timeout():
         stop.set()
         server.join(10)
         listener.close()
+
+
+def test_without_secrets_takes_out_a_url_env_values_pieces_too():
+    from poller.notify import without_secrets
+
+    hook = "https://hooks.example.com/services/T0KEN-abcdef1234567890"
+    command = NotifySettings(type="command", command=["x"], env={"HOOK": hook, "MODE": "1"}, name="c")
+    said = without_secrets("POST /services/T0KEN-abcdef1234567890 failed (mode 1)", command)
+    assert "T0KEN" not in said and "(mode 1)" in said
