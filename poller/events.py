@@ -117,7 +117,7 @@ def event_data(row: Mapping[str, Any]) -> dict[str, Any]:
 def cloudevent(row: Mapping[str, Any]) -> dict[str, Any]:
     """The CloudEvents 1.0 structured-mode document for one event row."""
     detected = row.get("detected_at") or row.get("time")
-    return {
+    document = {
         "specversion": SPECVERSION,
         "id": event_id(row),
         "source": event_source(row["watch"]),
@@ -127,6 +127,10 @@ def cloudevent(row: Mapping[str, Any]) -> dict[str, Any]:
         "datacontenttype": JSON_CONTENT_TYPE,
         "data": event_data(row),
     }
+    if not str(row["key"] or "").strip():
+        # CloudEvents: a subject present is non-empty (SDKs reject "" and blanks); the data holds the key.
+        del document["subject"]
+    return document
 
 
 def s3_key(key: str) -> str:
@@ -161,14 +165,23 @@ def s3_event(row: Mapping[str, Any], *, configuration_id: str = "", region: str 
         if row.get("etag") is not None:
             obj["eTag"] = str(row["etag"]).strip('"')
     obj["versionId"] = row.get("version_id")
-    if row.get("seq") is not None:
-        obj["sequencer"] = s3_sequencer(int(row["seq"]))
+    # The history row's id: it grows with each change of a key (a change is recorded after the one
+    # before it committed), also across a rename of the watch, which restarts the per-watch `seq`.
+    order = row.get("history_id") if row.get("history_id") is not None else row.get("seq")
+    if order is not None:
+        obj["sequencer"] = s3_sequencer(int(order))
     record = {
         "eventVersion": "2.1",
         "eventSource": "aws:s3",
         "awsRegion": region,
         "eventTime": _s3_time(row.get("detected_at") or row["time"]),
-        "eventName": "ObjectRemoved:Delete" if removed else "ObjectCreated:Put",
+        # A removal with a version id left a delete marker (versioned bucket): S3 names it so; a plain
+        # "Delete" with a versionId says that version is gone for good.
+        "eventName": (
+            ("ObjectRemoved:DeleteMarkerCreated" if row.get("version_id") else "ObjectRemoved:Delete")
+            if removed
+            else "ObjectCreated:Put"
+        ),
         "userIdentity": {"principalId": "poller"},
         "requestParameters": {"sourceIPAddress": ""},
         "responseElements": {"x-amz-request-id": event_id(row), "x-amz-id-2": ""},
