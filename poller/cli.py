@@ -645,7 +645,15 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from poller.store import migrate, safe_url
 
     _, settings = _settings(args, watches=False)
-    store = _open_store(settings, readonly=False)
+    # SQLite: not under a running daemon (its commits would fail against the new schema until restarted;
+    # it migrates at its own start).
+    lock = _writer_lock(settings, "poller db upgrade")
+    try:
+        store = _open_store(settings, readonly=False)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     try:
         migrate(store.engine)
         if store.has_legacy_polls():
@@ -657,6 +665,8 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
             print(f"\nconverted {converted:,} poll rows into runs", file=sys.stderr)
     finally:
         store.close()
+        if lock is not None:
+            lock.release()
     print(f"database {safe_url(settings.database.url)} is up to date")
     return EXIT_OK
 

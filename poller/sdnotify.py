@@ -31,7 +31,10 @@ class Notifier:
         if self._sock is None:
             return False
         try:
-            self._sock.sendto("\n".join(lines).encode("utf-8", "replace"), self._address)
+            # One assignment per line: a line break inside a value (a multi-line database error in
+            # STATUS=) would be read as more assignments.
+            text = "\n".join(line.replace("\n", " ") for line in lines)
+            self._sock.sendto(text.encode("utf-8", "replace"), self._address)
         except OSError:
             return False
         return True

@@ -360,3 +360,19 @@ def test_status_text_prints_as_the_generic_table_does(capsys: pytest.CaptureFixt
     assert "evil\\nkey" in generic and "\r" not in generic
     _emit_text([], STATUS_COLUMNS, fmt)  # no watches: the header alone
     assert capsys.readouterr().out.splitlines()[0].split("," if fmt == "csv" else None) == list(STATUS_COLUMNS)
+
+
+def test_db_upgrade_is_refused_under_a_running_writer(config: ConfigFile):
+    """A schema upgrade under a running daemon made its commits fail until it was restarted (it
+    migrates at its own start anyway)."""
+    from poller.dblock import acquire_writer_lock
+
+    config.write([])
+    lock = acquire_writer_lock(config.url, "poller run")
+    try:
+        proc = run_cli("db", "upgrade", "--config", str(config.path))
+        assert proc.returncode == 1 and "is in use by poller run" in proc.stderr
+    finally:
+        assert lock is not None
+        lock.release()
+    assert run_cli("db", "upgrade", "--config", str(config.path)).returncode == 0

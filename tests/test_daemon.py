@@ -297,6 +297,23 @@ def test_sd_notify_to_a_peer_that_stopped_reading_never_blocks_the_daemon(tmp_pa
         deaf.close()
 
 
+def test_a_line_break_inside_a_status_cannot_forge_an_assignment(tmp_path):
+    """STATUS= carries the last error, and a PostgreSQL error spans lines ("...\nDETAIL: ..."): each
+    line would reach systemd as an assignment of its own (READY=1, STOPPING=1, ...)."""
+    import socket as socket_
+
+    path = tmp_path / "notify.sock"
+    manager = socket_.socket(socket_.AF_UNIX, socket_.SOCK_DGRAM)
+    manager.bind(str(path))
+    try:
+        notifier = Notifier(str(path))
+        assert notifier.status("database: duplicate key\nSTOPPING=1")
+        assert manager.recv(4096).decode().splitlines() == ["STATUS=database: duplicate key STOPPING=1"]
+        notifier.close()
+    finally:
+        manager.close()
+
+
 def test_the_daemon_raises_its_open_file_limit_to_the_hard_one():
     """Each worker keeps up to lean.MAX_KEPT connections: 256 workers pass a soft limit of 1024."""
     import subprocess
