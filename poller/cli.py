@@ -29,6 +29,8 @@ from poller.store import StoreError
 log = logging.getLogger("poller")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# `poller db upgrade` waits this long for another one (or a `once`) to finish before it gives up.
+UPGRADE_WAIT = 30.0
 
 
 class UsageError(Exception):
@@ -162,12 +164,12 @@ def _text_row(row: dict[str, Any], columns: Sequence[str]) -> list[str]:
 # --- commands -------------------------------------------------------------------------
 
 
-def _writer_lock(settings: Settings, command: str) -> Any:
+def _writer_lock(settings: Settings, command: str, wait: float = 0.0) -> Any:
     """Take the database's single-writer lock (SQLite only), or fail naming the process that holds it."""
     from poller.dblock import DatabaseInUse, acquire_writer_lock
 
     try:
-        return acquire_writer_lock(settings.database.url, command)
+        return acquire_writer_lock(settings.database.url, command, wait)
     except DatabaseInUse as exc:
         raise RuntimeFailure(str(exc)) from None
 
@@ -647,7 +649,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     _, settings = _settings(args, watches=False)
     # SQLite: not under a running daemon (its commits would fail against the new schema until restarted;
     # it migrates at its own start).
-    lock = _writer_lock(settings, "poller db upgrade")
+    lock = _writer_lock(settings, "poller db upgrade", wait=UPGRADE_WAIT)
     try:
         store = _open_store(settings, readonly=False)
     except BaseException:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import time
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
@@ -65,12 +66,20 @@ def lock_path(url: str) -> Path | None:
     return database.with_name(database.name + ".lock")
 
 
-def acquire_writer_lock(url: str, command: str) -> WriterLock | None:
-    """Take the exclusive writer lock of a SQLite database, or raise DatabaseInUse naming the holder."""
+def acquire_writer_lock(url: str, command: str, wait: float = 0.0) -> WriterLock | None:
+    """Take the exclusive writer lock of a SQLite database, or raise DatabaseInUse naming the holder;
+    ``wait``: seconds to keep trying while another holds it (a short chore such as a migration)."""
     path = lock_path(url)
     if path is None:
         return None
-    return acquire_writer_lock_at(path, command)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return acquire_writer_lock_at(path, command)
+        except DatabaseInUse as exc:
+            if time.monotonic() >= deadline or "in use by poller run " in str(exc):  # a daemon does not end soon
+                raise
+        time.sleep(0.05)
 
 
 def _same_file(fd: int, path: Path) -> bool:

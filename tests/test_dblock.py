@@ -79,3 +79,23 @@ def test_a_sqlite_uri_filename_is_refused_at_load(tmp_path: Path):
 
     assert "SQLite URI filenames" in (database_url_problem("sqlite:///file:p.db?uri=true") or "")
     assert database_url_problem(f"sqlite:///{tmp_path}/p.db") is None
+
+
+def test_a_short_chore_waits_for_the_lock_but_not_for_a_daemon(tmp_path: Path):
+    import threading
+
+    url = f"sqlite:///{tmp_path}/p.db"
+    upgrade = acquire_writer_lock(url, "poller db upgrade")
+    assert upgrade is not None
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(acquire_writer_lock(url, "poller db upgrade", wait=30)))
+    waiter.start()
+    upgrade.release()  # the first upgrade ends: the second goes on
+    waiter.join(30)
+    assert got and got[0] is not None
+    got[0].release()  # type: ignore[attr-defined]
+    daemon = acquire_writer_lock(url, "poller run")
+    assert daemon is not None
+    with pytest.raises(DatabaseInUse, match="in use by poller run"):
+        acquire_writer_lock(url, "poller db upgrade", wait=30)  # at once: a daemon does not end soon
+    daemon.release()
