@@ -439,3 +439,42 @@ def test_the_daemon_locks_a_replaced_writer_lock_file_anew(config: ConfigFile, s
     finally:
         daemon.shutdown()
         lock.release()
+
+
+def test_the_main_loop_tries_a_failed_reload_again_by_itself(config: ConfigFile, s3, bucket, monkeypatch):
+    """The retry is the main loop's: no SIGHUP needed after the state read failed behind a committed sync."""
+    import threading
+
+    from sqlalchemy.exc import OperationalError
+
+    import poller.daemon
+    from poller.config import load_settings
+    from poller.daemon import Daemon
+    from poller.sdnotify import Notifier
+
+    monkeypatch.setattr(poller.daemon, "STATUS_EVERY", 0.05)
+    monkeypatch.setattr(poller.daemon, "RELOAD_RETRY", 0.0)
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v1")
+    config.write([{"name": "a", "bucket": bucket, "key": "k"}])
+    daemon = Daemon(config.path, load_settings(config.path), Notifier(""))
+    real = daemon.store.load_states_for
+    failures = iter([OperationalError("SELECT", {}, Exception("database is locked"))])
+
+    def flaky(ids: Any) -> Any:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return real(ids)
+
+    monkeypatch.setattr(daemon.store, "load_states_for", flaky)
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+    try:
+        wait_for(lambda: daemon.timetable.get("a") is not None, what="the daemon running")
+        config.write([{"name": "a", "bucket": bucket, "key": "k"}, {"name": "b", "bucket": bucket, "key": "k"}])
+        daemon.request_reload()
+        wait_for(lambda: "b" in daemon.current.watches, what="the reload tried again and applied")
+        assert next(failures, None) is None  # it did fail once first
+    finally:
+        daemon.request_stop()
+        runner.join(60)
