@@ -41,7 +41,12 @@ RETRY_AFTER = 60.0
 
 
 class Inconclusive(Exception):
-    """The answers cannot be trusted (the object changed meanwhile, or an answer was missing)."""
+    """The answers cannot be trusted (the object changed meanwhile, or an answer was missing);
+    ``retry_after``: seconds until the bucket is measured again."""
+
+    def __init__(self, reason: str, retry_after: float = RETRY_AFTER) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,11 +288,11 @@ class Book:
             entry.sem, entry.learned_at, entry.due, entry.busy = sem, self._clock(), False, False
             return changed
 
-    def failed(self, bucket: str) -> None:
-        """An inconclusive measurement: keep what is known, try again after RETRY_AFTER."""
+    def failed(self, bucket: str, retry_after: float = RETRY_AFTER) -> None:
+        """An inconclusive measurement: keep what is known, try again after ``retry_after`` seconds."""
         with self._lock:
             entry = self._entries.setdefault(bucket, _Entry())
-            entry.busy, entry.retry_at = False, self._clock() + RETRY_AFTER
+            entry.busy, entry.retry_at = False, self._clock() + retry_after
 
     def relearn(self) -> None:
         """Measure every bucket again at its next poll (a reload); what is known stays in use meanwhile."""

@@ -51,6 +51,7 @@ STATUS_EVERY = 10.0
 # A reload whose watch list reached the database but whose state read then failed is tried again
 # this long after: until it succeeds the running list is not the one stored.
 RELOAD_RETRY = 10.0
+RELOAD_RETRY_MAX = 300.0  # doubling up to this: a failure that does not clear must not re-parse every 10 s
 # After a thread the daemon cannot run without has died, the clean stop is given the polls' own limit
 # (read_timeout x max_attempts) and this much more: with the writer gone, polls waiting for its room
 # would hold it forever (the database is consistent at a kill).
@@ -81,15 +82,17 @@ class Daemon:
         self._wake = threading.Event()
         self._stop = False
         self.writer_lock: WriterLock | None = None  # SQLite: checked now and then (_check_writer_lock)
+        self._lock_taken = False  # another process holds the lock file that replaced ours
         self._failed = ""  # the thread whose death stopped the daemon
         self._reload = False
         # The database holds a newer watch list than the running one (a reload's sync committed, its
-        # state read failed): reloads are tried again every RELOAD_RETRY until one succeeds.
+        # state read failed): reloads are tried again, RELOAD_RETRY and doubling, until one succeeds.
         self._list_ahead = False
         # Watches that reload re-pointed in the database, held from polling until a reload succeeds:
         # a poll of the old object would commit against the re-pointed watch (its state dropped).
         self._ahead_held: set[int] = set()
         self._retry_reload_at = 0.0  # monotonic; 0: none due
+        self._retry_delay = RELOAD_RETRY
         self._status_note = ""
         self._writer_waits = 0
         if signals:
@@ -217,11 +220,15 @@ class Daemon:
         if lock is None or lock.intact():
             return
         try:
-            lock.renew()
+            renewed = lock.renew()
         except DatabaseInUse as exc:
-            log.critical("the writer lock file %s was replaced, and another process holds it: %s", lock.path, exc)
-            self.writer_lock = None  # said once; the old lock stays held until the end
+            if not self._lock_taken:  # said once; tried again at every turn, to take it back when it is free
+                log.critical("the writer lock file %s was replaced, and another process holds it: %s", lock.path, exc)
+            self._lock_taken = True
             return
+        if not renewed:
+            return  # its directory is gone: opening the database will say more than this could
+        self._lock_taken = False
         log.error(
             "the writer lock file %s was removed or replaced while this daemon held it; locked anew. It is "
             "never stale (it ends with its process): do not delete it, or a second writer gets in",
@@ -299,7 +306,7 @@ class Daemon:
             if dead:
                 self._failed = dead
                 log.critical(
-                    "the %s thread has stopped (its error is logged above): nothing would be polled or "
+                    "the %s thread has stopped (an error, if any, is logged above): nothing would be polled or "
                     "recorded; stopping with exit status 1 so that the service manager restarts poller",
                     dead,
                 )
@@ -515,14 +522,14 @@ class Daemon:
             if synced is None:
                 return self._refuse(
                     f"saving the new watch list to the database failed: {describe_db_error(exc, new.database.url)}. "
-                    f"The reload is tried again in {RELOAD_RETRY:.0f} s"
+                    f"The reload is tried again in {self._retry_delay:.0f} s"
                 )
             # The database holds the new list and this process still runs the old one: added watches
             # unpolled, re-pointed ones held.
             return self._refuse(
                 f"reading the stored state of the watches it adds or re-points failed: "
                 f"{describe_db_error(exc, new.database.url)}. The new watch list is already in the database, "
-                f"so the reload is tried again in {RELOAD_RETRY:.0f} s"
+                f"so the reload is tried again in {self._retry_delay:.0f} s"
             )
         self._warn_restart_only(old.settings, new)
         if prober is not None:
@@ -572,6 +579,7 @@ class Daemon:
             self.workers.demand = demand(specs.values())
         self._status_note = ""
         self._list_ahead = False
+        self._retry_delay = RELOAD_RETRY
         log.info("reloaded %s: %s; watching %d keys", self.config_path, diff.summary(), len(specs))
         self.notifier.ready(self.status_line())
         return True
@@ -586,7 +594,8 @@ class Daemon:
         """Keep the running config after a failed reload; say why in the log and in STATUS=."""
         self._status_note = "reload failed, old config kept: " + reason
         if self._list_ahead:
-            self._retry_reload_at = time.monotonic() + RELOAD_RETRY
+            self._retry_reload_at = time.monotonic() + self._retry_delay
+            self._retry_delay = min(self._retry_delay * 2, RELOAD_RETRY_MAX)
         log.error("reload failed, keeping the running watch list and settings: %s", reason)
         self.notifier.ready(self.status_line())
         return False

@@ -20,7 +20,13 @@ from sqlalchemy.exc import ArgumentError
 
 
 class DatabaseInUse(Exception):
-    """Another process holds the database's writer lock; the message names it."""
+    """Another process holds the database's writer lock (``holder``: the command its lock file names,
+    ``contended``: the lock is held, rather than unusable); the message names it."""
+
+    def __init__(self, message: str, holder: str = "", *, contended: bool = False) -> None:
+        super().__init__(message)
+        self.holder = holder
+        self.contended = contended
 
 
 class WriterLock:
@@ -36,14 +42,16 @@ class WriterLock:
         clearing a "stale" lock), the next writer would lock a new file and write beside this one."""
         return self._fd is None or _same_file(self._fd, self.path)
 
-    def renew(self) -> None:
-        """Lock the file now at ``path`` (created anew if need be) beside the one held; raise
-        DatabaseInUse if another process took it meanwhile."""
+    def renew(self) -> bool:
+        """Lock the file now at ``path`` (created anew if need be) beside the one held; False if that
+        cannot be done here (its directory is gone); raise DatabaseInUse if another process holds it."""
         fresh = acquire_writer_lock_at(self.path, self._command)
-        if fresh is not None and fresh._fd is not None:
-            if self._fd is not None:
-                os.close(self._fd)
-            self._fd, fresh._fd = fresh._fd, None
+        if fresh is None or fresh._fd is None:
+            return False
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd, fresh._fd = fresh._fd, None
+        return True
 
     def release(self) -> None:
         if self._fd is not None:
@@ -77,7 +85,9 @@ def acquire_writer_lock(url: str, command: str, wait: float = 0.0) -> WriterLock
         try:
             return acquire_writer_lock_at(path, command)
         except DatabaseInUse as exc:
-            if time.monotonic() >= deadline or "in use by poller run " in str(exc):  # a daemon does not end soon
+            # Only behind a chore that ends (an upgrade, a `once`): a daemon does not end soon, and an
+            # unusable lock file does not mend by waiting.
+            if time.monotonic() >= deadline or not exc.contended or exc.holder.startswith("poller run"):
                 raise
         time.sleep(0.05)
 
@@ -121,7 +131,7 @@ def _lock_once(path: Path, command: str) -> WriterLock | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
-        holder = _read_holder(fd)
+        command, holder = _read_holder(fd)
         os.close(fd)
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise DatabaseInUse(f"cannot lock {path} ({exc.strerror})") from None
@@ -130,7 +140,9 @@ def _lock_once(path: Path, command: str) -> WriterLock | None:
             f"database {database} is in use by {holder}: one process at a time may write it. Stop that "
             "process first (the daemon already polls every watch), or point [database] url elsewhere; "
             "`poller status` and `poller history` read it meanwhile. The lock is never stale (it ends with "
-            "its process): do not delete the lock file."
+            "its process): do not delete the lock file.",
+            command,
+            contended=True,
         ) from None
     if writable:
         os.ftruncate(fd, 0)
@@ -138,13 +150,14 @@ def _lock_once(path: Path, command: str) -> WriterLock | None:
     return WriterLock(path, fd, command)
 
 
-def _read_holder(fd: int) -> str:
-    """'poller run (pid 1234)' from the lock file, or a plain description if it holds nothing readable."""
+def _read_holder(fd: int) -> tuple[str, str]:
+    """The holder's command ('poller run') and 'poller run (pid 1234)' from the lock file, or a plain
+    description if it holds nothing readable."""
     try:
         text = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
     except OSError:
         text = ""
     pid, _, command = text.partition(" ")
     if pid.isdigit():
-        return f"{command or 'another process'} (pid {pid})"
-    return "another poller process"
+        return command, f"{command or 'another process'} (pid {pid})"
+    return "", "another poller process"

@@ -447,7 +447,8 @@ class Workers:
         self._free = threading.Semaphore(0)  # one count per thread waiting for work
         self._threads: list[threading.Thread] = []
         self._began: list[float] = []  # per thread: when its probe began (clock), 0.0 when not probing
-        self._probed: list[Callable[[], None]] = []  # per thread: clears its _began
+        self._answered: list[float] = []  # per thread: when the server answered its poll (clock), 0.0 before
+        self._probed: list[Callable[[], None]] = []  # per thread: notes the answer (_answered, _began)
         self._clock = clock
         self._stopping = False
         for _ in range(min(first_threads, threads)):
@@ -473,6 +474,10 @@ class Workers:
             self._fast_poll = sorted(times)[len(times) // 50]
             times.clear()
 
+    def _answer_came(self, index: int) -> None:
+        self._answered[index] = self._clock()
+        self._began[index] = 0.0
+
     def _stuck(self) -> int:
         """How many threads have been on one poll longer than a slow endpoint explains (STUCK_AFTER)."""
         now, after = self._clock(), max(self.STUCK_AFTER, 10 * self._fast_poll)
@@ -483,11 +488,13 @@ class Workers:
         index = len(self._threads)
         thread = threading.Thread(target=self._run, args=(index,), name=f"poller-worker-{index}", daemon=True)
         self._began.append(0.0)
-        self._probed.append(functools.partial(self._began.__setitem__, index, 0.0))
+        self._answered.append(0.0)
+        self._probed.append(functools.partial(self._answer_came, index))
         try:
             thread.start()
         except RuntimeError as exc:  # "can't start new thread": the running ones carry on
             self._began.pop()
+            self._answered.pop()
             self._probed.pop()
             log.error("cannot start worker thread %d (%s): polling goes on with %d", index + 1, exc, index)
             return False
@@ -545,14 +552,17 @@ class Workers:
                 return
             watch, scheduled = item
             began = self._began[index] = self._clock()
+            self._answered[index] = 0.0
             try:
                 if self._on_start is not None:
                     self._on_start(max(time.time() - scheduled.timestamp(), 0.0))
                 # Stuck means on the server's answer, not waiting for room at the writer (a writer
                 # stall must not start a thread per poll: they would stay, and thrash the GIL).
                 self.service.start_poll(watch, functools.partial(self._done, watch.id), self._probed[index])
+                # The poll's time is the server's: a wait for room at the writer would raise the limit.
+                answered = self._answered[index] or self._clock()
                 with self._lock:
-                    self._timed(self._clock() - began)
+                    self._timed(answered - began)
             except Exception:
                 # The probe never raises for S3 trouble; anything else is a bug, but the pool goes on.
                 log.exception("%s: poll failed", printable(watch.name))

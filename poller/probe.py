@@ -18,7 +18,9 @@ import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
 from poller.calibrate import (
+    MAX_AGE,
     NO_MATCH_ETAG,
+    RETRY_AFTER,
     Book,
     Inconclusive,
     Measured,
@@ -300,9 +302,10 @@ class Prober:
                 # that counts an equal date as modified looks RFC-compliant; polls whose answers carry
                 # a Date would then send it with nothing to cross-check. What needs no date is still
                 # learned (a broken If-None-Match must lead to unconditional polls, not to "etag").
-                raise Inconclusive("the answers carried no usable Date header; measured again later")
+                raise Inconclusive("the answers carried no usable Date header; measured again later", MAX_AGE)
         except (Inconclusive, ClientError, BotoCoreError, OSError, ValueError) as exc:
-            self.book.failed(watch.bucket)
+            # A server that sends no Date will not start to within a minute: measured again much later.
+            self.book.failed(watch.bucket, exc.retry_after if isinstance(exc, Inconclusive) else RETRY_AFTER)
             reason = describe_client_error(exc) if isinstance(exc, ClientError) else str(exc)
             where, why = printable(watch.url), printable(redact(reason))
             log.debug("endpoint %s: calibration on %s inconclusive: %s", self.endpoint, where, why)

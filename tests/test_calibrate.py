@@ -641,3 +641,4 @@ def test_a_server_without_a_date_is_still_calibrated_where_that_is_sound():
     first = prober.probe(watch, None)
     prober.probe(watch, first.state)
     assert prober.book.semantics("b") is None and prober.mode_for("b") == "etag"
+    assert not prober.book.claim("b")  # not measured again within the minute: such a server stays so

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -370,8 +371,10 @@ def test_db_upgrade_is_refused_under_a_running_writer(config: ConfigFile):
     config.write([])
     lock = acquire_writer_lock(config.url, "poller run")
     try:
+        began = time.monotonic()
         proc = run_cli("db", "upgrade", "--config", str(config.path))
         assert proc.returncode == 1 and "is in use by poller run" in proc.stderr
+        assert time.monotonic() - began < 20  # at once: it waits for another upgrade, never a daemon
     finally:
         assert lock is not None
         lock.release()

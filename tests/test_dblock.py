@@ -81,15 +81,24 @@ def test_a_sqlite_uri_filename_is_refused_at_load(tmp_path: Path):
     assert database_url_problem(f"sqlite:///{tmp_path}/p.db") is None
 
 
-def test_a_short_chore_waits_for_the_lock_but_not_for_a_daemon(tmp_path: Path):
+def test_a_short_chore_waits_for_the_lock_but_not_for_a_daemon(tmp_path: Path, monkeypatch):
     import threading
+    import time
+
+    from conftest import wait_for
+
+    import poller.dblock
 
     url = f"sqlite:///{tmp_path}/p.db"
     upgrade = acquire_writer_lock(url, "poller db upgrade")
     assert upgrade is not None
     got: list[object] = []
+    waits: list[float] = []
+    sleep = time.sleep
+    monkeypatch.setattr(poller.dblock.time, "sleep", lambda s: (waits.append(s), sleep(s)))
     waiter = threading.Thread(target=lambda: got.append(acquire_writer_lock(url, "poller db upgrade", wait=30)))
     waiter.start()
+    wait_for(lambda: waits, what="the second upgrade refused once, and waiting")
     upgrade.release()  # the first upgrade ends: the second goes on
     waiter.join(30)
     assert got and got[0] is not None

@@ -436,6 +436,16 @@ def test_the_daemon_locks_a_replaced_writer_lock_file_anew(config: ConfigFile, s
         lock.path.unlink()
         daemon._check_writer_lock()  # what the main loop does at every turn
         assert lock.intact() and "locked anew" in caplog.text
+        # Another writer got in first: said once, and the lock is taken back as soon as it is free.
+        lock.path.unlink()
+        intruder = acquire_writer_lock(config.url, "poller once")
+        assert intruder is not None
+        daemon._check_writer_lock()
+        daemon._check_writer_lock()
+        assert caplog.text.count("another process holds it") == 1 and not lock.intact()
+        intruder.release()
+        daemon._check_writer_lock()
+        assert lock.intact()
     finally:
         daemon.shutdown()
         lock.release()
