@@ -72,6 +72,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def fail_once(
+    monkeypatch: pytest.MonkeyPatch, target: Any, name: str, message: str = "database is locked"
+) -> list[BaseException]:
+    """Make ``target.name`` raise a database error (OperationalError) on its first call only; the
+    list returned holds it once raised."""
+    from sqlalchemy.exc import OperationalError
+
+    real = getattr(target, name)
+    raised: list[BaseException] = []
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        if not raised:
+            raised.append(OperationalError("SELECT", {}, Exception(message)))
+            raise raised[0]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, flaky)
+    return raised
+
+
 def wait_for(condition: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05, what: str = "") -> Any:
     """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

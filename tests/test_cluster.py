@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from alembic import command
 from alembic.config import Config
-from conftest import ConfigFile, run_cli, wait_for
+from conftest import ConfigFile, fail_once, run_cli, wait_for
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
@@ -827,10 +827,11 @@ def test_a_live_daemon_inside_a_long_write_keeps_renewing_and_is_not_taken_for_f
         raw.invalidate()
 
 
-def test_a_database_error_taking_over_shards_is_retried_not_fatal(config: ConfigFile, s3, bucket, pg_server, caplog):
+def test_a_database_error_taking_over_shards_is_retried_not_fatal(
+    config: ConfigFile, s3, bucket, pg_server, caplog, monkeypatch
+):
     """Reading the taken-over watches' state failed: the exception ended the main loop (and the
     daemon), and the shards' watches, popped from the list of changes, were never polled again."""
-    from sqlalchemy.exc import OperationalError
 
     from poller.config import load_settings
     from poller.daemon import Daemon
@@ -840,16 +841,7 @@ def test_a_database_error_taking_over_shards_is_retried_not_fatal(config: Config
     with pg_server.database() as url:
         config.write([{"name": f"w{i}", "bucket": bucket, "key": "k"} for i in range(5)], database={"url": url})
         daemon = Daemon(config.path, load_settings(config.path), Notifier(""))
-        real = daemon.service.resume
-        failures = iter([OperationalError("SELECT", {}, Exception("server closed the connection unexpectedly"))])
-
-        def flaky(ids: Any) -> Any:
-            failure = next(failures, None)
-            if failure is not None:
-                raise failure
-            return real(ids)
-
-        daemon.service.resume = flaky  # type: ignore[method-assign]
+        fail_once(monkeypatch, daemon.service, "resume", "server closed the connection unexpectedly")
         try:
             daemon.start(paused=True)  # claims every shard; the read fails
             assert len(daemon.timetable) == 0 and "trying again" in caplog.text
