@@ -652,21 +652,18 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     lock = _writer_lock(settings, "poller db upgrade", wait=UPGRADE_WAIT)
     try:
         store = _open_store(settings, readonly=False)
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
-    try:
-        migrate(store.engine)
-        if store.has_legacy_polls():
-            # Poll rows of a release before the run-length log: fold them in now, with progress.
-            def progress(done: int, total: int) -> None:
-                print(f"\rconverting old poll rows into runs: {done:,} of {total:,}", end="", file=sys.stderr)
+        try:
+            migrate(store.engine)
+            if store.has_legacy_polls():
+                # Poll rows of a release before the run-length log: fold them in now, with progress.
+                def progress(done: int, total: int) -> None:
+                    print(f"\rconverting old poll rows into runs: {done:,} of {total:,}", end="", file=sys.stderr)
 
-            converted = store.convert_legacy_polls(progress)
-            print(f"\nconverted {converted:,} poll rows into runs", file=sys.stderr)
+                converted = store.convert_legacy_polls(progress)
+                print(f"\nconverted {converted:,} poll rows into runs", file=sys.stderr)
+        finally:
+            store.close()
     finally:
-        store.close()
         if lock is not None:
             lock.release()
     print(f"database {safe_url(settings.database.url)} is up to date")

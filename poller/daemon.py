@@ -207,8 +207,7 @@ class Daemon:
             self._main_loop()
         finally:
             if self._failed:
-                s3 = self.current.settings.s3
-                self._stop_within(s3.read_timeout * s3.max_attempts + FAILED_STOP_MARGIN)
+                self._stop_within(self._poll_limit() + FAILED_STOP_MARGIN)
             else:
                 self.shutdown()
         return 1 if self._failed else 0
@@ -487,7 +486,7 @@ class Daemon:
         held = {old.watches[name].id for name in diff.retargeted if name in old.watches} - carried
         if held and self.workers is not None:
             self._alive()
-            drain = time.monotonic() + self.current.settings.s3.read_timeout * self.current.settings.s3.max_attempts + 5
+            drain = time.monotonic() + self._poll_limit() + 5
             while not self.workers.hold(held, min(10.0, max(drain - time.monotonic(), 0.0))):
                 if time.monotonic() >= drain:
                     self.workers.release(held)
@@ -583,6 +582,11 @@ class Daemon:
         log.info("reloaded %s: %s; watching %d keys", self.config_path, diff.summary(), len(specs))
         self.notifier.ready(self.status_line())
         return True
+
+    def _poll_limit(self) -> float:
+        """The longest one poll can take: every attempt's read timeout."""
+        s3 = self.current.settings.s3
+        return s3.read_timeout * s3.max_attempts
 
     def _alive(self) -> None:
         """Ping the service manager's watchdog between the steps of a reload: each may take tens of

@@ -131,7 +131,7 @@ def _lock_once(path: Path, command: str) -> WriterLock | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
-        command, holder = _read_holder(fd)
+        holding, holder = _read_holder(fd)
         os.close(fd)
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise DatabaseInUse(f"cannot lock {path} ({exc.strerror})") from None
@@ -141,7 +141,7 @@ def _lock_once(path: Path, command: str) -> WriterLock | None:
             "process first (the daemon already polls every watch), or point [database] url elsewhere; "
             "`poller status` and `poller history` read it meanwhile. The lock is never stale (it ends with "
             "its process): do not delete the lock file.",
-            command,
+            holding,
             contended=True,
         ) from None
     if writable:

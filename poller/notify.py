@@ -55,16 +55,12 @@ EVENT_ENV = (
 )  # fmt: skip
 
 
-# Only http and https, and no redirect handler: a webhook receiver answering 3xx gets a failed attempt,
-# never a second request (a redirected POST becomes a GET to wherever Location points, such as a
-# cloud metadata address). Proxies from the environment are honoured as urllib always does.
 class _Deadline:
     """The whole attempt's time limit: urllib's timeout bounds each read, so a receiver that sends its
     answer a byte at a time held the attempt (and the dispatcher's pass, and a stop) for hours. At the
     deadline the connection's socket is shut down, which ends any read, handshake or send on it."""
 
     def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
         self.expired = False
         self._connection: http.client.HTTPConnection | None = None
         self._timer = threading.Timer(seconds, self._expire)
@@ -89,18 +85,21 @@ class _Request(urllib.request.Request):
     deadline: _Deadline
 
 
-class _HTTPConnection(http.client.HTTPConnection):
+class _Watched(http.client.HTTPConnection):
+    """A connection its attempt's _Deadline can cut."""
+
     def __init__(self, *args: Any, deadline: _Deadline | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if deadline is not None:
             deadline.watch(self)
 
 
-class _HTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, *args: Any, deadline: _Deadline | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if deadline is not None:
-            deadline.watch(self)
+class _HTTPConnection(_Watched):
+    pass
+
+
+class _HTTPSConnection(_Watched, http.client.HTTPSConnection):
+    pass
 
 
 class _HTTPHandler(urllib.request.HTTPHandler):
@@ -113,6 +112,9 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
         return self.do_open(_HTTPSConnection, req, context=self._context, deadline=req.deadline)  # type: ignore[attr-defined]
 
 
+# Only http and https, and no redirect handler: a webhook receiver answering 3xx gets a failed attempt,
+# never a second request (a redirected POST becomes a GET to wherever Location points, such as a
+# cloud metadata address). Proxies from the environment are honoured as urllib always does.
 _OPENER = urllib.request.OpenerDirector()
 for _handler in (
     urllib.request.ProxyHandler(),
