@@ -244,6 +244,21 @@ def _duplicate_etag(same: bool) -> Behaviour:
     return behave
 
 
+def _unquoted_etag_twice(same: bool) -> Behaviour:
+    # A clone that sends bare ETags, the header repeated (botocore joins the copies with ", ").
+    def behave(peer: Peer, req: Request) -> None:
+        bare = etag_of(req.key).strip('"')
+        lines = _replace(head_lines(req, peer.server), "ETag", f"ETag: {bare}", f"ETag: {bare if same else 'other'}")
+        peer.send(render(lines))
+
+    return behave
+
+
+def _empty_etag_on_404(peer: Peer, req: Request) -> None:
+    # A 404 carrying an empty ETag: it describes no object, and must not make the deletion an error.
+    peer.send(render([*head_lines(req, peer.server), 'ETag: ""']))
+
+
 def _always_304(peer: Peer, req: Request) -> None:
     # A broken cache or clone: 304 with another ETag, whatever the request asked (none at all too).
     lines = ["HTTP/1.1 304 Not Modified", f"Date: {formatdate(usegmt=True)}", 'ETag: "etag-other"']
@@ -292,6 +307,9 @@ BEHAVIOURS: dict[str, Behaviour] = {
     "no_etag": _without("ETag"),
     "always_304": _always_304,
     "far_future_date": _far_future_date,
+    "unquoted_etag_twice_same": _unquoted_etag_twice(True),
+    "unquoted_etag_twice_differ": _unquoted_etag_twice(False),
+    "empty_etag_on_404": _empty_etag_on_404,
 }
 
 

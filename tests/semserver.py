@@ -40,10 +40,19 @@ class SemServer:
     """The state the handler serves; tests change it between polls."""
 
     def __init__(
-        self, semantics: str, version_id_on_404: bool = True, strict_since: bool = False, exact_since: bool = False
+        self,
+        semantics: str,
+        version_id_on_404: bool = True,
+        strict_since: bool = False,
+        exact_since: bool = False,
+        *,
+        send_date: bool = True,
+        broken_inm: bool = False,
     ) -> None:
         assert semantics in SEMANTICS, semantics
         self.semantics = semantics
+        self.send_date = send_date  # False: no Date header on any answer
+        self.broken_inm = broken_inm  # any If-None-Match, even a non-matching one, answers 304 without headers
         self.strict_since = strict_since  # an equal If-Modified-Since counts as modified (an off-by-one server)
         self.exact_since = exact_since  # only an exactly equal If-Modified-Since is "not modified"
         self.version_id_on_404 = version_id_on_404
@@ -102,6 +111,8 @@ class SemServer:
             meta = {"etag": obj.etag, "last-modified": format_datetime(obj.last_modified, usegmt=True)}
             if obj.version_id:
                 meta["x-amz-version-id"] = obj.version_id
+            if self.broken_inm and "if-none-match" in headers:
+                return 304, {}
             if self._not_modified(obj, headers):
                 return 304, ({} if self.semantics == "either_noetag" else meta)
             return 200, {**meta, "content-length": str(obj.size)}
@@ -141,6 +152,13 @@ def _handler(server: SemServer) -> type[http.server.BaseHTTPRequestHandler]:
             for name, value in out.items():
                 self.send_header(name, value)
             self.end_headers()
+
+        def send_response(self, code: int, message: str | None = None) -> None:
+            if server.send_date:
+                super().send_response(code, message)
+            else:  # BaseHTTPRequestHandler's, without its Date header
+                self.send_response_only(code, message)
+                self.send_header("Server", self.version_string())
 
         def date_time_string(self, timestamp: float | None = None) -> str:
             return format_datetime(server.clock().replace(microsecond=0), usegmt=True)

@@ -604,6 +604,27 @@ def test_a_rewrite_during_calibration_over_the_wire_does_not_hide_a_rollback():
         assert (after.outcome, after.state.etag if after.state else None) == ("modified", '"v1"')
 
 
+@pytest.mark.parametrize("http_client", ["lean", "boto3"])
+def test_a_server_without_a_date_whose_if_none_match_is_broken_is_polled_unconditionally(http_client):
+    """Over the wire: no Date on any answer, and any If-None-Match answers 304 without headers. Left in
+    the "etag" default (as a first version of today's no-Date rule did), every change reads
+    `unchanged`; calibrated, polls go unconditional and the change is recorded."""
+    from poller.config import S3Settings
+
+    with semserver("rfc", send_date=False, broken_inm=True) as server:
+        server.put(BUCKET, KEY, '"v1"', T0)
+        prober = prober_for(S3Settings(endpoint_url=server.endpoint, addressing_style="path",
+                                       http_client=http_client, max_attempts=1), 1)  # fmt: skip
+        watch = Watch(1, "w", BUCKET, KEY)
+        first = prober.probe(watch, None)
+        assert first.state is not None and first.state.observed_server_date is None
+        prober.probe(watch, first.state)  # calibrates
+        assert prober.mode_for(BUCKET) == "none"
+        server.put(BUCKET, KEY, '"v2"', T0 + MINUTE)
+        changed = prober.probe(watch, first.state)
+        assert (changed.event, changed.state.etag if changed.state else None) == ("modified", '"v2"')
+
+
 def test_a_server_without_a_date_is_still_calibrated_where_that_is_sound():
     """No Date on the answers: If-Modified-Since can only be asked at the object's own date. A server
     whose non-matching If-None-Match answers 304 without an ETag must still be learned (polls go

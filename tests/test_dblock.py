@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from poller.dblock import DatabaseInUse, acquire_writer_lock, lock_path
 
@@ -79,6 +80,12 @@ def test_a_sqlite_uri_filename_is_refused_at_load(tmp_path: Path):
 
     assert "SQLite URI filenames" in (database_url_problem("sqlite:///file:p.db?uri=true") or "")
     assert database_url_problem(f"sqlite:///{tmp_path}/p.db") is None
+    config = tmp_path / "poller.toml"
+    config.write_text('[database]\nurl = "sqlite:///file:p.db?uri=true"\n')
+    proc = run_cli("check", "--config", str(config))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "[database]" in proc.stderr and "url" in proc.stderr and "SQLite URI filenames" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_a_short_chore_waits_for_the_lock_but_not_for_a_daemon(tmp_path: Path, monkeypatch):
